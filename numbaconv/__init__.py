@@ -1,0 +1,18 @@
+"""numbaconv: fast 2-D convolution on NumPy arrays, compiled with Numba.
+
+Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
+:func:`col2im`, :func:`convert_layout`.  ``import numbaconv`` never imports torch.
+"""
+
+from . import im2col as _im2col_algo
+from . import naive as _naive_algo
+from .api import conv2d
+from .im2col import col2im, im2col
+from .layout import convert_layout
+from .registry import Algorithm, algorithms, register
+
+__version__ = "0.1.0"
+__all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__"]
+
+register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline"))
+register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM"))

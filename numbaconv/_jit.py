@@ -1,0 +1,77 @@
+"""Numba settings shared by every CPU kernel, and small helpers callable from ``@njit``.
+
+* ``FASTMATH``: lets LLVM contract a*b+c into FMA, reassociate reductions (needed to
+  vectorise them) and use reciprocals -- but never ``nnan``/``ninf``, which would let it
+  assume finite values and break NaN/Inf propagation.
+* ``cache=True`` everywhere: compiled kernels are written to ``NUMBA_CACHE_DIR`` (or
+  ``__pycache__``) so a new process loads them instead of compiling again.
+"""
+
+import functools
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.np.linalg import ensure_blas
+
+FASTMATH = {"contract", "reassoc", "arcp"}
+
+#: serial kernel: called per tile from inside parallel loops
+jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
+#: parallel kernel: owns a ``prange`` over independent work
+pjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+
+
+@jit(inline="always")
+def valid_range(offset, stride, size, out_size):
+    """Output indices ``o`` in ``[lo, hi)`` for which ``0 <= o * stride + offset < size``.
+
+    ``offset = tap * dilation - pad``.  Loops over ``[lo, hi)`` touch only real input, so
+    zero padding costs no branch in the inner loop and never reads out of bounds.
+    """
+    lo = 0
+    if offset < 0:
+        lo = (-offset + stride - 1) // stride
+    hi = out_size
+    last = size - 1 - offset  # largest o * stride allowed
+    if last < 0:
+        hi = 0
+    else:
+        hi = min(out_size, last // stride + 1)
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+# --- BLAS ?gemm ------------------------------------------------------------------------
+# Numba's helper library exports ``numba_xxgemm`` (it forwards to SciPy's BLAS, the same
+# path ``np.dot`` takes inside ``@njit``).  Naming the symbol -- instead of holding a ctypes
+# pointer -- keeps the kernels cacheable.  Pointers travel as integer addresses (same
+# calling convention on x86-64 and aarch64).  Column-major, with explicit leading
+# dimensions, so strided sub-matrices of the output can be written or accumulated into.
+ensure_blas()
+_xxgemm = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
+               types.intp, types.intp, types.intp, types.intp, types.intp, types.intp,
+               types.intp, types.intp),
+)
+
+
+@jit
+def gemm_nn(m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """Column-major ``C[m, n] = A[m, k] @ B[k, n] + beta * C`` on flat arrays with offsets.
+
+    In row-major terms: ``C^T = B^T @ A^T``.  All arrays share one float dtype.
+    """
+    if m == 0 or n == 0:
+        return
+    scal = np.empty(2, dtype=c.dtype)
+    scal[0] = 1.0
+    scal[1] = beta
+    itemsize = c.itemsize
+    kind = np.int8(115) if itemsize == 4 else np.int8(100)  # 's' or 'd'
+    notrans = np.int8(110)  # 'n'
+    _xxgemm(kind, notrans, notrans, m, n, k, scal.ctypes.data,
+            a.ctypes.data + a_off * itemsize, lda, b.ctypes.data + b_off * itemsize, ldb,
+            scal.ctypes.data + itemsize, c.ctypes.data + c_off * itemsize, ldc)

@@ -1,0 +1,59 @@
+"""The front door: validate -> plan -> dispatch.
+
+1. :meth:`ConvProblem.from_args` parses and validates every argument (the only place
+   that raises the contract's errors);
+2. the plan: make ``x`` C-contiguous in its layout (a copy only for views with other
+   strides), materialise non-zero padding modes, bring the weights to OIHW, pick the
+   algorithm;
+3. the algorithm's ``run`` fills ``out``.
+"""
+
+import numpy as np
+
+from . import auto
+from .layout import to_layout
+from .padding import pad_input
+from .problem import ConvProblem
+from .registry import REGISTRY, algorithms
+
+__all__ = ["conv2d"]
+
+
+def _check_algorithm(algorithm):
+    if algorithm != "auto" and algorithm not in algorithms():
+        raise ValueError(f"algorithm must be 'auto' or one of {algorithms()}, got {algorithm!r}")
+
+
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+           padding_mode="zeros", layout="NCHW", weight_layout=None,
+           algorithm="auto", out=None):
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d`` (see SPEC.md for every form).
+
+    ``x`` is ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``;
+    ``weight`` is in ``weight_layout`` (default ``"OIHW"`` for NCHW, ``"HWIO"`` for NHWC).
+    Returns a new C-contiguous array in ``layout`` (or ``out``, filled).
+    """
+    _check_algorithm(algorithm)
+    if algorithm == "cuda" or (algorithm == "auto" and hasattr(x, "__cuda_array_interface__")):
+        return REGISTRY["cuda"].run(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                    groups=groups, padding_mode=padding_mode, layout=layout,
+                                    weight_layout=weight_layout, out=out)
+    problem = ConvProblem.from_args(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                    groups=groups, padding_mode=padding_mode, layout=layout,
+                                    weight_layout=weight_layout)
+    problem.check_out(out, ("x", x), ("weight", weight), ("bias", bias))
+    if out is None:
+        out = np.empty(problem.out_shape, dtype=problem.dtype)
+    if out.size == 0:
+        return out
+
+    x = np.ascontiguousarray(x)
+    if problem.padding_mode != "zeros" and problem.has_padding:
+        x = pad_input(x, problem)
+        problem = problem.materialised()
+    w_oihw = to_layout(weight, problem.weight_layout, "OIHW")
+    if bias is not None:
+        bias = np.ascontiguousarray(bias)
+    name = auto.choose(problem) if algorithm == "auto" else algorithm
+    REGISTRY[name].run(problem, x, w_oihw, bias, out)
+    return out

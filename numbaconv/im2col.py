@@ -1,0 +1,227 @@
+"""``im2col``: lower the convolution to matrix products, with a bounded workspace.
+
+The full im2col matrix has ``C*R*S`` rows and ``N*Ho*Wo`` columns: for a 3x3 layer that
+is 9x the input, and the classic memory blow-up.  Here the output is processed in chunks
+of whole output rows, so the column buffer never exceeds :data:`WORKSPACE_BYTES`
+(32 MiB by default; ``NUMBACONV_IM2COL_WORKSPACE_MB`` or :func:`set_workspace_bytes`
+change it).  Each chunk: a parallel fill of the buffer, then one BLAS ``?gemm`` per group
+that writes straight into the strided output (no transposes, no temporaries).
+
+* NCHW: ``out[n, g] (Kg x L) = W_g (Kg x Cg*R*S) @ cols (Cg*R*S x L)``, one image at a time.
+* NHWC: ``out (L x K) = cols (L x R*S*Cg) @ W_g (R*S*Cg x Kg)``; chunks run over the
+  flattened ``N*Ho`` output rows, so small images are batched into one GEMM.
+
+The public :func:`im2col` / :func:`col2im` are exactly ``torch.nn.functional.unfold`` /
+``fold`` (NCHW).
+"""
+
+import os
+
+import numpy as np
+from numba import prange
+
+from ._jit import gemm_nn, pjit, valid_range
+from .layout import to_layout
+from .problem import check_array, int_pair
+
+__all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
+
+WORKSPACE_BYTES = int(float(os.environ.get("NUMBACONV_IM2COL_WORKSPACE_MB", 32)) * 2**20)
+
+
+def set_workspace_bytes(nbytes):
+    """Set the im2col column-buffer budget (bytes); returns the previous value."""
+    global WORKSPACE_BYTES
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    previous, WORKSPACE_BYTES = WORKSPACE_BYTES, nbytes
+    return previous
+
+
+def workspace_bytes():
+    return WORKSPACE_BYTES
+
+
+# --- fill kernels ----------------------------------------------------------------------
+@pjit
+def _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
+    """cols[(c, r, s), (i - i0) * wo_ + j] = x[n, c, i*sh + r*dh - pt, j*sw + s*dw - pl] (0 outside)."""
+    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
+    length = (i1 - i0) * wo_
+    for row in prange(c_ * r_ * s_):
+        c = row // (r_ * s_)
+        r = (row // s_) % r_
+        s = row % s_
+        off = s * dw - pl
+        lo, hi_j = valid_range(off, sw, w_, wo_)
+        base = row * length
+        for i in range(i0, i1):
+            dst = base + (i - i0) * wo_
+            hi = i * sh + r * dh - pt
+            if hi < 0 or hi >= h_:
+                cols[dst:dst + wo_] = 0
+                continue
+            cols[dst:dst + lo] = 0
+            for j in range(lo, hi_j):
+                cols[dst + j] = x[n, c, hi, j * sw + off]
+            cols[dst + hi_j:dst + wo_] = 0
+
+
+@pjit
+def _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups):
+    """cols[g, (t - t0) * wo_ + j, (r, s, c)] = x[n, hi, wi, g*cg + c] for output rows t = n*ho_ + i."""
+    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    cg = c_ // groups
+    patch = r_ * s_ * cg
+    group_size = (t1 - t0) * wo_ * patch
+    for job in prange((t1 - t0) * groups):
+        t = t0 + job // groups
+        g = job % groups
+        n = t // ho_
+        i = t % ho_
+        for j in range(wo_):
+            dst = g * group_size + ((t - t0) * wo_ + j) * patch
+            for r in range(r_):
+                hi = i * sh + r * dh - pt
+                for s in range(s_):
+                    wi = j * sw + s * dw - pl
+                    d = dst + (r * s_ + s) * cg
+                    if hi < 0 or hi >= h_ or wi < 0 or wi >= w_:
+                        cols[d:d + cg] = 0
+                    else:
+                        cols[d:d + cg] = x[n, hi, wi, g * cg:(g + 1) * cg]
+
+
+# --- the algorithm ----------------------------------------------------------------------
+@pjit
+def _conv_nchw(x, w, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
+    n_ = x.shape[0]
+    k_, cg, r_, s_ = w.shape
+    ho_, wo_ = out.shape[2], out.shape[3]
+    kg = k_ // groups
+    patch = cg * r_ * s_
+    wf = w.ravel()
+    of = out.ravel()
+    for n in range(n_):
+        for i0 in range(0, ho_, rows_per_chunk):
+            i1 = min(i0 + rows_per_chunk, ho_)
+            length = (i1 - i0) * wo_
+            _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
+            for g in range(groups):
+                gemm_nn(length, kg, patch, cols, g * patch * length, length, wf, g * kg * patch, patch,
+                        0.0, of, ((n * k_ + g * kg) * ho_ + i0) * wo_, ho_ * wo_)
+        if bias is not None:
+            for k in prange(k_):
+                out[n, k] += bias[k]
+
+
+@pjit
+def _conv_nhwc(x, w_hwio, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
+    n_ = x.shape[0]
+    r_, s_, cg, k_ = w_hwio.shape
+    ho_, wo_ = out.shape[1], out.shape[2]
+    kg = k_ // groups
+    patch = r_ * s_ * cg
+    wf = w_hwio.ravel()
+    of = out.ravel()
+    total = n_ * ho_
+    for t0 in range(0, total, rows_per_chunk):
+        t1 = min(t0 + rows_per_chunk, total)
+        length = (t1 - t0) * wo_
+        _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+        for g in range(groups):
+            gemm_nn(kg, length, patch, wf, g * kg, k_, cols, g * length * patch, patch,
+                    0.0, of, t0 * wo_ * k_ + g * kg, k_)
+    if bias is not None:
+        o2 = out.reshape(total * wo_, k_)
+        for pix in prange(total * wo_):
+            o2[pix] += bias
+
+
+def _rows_per_chunk(p, total_rows):
+    """Whole output rows per chunk so that the column buffer fits the workspace budget."""
+    row_bytes = p.c * p.r * p.s * p.wo * p.dtype.itemsize
+    return int(max(1, min(total_rows, WORKSPACE_BYTES // row_bytes)))
+
+
+def run(p, x, w_oihw, bias, out):
+    geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
+    if p.layout == "NCHW":
+        rows = _rows_per_chunk(p, p.ho)
+        cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
+        _conv_nchw(x, w_oihw, bias, out, cols, rows, *geometry)
+    else:
+        rows = _rows_per_chunk(p, p.n * p.ho)
+        cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
+        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), bias, out, cols, rows, *geometry)
+
+
+# --- public unfold / fold ----------------------------------------------------------------
+def _unfold_geometry(kernel_size, stride, padding, dilation):
+    r, s = int_pair("kernel_size", kernel_size, 1)
+    sh, sw = int_pair("stride", stride, 1)
+    ph, pw = int_pair("padding", padding, 0)
+    dh, dw = int_pair("dilation", dilation, 1)
+    return r, s, sh, sw, ph, pw, dh, dw
+
+
+def _blocks(size, k, stride, pad, dil, name):
+    count = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    if count < 1:
+        raise ValueError(f"kernel_size {k} with dilation {dil} does not fit the padded {name} "
+                         f"{size + 2 * pad}")
+    return count
+
+
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+    """``(N, C, H, W) -> (N, C*R*S, L)`` patches, exactly ``torch.nn.functional.unfold``."""
+    check_array("x", x, ndim=4)
+    r, s, sh, sw, ph, pw, dh, dw = _unfold_geometry(kernel_size, stride, padding, dilation)
+    n_, c_, h_, w_ = x.shape
+    ho = _blocks(h_, r, sh, ph, dh, "height")
+    wo = _blocks(w_, s, sw, pw, dw, "width")
+    out = np.empty((n_, c_ * r * s, ho * wo), dtype=x.dtype)
+    if out.size:
+        xc = np.ascontiguousarray(x)
+        for n in range(n_):
+            _fill_nchw(xc, n, 0, ho, out[n].reshape(-1), sh, sw, ph, pw, dh, dw, r, s, wo)
+    return out
+
+
+@pjit
+def _fold(cols, out, r_, s_, sh, sw, ph, pw, dh, dw, ho_, wo_):
+    n_, c_, h_, w_ = out.shape
+    for job in prange(n_ * c_):
+        n = job // c_
+        c = job % c_
+        out[n, c] = 0
+        for r in range(r_):
+            for s in range(s_):
+                row = (c * r_ + r) * s_ + s
+                off = s * dw - pw
+                lo, hi_j = valid_range(off, sw, w_, wo_)
+                for i in range(ho_):
+                    hi = i * sh + r * dh - ph
+                    if hi < 0 or hi >= h_:
+                        continue
+                    for j in range(lo, hi_j):
+                        out[n, c, hi, j * sw + off] += cols[n, row, i * wo_ + j]
+
+
+def col2im(cols, output_size, kernel_size, *, stride=1, padding=0, dilation=1):
+    """``(N, C*R*S, L) -> (N, C, H, W)``, summing overlaps: exactly ``torch.nn.functional.fold``."""
+    check_array("cols", cols, ndim=3)
+    h_, w_ = int_pair("output_size", output_size, 1)
+    r, s, sh, sw, ph, pw, dh, dw = _unfold_geometry(kernel_size, stride, padding, dilation)
+    n_, rows, length = cols.shape
+    if rows % (r * s):
+        raise ValueError(f"cols has {rows} rows, not a multiple of kernel_size {r}x{s}={r * s}")
+    ho = _blocks(h_, r, sh, ph, dh, "height")
+    wo = _blocks(w_, s, sw, pw, dw, "width")
+    if length != ho * wo:
+        raise ValueError(f"cols has {length} blocks but output_size {(h_, w_)} with this geometry "
+                         f"gives {ho}x{wo}={ho * wo}")
+    out = np.empty((n_, rows // (r * s), h_, w_), dtype=cols.dtype)
+    if out.size:
+        _fold(np.ascontiguousarray(cols), out, r, s, sh, sw, ph, pw, dh, dw, ho, wo)
+    return out

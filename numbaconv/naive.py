@@ -1,0 +1,112 @@
+"""``naive``: the direct loop nest, the correctness baseline.
+
+The plain-Python :func:`conv2d_python` is the seed notebook's loop nest generalised to
+the whole contract (stride, padding, dilation, groups, bias); it is kept for reading and
+for cross-checking on tiny shapes.  The ``@njit`` kernels are the same arithmetic with
+two changes that make them usable: the loop order puts a unit-stride loop innermost
+(output width in NCHW, output channels in NHWC) so LLVM vectorises it, and the ``prange``
+runs over batch x output channels (NCHW) or batch x output rows (NHWC), so batch 1 keeps
+both cores busy.  Zero padding is handled by clipping each tap's loop to the valid range.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import pjit, valid_range
+from .layout import to_layout
+
+__all__ = ["conv2d_python", "run"]
+
+
+def conv2d_python(x, w, bias, stride, padding, dilation, groups):
+    """Reference loop nest on NCHW ``x`` and OIHW ``w``; ``padding = (top, bottom, left, right)``."""
+    n_, c_, h_, w_ = x.shape
+    k_, cg, r_, s_ = w.shape
+    sh, sw = stride
+    top, bottom, left, right = padding
+    dh, dw = dilation
+    ho_ = (h_ + top + bottom - dh * (r_ - 1) - 1) // sh + 1
+    wo_ = (w_ + left + right - dw * (s_ - 1) - 1) // sw + 1
+    kg = k_ // groups
+    out = np.zeros((n_, k_, ho_, wo_), dtype=x.dtype)
+    for n in range(n_):
+        for k in range(k_):
+            g = k // kg
+            for i in range(ho_):
+                for j in range(wo_):
+                    acc = 0.0 if bias is None else bias[k]
+                    for c in range(cg):
+                        for r in range(r_):
+                            for s in range(s_):
+                                hi = i * sh + r * dh - top
+                                wi = j * sw + s * dw - left
+                                if 0 <= hi < h_ and 0 <= wi < w_:
+                                    acc += x[n, g * cg + c, hi, wi] * w[k, c, r, s]
+                    out[n, k, i, j] = acc
+    return out
+
+
+@pjit
+def _naive_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    n_, c_, h_, w_ = x.shape
+    k_, cg, r_, s_ = w.shape
+    ho_, wo_ = out.shape[2], out.shape[3]
+    kg = k_ // groups
+    for job in prange(n_ * k_):
+        n = job // k_
+        k = job % k_
+        g = k // kg
+        row = np.empty(wo_, dtype=out.dtype)
+        for i in range(ho_):
+            row[:] = bias[k]
+            for c in range(cg):
+                ci = g * cg + c
+                for r in range(r_):
+                    hi = i * sh + r * dh - pt
+                    if hi < 0 or hi >= h_:
+                        continue
+                    for s in range(s_):
+                        wv = w[k, c, r, s]
+                        off = s * dw - pl
+                        lo, hi_j = valid_range(off, sw, w_, wo_)
+                        for j in range(lo, hi_j):
+                            row[j] += x[n, ci, hi, j * sw + off] * wv
+            out[n, k, i, :] = row
+
+
+@pjit
+def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    # w is HWIO: (R, S, C/groups, K), so the innermost loop over output channels is unit-stride.
+    n_, h_, w_, c_ = x.shape
+    r_, s_, cg, k_ = w.shape
+    ho_, wo_ = out.shape[1], out.shape[2]
+    kg = k_ // groups
+    for job in prange(n_ * ho_):
+        n = job // ho_
+        i = job % ho_
+        acc = np.empty(k_, dtype=out.dtype)
+        for j in range(wo_):
+            acc[:] = bias
+            for r in range(r_):
+                hi = i * sh + r * dh - pt
+                if hi < 0 or hi >= h_:
+                    continue
+                for s in range(s_):
+                    wi = j * sw + s * dw - pl
+                    if wi < 0 or wi >= w_:
+                        continue
+                    for g in range(groups):
+                        for c in range(cg):
+                            xv = x[n, hi, wi, g * cg + c]
+                            for k in range(g * kg, (g + 1) * kg):
+                                acc[k] += xv * w[r, s, c, k]
+            out[n, i, j, :] = acc
+
+
+def run(p, x, w_oihw, bias, out):
+    b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
+    geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
+    if p.layout == "NCHW":
+        _naive_nchw(x, w_oihw, b, out, *geometry)
+    else:
+        _naive_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), b, out, *geometry)

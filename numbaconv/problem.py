@@ -1,0 +1,247 @@
+"""One place that parses and validates ``conv2d``'s arguments.
+
+:class:`ConvProblem` is the frozen geometry every kernel works from: plain ints, a layout
+name and a dtype.  All user-facing ``TypeError`` / ``ValueError`` messages are raised
+here, before any work, and each names the argument and quotes the bad value.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
+
+__all__ = ["ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_array(name, a, ndim=None):
+    """``a`` must be a NumPy array of a supported float dtype (and ``ndim`` dimensions)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {a.dtype}; numbaconv supports float32 and float64")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def int_pair(name, value, minimum):
+    """``value`` as ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
+    pair = (value, value) if _is_int(value) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def same_padding(size, kernel, stride, dilation):
+    """``(before, after)`` that make the output ``ceil(size / stride)`` long (TF/JAX rule)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def parse_padding(value, kernel_hw, stride, dilation, in_hw):
+    """Any accepted padding form as ``(top, bottom, left, right)``."""
+    if isinstance(value, str):
+        if value == "valid":
+            return 0, 0, 0, 0
+        if value == "same":
+            top, bottom = same_padding(in_hw[0], kernel_hw[0], stride[0], dilation[0])
+            left, right = same_padding(in_hw[1], kernel_hw[1], stride[1], dilation[1])
+            return top, bottom, left, right
+        raise ValueError(f"padding must be an int, a pair, a pair of pairs, 'valid' or 'same'; got {value!r}")
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (tuple, list)) for v in value):
+        (top, bottom), (left, right) = [int_pair("padding", tuple(v), 0) for v in value]
+        return top, bottom, left, right
+    ph, pw = int_pair("padding", value, 0)
+    return ph, ph, pw, pw
+
+
+@dataclass(frozen=True)
+class ConvProblem:
+    """Geometry of one 2-D convolution, as the kernels see it.
+
+    ``h`` and ``w`` are the spatial size of the input array handed to the kernel; the
+    kernel applies ``pad_*`` zeros itself (never reading out of bounds).  Other padding
+    modes are materialised by the front door, which then hands kernels a problem whose
+    ``pad_*`` are zero (see :meth:`materialised`).
+    """
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride_h: int = 1
+    stride_w: int = 1
+    pad_top: int = 0
+    pad_bottom: int = 0
+    pad_left: int = 0
+    pad_right: int = 0
+    dil_h: int = 1
+    dil_w: int = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+    layout: str = "NCHW"
+    weight_layout: str = "OIHW"
+    dtype: np.dtype = np.dtype(np.float32)
+
+    # -- derived geometry -------------------------------------------------------------
+    @property
+    def ho(self):
+        return (self.h + self.pad_top + self.pad_bottom - self.dil_h * (self.r - 1) - 1) // self.stride_h + 1
+
+    @property
+    def wo(self):
+        return (self.w + self.pad_left + self.pad_right - self.dil_w * (self.s - 1) - 1) // self.stride_w + 1
+
+    @property
+    def cg(self):
+        """Input channels per group."""
+        return self.c // self.groups
+
+    @property
+    def kg(self):
+        """Output channels per group."""
+        return self.k // self.groups
+
+    @property
+    def is_depthwise(self):
+        return self.groups == self.c and self.groups > 1
+
+    @property
+    def out_shape(self):
+        if self.layout == "NCHW":
+            return (self.n, self.k, self.ho, self.wo)
+        return (self.n, self.ho, self.wo, self.k)
+
+    @property
+    def in_shape(self):
+        if self.layout == "NCHW":
+            return (self.n, self.c, self.h, self.w)
+        return (self.n, self.h, self.w, self.c)
+
+    @property
+    def flops(self):
+        """Multiply-adds counted as two FLOPs: ``2 N K (C/groups) R S Ho Wo``."""
+        return 2 * self.n * self.k * self.cg * self.r * self.s * self.ho * self.wo
+
+    @property
+    def padding(self):
+        return self.pad_top, self.pad_bottom, self.pad_left, self.pad_right
+
+    @property
+    def has_padding(self):
+        return any(self.padding)
+
+    def materialised(self):
+        """The problem after the front door padded the input by ``padding_mode``."""
+        return replace(
+            self,
+            h=self.h + self.pad_top + self.pad_bottom,
+            w=self.w + self.pad_left + self.pad_right,
+            pad_top=0, pad_bottom=0, pad_left=0, pad_right=0,
+            padding_mode="zeros",
+        )
+
+    def describe(self):
+        return (f"N={self.n} C={self.c} H={self.h} W={self.w} K={self.k} R={self.r} S={self.s} "
+                f"stride=({self.stride_h},{self.stride_w}) pad={self.padding} "
+                f"dil=({self.dil_h},{self.dil_w}) groups={self.groups} {self.layout} {self.dtype}")
+
+    # -- parsing ------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+                  padding_mode="zeros", layout="NCHW", weight_layout=None):
+        """Validate ``conv2d``'s arguments (everything but ``out`` and ``algorithm``)."""
+        check_array("x", x)
+        check_array("weight", weight)
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
+        if bias is not None:
+            check_array("bias", bias)
+            if bias.dtype != x.dtype:
+                raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
+        if layout not in ACTIVATION_LAYOUTS:
+            raise ValueError(f"layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
+        if weight_layout is None:
+            weight_layout = DEFAULT_WEIGHT_LAYOUT[layout]
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
+        if x.ndim != 4:
+            raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
+        if weight.ndim != 4:
+            raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not _is_int(groups) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        groups = int(groups)
+
+        dims = dict(zip(layout, x.shape))
+        n, c, h, w = dims["N"], dims["C"], dims["H"], dims["W"]
+        wdims = dict(zip(weight_layout, weight.shape))
+        k, cg, r, s = wdims["O"], wdims["I"], wdims["H"], wdims["W"]
+        if c == 0 or k == 0 or r == 0 or s == 0:
+            raise ValueError(f"x shape {x.shape} ({layout}) and weight shape {weight.shape} "
+                             f"({weight_layout}) must have non-zero channels and kernel size")
+        if c % groups or k % groups:
+            raise ValueError(f"groups={groups} must divide both input channels C={c} and output channels K={k}")
+        if cg * groups != c:
+            raise ValueError(f"weight shape {weight.shape} ({weight_layout}) has I={cg} input channels per "
+                             f"group, but x has C={c} channels and groups={groups} (expected I={c // groups})")
+        if bias is not None and bias.shape != (k,):
+            raise ValueError(f"bias must have shape ({k},) to match weight's {k} output channels, got {bias.shape}")
+
+        sh, sw = int_pair("stride", stride, 1)
+        dh, dw = int_pair("dilation", dilation, 1)
+        top, bottom, left, right = parse_padding(padding, (r, s), (sh, sw), (dh, dw), (h, w))
+        if padding_mode == "reflect" and (max(top, bottom) >= h or max(left, right) >= w):
+            raise ValueError(f"padding={padding!r} with padding_mode='reflect' must be smaller than the "
+                             f"input's spatial size {(h, w)}")
+        if padding_mode == "circular" and (max(top, bottom) > h or max(left, right) > w):
+            raise ValueError(f"padding={padding!r} with padding_mode='circular' must not exceed the "
+                             f"input's spatial size {(h, w)}")
+        problem = cls(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride_h=sh, stride_w=sw,
+                      pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right,
+                      dil_h=dh, dil_w=dw, groups=groups, padding_mode=padding_mode,
+                      layout=layout, weight_layout=weight_layout, dtype=x.dtype)
+        eff_r, eff_s = dh * (r - 1) + 1, dw * (s - 1) + 1
+        if eff_r > h + top + bottom or eff_s > w + left + right:
+            raise ValueError(f"kernel of size {(r, s)} with dilation {(dh, dw)} spans {(eff_r, eff_s)}, larger "
+                             f"than the padded input {(h + top + bottom, w + left + right)}")
+        return problem
+
+    def check_out(self, out, *inputs):
+        """``out`` must be a C-contiguous array of the result's shape and dtype."""
+        if out is None:
+            return
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be None or a numpy.ndarray, got {type(out).__name__}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the result has dtype {self.dtype}")
+        if out.shape != self.out_shape:
+            raise ValueError(f"out has shape {out.shape} but the result has shape {self.out_shape}")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        for name, a in inputs:
+            if a is not None and np.may_share_memory(out, a):
+                raise ValueError(f"out must not share memory with {name} (inputs are never modified)")
+
+
+def gflops(problem, seconds):
+    return problem.flops / seconds / 1e9 if seconds > 0 else math.inf
