@@ -20,7 +20,7 @@ import os
 import numpy as np
 from numba import prange
 
-from ._jit import gemm_nn, pjit, valid_range
+from ._jit import gemm_nn, jit, pjit, valid_range
 from .layout import to_layout
 from .problem import check_array, int_pair
 
@@ -93,8 +93,10 @@ def _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups
 
 
 # --- the algorithm ----------------------------------------------------------------------
-@pjit
-def _conv_nchw(x, w, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
+# The drivers are serial: parallelism lives in the fill kernels and in BLAS (one parallel
+# region at a time, so the two thread pools never oversubscribe the cores).
+@jit
+def _conv_nchw(x, w, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
     n_ = x.shape[0]
     k_, cg, r_, s_ = w.shape
     ho_, wo_ = out.shape[2], out.shape[3]
@@ -110,13 +112,10 @@ def _conv_nchw(x, w, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, gr
             for g in range(groups):
                 gemm_nn(length, kg, patch, cols, g * patch * length, length, wf, g * kg * patch, patch,
                         0.0, of, ((n * k_ + g * kg) * ho_ + i0) * wo_, ho_ * wo_)
-        if bias is not None:
-            for k in prange(k_):
-                out[n, k] += bias[k]
 
 
-@pjit
-def _conv_nhwc(x, w_hwio, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
+@jit
+def _conv_nhwc(x, w_hwio, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
     n_ = x.shape[0]
     r_, s_, cg, k_ = w_hwio.shape
     ho_, wo_ = out.shape[1], out.shape[2]
@@ -132,10 +131,20 @@ def _conv_nhwc(x, w_hwio, bias, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, d
         for g in range(groups):
             gemm_nn(kg, length, patch, wf, g * kg, k_, cols, g * length * patch, patch,
                     0.0, of, t0 * wo_ * k_ + g * kg, k_)
-    if bias is not None:
-        o2 = out.reshape(total * wo_, k_)
-        for pix in prange(total * wo_):
-            o2[pix] += bias
+
+
+@pjit
+def _add_bias_nchw(out, bias):
+    n_, k_ = out.shape[0], out.shape[1]
+    for job in prange(n_ * k_):
+        out[job // k_, job % k_] += bias[job % k_]
+
+
+@pjit
+def _add_bias_nhwc(out, bias):
+    o2 = out.reshape(-1, out.shape[3])
+    for pix in prange(o2.shape[0]):
+        o2[pix] += bias
 
 
 def _rows_per_chunk(p, total_rows):
@@ -149,11 +158,15 @@ def run(p, x, w_oihw, bias, out):
     if p.layout == "NCHW":
         rows = _rows_per_chunk(p, p.ho)
         cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
-        _conv_nchw(x, w_oihw, bias, out, cols, rows, *geometry)
+        _conv_nchw(x, w_oihw, out, cols, rows, *geometry)
+        if bias is not None:
+            _add_bias_nchw(out, bias)
     else:
         rows = _rows_per_chunk(p, p.n * p.ho)
         cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
-        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), bias, out, cols, rows, *geometry)
+        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), out, cols, rows, *geometry)
+        if bias is not None:
+            _add_bias_nhwc(out, bias)
 
 
 # --- public unfold / fold ----------------------------------------------------------------
