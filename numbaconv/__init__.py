@@ -7,12 +7,16 @@ Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
 from . import im2col as _im2col_algo
 from . import naive as _naive_algo
 from .api import conv2d
+from .backward import conv2d_backward, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight
 from .im2col import col2im, im2col
 from .layout import convert_layout
 from .registry import Algorithm, algorithms, register
+from .transpose import conv_transpose2d
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__"]
+__all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
+           "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
+           "conv_transpose2d"]
 
 register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline"))
 register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM"))

@@ -1,0 +1,461 @@
+"""Backward passes of ``conv2d``: gradients w.r.t. the input, the weight and the bias.
+
+Everything runs on the library's own kernels (no torch):
+
+* **grad-weight** is one GEMM per group and chunk, ``dW += dY @ im2col(x)^T``, on the same
+  bounded-workspace column buffer and fill kernels as the ``im2col`` forward algorithm
+  (:mod:`numbaconv.im2col`), accumulated with ``beta = 1`` across chunks and images.
+* **grad-input** is the transposed convolution: ``cols = W^T @ dY`` into the same buffer,
+  then a ``col2im`` fold that adds every column back onto the input pixel it was read from.
+  NCHW folds in parallel over channels, NHWC over input rows (a gather), so no two threads
+  ever write one element.
+* **depthwise** layers (one input channel per group) skip the GEMMs, whose matrices would
+  be 1 x 9: direct loop kernels, parallel over channels (NCHW) or rows (NHWC).
+* **grad-bias** is the sum of ``dY`` over batch and space.
+
+Non-zero ``padding_mode``: the forward pass reads a materialised padded copy of ``x``; the
+gradient w.r.t. that copy is computed first, then every padded pixel's gradient is added
+to the input pixel it was copied from (the reflect / replicate / circular index map of
+:func:`numbaconv.padding.source_index`).
+
+Argument checking reuses :class:`~numbaconv.problem.ConvProblem` (the forward problem is
+built from ``x`` / ``weight``), plus a check that ``grad_output`` has the forward result's
+shape and dtype; errors follow the contract's style (``TypeError`` for types and dtypes,
+``ValueError`` for shapes and values, each naming the argument and quoting the value).
+"""
+
+import numbers
+
+import numpy as np
+from numba import prange
+
+from ._jit import _xxgemm, jit, pjit, valid_range
+from .im2col import _fill_nchw, _fill_nhwc, workspace_bytes
+from .layout import to_layout
+from .padding import _MODE_CODE, _index_map, pad_input
+from .problem import ConvProblem, check_array
+
+__all__ = ["conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias"]
+
+
+# --- BLAS ?gemm with transposes ---------------------------------------------------------------
+@jit
+def gemm(transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """Column-major ``C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C`` on flat arrays.
+
+    ``op(X)`` is ``X`` or ``X^T`` by ``transa`` / ``transb``; offsets and leading dimensions
+    in elements.  Same symbol as :func:`numbaconv._jit.gemm_nn` (cacheable).
+    """
+    if m == 0 or n == 0:
+        return
+    scal = np.empty(2, dtype=c.dtype)
+    scal[0] = 1.0
+    scal[1] = beta
+    itemsize = c.itemsize
+    kind = np.int8(115) if itemsize == 4 else np.int8(100)  # 's' or 'd'
+    ta = np.int8(116) if transa else np.int8(110)  # 't' or 'n'
+    tb = np.int8(116) if transb else np.int8(110)
+    _xxgemm(kind, ta, tb, m, n, k, scal.ctypes.data,
+            a.ctypes.data + a_off * itemsize, lda, b.ctypes.data + b_off * itemsize, ldb,
+            scal.ctypes.data + itemsize, c.ctypes.data + c_off * itemsize, ldc)
+
+
+# --- col2im folds (race-free) -----------------------------------------------------------------
+@pjit
+def _scatter_nchw(cols, dx, n, i0, i1, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
+    """dx[n, c, i*sh + r*dh - pt, j*sw + s*dw - pl] += cols[(c, r, s), (i - i0) * wo_ + j]."""
+    c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
+    length = (i1 - i0) * wo_
+    for c in prange(c_):
+        for r in range(r_):
+            for s in range(s_):
+                row = (c * r_ + r) * s_ + s
+                off = s * dw - pl
+                lo, hi_j = valid_range(off, sw, w_, wo_)
+                base = row * length
+                for i in range(i0, i1):
+                    hi = i * sh + r * dh - pt
+                    if hi < 0 or hi >= h_:
+                        continue
+                    src = base + (i - i0) * wo_
+                    for j in range(lo, hi_j):
+                        dx[n, c, hi, j * sw + off] += cols[src + j]
+
+
+@pjit
+def _scatter_nhwc(cols, dx, t0, t1, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups):
+    """Fold of output rows ``t0 <= n*ho_ + i < t1``; one job per input row (a gather)."""
+    n_, h_, w_, c_ = dx.shape
+    cg = c_ // groups
+    patch = r_ * s_ * cg
+    length = (t1 - t0) * wo_
+    n0 = t0 // ho_
+    n1 = (t1 - 1) // ho_ + 1
+    for job in prange((n1 - n0) * h_):
+        n = n0 + job // h_
+        hi = job % h_
+        for r in range(r_):
+            num = hi + pt - r * dh
+            if num < 0 or num % sh != 0:
+                continue
+            t = n * ho_ + num // sh
+            if num // sh >= ho_ or t < t0 or t >= t1:
+                continue
+            for s in range(s_):
+                off = s * dw - pl
+                lo, hi_j = valid_range(off, sw, w_, wo_)
+                for j in range(lo, hi_j):
+                    wi = j * sw + off
+                    for g in range(groups):
+                        src = g * length * patch + ((t - t0) * wo_ + j) * patch + (r * s_ + s) * cg
+                        for c in range(cg):
+                            dx[n, hi, wi, g * cg + c] += cols[src + c]
+
+
+# --- GEMM-based backward ------------------------------------------------------------------------
+@jit
+def _backward_nchw(x, w, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups,
+                   want_dx, want_dw):
+    n_ = dy.shape[0]
+    k_, cg, r_, s_ = w.shape
+    ho_, wo_ = dy.shape[2], dy.shape[3]
+    kg = k_ // groups
+    patch = cg * r_ * s_
+    plane = ho_ * wo_
+    wf = w.ravel()
+    dyf = dy.ravel()
+    dwf = dwt.ravel()
+    for n in range(n_):
+        for i0 in range(0, ho_, rows_per_chunk):
+            i1 = min(i0 + rows_per_chunk, ho_)
+            length = (i1 - i0) * wo_
+            if want_dw:
+                _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
+                for g in range(groups):
+                    # dW_g (Kg x P) += dY_g (Kg x L) @ cols_g^T (L x P)
+                    gemm(True, False, patch, kg, length, cols, g * patch * length, length,
+                         dyf, (n * k_ + g * kg) * plane + i0 * wo_, plane, 1.0, dwf, g * kg * patch, patch)
+            if want_dx:
+                for g in range(groups):
+                    # cols_g (P x L) = W_g^T (P x Kg) @ dY_g (Kg x L)
+                    gemm(False, True, length, patch, kg, dyf, (n * k_ + g * kg) * plane + i0 * wo_, plane,
+                         wf, g * kg * patch, patch, 0.0, cols, g * patch * length, length)
+                _scatter_nchw(cols, dx, n, i0, i1, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
+
+
+@jit
+def _backward_nhwc(x, w_hwio, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups,
+                   want_dx, want_dw):
+    n_, ho_, wo_, k_ = dy.shape
+    r_, s_, cg = w_hwio.shape[0], w_hwio.shape[1], w_hwio.shape[2]
+    kg = k_ // groups
+    patch = r_ * s_ * cg
+    wf = w_hwio.ravel()
+    dyf = dy.ravel()
+    dwf = dwt.ravel()
+    total = n_ * ho_
+    for t0 in range(0, total, rows_per_chunk):
+        t1 = min(t0 + rows_per_chunk, total)
+        length = (t1 - t0) * wo_
+        if want_dw:
+            _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+            for g in range(groups):
+                # dW_g (P x Kg) += cols_g^T (P x L) @ dY_g (L x Kg)
+                gemm(False, True, kg, patch, length, dyf, t0 * wo_ * k_ + g * kg, k_,
+                     cols, g * length * patch, patch, 1.0, dwf, g * kg, k_)
+        if want_dx:
+            for g in range(groups):
+                # cols_g (L x P) = dY_g (L x Kg) @ W_g^T (Kg x P)
+                gemm(True, False, patch, length, kg, wf, g * kg, k_, dyf, t0 * wo_ * k_ + g * kg, k_,
+                     0.0, cols, g * length * patch, patch)
+            _scatter_nhwc(cols, dx, t0, t1, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+
+
+# --- depthwise (one input channel per group): direct loops ------------------------------------
+@pjit
+def _dw_dx_nchw(w, dy, dx, sh, sw, pt, pl, dh, dw):
+    n_, c_, h_, w_ = dx.shape
+    k_, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    ho_, wo_ = dy.shape[2], dy.shape[3]
+    kg = k_ // c_
+    for job in prange(n_ * c_):
+        n = job // c_
+        c = job % c_
+        for k in range(c * kg, (c + 1) * kg):
+            for r in range(r_):
+                for s in range(s_):
+                    wv = w[k, 0, r, s]
+                    off = s * dw - pl
+                    lo, hi_j = valid_range(off, sw, w_, wo_)
+                    for i in range(ho_):
+                        hi = i * sh + r * dh - pt
+                        if hi < 0 or hi >= h_:
+                            continue
+                        for j in range(lo, hi_j):
+                            dx[n, c, hi, j * sw + off] += dy[n, k, i, j] * wv
+
+
+@pjit
+def _dw_dw_nchw(x, dy, dwt, sh, sw, pt, pl, dh, dw):
+    n_, c_, h_, w_ = x.shape
+    k_, r_, s_ = dwt.shape[0], dwt.shape[2], dwt.shape[3]
+    ho_, wo_ = dy.shape[2], dy.shape[3]
+    kg = k_ // c_
+    for k in prange(k_):
+        c = k // kg
+        for r in range(r_):
+            for s in range(s_):
+                off = s * dw - pl
+                lo, hi_j = valid_range(off, sw, w_, wo_)
+                acc = 0.0
+                for n in range(n_):
+                    for i in range(ho_):
+                        hi = i * sh + r * dh - pt
+                        if hi < 0 or hi >= h_:
+                            continue
+                        for j in range(lo, hi_j):
+                            acc += dy[n, k, i, j] * x[n, c, hi, j * sw + off]
+                dwt[k, 0, r, s] += acc
+
+
+@pjit
+def _dw_dx_nhwc(w_hwio, dy, dx, sh, sw, pt, pl, dh, dw):
+    n_, h_, w_, c_ = dx.shape
+    r_, s_, k_ = w_hwio.shape[0], w_hwio.shape[1], w_hwio.shape[3]
+    ho_, wo_ = dy.shape[1], dy.shape[2]
+    kg = k_ // c_
+    for job in prange(n_ * h_):
+        n = job // h_
+        hi = job % h_
+        for r in range(r_):
+            num = hi + pt - r * dh
+            if num < 0 or num % sh != 0 or num // sh >= ho_:
+                continue
+            i = num // sh
+            for s in range(s_):
+                off = s * dw - pl
+                lo, hi_j = valid_range(off, sw, w_, wo_)
+                for j in range(lo, hi_j):
+                    wi = j * sw + off
+                    if kg == 1:
+                        for c in range(c_):
+                            dx[n, hi, wi, c] += dy[n, i, j, c] * w_hwio[r, s, 0, c]
+                    else:
+                        for k in range(k_):
+                            dx[n, hi, wi, k // kg] += dy[n, i, j, k] * w_hwio[r, s, 0, k]
+
+
+@pjit
+def _dw_dw_nhwc(x, dy, partial, sh, sw, pt, pl, dh, dw):
+    """partial[chunk, r, s, k] = sum over the chunk's output rows; the caller sums chunks."""
+    n_, h_, w_, c_ = x.shape
+    chunks, r_, s_, k_ = partial.shape
+    ho_, wo_ = dy.shape[1], dy.shape[2]
+    kg = k_ // c_
+    total = n_ * ho_
+    for ch in prange(chunks):
+        t_lo = ch * total // chunks
+        t_hi = (ch + 1) * total // chunks
+        acc = partial[ch]
+        acc[:] = 0
+        for t in range(t_lo, t_hi):
+            n = t // ho_
+            i = t % ho_
+            for r in range(r_):
+                hi = i * sh + r * dh - pt
+                if hi < 0 or hi >= h_:
+                    continue
+                for s in range(s_):
+                    off = s * dw - pl
+                    lo, hi_j = valid_range(off, sw, w_, wo_)
+                    for j in range(lo, hi_j):
+                        wi = j * sw + off
+                        if kg == 1:
+                            for k in range(k_):
+                                acc[r, s, k] += dy[n, i, j, k] * x[n, hi, wi, k]
+                        else:
+                            for k in range(k_):
+                                acc[r, s, k] += dy[n, i, j, k] * x[n, hi, wi, k // kg]
+
+
+# --- folding the gradient of a materialised padding back -------------------------------------
+@pjit
+def _unpad_nchw(dxp, rows, cols, dx):
+    n_, c_ = dx.shape[0], dx.shape[1]
+    for job in prange(n_ * c_):
+        n = job // c_
+        c = job % c_
+        for i in range(rows.size):
+            for j in range(cols.size):
+                dx[n, c, rows[i], cols[j]] += dxp[n, c, i, j]
+
+
+@pjit
+def _unpad_nhwc(dxp, rows, cols, dx):
+    n_, c_ = dx.shape[0], dx.shape[3]
+    for job in prange(n_):
+        for i in range(rows.size):
+            for j in range(cols.size):
+                for c in range(c_):
+                    dx[job, rows[i], cols[j], c] += dxp[job, i, j, c]
+
+
+def _fold_padding(dxp, p):
+    """Gradient w.r.t. the unpadded input from the gradient w.r.t. its materialised padding."""
+    mode = _MODE_CODE[p.padding_mode]
+    rows = _index_map(p.pad_top, p.h, p.pad_bottom, mode)
+    cols = _index_map(p.pad_left, p.w, p.pad_right, mode)
+    dx = np.zeros(p.in_shape, dtype=p.dtype)
+    (_unpad_nchw if p.layout == "NCHW" else _unpad_nhwc)(dxp, rows, cols, dx)
+    return dx
+
+
+# --- drivers ------------------------------------------------------------------------------------
+def _rows_per_chunk(p, total_rows):
+    row_bytes = p.c * p.r * p.s * p.wo * p.dtype.itemsize
+    return int(max(1, min(total_rows, workspace_bytes() // max(row_bytes, 1))))
+
+
+def _kernel_weight_layout(layout):
+    return "OIHW" if layout == "NCHW" else "HWIO"
+
+
+def _grads(p, x, w_k, dy, want_dx, want_dw):
+    """(dx, dW) on the zero-padded problem ``p``; ``w_k`` in the kernel's weight layout.
+
+    ``x`` is C-contiguous (ignored unless ``want_dw``); results are C-contiguous, the
+    weight gradient in the kernel's weight layout (OIHW for NCHW, HWIO for NHWC).
+    """
+    dtype = p.dtype
+    dx = np.zeros(p.in_shape, dtype=dtype) if want_dx else np.zeros((1, 1, 1, 1), dtype=dtype)
+    dwt = np.zeros(w_k.shape, dtype=dtype)
+    if x is None:
+        x = np.zeros((1, 1, 1, 1), dtype=dtype)
+    geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
+    if p.n == 0 or not (want_dx or want_dw):
+        return (dx if want_dx else None), (dwt if want_dw else None)
+    if p.cg == 1 and p.groups > 1:
+        if p.layout == "NCHW":
+            if want_dx:
+                _dw_dx_nchw(w_k, dy, dx, *geometry)
+            if want_dw:
+                _dw_dw_nchw(x, dy, dwt, *geometry)
+        else:
+            if want_dx:
+                _dw_dx_nhwc(w_k, dy, dx, *geometry)
+            if want_dw:
+                chunks = int(min(p.n * p.ho, 16))
+                partial = np.empty((chunks, p.r, p.s, p.k), dtype=dtype)
+                _dw_dw_nhwc(x, dy, partial, *geometry)
+                dwt = partial.sum(axis=0).reshape(dwt.shape)
+    else:
+        total = p.ho if p.layout == "NCHW" else p.n * p.ho
+        rows = _rows_per_chunk(p, total)
+        cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=dtype)
+        kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
+        kernel(x, w_k, dy, dx, dwt, cols, rows, *geometry, p.groups, want_dx, want_dw)
+    return (dx if want_dx else None), (dwt if want_dw else None)
+
+
+def _check_grad_output(grad_output, p):
+    check_array("grad_output", grad_output)
+    if grad_output.dtype != p.dtype:
+        raise TypeError(f"grad_output has dtype {grad_output.dtype} but x has dtype {p.dtype}; they must match")
+    if grad_output.shape != p.out_shape:
+        raise ValueError(f"grad_output has shape {grad_output.shape} but the convolution's output has shape "
+                         f"{p.out_shape} ({p.layout})")
+
+
+def _check_shape(name, shape):
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 4
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in shape)):
+        raise ValueError(f"{name} must be a tuple of 4 non-negative ints, got {shape!r}")
+    return tuple(int(v) for v in shape)
+
+
+def _placeholder(shape, dtype):
+    """A read-only array of ``shape`` that allocates nothing: validation needs only the shape."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
+    p = ConvProblem.from_args(x, weight, None, **geometry)
+    _check_grad_output(grad_output, p)
+    dy = np.ascontiguousarray(grad_output)
+    wl = _kernel_weight_layout(p.layout)
+    w_k = to_layout(weight, p.weight_layout, wl) if want_dx else np.ascontiguousarray(
+        np.zeros(tuple(dict(zip(p.weight_layout, weight.shape))[a] for a in wl), dtype=p.dtype))
+    xk = None
+    padded = p.padding_mode != "zeros" and p.has_padding
+    if want_dw:
+        xk = np.ascontiguousarray(x)
+        if padded:
+            xk = pad_input(xk, p)
+    kp = p.materialised() if padded else p
+    dx, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
+    if dx is not None and padded:
+        dx = _fold_padding(dx, p)
+    if dwt is not None:
+        dwt = to_layout(dwt, wl, p.weight_layout)
+    return p, dx, dwt
+
+
+def _bias_grad(dy, layout):
+    axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
+    return dy.sum(axis=axes, dtype=dy.dtype)
+
+
+def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros", layout="NCHW", weight_layout=None,
+                    input_grad=True, weight_grad=True, bias_grad=True):
+    """Gradients of ``numbaconv.conv2d`` w.r.t. its input, weight and bias.
+
+    ``grad_output`` is the gradient of the loss w.r.t. ``conv2d(x, weight, ...)`` (its shape,
+    in ``layout``); every other argument is exactly as given to :func:`numbaconv.conv2d`.
+    Returns ``(grad_x, grad_weight, grad_bias)``: ``grad_x`` like ``x`` (C-contiguous, in
+    ``layout``), ``grad_weight`` like ``weight`` (in ``weight_layout``), ``grad_bias`` of
+    shape ``(K,)``.  A gradient whose flag (``input_grad``, ``weight_grad``, ``bias_grad``)
+    is false is not computed and returned as ``None``.
+    """
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    padding_mode=padding_mode, layout=layout, weight_layout=weight_layout)
+    p, dx, dwt = _backward(grad_output, x, weight, geometry, bool(input_grad), bool(weight_grad))
+    db = _bias_grad(grad_output, p.layout) if bias_grad else None
+    return dx, dwt, db
+
+
+def conv2d_backward_input(grad_output, input_shape, weight, *, stride=1, padding=0, dilation=1, groups=1,
+                          padding_mode="zeros", layout="NCHW", weight_layout=None):
+    """Gradient w.r.t. ``x`` (of shape ``input_shape``, in ``layout``) of ``conv2d(x, weight, ...)``.
+
+    As ``torch.nn.grad.conv2d_input`` (argument order aside).  This is the transposed
+    convolution of ``grad_output`` with ``weight``.
+    """
+    input_shape = _check_shape("input_shape", input_shape)
+    check_array("weight", weight)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    padding_mode=padding_mode, layout=layout, weight_layout=weight_layout)
+    _, dx, _ = _backward(grad_output, _placeholder(input_shape, weight.dtype), weight, geometry, True, False)
+    return dx
+
+
+def conv2d_backward_weight(grad_output, x, weight_shape, *, stride=1, padding=0, dilation=1, groups=1,
+                           padding_mode="zeros", layout="NCHW", weight_layout=None):
+    """Gradient w.r.t. ``weight`` (of shape ``weight_shape``, in ``weight_layout``) of ``conv2d(x, weight, ...)``.
+
+    As ``torch.nn.grad.conv2d_weight`` (argument order aside).
+    """
+    weight_shape = _check_shape("weight_shape", weight_shape)
+    check_array("x", x)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    padding_mode=padding_mode, layout=layout, weight_layout=weight_layout)
+    _, _, dwt = _backward(grad_output, x, _placeholder(weight_shape, x.dtype), geometry, False, True)
+    return dwt
+
+
+def conv2d_backward_bias(grad_output, *, layout="NCHW"):
+    """Gradient w.r.t. ``bias``: ``grad_output`` summed over batch and space -> ``(K,)``."""
+    check_array("grad_output", grad_output, ndim=4)
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be one of ('NCHW', 'NHWC'), got {layout!r}")
+    return _bias_grad(grad_output, layout)

@@ -1,0 +1,120 @@
+"""``conv_transpose2d``: the transposed ("fractionally strided") convolution, as torch's.
+
+A transposed convolution is the gradient w.r.t. the input of a forward convolution, so it
+runs on the grad-input kernels of :mod:`numbaconv.backward` (``cols = W^T @ x`` GEMM +
+``col2im`` fold, or the direct depthwise kernels): ``conv_transpose2d(x, w)`` equals
+``conv2d_backward_input(x, output_shape, w)`` for the forward convolution that maps a tensor
+of the output's shape back to ``x``'s shape.
+
+Weight convention: the weight *is that forward convolution's weight*, in the same
+``weight_layout`` names as :func:`numbaconv.conv2d`, where ``O`` is the transposed
+convolution's **input** channels and ``I`` its **output** channels per group:
+
+* ``"OIHW"`` (default for ``layout="NCHW"``): ``(C_in, C_out/groups, R, S)`` -- exactly
+  the weight of ``torch.nn.functional.conv_transpose2d`` / ``torch.nn.ConvTranspose2d``;
+* ``"HWIO"`` (default for ``"NHWC"``): ``(R, S, C_out/groups, C_in)`` -- TensorFlow's
+  ``conv2d_transpose`` filter ``[height, width, output_channels, in_channels]``;
+* ``"OHWI"``: ``(C_in, R, S, C_out/groups)``, torch's weight in channels-last memory order.
+"""
+
+import numbers
+
+import numpy as np
+
+from .backward import _backward, _placeholder
+from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
+from .problem import check_array, int_pair
+
+__all__ = ["conv_transpose2d"]
+
+
+def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                     layout="NCHW", weight_layout=None):
+    """2-D transposed convolution with ``torch.nn.functional.conv_transpose2d``'s semantics.
+
+    ``x`` is ``(N, C_in, H, W)`` (``layout="NCHW"``) or ``(N, H, W, C_in)`` (``"NHWC"``);
+    ``weight`` is ``(C_in, C_out/groups, R, S)`` for the default ``weight_layout`` (see the
+    module docstring for the other orders); ``bias`` is ``None`` or ``(C_out,)``.
+    ``stride``, ``dilation``: int or pair >= 1; ``padding``: int or pair >= 0 (removed from
+    both sides of the result); ``output_padding``: int or pair >= 0, added at the bottom /
+    right, each smaller than the stride or the dilation on its axis (as torch).  The result
+    has ``H_out = (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1``
+    and is a new C-contiguous array in ``layout``.
+    """
+    check_array("x", x)
+    check_array("weight", weight)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
+    if bias is not None:
+        check_array("bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
+    if layout not in ACTIVATION_LAYOUTS:
+        raise ValueError(f"layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
+    if weight_layout is None:
+        weight_layout = DEFAULT_WEIGHT_LAYOUT[layout]
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
+    if weight.ndim != 4:
+        raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    groups = int(groups)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints for conv_transpose2d, got {padding!r}")
+    sh, sw = int_pair("stride", stride, 1)
+    dh, dw = int_pair("dilation", dilation, 1)
+    ph, pw = int_pair("padding", padding, 0)
+    oph, opw = int_pair("output_padding", output_padding, 0)
+    for op, st, dil in ((oph, sh, dh), (opw, sw, dw)):
+        if op >= st and op >= dil:
+            raise ValueError(f"output_padding={output_padding!r} must be smaller than either stride={stride!r} "
+                             f"or dilation={dilation!r} on each axis")
+
+    dims = dict(zip(layout, x.shape))
+    n, c_in, h, w = dims["N"], dims["C"], dims["H"], dims["W"]
+    wdims = dict(zip(weight_layout, weight.shape))
+    k, cg_out, r, s = wdims["O"], wdims["I"], wdims["H"], wdims["W"]
+    if k != c_in:
+        raise ValueError(f"weight shape {weight.shape} ({weight_layout}) has O={k} (the input channels of the "
+                         f"transposed convolution), but x has C={c_in} channels")
+    if c_in == 0 or cg_out == 0 or r == 0 or s == 0:
+        raise ValueError(f"x shape {x.shape} ({layout}) and weight shape {weight.shape} ({weight_layout}) "
+                         f"must have non-zero channels and kernel size")
+    if c_in % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C={c_in}")
+    c_out = cg_out * groups
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) to match the {c_out} output channels, got {bias.shape}")
+    h_out = (h - 1) * sh - 2 * ph + dh * (r - 1) + oph + 1
+    w_out = (w - 1) * sw - 2 * pw + dw * (s - 1) + opw + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"output size {(h_out, w_out)} of conv_transpose2d is not positive (input {(h, w)}, "
+                         f"kernel {(r, s)}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}, "
+                         f"output_padding {(oph, opw)})")
+
+    out_nchw = (n, c_out, h_out, w_out)
+    out_shape = out_nchw if layout == "NCHW" else (n, h_out, w_out, c_out)
+    # The forward convolution out_shape -> x.  With output_padding >= stride (allowed when it
+    # is < dilation) that convolution yields more rows than x has: they get zero gradient.
+    ho = (h_out + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    wo = (w_out + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    dy = np.ascontiguousarray(x)
+    if (ho, wo) != (h, w):
+        full = np.zeros((n, c_in, ho, wo) if layout == "NCHW" else (n, ho, wo, c_in), dtype=x.dtype)
+        if layout == "NCHW":
+            full[:, :, :h, :w] = x
+        else:
+            full[:, :h, :w, :] = x
+        dy = full
+    geometry = dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups,
+                    padding_mode="zeros", layout=layout, weight_layout=weight_layout)
+    _, out, _ = _backward(dy, _placeholder(out_shape, x.dtype), weight, geometry, True, False)
+    if bias is not None and out.size:
+        if layout == "NCHW":
+            out += bias.reshape(1, c_out, 1, 1)
+        else:
+            out += bias
+    return out
