@@ -1,0 +1,227 @@
+"""airspeed velocity (asv) benchmarks for numbaconv.
+
+Parametrised over algorithm x layout x SPEC.md's public suite, from the one table in
+:mod:`numbaconv.bench` (shared with ``numbaconv bench`` and the tests):
+
+* ``Conv2d.time_conv2d`` -- one ``conv2d`` call; ``setup`` builds the arrays and calls once,
+  so JIT compilation (or loading from Numba's cache) is never timed;
+* ``Throughput.track_gflops`` -- GFLOP/s (median of adaptive repeats, in-process);
+* ``SpeedupVsTorch.track_speedup_vs_torch`` -- torch's time / numbaconv's time, both measured
+  in this process with the same thread count (a ratio that survives machine drift);
+* ``Im2colMemory.peakmem_im2col_large`` -- peak memory of im2col on a problem whose full
+  im2col matrix is 144 MiB, far over the 32 MiB workspace budget;
+* ``FirstCall.timeraw_import_and_first_call`` -- ``import numbaconv`` + the first call in a
+  fresh interpreter, with a cold (empty) and a warm Numba cache.
+
+numbaconv and torch run with 2 threads (``THREADS``).  ``tests/test_asv_benchmarks.py``
+runs every method once on tiny shapes, so these benchmarks cannot rot.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+
+def _load_bench():
+    """The shared table: the installed ``numbaconv.bench``, or this checkout's copy.
+
+    asv runs these benchmarks against older commits too; those may predate
+    ``numbaconv/bench.py``, which only needs ``numbaconv.conv2d`` and ``algorithms()``.
+    """
+    try:
+        from numbaconv import bench
+        return bench
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "numbaconv" / "bench.py"
+        spec = importlib.util.spec_from_file_location("_numbaconv_bench_checkout", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+bench = _load_bench()
+
+#: numbaconv and torch alike.
+THREADS = 2
+#: seconds spent per implementation by the ``track_`` benchmarks (tests lower it)
+TRACK_BUDGET_S = 0.3
+
+ALGORITHMS = list(bench.bench_algorithms())
+LAYOUTS = list(bench.LAYOUTS)
+SHAPES = list(bench.SUITE)
+PARAMS = (ALGORITHMS, LAYOUTS, SHAPES)
+PARAM_NAMES = ("algorithm", "layout", "shape")
+
+
+def _set_threads(with_torch=False):
+    import numba
+
+    n = min(THREADS, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    if with_torch:
+        import torch
+        torch.set_num_threads(n)
+    return n
+
+
+def _check_algorithm(algorithm):
+    import numbaconv
+
+    if algorithm != "auto" and algorithm not in numbaconv.algorithms():
+        raise NotImplementedError(f"algorithm {algorithm!r} is not available at this commit")
+
+
+def _case(algorithm, layout, shape_name):
+    """``(shape, runner)`` for one parameter combination, already called once (JIT warm)."""
+    _check_algorithm(algorithm)
+    shape = bench.SUITE[shape_name]  # looked up now, so tests can swap the table
+    x, w = bench.make_inputs(shape, layout)
+    run = bench.conv_runner(shape, layout, algorithm, x, w)
+    run()
+    return shape, x, w, run
+
+
+class Conv2d:
+    """Wall time of one ``numbaconv.conv2d`` call."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 300
+
+    def setup(self, algorithm, layout, shape):
+        _set_threads()
+        _, _, _, self.run = _case(algorithm, layout, shape)
+
+    def time_conv2d(self, algorithm, layout, shape):
+        self.run()
+
+
+class Throughput:
+    """Achieved GFLOP/s (FLOPs = 2 N K C/groups R S Ho Wo, as SPEC.md counts them)."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 300
+
+    def setup(self, algorithm, layout, shape):
+        _set_threads()
+        self.shape, _, _, self.run = _case(algorithm, layout, shape)
+
+    def track_gflops(self, algorithm, layout, shape):
+        seconds, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
+        return self.shape.flops / seconds / 1e9
+
+    track_gflops.unit = "GFLOP/s"
+
+
+class SpeedupVsTorch:
+    """torch's time / numbaconv's time (> 1: numbaconv is faster), same process and threads."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 300
+
+    def setup(self, algorithm, layout, shape):
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise NotImplementedError("torch is not installed") from exc
+        _set_threads(with_torch=True)
+        self.shape, x, w, self.run = _case(algorithm, layout, shape)
+        self.torch_run = bench.torch_runner(self.shape, layout, x, w)
+        self.torch_run()
+
+    def track_speedup_vs_torch(self, algorithm, layout, shape):
+        # one block per implementation, never interleaved (thread pools spin after work)
+        t_torch, _ = bench.time_callable(self.torch_run, budget_s=TRACK_BUDGET_S, warmup=False)
+        t_ours, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
+        return t_torch / t_ours
+
+    track_speedup_vs_torch.unit = "x torch"
+
+
+class Im2colMemory:
+    """Peak memory of im2col where the full column matrix (144 MiB) exceeds the 32 MiB workspace."""
+
+    params = [LAYOUTS]
+    param_names = ["layout"]
+    timeout = 300
+
+    def setup(self, layout):
+        _check_algorithm("im2col")
+        _set_threads()
+        # compile (or load) the kernels on a tiny problem: same types, no big allocation
+        tiny = bench.Shape("warm", 1, 4, 8, 4, 3, 1, 1, 1)
+        bench.conv_runner(tiny, layout, "im2col", *bench.make_inputs(tiny, layout))()
+        shape = bench.LARGE_IM2COL
+        x, w = bench.make_inputs(shape, layout)
+        self.run = bench.conv_runner(shape, layout, "im2col", x, w)
+
+    def peakmem_im2col_large(self, layout):
+        self.run()
+
+
+#: the problem of the first-call benchmark (small: the time is compilation, not work)
+_FIRST_CALL_SETUP = """
+import os, tempfile
+os.environ["NUMBA_CACHE_DIR"] = {cache_dir}
+os.environ["NUMBA_NUM_THREADS"] = "{threads}"
+import numpy as np
+x = np.ones((1, 8, 16, 16), np.float32)
+w = np.ones((16, 8, 3, 3), np.float32)
+"""
+_FIRST_CALL_STMT = """
+import numbaconv
+numbaconv.conv2d(x, w, padding=1, algorithm={algorithm!r})
+"""
+
+
+def _warm_cache_dir(algorithm):
+    """A per-installation cache directory for the warm case (Numba invalidates stale entries)."""
+    spec = importlib.util.find_spec("numbaconv")
+    key = hashlib.sha1(str(spec.origin).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"numbaconv-asv-warm-cache-{key}")
+
+
+class FirstCall:
+    """``import numbaconv`` + the first ``conv2d`` call in a fresh interpreter (mostly compile time).
+
+    ``cold``: an empty ``NUMBA_CACHE_DIR`` (everything is compiled); ``warm``: a cache
+    directory that already holds the compiled kernels (they are loaded).
+    """
+
+    params = (ALGORITHMS, ["cold", "warm"])
+    param_names = ("algorithm", "cache")
+    number = 1
+    repeat = (1, 3, 60.0)
+    warmup_time = 0
+    timeout = 600
+
+    def setup(self, algorithm, cache):
+        _check_algorithm(algorithm)
+        self.parent = tempfile.mkdtemp(prefix="numbaconv-asv-cold-")
+        if cache == "cold":
+            self.cache_expr = f"tempfile.mkdtemp(dir={self.parent!r})"
+        else:
+            cache_dir = _warm_cache_dir(algorithm)
+            self.cache_expr = repr(cache_dir)
+            stmt, setup = self._code(algorithm)
+            subprocess.run([sys.executable, "-c", setup + stmt], check=True)  # fill the cache
+
+    def teardown(self, algorithm, cache):
+        shutil.rmtree(self.parent, ignore_errors=True)
+
+    def _code(self, algorithm):
+        setup = textwrap.dedent(_FIRST_CALL_SETUP).format(cache_dir=self.cache_expr, threads=THREADS)
+        stmt = textwrap.dedent(_FIRST_CALL_STMT).format(algorithm=algorithm)
+        return stmt, setup
+
+    def timeraw_import_and_first_call(self, algorithm, cache):
+        return self._code(algorithm)

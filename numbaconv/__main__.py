@@ -1,0 +1,7 @@
+"""``python -m numbaconv bench``: the same as the ``numbaconv`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

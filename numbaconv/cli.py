@@ -1,0 +1,173 @@
+"""Command line: ``numbaconv bench`` (also ``python -m numbaconv bench``).
+
+Runs SPEC.md's public benchmark suite (float32) for every algorithm in
+``numbaconv.algorithms()`` plus ``auto``, in NCHW (OIHW weights) and NHWC (HWIO weights),
+and prints ms, GFLOP/s, % of the machine's peak and the speedup over torch measured in the
+same process with the same thread count.  See :mod:`numbaconv.bench` for the method.
+"""
+
+import argparse
+import json
+import sys
+
+from . import bench
+
+__all__ = ["main"]
+
+
+def _csv(value):
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="numbaconv", description="numbaconv command line tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser(
+        "bench", help="run the public benchmark suite against torch",
+        description="Time numbaconv.conv2d on SPEC.md's public suite (float32) for every algorithm "
+                    "and layout, next to torch (same process, same thread count).")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats (~0.1 s per cell instead of ~0.5 s, at least 3): a rough table in a fraction of the time")
+    p.add_argument("--algorithms", type=_csv, metavar="A,B",
+                   help="comma-separated algorithms (default: all of numbaconv.algorithms() and auto)")
+    p.add_argument("--layouts", type=_csv, metavar="L,L", default=list(bench.LAYOUTS),
+                   help="comma-separated activation layouts (default: NCHW,NHWC)")
+    p.add_argument("--shapes", type=_csv, metavar="NAME,...", help="comma-separated suite shape names (default: all)")
+    p.add_argument("--threads", type=int, default=bench.DEFAULT_THREADS,
+                   help="threads for numbaconv and torch alike (default: %(default)s)")
+    p.add_argument("--peak", type=float, default=bench.PEAK_GFLOPS, metavar="GFLOPS",
+                   help="machine peak in GFLOP/s for the %% column (default: %(default)s, this 2-core AVX2 machine)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="target time per cell for the adaptive repeat count (default 0.5, 0.1 with --quick)")
+    p.add_argument("--no-torch", action="store_true", help="do not time torch even if it is installed")
+    p.add_argument("--json", metavar="FILE", help="write every measurement and the machine's description as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of GFLOP/s per shape (needs matplotlib)")
+    p.add_argument("--first-call", action="store_true",
+                   help="also measure conv2d's first-call latency in fresh processes with a cold and a warm "
+                        "Numba cache")
+    p.add_argument("--first-call-only", action="store_true", help="only the first-call measurement, no suite")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    # Tests only: the tiny stand-in shapes (also $NUMBACONV_BENCH_SUITE=tiny).
+    p.add_argument("--suite", choices=("public", "tiny"), default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def format_table(results, with_torch):
+    """The results as a fixed-width text table (one row per shape x layout x implementation)."""
+    head = ["shape", "layout", "algorithm", "ms", "GFLOP/s", "% peak"] + (["vs torch"] if with_torch else [])
+    rows = []
+    for r in results:
+        row = [r["shape"], r["layout"], r["algorithm"], _fmt(r["ms"], ".3f"), _fmt(r["gflops"], ".1f"),
+               _fmt(r["pct_peak"], ".1f")]
+        if with_torch:
+            row.append(_fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""))
+        rows.append(row)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    left = {0, 1, 2}
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(head), line(["-" * w for w in widths])]
+    prev = None
+    for r, row in zip(results, rows):
+        key = (r["shape"], r["layout"])
+        if prev is not None and key != prev:
+            out.append("")
+        prev = key
+        out.append(line(row))
+    return "\n".join(out)
+
+
+def format_first_call(rows):
+    head = ["algorithm", "layout", "cache", "import s", "first call s", "second call s", "process s"]
+    body = [[r["algorithm"], r["layout"], r["cache"], f"{r['import_s']:.2f}", f"{r['first_call_s']:.2f}",
+             f"{r['second_call_s']:.4f}", f"{r['process_s']:.2f}"] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def _select(kind, requested, available):
+    if requested is None:
+        return list(available)
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise SystemExit(f"numbaconv bench: unknown {kind} {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(available)}")
+    if not requested:
+        raise SystemExit(f"numbaconv bench: --{kind} is empty")
+    return list(requested)
+
+
+def cmd_bench(args, out=None):
+    out = out if out is not None else sys.stdout
+    suite = bench.active_suite(args.suite)
+    shape_names = _select("shapes", args.shapes, list(suite))
+    layouts = _select("layouts", args.layouts, list(bench.LAYOUTS))
+    algorithms = _select("algorithms", args.algorithms, list(bench.bench_algorithms()))
+    if args.plot:
+        from . import plot
+        plot.require_matplotlib()  # fail now, not after minutes of measuring
+    bench.set_threads(args.threads)
+    with_torch = not args.no_torch and bench._import_torch() is not None
+    budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
+    min_repeats = 3
+    machine = bench.machine_info(threads=args.threads, peak_gflops=args.peak)
+
+    print(f"numbaconv {machine['numbaconv']} bench: {machine['cpu']}, {args.threads} threads "
+          f"(numba {machine['numba']}, torch {machine['torch'] or 'not installed'}), float32, "
+          f"peak {args.peak:g} GFLOP/s", file=out)
+    results = []
+    if not args.first_call_only:
+        shapes = [suite[name] for name in shape_names]
+        results = bench.run_suite(shapes, layouts, algorithms, budget_s=budget, min_repeats=min_repeats,
+                                  peak_gflops=args.peak, with_torch=with_torch,
+                                  progress=not args.no_progress)
+        print(format_table(results, with_torch), file=out)
+        geo = bench.geomean_speedups(results)
+        if geo:
+            print("geometric mean speedup vs torch: "
+                  + ", ".join(f"{name} {value:.2f}x" for name, value in geo.items()), file=out)
+    first_call = None
+    if args.first_call or args.first_call_only:
+        first_call = bench.first_call_latency(algorithms, layouts=layouts, threads=args.threads,
+                                              progress=not args.no_progress)
+        print("\nfirst-call latency (fresh process; cold = empty NUMBA_CACHE_DIR, warm = same dir again):",
+              file=out)
+        print(format_first_call(first_call), file=out)
+    if args.json:
+        doc = dict(machine=machine,
+                   config=dict(suite=bench.suite_name(args.suite),
+                               shapes=shape_names, layouts=layouts, algorithms=algorithms,
+                               quick=args.quick, budget_s=budget, min_repeats=min_repeats, dtype="float32",
+                               shape_table={n: suite[n]._asdict() for n in shape_names}),
+                   results=results, geomean_speedup_vs_torch=bench.geomean_speedups(results),
+                   first_call=first_call)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.json}", file=out)
+    if args.plot and results:
+        from . import plot
+        plot.plot_results(results, args.plot, peak_gflops=args.peak,
+                          title=f"numbaconv bench, float32, {args.threads} threads — {machine['cpu']}")
+        print(f"wrote {args.plot}", file=out)
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args)
+    return 2  # pragma: no cover -- argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``numbaconv bench``: the CLI runs on tiny shapes and its table, JSON and plot have the promised shape."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numbaconv
+from numbaconv import bench, cli
+from numbaconv.problem import ConvProblem
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:  # pragma: no cover
+    HAVE_TORCH = False
+
+SPEC_NAMES = ["seed_notebook", "resnet_conv1", "resnet_res2_3x3", "resnet_res2_1x1", "resnet_res3_1x1_s2",
+              "resnet_res4_3x3", "resnet_res5_3x3", "vgg_3x3", "batch8_3x3", "mobilenet_dw_s1",
+              "mobilenet_dw_s2", "mobilenet_dw_14"]
+COLUMNS = ["shape", "layout", "algorithm", "ms", "GFLOP/s", "% peak"]
+
+
+def test_suite_is_the_contracts_table():
+    assert list(bench.SUITE) == SPEC_NAMES
+    assert bench.SUITE["seed_notebook"] == ("seed_notebook", 3, 3, 1000, 3, 3, 1, 0, 1)
+    assert bench.SUITE["mobilenet_dw_14"] == ("mobilenet_dw_14", 1, 512, 14, 512, 3, 1, 1, 512)
+
+
+@pytest.mark.parametrize("layout", bench.LAYOUTS)
+@pytest.mark.parametrize("name", SPEC_NAMES + list(bench.TINY_SUITE))
+def test_shape_geometry_matches_conv_problem(name, layout):
+    shape = {**bench.SUITE, **bench.TINY_SUITE}[name]
+    x = np.empty(shape.x_shape(layout), np.float32)
+    w = np.empty(shape.w_shape(layout), np.float32)
+    p = ConvProblem.from_args(x, w, **{k: v for k, v in bench.conv_kwargs(shape, layout).items()})
+    assert p.flops == shape.flops
+    assert p.ho == p.wo == shape.out_hw
+
+
+def test_bench_algorithms_iterate_the_registry():
+    names = bench.bench_algorithms()
+    assert names[-1] == "auto"
+    assert set(names[:-1]) == set(numbaconv.algorithms()) - ({"cuda"} if not bench._real_gpu() else set())
+
+
+def test_bench_module_does_not_import_torch():
+    code = "import sys, numbaconv, numbaconv.bench, numbaconv.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _run_cli(capsys, *args):
+    assert cli.main(["bench", "--suite", "tiny", "--quick", "--budget", "0.01", *args]) == 0
+    return capsys.readouterr()
+
+
+def _table_rows(stdout):
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["shape", "layout", "algorithm"])
+    rows = []
+    for line in lines[head + 2:]:
+        if not line.strip():
+            continue
+        if line.startswith("geometric mean"):
+            break
+        rows.append(line.split())
+    return lines[head], rows
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    captured = _run_cli(capsys, "--json", str(out_json))
+    header, rows = _table_rows(captured.out)
+    for column in COLUMNS:
+        assert column in header
+    assert ("vs torch" in header) == HAVE_TORCH
+    impls = list(bench.bench_algorithms()) + (["torch"] if HAVE_TORCH else [])
+    expected = {(s, lay, a) for s in bench.TINY_SUITE for lay in bench.LAYOUTS for a in impls}
+    assert {(r[0], r[1], r[2]) for r in rows} == expected
+    assert "] " in captured.err  # the progress bar
+    if HAVE_TORCH:
+        assert "geometric mean speedup vs torch:" in captured.out
+
+    doc = json.loads(out_json.read_text())
+    assert set(doc) >= {"machine", "config", "results", "geomean_speedup_vs_torch", "first_call"}
+    assert doc["machine"]["threads"] == 2 and doc["machine"]["peak_gflops"] == bench.PEAK_GFLOPS
+    for key in ("cpu", "numba", "numpy", "numbaconv", "algorithms"):
+        assert key in doc["machine"]
+    assert doc["config"]["suite"] == "tiny" and doc["config"]["quick"] is True
+    assert len(doc["results"]) == len(expected)
+    for r in doc["results"]:
+        assert set(r) >= {"shape", "layout", "algorithm", "ms", "gflops", "pct_peak", "speedup_vs_torch",
+                          "repeats", "flops"}
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["repeats"] >= 3
+        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / bench.PEAK_GFLOPS)
+        assert (r["speedup_vs_torch"] is not None) == HAVE_TORCH
+        if r["algorithm"] == "torch":
+            assert r["speedup_vs_torch"] == pytest.approx(1.0)
+    assert set(doc["geomean_speedup_vs_torch"]) == (set(bench.bench_algorithms()) if HAVE_TORCH else set())
+
+
+def test_cli_selection_threads_and_peak(tmp_path, capsys):
+    out_json = tmp_path / "b.json"
+    _run_cli(capsys, "--algorithms", "naive", "--layouts", "NHWC", "--shapes", "tiny_dw", "--threads", "1",
+             "--peak", "100", "--no-torch", "--json", str(out_json))
+    doc = json.loads(out_json.read_text())
+    assert [(r["shape"], r["layout"], r["algorithm"]) for r in doc["results"]] == [("tiny_dw", "NHWC", "naive")]
+    assert doc["machine"]["threads"] == 1 and doc["results"][0]["speedup_vs_torch"] is None
+    assert doc["results"][0]["pct_peak"] == pytest.approx(doc["results"][0]["gflops"])
+    bench.set_threads(bench.DEFAULT_THREADS)
+
+
+@pytest.mark.parametrize("args", [["--algorithms", "nope"], ["--layouts", "NCWH"], ["--shapes", "resnet_res2_3x3"]])
+def test_cli_rejects_unknown_names(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--suite", "tiny", "--quick", *args])
+    assert "unknown" in str(info.value)
+
+
+def test_cli_plot_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    captured = _run_cli(capsys, "--layouts", "NCHW,NHWC", "--plot", str(png))
+    assert f"wrote {png}" in captured.out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cli_first_call(capsys):
+    captured = _run_cli(capsys, "--first-call-only", "--algorithms", "naive", "--layouts", "NCHW")
+    assert "first-call latency" in captured.out
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith("naive")]
+    assert [r[2] for r in rows] == ["cold", "warm"]
+    cold, warm = (float(r[4]) for r in rows)
+    assert cold > warm > 0  # a warm cache loads the kernels instead of compiling them
+
+
+@pytest.mark.parametrize("launcher", ["module", "script"])
+def test_entry_points(launcher, tmp_path):
+    if launcher == "module":
+        cmd = [sys.executable, "-m", "numbaconv"]
+    else:
+        exe = shutil.which("numbaconv")
+        if exe is None:
+            pytest.skip("numbaconv console script not on PATH (package not installed)")
+        cmd = [exe]
+    args = ["bench", "--quick", "--budget", "0.01", "--algorithms", "im2col", "--layouts", "NCHW", "--no-progress"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, bench.SUITE_ENV: "tiny"})
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny_3x3" in proc.stdout and "im2col" in proc.stdout
