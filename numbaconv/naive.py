@@ -46,12 +46,15 @@ def conv2d_python(x, w, bias, stride, padding, dilation, groups):
     return out
 
 
+# Inner loops index flat views with unsigned ints: Numba adds a negative-index wraparound
+# select to every signed index LLVM cannot prove >= 0, and that select blocks vectorisation.
 @pjit
 def _naive_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     n_, c_, h_, w_ = x.shape
     k_, cg, r_, s_ = w.shape
     ho_, wo_ = out.shape[2], out.shape[3]
     kg = k_ // groups
+    xf = x.ravel()
     for job in prange(n_ * k_):
         n = job // k_
         k = job % k_
@@ -60,17 +63,18 @@ def _naive_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
         for i in range(ho_):
             row[:] = bias[k]
             for c in range(cg):
-                ci = g * cg + c
                 for r in range(r_):
                     hi = i * sh + r * dh - pt
                     if hi < 0 or hi >= h_:
                         continue
+                    line = ((n * c_ + g * cg + c) * h_ + hi) * w_
                     for s in range(s_):
                         wv = w[k, c, r, s]
                         off = s * dw - pl
                         lo, hi_j = valid_range(off, sw, w_, wo_)
+                        src = line + off
                         for j in range(lo, hi_j):
-                            row[j] += x[n, ci, hi, j * sw + off] * wv
+                            row[np.uintp(j)] += xf[np.uintp(src + j * sw)] * wv
             out[n, k, i, :] = row
 
 
@@ -81,6 +85,7 @@ def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     r_, s_, cg, k_ = w.shape
     ho_, wo_ = out.shape[1], out.shape[2]
     kg = k_ // groups
+    wf = w.ravel()
     for job in prange(n_ * ho_):
         n = job // ho_
         i = job % ho_
@@ -98,8 +103,9 @@ def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                     for g in range(groups):
                         for c in range(cg):
                             xv = x[n, hi, wi, g * cg + c]
-                            for k in range(g * kg, (g + 1) * kg):
-                                acc[k] += xv * w[r, s, c, k]
+                            wrow = ((r * s_ + s) * cg + c) * k_ + g * kg
+                            for kk in range(kg):
+                                acc[np.uintp(g * kg + kk)] += xv * wf[np.uintp(wrow + kk)]
             out[n, i, j, :] = acc
 
 
