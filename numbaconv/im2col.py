@@ -62,8 +62,8 @@ def _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
                 cols[dst:dst + wo_] = 0
                 continue
             cols[dst:dst + lo] = 0
-            for j in range(lo, hi_j):
-                cols[dst + j] = x[n, c, hi, j * sw + off]
+            if hi_j > lo:  # one strided slice copy: no per-element index arithmetic
+                cols[dst + lo:dst + hi_j] = x[n, c, hi, lo * sw + off:(hi_j - 1) * sw + off + 1:sw]
             cols[dst + hi_j:dst + wo_] = 0
 
 
