@@ -6,6 +6,7 @@ Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
 
 from . import im2col as _im2col_algo
 from . import naive as _naive_algo
+from . import tiled as _tiled_algo
 from .api import conv2d
 from .backward import conv2d_backward, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight
 from .im2col import col2im, im2col
@@ -20,3 +21,4 @@ __all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__vers
 
 register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline"))
 register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM"))
+register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)"))

@@ -1,0 +1,343 @@
+"""``tiled``: cache- and register-blocked direct convolution (the fast CPU path).
+
+Data layout (built inside :func:`run`, counted in its time):
+
+* input  -> zero-padded NHWC copy ``xp (N, Hp, Wp, C)``: zero padding is materialised once,
+  so the hot loops have no borders and never read out of bounds (``Wp`` has a few extra
+  zero columns so the last pixel block of a row may run past ``Wo``; those results are
+  discarded);
+* weights -> packed ``(G, K/G/V, C-blocks, R, S, c, V)``: for one output-channel block the
+  micro-kernel streams ``V`` contiguous weights per input channel and tap (zero-padded
+  past ``K/G``), like oneDNN's ``OIhw8i8o`` / TVM's ``OIHWoi``;
+* output -> written in place in the caller's layout, bias fused into the first store.
+
+Register blocking: the micro-kernel ``ukP_V`` (generated, in :mod:`numbaconv._ukernels`)
+keeps ``P = 6`` output pixels x ``V`` output channels in registers -- ``V = 2`` vectors:
+16 float32 / 8 float64 on AVX2 (12 ymm accumulators, like oneDNN's avx2 kernel) and
+32 / 16 on AVX-512 machines (12 zmm accumulators).  For every input channel and tap it
+loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2P FMAs per
+``2 + P`` loads.  Cache blocking: input channels in blocks of ``cb`` so the packed
+weights of one block (``R*S*cb*V`` values) stay in L2 while a band of output rows is
+swept; partial sums of later channel blocks are added into the output.  Work is split
+with ``prange`` over (batch x output-row bands x groups x output-channel blocks), so
+batch 1 uses every core.
+
+Why generated scalar code: Numba has no vector type.  ``P*V`` scalar accumulators with
+unit-stride weight loads are packed into vector registers by LLVM's SLP vectoriser --
+which Numba leaves off by default (``NUMBA_SLP_VECTORIZE=0``), so :func:`_slp` turns it
+on while these kernels compile.  The kernels use ``fastmath={"contract"}`` only: FMA
+contraction, but no reassociation, so the loop vectoriser cannot turn the channel loop
+into a gather-based reduction instead.  ``tests/test_tiled.py`` checks the machine code
+for packed FMAs.
+
+Depthwise convolutions (``groups == C``) go to :mod:`numbaconv.depthwise`; few-channel,
+memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels there too.
+
+Regenerate :mod:`numbaconv._ukernels` with ``python -m numbaconv.tiled``.
+"""
+
+import contextlib
+import functools
+import threading
+
+import llvmlite.binding as ll
+import numba
+import numpy as np
+from numba import prange
+from numba.core import config as _numba_config
+
+from ._jit import pjit
+
+__all__ = ["run", "plan", "microkernel", "microkernel_asm", "generate_source", "P"]
+
+#: output pixels per micro-kernel call
+P = 6
+_UK_SHAPES = ((6, 8), (6, 16), (6, 32))
+
+
+# --- compiling with SLP vectorisation -----------------------------------------------------
+_slp_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _slp():
+    """Compile (if a call compiles) with LLVM's SLP vectoriser on; restores Numba's setting."""
+    with _slp_lock:
+        old = _numba_config.SLP_VECTORIZE
+        _numba_config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            _numba_config.SLP_VECTORIZE = old
+
+
+@functools.lru_cache(maxsize=None)
+def vector_bytes():
+    """SIMD register width Numba compiles for on this machine: 64 (AVX-512), 32 (AVX2) or 16."""
+    name = _numba_config.CPU_NAME or ll.get_host_cpu_name()
+    if name in ("generic", "host") and _numba_config.CPU_NAME:
+        return 16
+    feats = ll.get_host_cpu_features()
+    if feats.get("avx512f", False):
+        return 64
+    if feats.get("avx", False) and feats.get("fma", False):
+        return 32
+    return 16
+
+
+def block_width(dtype):
+    """``V``: output channels per micro-kernel (two SIMD registers' worth, at least 8)."""
+    return max(8, min(32, 2 * vector_bytes() // np.dtype(dtype).itemsize))
+
+
+def microkernel(dtype):
+    from . import _ukernels
+    return getattr(_ukernels, f"uk{P}_{block_width(dtype)}")
+
+
+def _driver(dtype):
+    from . import _ukernels
+    return getattr(_ukernels, f"conv{P}_{block_width(dtype)}")
+
+
+def microkernel_asm(dtype=np.float32):
+    """Machine code of the micro-kernel used for ``dtype`` on this machine (compiled with SLP).
+
+    Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
+    """
+    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype).py_func)
+    t = numba.from_dtype(np.dtype(dtype))
+    a = t[::1]
+    i = numba.intp
+    sig = (a, a, a, i, i, i, i, i, i, i, i, i, i, i, a, i, i, i, numba.boolean, t, a)
+    with _slp():
+        uk.compile(sig)
+    return uk.inspect_asm(sig)
+
+
+# --- layout preparation ----------------------------------------------------------------------
+@pjit
+def _pad_to_nhwc(x, xp, nchw, pt, pl):
+    """``xp[n, pt + h, pl + w, c] = x`` (NCHW or NHWC source); every other entry 0."""
+    n_, hp, wp, c_ = xp.shape
+    if nchw:
+        h_, w_ = x.shape[2], x.shape[3]
+    else:
+        h_, w_ = x.shape[1], x.shape[2]
+    for job in prange(n_ * hp):
+        n = job // hp
+        i = job % hp
+        h = i - pt
+        if h < 0 or h >= h_:
+            xp[n, i, :, :] = 0
+            continue
+        xp[n, i, :pl, :] = 0
+        xp[n, i, pl + w_:, :] = 0
+        if nchw:
+            for c in range(c_):
+                for w in range(w_):
+                    xp[n, i, pl + w, c] = x[n, c, h, w]
+        else:
+            xp[n, i, pl:pl + w_, :] = x[n, h, :, :]
+
+
+@pjit
+def _pack_weights(w, wp, groups, kbg, cb, v_):
+    """OIHW ``w`` -> flat packed ``(G, KBg, C-blocks, R, S, cl, V)``; zero past ``K/G``."""
+    k_, cg, r_, s_ = w.shape
+    kg = k_ // groups
+    for gk in prange(groups * kbg):
+        g = gk // kbg
+        kb = gk % kbg
+        base = gk * r_ * s_ * cg * v_
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            boff = base + c0 * r_ * s_ * v_
+            for r in range(r_):
+                for s in range(s_):
+                    for c in range(cl):
+                        idx = boff + ((r * s_ + s) * cl + c) * v_
+                        for v in range(v_):
+                            kk = kb * v_ + v
+                            if kk < kg:
+                                wp[idx + v] = w[g * kg + kk, c0 + c, r, s]
+                            else:
+                                wp[idx + v] = 0
+
+
+# --- planning --------------------------------------------------------------------------------
+def plan(p):
+    """Blocking for problem ``p``: dict(V, cb, rows, hp, wp)."""
+    v_ = block_width(p.dtype)
+    item = p.dtype.itemsize
+    # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2).
+    cb = max(8, (128 * 1024) // (p.r * p.s * v_ * item))
+    cb = min(p.cg, cb)
+    nblk = -(-p.cg // cb)
+    cb = -(-p.cg // nblk)  # balance the blocks
+    # Output-row bands: enough tasks for the threads, each band's input rows within ~L2.
+    kbg = -(-p.kg // v_)
+    threads = numba.get_num_threads()
+    jobs_per_row = p.n * p.groups * kbg
+    rows = p.ho
+    while rows > 1 and jobs_per_row * (-(-p.ho // rows)) < 4 * threads:
+        rows = (rows + 1) // 2
+    row_bytes = ((rows - 1) * p.stride_h + (p.r - 1) * p.dil_h + 1) * (p.w + p.pad_left + p.pad_right) * p.c * item
+    while rows > 1 and row_bytes > 512 * 1024:
+        rows = (rows + 1) // 2
+        row_bytes //= 2
+    hp = p.h + p.pad_top + p.pad_bottom
+    wblocks = -(-p.wo // P)
+    wp = max(p.w + p.pad_left + p.pad_right, (wblocks * P - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
+    return dict(V=v_, cb=cb, rows=rows, kbg=kbg, hp=hp, wp=wp)
+
+
+def run(p, x, w_oihw, bias, out):
+    if p.is_depthwise:
+        from . import depthwise
+        return depthwise.run(p, x, w_oihw, bias, out)
+    b = plan(p)
+    v_ = b["V"]
+    nchw = p.layout == "NCHW"
+    xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
+    _pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left)
+    wpk = np.empty(p.groups * b["kbg"] * p.r * p.s * p.cg * v_, dtype=p.dtype)
+    _pack_weights(w_oihw, wpk, p.groups, b["kbg"], b["cb"], v_)
+    bp = np.zeros(p.k + v_, dtype=p.dtype)
+    if bias is not None:
+        bp[:p.k] = bias
+    with _slp():
+        _driver(p.dtype)(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c,
+                         p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
+                         p.dil_w, b["cb"], b["rows"], nchw, p.dtype.type(0))
+
+
+# --- code generation -----------------------------------------------------------------------
+_HEADER = '''"""GENERATED by ``python -m numbaconv.tiled`` -- do not edit (see numbaconv/tiled.py).
+
+Register-blocked micro-kernels of the ``tiled`` algorithm and their parallel drivers.
+``ukP_V`` computes a block of ``P`` output pixels x ``V`` output channels held in ``P*V``
+scalar locals that LLVM's SLP vectoriser packs into vector registers, while it streams
+input channels and kernel taps.  ``convP_V`` sweeps the whole convolution with it.
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from ._jit import pjit
+
+# contract only: FMA, but no reassociation (see numbaconv/tiled.py)
+_ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
+'''
+
+_DRIVER = '''
+
+@_ukjit
+def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*{V} + [0, {V}) of image n."""
+    nk = min({V}, kg - kb * {V})
+    kb0 = g * kg + kb * {V}
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, {P}):
+                uk{P}_{V}(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min({P}, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv{P}_{V}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty({P} * {V}, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile{P}_{V}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+'''
+
+
+def _gen_ukernel(p_, v_):
+    a = lambda p, v: f"a{p}_{v}"  # noqa: E731
+    L = ["", "", "@_ukjit",
+         f"def uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
+         "           first, zero, tmp):",
+         f'    """{p_} pixels x {v_} channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
+    for v in range(1, v_):
+        L.append(f"    u{v} = np.uintp({v})")
+    L.append("    xsp = np.uintp(xs_p)")
+    for p in range(1, p_):
+        L.append(f"    xp{p} = np.uintp({p}) * xsp")
+    for p in range(p_):
+        for v0 in range(0, v_, 8):
+            L.append("    " + " = ".join(a(p, v) for v in range(v0, min(v_, v0 + 8))) + " = zero")
+    L.append("    for r in range(r_):")
+    L.append("        for s in range(s_):")
+    L.append("            xo = np.uintp(xb + r * xs_r + s * xs_s)")
+    L.append(f"            wo = np.uintp(wb + (r * s_ + s) * cin * {v_})")
+    L.append("            for c in range(np.uintp(cin)):")
+    L.append(f"                wc = wo + c * np.uintp({v_})")
+    L.append("                xc = xo + c")
+    for v in range(v_):
+        L.append(f"                w{v} = wf[wc + u{v}]" if v else f"                w{v} = wf[wc]")
+    for p in range(p_):
+        L.append(f"                x{p} = xf[xc + xp{p}]" if p else f"                x{p} = xf[xc]")
+        for v in range(v_):
+            L.append(f"                {a(p, v)} += x{p} * w{v}")
+    L.append(f"    if nk == {v_} and np_ == {p_}:")
+    L.append("        if first:")
+    for v in range(v_):
+        L.append(f"            b{v} = bias[kb0 + {v}]")
+    for p in range(p_):
+        L.append(f"            o = ob + {p} * os_p")
+        for v in range(v_):
+            L.append(f"            of[o + {v} * os_k] = {a(p, v)} + b{v}")
+    L.append("        else:")
+    for p in range(p_):
+        L.append(f"            o = ob + {p} * os_p")
+        for v in range(v_):
+            L.append(f"            of[o + {v} * os_k] += {a(p, v)}")
+    L.append("    else:")
+    for p in range(p_):
+        for v0 in range(0, v_, 8):
+            L.append("        " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
+    L.append("        for p in range(np_):")
+    L.append("            for v in range(nk):")
+    L.append("                o = ob + p * os_p + v * os_k")
+    L.append("                if first:")
+    L.append(f"                    of[o] = tmp[p * {v_} + v] + bias[kb0 + v]")
+    L.append("                else:")
+    L.append(f"                    of[o] += tmp[p * {v_} + v]")
+    return "\n".join(L) + "\n" + _DRIVER.format(P=p_, V=v_)
+
+
+def generate_source():
+    """The text of :mod:`numbaconv._ukernels`."""
+    return _HEADER + "".join(_gen_ukernel(p_, v_) for p_, v_ in _UK_SHAPES)
+
+
+if __name__ == "__main__":
+    import pathlib
+    path = pathlib.Path(__file__).with_name("_ukernels.py")
+    path.write_text(generate_source())
+    print(f"wrote {path}")

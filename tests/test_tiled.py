@@ -1,0 +1,117 @@
+"""The ``tiled`` algorithm and its depthwise kernel against torch float64.
+
+Shapes are tiny but chosen to hit every remainder of the blocking: output channels not a
+multiple of the micro-kernel's ``V``, output widths not a multiple of its ``P`` pixels
+(and smaller than ``P``), a single input channel, input-channel blocks (partial sums
+added into the output), stride, dilation, groups, depthwise with multiplier 1 and 2, and
+asymmetric padding -- in both layouts and both dtypes.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import numbaconv
+from numbaconv import depthwise, tiled
+from numbaconv.problem import ConvProblem
+from reference import assert_close, make_problem, to_act, torch_conv2d
+
+DTYPES = [np.float32, np.float64]
+LAYOUTS = ["NCHW", "NHWC"]
+
+# (n, c, h, w, k, r, s, kwargs)
+DENSE = [
+    (1, 5, 9, 11, 7, 3, 3, {}),                                       # K < V, Wo = 9 = P + 3
+    (2, 16, 8, 13, 37, 3, 2, dict(stride=2, padding=((1, 0), (2, 1)), dilation=(1, 2))),
+    (1, 1, 5, 4, 1, 1, 1, {}),                                        # C = 1, Wo < P
+    (1, 8, 10, 10, 12, 3, 3, dict(groups=4, padding=1)),              # grouped
+    (1, 3, 12, 17, 40, 7, 7, dict(stride=2, padding=3)),              # resnet_conv1-like
+    (1, 6, 7, 7, 18, 3, 3, dict(groups=2, padding="same", dilation=2)),
+]
+DEPTHWISE = [
+    (2, 6, 9, 11, 6, 3, 3, dict(groups=6, padding=1)),
+    (1, 4, 8, 13, 8, 3, 2, dict(stride=2, groups=4, padding=((1, 0), (2, 1)), dilation=(1, 2))),  # m = 2
+    (1, 3, 5, 6, 9, 2, 3, dict(groups=3)),                            # m = 3, no padding
+]
+
+
+def _check(case, layout, dtype, bias=True):
+    n, c, h, w, k, r, s, kw = case
+    rng = np.random.default_rng(hash((case[:7], layout)) % 2**32)
+    x, wt, b = make_problem(rng, n, c, h, w, k, r, s, groups=kw.get("groups", 1), dtype=dtype, bias=bias)
+    expected = to_act(torch_conv2d(x, wt, b, **kw), layout)
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    wa = wt if layout == "NCHW" else np.ascontiguousarray(wt.transpose(2, 3, 1, 0))
+    got = numbaconv.conv2d(to_act(x, layout), wa, b, layout=layout, weight_layout=wl, algorithm="tiled", **kw)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    assert_close(got, expected, dtype, (c // kw.get("groups", 1)) * r * s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: "x".join(map(str, c[:7])))
+def test_tiled_dense(case, layout, dtype):
+    _check(case, layout, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "x".join(map(str, c[:7])))
+def test_tiled_depthwise(case, layout, dtype):
+    _check(case, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tiled_channel_blocks_no_bias(layout, monkeypatch):
+    """More input channels than one cache block: later blocks add into the output."""
+    real_plan = tiled.plan
+
+    def small_blocks(p):
+        b = real_plan(p)
+        b["cb"] = 8
+        b["rows"] = 2
+        return b
+
+    monkeypatch.setattr(tiled, "plan", small_blocks)
+    _check((1, 20, 6, 9, 19, 3, 3, dict(padding=1)), layout, np.float32, bias=False)
+
+
+def test_plan_blocks_cover_the_problem():
+    p = ConvProblem(n=1, c=512, h=7, w=7, k=512, r=3, s=3, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
+    b = tiled.plan(p)
+    assert b["V"] in (8, 16, 32) and 1 <= b["cb"] <= p.c and 1 <= b["rows"] <= p.ho
+    assert b["wp"] >= (-(-p.wo // tiled.P) * tiled.P - 1) + p.s  # last pixel block stays in bounds
+    assert b["kbg"] * b["V"] >= p.k
+
+
+def test_depthwise_is_dispatched(monkeypatch):
+    called = []
+    real = depthwise.run
+    monkeypatch.setattr(depthwise, "run", lambda *a: called.append(1) or real(*a))
+    x = np.ones((1, 4, 5, 5), np.float32)
+    numbaconv.conv2d(x, np.ones((4, 1, 3, 3), np.float32), groups=4, algorithm="tiled")
+    assert called
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_microkernel_uses_packed_fma(dtype):
+    """The register-blocked micro-kernel must compile to packed FMAs on vector registers.
+
+    ``ymm`` on AVX2 machines; on AVX-512 machines LLVM packs the same block into ``zmm``.
+    """
+    if tiled.vector_bytes() < 32:
+        pytest.skip("no AVX2/AVX-512 on this machine")
+    asm = tiled.microkernel_asm(dtype)
+    suffix = "ps" if dtype == np.float32 else "pd"
+    reg = "zmm" if tiled.vector_bytes() == 64 else "ymm"
+    packed = re.findall(rf"vfmadd\d+{suffix}\s+[^\n]*%{reg}", asm)
+    scalar = re.findall(r"vfmadd\d+s[sd]\s", asm)
+    assert len(packed) >= 12, f"expected >= 12 packed FMAs on {reg}, found {len(packed)}"
+    assert len(packed) > len(scalar)
+
+
+def test_generated_microkernels_are_up_to_date():
+    import pathlib
+    path = pathlib.Path(tiled.__file__).with_name("_ukernels.py")
+    assert path.read_text() == tiled.generate_source(), "run: python -m numbaconv.tiled"
