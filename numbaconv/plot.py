@@ -34,7 +34,7 @@ def plot_results(results, path, peak_gflops=None, title=None):
     value = {(r["shape"], r["layout"], r["algorithm"]): r["gflops"] for r in results}
 
     width = 0.8 / max(len(impls), 1)
-    fig, axes = plt.subplots(len(layouts), 1, figsize=(max(8.0, 1.1 * len(shapes) + 3), 3.8 * len(layouts)),
+    fig, axes = plt.subplots(len(layouts), 1, figsize=(max(8.0, 1.1 * len(shapes) + 4), 3.8 * len(layouts)),
                              squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, layout in zip(axes[:, 0], layouts):
@@ -50,7 +50,7 @@ def plot_results(results, path, peak_gflops=None, title=None):
         ax.set_ylabel("GFLOP/s (log)")
         ax.set_title(layout + (" (OIHW weights)" if layout == "NCHW" else " (HWIO weights)"), fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8, ncol=min(len(impls) + 1, 6), loc="lower left")
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     axes[-1, 0].set_xticks(range(len(shapes)))
     axes[-1, 0].set_xticklabels(shapes, rotation=30, ha="right", fontsize=8)
     if title:
