@@ -4,6 +4,7 @@ Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
 :func:`col2im`, :func:`convert_layout`.  ``import numbaconv`` never imports torch.
 """
 
+from . import cuda_conv as _cuda_algo
 from . import im2col as _im2col_algo
 from . import naive as _naive_algo
 from . import tiled as _tiled_algo
@@ -22,3 +23,5 @@ __all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__vers
 register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline"))
 register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM"))
 register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)"))
+register(Algorithm("cuda", _cuda_algo.run, "@cuda.jit implicit GEMM / direct kernels (numbaconv[cuda]; GPU or simulator)",
+                   available=_cuda_algo.available, host=False))

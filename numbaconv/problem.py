@@ -19,9 +19,14 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def check_array(name, a, ndim=None):
-    """``a`` must be a NumPy array of a supported float dtype (and ``ndim`` dimensions)."""
-    if not isinstance(a, np.ndarray):
+def check_array(name, a, ndim=None, allow_device=False):
+    """``a`` must be a NumPy array of a supported float dtype (and ``ndim`` dimensions).
+
+    ``allow_device``: also accept device arrays (``__cuda_array_interface__`` or numba's
+    device arrays, simulator included), for the CUDA algorithm.
+    """
+    if not isinstance(a, np.ndarray) and not (allow_device and (
+            hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False))):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     if a.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {a.dtype}; numbaconv supports float32 and float64")
@@ -164,14 +169,14 @@ class ConvProblem:
     # -- parsing ------------------------------------------------------------------------
     @classmethod
     def from_args(cls, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                  padding_mode="zeros", layout="NCHW", weight_layout=None):
+                  padding_mode="zeros", layout="NCHW", weight_layout=None, allow_device=False):
         """Validate ``conv2d``'s arguments (everything but ``out`` and ``algorithm``)."""
-        check_array("x", x)
-        check_array("weight", weight)
+        check_array("x", x, allow_device=allow_device)
+        check_array("weight", weight, allow_device=allow_device)
         if weight.dtype != x.dtype:
             raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
         if bias is not None:
-            check_array("bias", bias)
+            check_array("bias", bias, allow_device=allow_device)
             if bias.dtype != x.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
         if layout not in ACTIVATION_LAYOUTS:
