@@ -45,7 +45,7 @@ import numpy as np
 from .layout import DEFAULT_WEIGHT_LAYOUT, permutation
 from .problem import ConvProblem, SUPPORTED_DTYPES
 
-__all__ = ["available", "conv2d_cuda", "GEMM_CONFIGS", "ptx_targets", "compile_all_ptx"]
+__all__ = ["available", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets", "compile_all_ptx"]
 
 #: module global so kernels resolve ``cuda.xxx`` (and the simulator can swap it); set lazily
 cuda = None
@@ -612,6 +612,27 @@ def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
     name from :data:`GEMM_CONFIGS`.  NumPy in -> NumPy out; device arrays in -> device
     array out (torch in -> torch out, CuPy in -> CuPy out), no host round trip.
     """
+    result, o_d, stream, launch, _ = plan(x, weight, bias, stride=stride, padding=padding,
+                                          dilation=dilation, groups=groups, padding_mode=padding_mode,
+                                          layout=layout, weight_layout=weight_layout, out=out, kernel=kernel)
+    if launch is None:
+        return result
+    launch()
+    if isinstance(result, np.ndarray):
+        o_d.copy_to_host(result, stream=stream)
+        stream.synchronize()
+    return result
+
+
+def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
+         layout="NCHW", weight_layout=None, out=None, kernel="auto"):
+    """Validate, stage the operands on the device and pack the weights; launch nothing yet.
+
+    Returns ``(result, out_device, stream, launch, kernel_name)``: ``launch()`` runs the
+    convolution kernel into ``out_device`` (``launch`` is None for an empty batch);
+    ``result`` is what :func:`conv2d_cuda` returns (``out_device`` itself for device
+    inputs, else a NumPy array to copy into).  ``scripts/bench_cuda.py`` times ``launch``.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     _import_cuda()
@@ -634,7 +655,7 @@ def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
     else:
         result = np.empty(p.out_shape, dtype=np_dtype)
     if p.n == 0:
-        return result
+        return result, None, stream, None, None
 
     nhwc = p.layout == "NHWC"
     dtype_name = np_dtype.name
@@ -665,20 +686,16 @@ def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, mode)
     if name == "direct":
         total = p.n * p.k * p.ho * p.wo
-        _kernel("direct", dtype_name, nhwc)[math.ceil(total / DIRECT_BLOCK), DIRECT_BLOCK, stream](
-            x_d, wp, b_d, o_d, has_bias, p.n, p.h, p.w, p.k, p.r, p.s, p.ho, p.wo, p.cg, p.kg, *geometry)
+        configured = _kernel("direct", dtype_name, nhwc)[math.ceil(total / DIRECT_BLOCK), DIRECT_BLOCK, stream]
+        args = (x_d, wp, b_d, o_d, has_bias, p.n, p.h, p.w, p.k, p.r, p.s, p.ho, p.wo, p.cg, p.kg, *geometry)
     else:
         bm, bn, _, tm, tn = GEMM_CONFIGS[name]
         m = p.n * p.ho * p.wo
         grid = (math.ceil(m / bm), math.ceil(p.kg / bn), p.groups)
-        _kernel(name, dtype_name, nhwc)[grid, (bm // tm) * (bn // tn), stream](
-            x_d, wp, b_d, o_d, has_bias, m, p.h, p.w, p.r, p.s, p.ho, p.wo, p.cg, p.kg,
-            p.cg * p.r * p.s, *geometry)
-
-    if isinstance(result, np.ndarray):
-        o_d.copy_to_host(result, stream=stream)
-        stream.synchronize()
-    return result
+        configured = _kernel(name, dtype_name, nhwc)[grid, (bm // tm) * (bn // tn), stream]
+        args = (x_d, wp, b_d, o_d, has_bias, m, p.h, p.w, p.r, p.s, p.ho, p.wo, p.cg, p.kg,
+                p.cg * p.r * p.s, *geometry)
+    return result, o_d, stream, functools.partial(configured, *args), name
 
 
 #: the registry entry: ``api.conv2d`` hands over the raw arguments
