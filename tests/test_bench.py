@@ -151,3 +151,11 @@ def test_entry_points(launcher, tmp_path):
                           env={**__import__("os").environ, bench.SUITE_ENV: "tiny"})
     assert proc.returncode == 0, proc.stderr
     assert "tiny_3x3" in proc.stdout and "im2col" in proc.stdout
+
+
+def test_cli_plot_without_matplotlib_fails_early(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--suite", "tiny", "--quick", "--plot", str(tmp_path / "x.png")])
+    assert "matplotlib" in str(info.value) and "pip install" in str(info.value)
+    assert capsys.readouterr().out == ""  # refused before measuring anything
