@@ -221,8 +221,9 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
     bmp = bm + 1                         # padded row of the patch tile: fewer bank conflicts
     a_size, b_size, acc_size = bk * bmp, bk * bn, tm * tn
 
-    def gemm(x, wp, bias, out, has_bias, m_total, h_, w_, r_, s_, ho_, wo_, cg, kg, kred,
+    def gemm(x, wp, bias, out, has_bias, m_total, h_, w_, r_, s_, ho_, wo_, cg, kg, k_, kred,
              sh, sw, pt, pl, dh, dw, mode):
+        """``out`` is the flat (1-D) view of the C-contiguous result."""
         a_tile = cuda.shared.array(a_size, nb_dtype)
         b_tile = cuda.shared.array(b_size, nb_dtype)
         tab_c = cuda.shared.array(bk, int_type)   # reduction index -> channel, row tap, col tap
@@ -231,10 +232,13 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
         acc = cuda.local.array(acc_size, nb_dtype)
         a_reg = cuda.local.array(tm, nb_dtype)
         b_reg = cuda.local.array(tn, nb_dtype)
+        a_pf = cuda.local.array(a_per, nb_dtype)  # the next tile, fetched while this one computes
+        b_pf = cuda.local.array(b_per, nb_dtype)
         # pixel (n, top row, left col) of each patch element this thread loads, fixed over the loop
         a_n = cuda.local.array(a_per, int_type)
         a_h = cuda.local.array(a_per, int_type)
         a_w = cuda.local.array(a_per, int_type)
+        row_base = cuda.local.array(tm, int_type)
 
         tid = cuda.threadIdx.x
         if nhwc:   # output channels fastest: NHWC stores run along K
@@ -248,6 +252,7 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
         g = cuda.blockIdx.z
         c0 = g * cg
         hw_o = ho_ * wo_
+        ntiles = (kred + bk - 1) // bk
 
         for i in range(acc_size):
             acc[i] = 0
@@ -271,95 +276,119 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
                 a_h[i] = 0
                 a_w[i] = 0
 
-        for k0 in range(0, kred, bk):
-            if tid < bk:
-                kr = k0 + tid
-                if nhwc:   # reduction order (r, s, c): channels contiguous in memory
-                    c = kr % cg
-                    rs = kr // cg
-                    tab_c[tid] = c
-                    tab_r[tid] = (rs // s_) * dh
-                    tab_s[tid] = (rs % s_) * dw
-                else:      # reduction order (c, r, s)
-                    rs = kr % (r_ * s_)
-                    tab_c[tid] = kr // (r_ * s_)
-                    tab_r[tid] = (rs // s_) * dh
-                    tab_s[tid] = (rs % s_) * dw
-            cuda.syncthreads()
-            for i in range(a_per):
-                e = tid + i * nt
-                if nhwc:   # neighbouring threads: neighbouring channels of one pixel
-                    kk = e % bk
-                    mm = e // bk
-                else:      # neighbouring threads: neighbouring output pixels
-                    kk = e // bm
-                    mm = e % bm
-                n = a_n[i]
-                hi = a_h[i] + tab_r[kk]
-                wi = a_w[i] + tab_s[kk]
-                ok = n >= 0 and k0 + kk < kred
-                if hi < 0 or hi >= h_:  # padding: the mode's index map (see _src_py)
-                    if mode == 0:
-                        ok = False
-                    elif mode == 1:
-                        hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
-                    elif mode == 2:
-                        hi = 0 if hi < 0 else h_ - 1
+        # Software pipeline, one load site and one compute site: iteration t fetches tile t
+        # into registers, multiplies tile t-1 from shared memory meanwhile, then stages tile t.
+        kt = tid  # the reduction table of tile 0
+        if tid < bk:
+            if nhwc:   # reduction order (r, s, c): channels contiguous in memory
+                rs = kt // cg
+                tab_c[tid] = kt - rs * cg
+            else:      # reduction order (c, r, s)
+                rs = kt % (r_ * s_)
+                tab_c[tid] = kt // (r_ * s_)
+            tab_r[tid] = (rs // s_) * dh
+            tab_s[tid] = (rs % s_) * dw
+        cuda.syncthreads()
+        for t in range(ntiles + 1):
+            k0 = t * bk
+            if t < ntiles:
+                for i in range(a_per):
+                    e = tid + i * nt
+                    if nhwc:   # neighbouring threads: neighbouring channels of one pixel
+                        kk = e % bk
+                    else:      # neighbouring threads: neighbouring output pixels
+                        kk = e // bm
+                    n = a_n[i]
+                    hi = a_h[i] + tab_r[kk]
+                    wi = a_w[i] + tab_s[kk]
+                    ok = n >= 0 and k0 + kk < kred
+                    if hi < 0 or hi >= h_:  # padding: the mode's index map (see _src_py)
+                        if mode == 0:
+                            ok = False
+                        elif mode == 1:
+                            hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
+                        elif mode == 2:
+                            hi = 0 if hi < 0 else h_ - 1
+                        else:
+                            hi = hi + h_ if hi < 0 else hi - h_
+                    if wi < 0 or wi >= w_:
+                        if mode == 0:
+                            ok = False
+                        elif mode == 1:
+                            wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
+                        elif mode == 2:
+                            wi = 0 if wi < 0 else w_ - 1
+                        else:
+                            wi = wi + w_ if wi < 0 else wi - w_
+                    if ok:
+                        if nhwc:
+                            a_pf[i] = x[n, hi, wi, c0 + tab_c[kk]]
+                        else:
+                            a_pf[i] = x[n, c0 + tab_c[kk], hi, wi]
                     else:
-                        hi = hi + h_ if hi < 0 else hi - h_
-                if wi < 0 or wi >= w_:
-                    if mode == 0:
-                        ok = False
-                    elif mode == 1:
-                        wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
-                    elif mode == 2:
-                        wi = 0 if wi < 0 else w_ - 1
+                        a_pf[i] = 0
+                for i in range(b_per):
+                    e = tid + i * nt
+                    kk = e // bn
+                    nn = e % bn
+                    if k0 + kk < kred and n0 + nn < kg:
+                        b_pf[i] = wp[g, k0 + kk, n0 + nn]
                     else:
-                        wi = wi + w_ if wi < 0 else wi - w_
-                if ok:
-                    if nhwc:
-                        a_tile[kk * bmp + mm] = x[n, hi, wi, c0 + tab_c[kk]]
-                    else:
-                        a_tile[kk * bmp + mm] = x[n, c0 + tab_c[kk], hi, wi]
-                else:
-                    a_tile[kk * bmp + mm] = 0
-            for i in range(b_per):
-                e = tid + i * nt
-                kk = e // bn
-                nn = e % bn
-                if k0 + kk < kred and n0 + nn < kg:
-                    b_tile[e] = wp[g, k0 + kk, n0 + nn]
-                else:
-                    b_tile[e] = 0
-            cuda.syncthreads()
-            for kk in range(bk):
-                for i in range(tm):
-                    a_reg[i] = a_tile[kk * bmp + ty + i * nty]
-                for j in range(tn):
-                    b_reg[j] = b_tile[kk * bn + tx + j * ntx]
-                for i in range(tm):
+                        b_pf[i] = 0
+            if t > 0:
+                for kk in range(bk):
+                    for i in range(tm):
+                        a_reg[i] = a_tile[kk * bmp + ty + i * nty]
                     for j in range(tn):
-                        acc[i * tn + j] += a_reg[i] * b_reg[j]
+                        b_reg[j] = b_tile[kk * bn + tx + j * ntx]
+                    for i in range(tm):
+                        for j in range(tn):
+                            acc[i * tn + j] += a_reg[i] * b_reg[j]
+            cuda.syncthreads()  # tile t-1 and the table of tile t are no longer read
+            if t < ntiles:
+                for i in range(a_per):
+                    e = tid + i * nt
+                    if nhwc:
+                        a_tile[(e % bk) * bmp + e // bk] = a_pf[i]
+                    else:
+                        a_tile[(e // bm) * bmp + e % bm] = a_pf[i]
+                for i in range(b_per):
+                    b_tile[tid + i * nt] = b_pf[i]
+                kt = k0 + bk + tid  # the reduction table of tile t+1
+                if tid < bk:
+                    if nhwc:
+                        rs = kt // cg
+                        tab_c[tid] = kt - rs * cg
+                    else:
+                        rs = kt % (r_ * s_)
+                        tab_c[tid] = kt // (r_ * s_)
+                    tab_r[tid] = (rs // s_) * dh
+                    tab_s[tid] = (rs % s_) * dw
             cuda.syncthreads()
 
+        # epilogue: flat offsets, so the register tile is read at constant indices only
         for i in range(tm):
             m = m0 + ty + i * nty
             if m < m_total:
-                n = m // hw_o
-                rem = m - n * hw_o
-                oh = rem // wo_
-                ow = rem - oh * wo_
-                for j in range(tn):
-                    kout = n0 + tx + j * ntx
-                    if kout < kg:
-                        k = g * kg + kout
-                        v = acc[i * tn + j]
-                        if has_bias:
-                            v += bias[k]
-                        if nhwc:
-                            out[n, oh, ow, k] = v
-                        else:
-                            out[n, k, oh, ow] = v
+                if nhwc:
+                    row_base[i] = m * k_
+                else:
+                    n = m // hw_o
+                    row_base[i] = n * k_ * hw_o + (m - n * hw_o)
+            else:
+                row_base[i] = -1
+        kstride = 1 if nhwc else hw_o
+        for j in range(tn):
+            kout = n0 + tx + j * ntx
+            if has_bias and kout < kg:  # (no ternary: float32 vs int would unify to float64)
+                b_reg[j] = bias[g * kg + kout]
+            else:
+                b_reg[j] = 0
+        for i in range(tm):
+            for j in range(tn):
+                kout = n0 + tx + j * ntx
+                if row_base[i] >= 0 and kout < kg:
+                    out[row_base[i] + (g * kg + kout) * kstride] = acc[i * tn + j] + b_reg[j]
 
     return gemm
 
@@ -418,9 +447,8 @@ def _kernel(name, dtype_name, nhwc):
 def _signatures(dtype_name):
     t = dtype_name
     x = f"{t}[:, :, :, :]"
-    common = f"{t}[:, :, ::1], {t}[::1], {t}[:, :, :, ::1], boolean"
-    direct = f"void({x}, {common}, " + ", ".join(["int64"] * 17) + ")"
-    gemm = f"void({x}, {common}, " + ", ".join(["int64"] * 17) + ")"
+    direct = f"void({x}, {t}[:, :, ::1], {t}[::1], {t}[:, :, :, ::1], boolean, " + ", ".join(["int64"] * 17) + ")"
+    gemm = f"void({x}, {t}[:, :, ::1], {t}[::1], {t}[::1], boolean, " + ", ".join(["int64"] * 18) + ")"
     pack = f"void({t}[:, :, :, :], {t}[:, :, ::1], int64, boolean, int64, int64, int64, int64)"
     return direct, gemm, pack
 
@@ -693,8 +721,8 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
         m = p.n * p.ho * p.wo
         grid = (math.ceil(m / bm), math.ceil(p.kg / bn), p.groups)
         configured = _kernel(name, dtype_name, nhwc)[grid, (bm // tm) * (bn // tn), stream]
-        args = (x_d, wp, b_d, o_d, has_bias, m, p.h, p.w, p.r, p.s, p.ho, p.wo, p.cg, p.kg,
-                p.cg * p.r * p.s, *geometry)
+        args = (x_d, wp, b_d, o_d.reshape(o_d.size), has_bias, m, p.h, p.w, p.r, p.s, p.ho, p.wo, p.cg,
+                p.kg, p.k, p.cg * p.r * p.s, *geometry)
     return result, o_d, stream, functools.partial(configured, *args), name
 
 
