@@ -30,6 +30,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import _xxgemm, jit, pjit, valid_range
+from .api import conv2d
 from .im2col import _fill_nchw, _fill_nhwc, workspace_bytes
 from .layout import to_layout
 from .padding import _MODE_CODE, _index_map, pad_input
@@ -172,27 +173,39 @@ def _backward_nhwc(x, w_hwio, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl,
 
 
 # --- depthwise (one input channel per group): direct loops ------------------------------------
+# Flat arrays indexed with unsigned offsets: no negative-index wraparound checks, so LLVM
+# vectorises the unit-stride loops (width in NCHW, channels in NHWC).
 @pjit
 def _dw_dx_nchw(w, dy, dx, sh, sw, pt, pl, dh, dw):
     n_, c_, h_, w_ = dx.shape
     k_, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
     ho_, wo_ = dy.shape[2], dy.shape[3]
     kg = k_ // c_
+    dxf = dx.ravel()
+    dyf = dy.ravel()
     for job in prange(n_ * c_):
         n = job // c_
         c = job % c_
         for k in range(c * kg, (c + 1) * kg):
-            for r in range(r_):
-                for s in range(s_):
-                    wv = w[k, 0, r, s]
-                    off = s * dw - pl
-                    lo, hi_j = valid_range(off, sw, w_, wo_)
-                    for i in range(ho_):
-                        hi = i * sh + r * dh - pt
-                        if hi < 0 or hi >= h_:
-                            continue
-                        for j in range(lo, hi_j):
-                            dx[n, c, hi, j * sw + off] += dy[n, k, i, j] * wv
+            ybase = (n * k_ + k) * ho_ * wo_
+            for i in range(ho_):
+                y0 = np.uintp(ybase + i * wo_)
+                for r in range(r_):
+                    hi = i * sh + r * dh - pt
+                    if hi < 0 or hi >= h_:
+                        continue
+                    xrow = (job * h_ + hi) * w_
+                    for s in range(s_):
+                        wv = w[k, 0, r, s]
+                        off = s * dw - pl
+                        lo, hi_j = valid_range(off, sw, w_, wo_)
+                        d0 = np.uintp(xrow + off)
+                        if sw == 1:
+                            for j in range(np.uintp(lo), np.uintp(hi_j)):
+                                dxf[d0 + j] += dyf[y0 + j] * wv
+                        else:
+                            for j in range(lo, hi_j):
+                                dxf[xrow + j * sw + off] += dyf[y0 + j] * wv
 
 
 @pjit
@@ -201,21 +214,33 @@ def _dw_dw_nchw(x, dy, dwt, sh, sw, pt, pl, dh, dw):
     k_, r_, s_ = dwt.shape[0], dwt.shape[2], dwt.shape[3]
     ho_, wo_ = dy.shape[2], dy.shape[3]
     kg = k_ // c_
+    xf = x.ravel()
+    dyf = dy.ravel()
     for k in prange(k_):
         c = k // kg
-        for r in range(r_):
-            for s in range(s_):
-                off = s * dw - pl
-                lo, hi_j = valid_range(off, sw, w_, wo_)
-                acc = 0.0
-                for n in range(n_):
-                    for i in range(ho_):
-                        hi = i * sh + r * dh - pt
-                        if hi < 0 or hi >= h_:
-                            continue
-                        for j in range(lo, hi_j):
-                            acc += dy[n, k, i, j] * x[n, c, hi, j * sw + off]
-                dwt[k, 0, r, s] += acc
+        acc = np.zeros(r_ * s_, dtype=dwt.dtype)
+        for n in range(n_):
+            for i in range(ho_):
+                y0 = np.uintp(((n * k_ + k) * ho_ + i) * wo_)
+                for r in range(r_):
+                    hi = i * sh + r * dh - pt
+                    if hi < 0 or hi >= h_:
+                        continue
+                    xrow = ((n * c_ + c) * h_ + hi) * w_
+                    for s in range(s_):
+                        off = s * dw - pl
+                        lo, hi_j = valid_range(off, sw, w_, wo_)
+                        t = acc[r * s_ + s]
+                        if sw == 1:
+                            x0 = np.uintp(xrow + off)
+                            for j in range(np.uintp(lo), np.uintp(hi_j)):
+                                t += dyf[y0 + j] * xf[x0 + j]
+                        else:
+                            for j in range(lo, hi_j):
+                                t += dyf[y0 + j] * xf[xrow + j * sw + off]
+                        acc[r * s_ + s] = t
+        for rs in range(r_ * s_):
+            dwt[k, 0, rs // s_, rs % s_] += acc[rs]
 
 
 @pjit
@@ -224,6 +249,9 @@ def _dw_dx_nhwc(w_hwio, dy, dx, sh, sw, pt, pl, dh, dw):
     r_, s_, k_ = w_hwio.shape[0], w_hwio.shape[1], w_hwio.shape[3]
     ho_, wo_ = dy.shape[1], dy.shape[2]
     kg = k_ // c_
+    wf = w_hwio.ravel()
+    dyf = dy.ravel()
+    dxf = dx.ravel()
     for job in prange(n_ * h_):
         n = job // h_
         hi = job % h_
@@ -235,14 +263,16 @@ def _dw_dx_nhwc(w_hwio, dy, dx, sh, sw, pt, pl, dh, dw):
             for s in range(s_):
                 off = s * dw - pl
                 lo, hi_j = valid_range(off, sw, w_, wo_)
+                w0 = np.uintp((r * s_ + s) * k_)
                 for j in range(lo, hi_j):
-                    wi = j * sw + off
+                    d0 = np.uintp((job * w_ + j * sw + off) * c_)
+                    y0 = np.uintp(((n * ho_ + i) * wo_ + j) * k_)
                     if kg == 1:
-                        for c in range(c_):
-                            dx[n, hi, wi, c] += dy[n, i, j, c] * w_hwio[r, s, 0, c]
+                        for c in range(np.uintp(c_)):
+                            dxf[d0 + c] += dyf[y0 + c] * wf[w0 + c]
                     else:
-                        for k in range(k_):
-                            dx[n, hi, wi, k // kg] += dy[n, i, j, k] * w_hwio[r, s, 0, k]
+                        for k in range(np.uintp(k_)):
+                            dxf[d0 + k // np.uintp(kg)] += dyf[y0 + k] * wf[w0 + k]
 
 
 @pjit
@@ -253,10 +283,12 @@ def _dw_dw_nhwc(x, dy, partial, sh, sw, pt, pl, dh, dw):
     ho_, wo_ = dy.shape[1], dy.shape[2]
     kg = k_ // c_
     total = n_ * ho_
+    xf = x.ravel()
+    dyf = dy.ravel()
     for ch in prange(chunks):
         t_lo = ch * total // chunks
         t_hi = (ch + 1) * total // chunks
-        acc = partial[ch]
+        acc = partial[ch].ravel()
         acc[:] = 0
         for t in range(t_lo, t_hi):
             n = t // ho_
@@ -268,14 +300,16 @@ def _dw_dw_nhwc(x, dy, partial, sh, sw, pt, pl, dh, dw):
                 for s in range(s_):
                     off = s * dw - pl
                     lo, hi_j = valid_range(off, sw, w_, wo_)
+                    a0 = np.uintp((r * s_ + s) * k_)
                     for j in range(lo, hi_j):
-                        wi = j * sw + off
+                        x0 = np.uintp(((n * h_ + hi) * w_ + j * sw + off) * c_)
+                        y0 = np.uintp((t * wo_ + j) * k_)
                         if kg == 1:
-                            for k in range(k_):
-                                acc[r, s, k] += dy[n, i, j, k] * x[n, hi, wi, k]
+                            for k in range(np.uintp(k_)):
+                                acc[a0 + k] += dyf[y0 + k] * xf[x0 + k]
                         else:
-                            for k in range(k_):
-                                acc[r, s, k] += dy[n, i, j, k] * x[n, hi, wi, k // kg]
+                            for k in range(np.uintp(k_)):
+                                acc[a0 + k] += dyf[y0 + k] * xf[x0 + k // np.uintp(kg)]
 
 
 # --- folding the gradient of a materialised padding back -------------------------------------
@@ -357,6 +391,29 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
     return (dx if want_dx else None), (dwt if want_dw else None)
 
 
+def _dx_as_convolution(p):
+    """Stride 1 and no side padded by more than the dilated kernel's reach.
+
+    Then grad-input is a plain forward convolution of ``dY`` (zero-padded by
+    ``dil * (R - 1) - pad`` on each side) with the flipped, channel-transposed weights, and
+    runs on the fastest forward algorithm (``algorithm="auto"``), with no scatter.
+    """
+    reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
+    return (p.stride_h == 1 and p.stride_w == 1 and p.n > 0 and not (p.cg == 1 and p.groups > 1)
+            and max(p.pad_top, p.pad_bottom) <= reach_h and max(p.pad_left, p.pad_right) <= reach_w)
+
+
+def _dx_by_convolution(p, w_k, dy):
+    w_oihw = w_k if p.layout == "NCHW" else to_layout(w_k, "HWIO", "OIHW")
+    # w_t[g*Cg + c, k, r, s] = W[g*Kg + k, c, R-1-r, S-1-s]: OIHW weights (C, K/groups, R, S)
+    w_t = w_oihw.reshape(p.groups, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    w_t = np.ascontiguousarray(w_t).reshape(p.c, p.kg, p.r, p.s)
+    reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
+    padding = ((reach_h - p.pad_top, reach_h - p.pad_bottom), (reach_w - p.pad_left, reach_w - p.pad_right))
+    return conv2d(dy, w_t, padding=padding, dilation=(p.dil_h, p.dil_w), groups=p.groups,
+                  layout=p.layout, weight_layout="OIHW")
+
+
 def _check_grad_output(grad_output, p):
     check_array("grad_output", grad_output)
     if grad_output.dtype != p.dtype:
@@ -392,7 +449,12 @@ def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
         if padded:
             xk = pad_input(xk, p)
     kp = p.materialised() if padded else p
-    dx, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
+    dx = None
+    if want_dx and _dx_as_convolution(kp):
+        dx = _dx_by_convolution(kp, w_k, dy)
+        want_dx = False
+    dx_gemm, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
+    dx = dx_gemm if dx is None else dx
     if dx is not None and padded:
         dx = _fold_padding(dx, p)
     if dwt is not None:
