@@ -33,6 +33,7 @@ numba-cuda, and :func:`available` never imports it on a machine with no GPU driv
 unless the simulator is requested (``NUMBA_ENABLE_CUDASIM=1``).
 """
 
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -488,14 +489,21 @@ def _library(a):
     return module if module in ("torch", "cupy") else None
 
 
+def _has_cai(a):
+    try:  # torch raises RuntimeError (not AttributeError) for tensors that require grad
+        return hasattr(a, "__cuda_array_interface__")
+    except Exception:  # noqa: BLE001
+        return _library(a) == "torch" and bool(getattr(a, "is_cuda", False))
+
+
 def _is_device(a):
     return a is not None and not isinstance(a, np.ndarray) and (
-        hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False) or _is_dlpack_cuda(a))
+        _has_cai(a) or getattr(a, "__cuda_ndarray__", False) or _is_dlpack_cuda(a))
 
 
 def _is_dlpack_cuda(a):
     device = getattr(a, "__dlpack_device__", None)
-    if device is None or hasattr(a, "__cuda_array_interface__"):
+    if device is None or _has_cai(a):
         return False
     try:
         return device()[0] in (2, 13)  # kDLCUDA, kDLCUDAManaged
@@ -507,7 +515,9 @@ def _view(a):
     """A numba device-array view of device array ``a`` (zero-copy); other objects unchanged."""
     if a is None or isinstance(a, np.ndarray) or getattr(a, "__cuda_ndarray__", False):
         return a
-    if hasattr(a, "__cuda_array_interface__"):
+    if _library(a) == "torch" and getattr(a, "is_cuda", False):
+        a = a.detach()  # a forward pass only: no autograd through numbaconv
+    if _has_cai(a):
         # sync=False: we run on the exporting library's current stream (see _stream)
         return cuda.as_cuda_array(a, sync=False)
     if _is_dlpack_cuda(a):
@@ -640,16 +650,30 @@ def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
     name from :data:`GEMM_CONFIGS`.  NumPy in -> NumPy out; device arrays in -> device
     array out (torch in -> torch out, CuPy in -> CuPy out), no host round trip.
     """
-    result, o_d, stream, launch, _ = plan(x, weight, bias, stride=stride, padding=padding,
-                                          dilation=dilation, groups=groups, padding_mode=padding_mode,
-                                          layout=layout, weight_layout=weight_layout, out=out, kernel=kernel)
-    if launch is None:
-        return result
-    launch()
-    if isinstance(result, np.ndarray):
-        o_d.copy_to_host(result, stream=stream)
-        stream.synchronize()
+    with _on_device_of(x):
+        result, o_d, stream, launch, _ = plan(x, weight, bias, stride=stride, padding=padding,
+                                              dilation=dilation, groups=groups, padding_mode=padding_mode,
+                                              layout=layout, weight_layout=weight_layout, out=out, kernel=kernel)
+        if launch is None:
+            return result
+        launch()
+        if isinstance(result, np.ndarray):
+            o_d.copy_to_host(result, stream=stream)
+            stream.synchronize()
     return result
+
+
+def _on_device_of(x):
+    """Numba's context for the GPU holding a torch / CuPy ``x`` (a no-op otherwise)."""
+    index = None
+    lib = _library(x)
+    if lib == "torch" and getattr(x, "is_cuda", False):
+        index = x.device.index
+    elif lib == "cupy":
+        index = x.device.id
+    if index is None:
+        return contextlib.nullcontext()
+    return cuda.gpus[index]
 
 
 def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",

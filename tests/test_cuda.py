@@ -288,3 +288,57 @@ def test_ptx_sm90():
     res = _python("import runpy, sys; sys.argv = ['check_ptx']; runpy.run_path('scripts/check_ptx.py', run_name='__main__')")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all kernels compiled" in res.stdout
+
+
+# --- torch CUDA tensors (a real GPU only: NUMBA_ENABLE_CUDASIM=0 pytest tests/test_cuda.py) ---
+def _torch_cuda():
+    if SIM:
+        return None
+    import torch
+
+    return torch if torch.cuda.is_available() else None
+
+
+needs_torch_cuda = pytest.mark.skipif(SIM or not USABLE, reason="needs a GPU and torch with CUDA (not the simulator)")
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("kernel", ["auto", "direct", "gemm64", "gemm128"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", ["basic", "same_stride2", "reflect", "groups3_stride", "depthwise", "many_channels"])
+def test_torch_cuda_tensors(name, layout, kernel):
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch has no CUDA here")
+    _, shape, kwargs = CASES[IDS.index(name)]
+    x, wt, b, kwargs, expected, red = _case(shape, kwargs, np.float32)
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    xt = torch.from_numpy(to_act(x, layout)).cuda()
+    wt_t = torch.from_numpy(to_weight(wt, wl)).cuda()
+    bt = None if b is None else torch.from_numpy(b).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # must run on torch's current stream, not numba's default
+        got = cuda_conv.conv2d_cuda(xt, wt_t, bt, layout=layout, kernel=kernel, **kwargs)
+    stream.synchronize()
+    assert isinstance(got, torch.Tensor) and got.is_cuda and got.device == xt.device
+    assert_close(got.cpu().numpy(), to_act(expected, layout), np.float32, red)
+
+
+@needs_torch_cuda
+def test_torch_channels_last_views_and_requires_grad():
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch has no CUDA here")
+    x, wt, b, kwargs, expected, red = _case((2, 8, 9, 9, 16, 3, 3), {"padding": 1}, np.float32)
+    xt = torch.from_numpy(x).cuda().to(memory_format=torch.channels_last).requires_grad_()
+    wt_t = torch.from_numpy(wt).cuda().to(memory_format=torch.channels_last)
+    # NHWC / HWIO views of channels-last memory: no copies
+    got = numbaconv.conv2d(xt.permute(0, 2, 3, 1), wt_t.permute(2, 3, 1, 0), torch.from_numpy(b).cuda(),
+                           padding=1, layout="NHWC", algorithm="cuda")
+    torch.cuda.synchronize()
+    assert_close(got.permute(0, 3, 1, 2).cpu().numpy(), expected, np.float32, red)
+    # NCHW view of channels-last memory: strided reads in place; "auto" routes device arrays to cuda
+    got = numbaconv.conv2d(xt.detach(), wt_t, None, padding=1)
+    torch.cuda.synchronize()
+    expected_nb = torch_conv2d(x, wt, None, padding=1)
+    assert_close(got.cpu().numpy(), expected_nb, np.float32, red)
