@@ -67,6 +67,7 @@ def _scatter_nchw(cols, dx, n, i0, i1, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
     """dx[n, c, i*sh + r*dh - pt, j*sw + s*dw - pl] += cols[(c, r, s), (i - i0) * wo_ + j]."""
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     length = (i1 - i0) * wo_
+    dxf = dx.ravel()
     for c in prange(c_):
         for r in range(r_):
             for s in range(s_):
@@ -78,9 +79,15 @@ def _scatter_nchw(cols, dx, n, i0, i1, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
                     hi = i * sh + r * dh - pt
                     if hi < 0 or hi >= h_:
                         continue
-                    src = base + (i - i0) * wo_
-                    for j in range(lo, hi_j):
-                        dx[n, c, hi, j * sw + off] += cols[src + j]
+                    src = np.uintp(base + (i - i0) * wo_)
+                    xrow = ((n * c_ + c) * h_ + hi) * w_
+                    if sw == 1:
+                        d0 = np.uintp(xrow + off)
+                        for j in range(np.uintp(lo), np.uintp(hi_j)):
+                            dxf[d0 + j] += cols[src + j]
+                    else:
+                        for j in range(lo, hi_j):
+                            dxf[xrow + j * sw + off] += cols[src + j]
 
 
 @pjit
@@ -92,6 +99,8 @@ def _scatter_nhwc(cols, dx, t0, t1, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, gr
     length = (t1 - t0) * wo_
     n0 = t0 // ho_
     n1 = (t1 - 1) // ho_ + 1
+    dxf = dx.ravel()
+    ucg = np.uintp(cg)
     for job in prange((n1 - n0) * h_):
         n = n0 + job // h_
         hi = job % h_
@@ -106,11 +115,12 @@ def _scatter_nhwc(cols, dx, t0, t1, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, gr
                 off = s * dw - pl
                 lo, hi_j = valid_range(off, sw, w_, wo_)
                 for j in range(lo, hi_j):
-                    wi = j * sw + off
+                    d0 = np.uintp(((n * h_ + hi) * w_ + j * sw + off) * c_)
                     for g in range(groups):
-                        src = g * length * patch + ((t - t0) * wo_ + j) * patch + (r * s_ + s) * cg
-                        for c in range(cg):
-                            dx[n, hi, wi, g * cg + c] += cols[src + c]
+                        src = np.uintp(g * length * patch + ((t - t0) * wo_ + j) * patch + (r * s_ + s) * cg)
+                        dg = d0 + np.uintp(g) * ucg
+                        for c in range(ucg):
+                            dxf[dg + c] += cols[src + c]
 
 
 # --- GEMM-based backward ------------------------------------------------------------------------
@@ -391,16 +401,34 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
     return (dx if want_dx else None), (dwt if want_dw else None)
 
 
-def _dx_as_convolution(p):
+#: "auto" (the rule below), "conv" or "gemm": how grad-input is computed (for benchmarks/tests).
+_DX_METHOD = "auto"
+
+
+def _dx_conv_possible(p):
     """Stride 1 and no side padded by more than the dilated kernel's reach.
 
     Then grad-input is a plain forward convolution of ``dY`` (zero-padded by
     ``dil * (R - 1) - pad`` on each side) with the flipped, channel-transposed weights, and
-    runs on the fastest forward algorithm (``algorithm="auto"``), with no scatter.
+    can run on the fastest forward algorithm (``algorithm="auto"``), with no fold.
     """
     reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
-    return (p.stride_h == 1 and p.stride_w == 1 and p.n > 0 and not (p.cg == 1 and p.groups > 1)
+    return (p.stride_h == 1 and p.stride_w == 1 and p.n > 0
             and max(p.pad_top, p.pad_bottom) <= reach_h and max(p.pad_left, p.pad_right) <= reach_w)
+
+
+def _dx_as_convolution(p):
+    """Whether grad-input runs as a forward convolution (else: GEMM + col2im fold)."""
+    if _DX_METHOD != "auto":
+        return _DX_METHOD == "conv" and _dx_conv_possible(p)
+    # Measured (scripts/bench_backward.py): the GEMM + fold path is as fast or faster on
+    # small images (7x7, 14x14: the forward's pixel blocking has little to work with) and
+    # with few output channels (a short GEMM reduction costs little beside the fold); the
+    # forward kernel wins on large images with many channels.  Depthwise layers have their
+    # own direct kernels.
+    if p.ho * p.wo < 1024 or p.kg < 32 or (p.cg == 1 and p.groups > 1):
+        return False
+    return _dx_conv_possible(p)
 
 
 def _dx_by_convolution(p, w_k, dy):
@@ -462,9 +490,47 @@ def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
     return p, dx, dwt
 
 
+@pjit
+def _bias_grad_nchw(dy, db):
+    n_, k_ = dy.shape[0], dy.shape[1]
+    plane = dy.shape[2] * dy.shape[3]
+    f = dy.ravel()
+    for k in prange(k_):
+        acc = np.zeros(1, dtype=db.dtype)
+        t = acc[0]
+        for n in range(n_):
+            base = np.uintp((n * k_ + k) * plane)
+            for j in range(np.uintp(plane)):
+                t += f[base + j]
+        db[k] = t
+
+
+@pjit
+def _bias_grad_nhwc(dy, partial):
+    chunks, k_ = partial.shape
+    pixels = dy.size // k_
+    f = dy.ravel()
+    for ch in prange(chunks):
+        acc = partial[ch]
+        acc[:] = 0
+        for pix in range(ch * pixels // chunks, (ch + 1) * pixels // chunks):
+            base = np.uintp(pix * k_)
+            for k in range(np.uintp(k_)):
+                acc[k] += f[base + k]
+
+
 def _bias_grad(dy, layout):
-    axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
-    return dy.sum(axis=axes, dtype=dy.dtype)
+    dy = np.ascontiguousarray(dy)
+    k = dy.shape[1] if layout == "NCHW" else dy.shape[3]
+    if dy.size == 0:
+        return np.zeros(k, dtype=dy.dtype)
+    if layout == "NCHW":
+        db = np.empty(k, dtype=dy.dtype)
+        _bias_grad_nchw(dy, db)
+        return db
+    partial = np.empty((int(min(dy.size // k, 64)), k), dtype=dy.dtype)
+    _bias_grad_nhwc(dy, partial)
+    return partial.sum(axis=0)
 
 
 def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, groups=1,

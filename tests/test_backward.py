@@ -99,6 +99,30 @@ def test_backward_matches_torch(case_id, shape, kwargs, layout, dtype):
     assert_close(db, eb, dtype, pixels)
 
 
+DX_METHOD_CASES = [c for c in CASES if pair(c[2].get("stride", 1)) == (1, 1)]
+
+
+@pytest.mark.parametrize("method", ["conv", "gemm"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case_id,shape,kwargs", DX_METHOD_CASES, ids=[c[0] for c in DX_METHOD_CASES])
+def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeypatch):
+    """grad-input as a forward convolution of dY with flipped weights (stride 1, where the
+    padding allows it) and as GEMM + col2im fold: both must match torch, whichever the
+    size heuristic would pick."""
+    import numbaconv.backward as backward
+
+    monkeypatch.setattr(backward, "_DX_METHOD", method)
+    x, wt, b, gy = _setup(shape, kwargs, np.float64, seed=4)
+    if shape[0] == 0:
+        ex = np.zeros(x.shape)
+    else:
+        ex = torch_grads(x, wt, b, gy, **kwargs)[0]
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    dx = numbaconv.conv2d_backward_input(to_act(gy, layout), to_act(x, layout).shape, to_weight(wt, wl),
+                                         layout=layout, **kwargs)
+    assert_close(dx, to_act(ex, layout), np.float64, 1000)
+
+
 @pytest.mark.parametrize("weight_layout", ["OIHW", "HWIO", "OHWI"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_weight_layouts_and_strided_inputs(layout, weight_layout):
