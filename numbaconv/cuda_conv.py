@@ -42,6 +42,7 @@ import os
 import sys
 
 import numpy as np
+from numba import uint64
 
 from .layout import DEFAULT_WEIGHT_LAYOUT, permutation
 from .problem import ConvProblem, SUPPORTED_DTYPES
@@ -198,11 +199,13 @@ def _direct_py(np_dtype, nhwc):
                         wi = 0 if wi < 0 else w_ - 1
                     else:
                         wi = wi + w_ if wi < 0 else wi - w_
-                for c in range(cg):
+                for c in range(cg):  # unsigned indices (all >= 0): no wraparound code
                     if nhwc:
-                        acc += x[n, hi, wi, c0 + c] * wp[g, (r * s_ + s) * cg + c, j]
+                        acc += (x[uint64(n), uint64(hi), uint64(wi), uint64(c0 + c)]
+                                * wp[uint64(g), uint64((r * s_ + s) * cg + c), uint64(j)])
                     else:
-                        acc += x[n, c0 + c, hi, wi] * wp[g, (c * r_ + r) * s_ + s, j]
+                        acc += (x[uint64(n), uint64(c0 + c), uint64(hi), uint64(wi)]
+                                * wp[uint64(g), uint64((c * r_ + r) * s_ + s), uint64(j)])
         if has_bias:
             acc += bias[k]
         if nhwc:
@@ -248,6 +251,8 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
         else:      # pixels fastest: NCHW stores run along Wo
             ty = tid % nty
             tx = tid // nty
+        a_col = uint64(ty)
+        b_col = uint64(tx)
         m0 = cuda.blockIdx.x * bm
         n0 = cuda.blockIdx.y * bn
         g = cuda.blockIdx.z
@@ -321,11 +326,11 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
                             wi = 0 if wi < 0 else w_ - 1
                         else:
                             wi = wi + w_ if wi < 0 else wi - w_
-                    if ok:
+                    if ok:  # every index is >= 0 here: unsigned, so no wraparound code
                         if nhwc:
-                            a_pf[i] = x[n, hi, wi, c0 + tab_c[kk]]
+                            a_pf[i] = x[uint64(n), uint64(hi), uint64(wi), uint64(c0 + tab_c[kk])]
                         else:
-                            a_pf[i] = x[n, c0 + tab_c[kk], hi, wi]
+                            a_pf[i] = x[uint64(n), uint64(c0 + tab_c[kk]), uint64(hi), uint64(wi)]
                     else:
                         a_pf[i] = 0
                 for i in range(b_per):
@@ -333,15 +338,18 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
                     kk = e // bn
                     nn = e % bn
                     if k0 + kk < kred and n0 + nn < kg:
-                        b_pf[i] = wp[g, k0 + kk, n0 + nn]
+                        b_pf[i] = wp[uint64(g), uint64(k0 + kk), uint64(n0 + nn)]
                     else:
                         b_pf[i] = 0
             if t > 0:
+                # unsigned shared-memory indices: no negative-index wraparound code in the hot loop
                 for kk in range(bk):
+                    ka = uint64(kk * bmp) + a_col
+                    kb = uint64(kk * bn) + b_col
                     for i in range(tm):
-                        a_reg[i] = a_tile[kk * bmp + ty + i * nty]
+                        a_reg[i] = a_tile[ka + uint64(i * nty)]
                     for j in range(tn):
-                        b_reg[j] = b_tile[kk * bn + tx + j * ntx]
+                        b_reg[j] = b_tile[kb + uint64(j * ntx)]
                     for i in range(tm):
                         for j in range(tn):
                             acc[i * tn + j] += a_reg[i] * b_reg[j]
@@ -350,11 +358,11 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
                 for i in range(a_per):
                     e = tid + i * nt
                     if nhwc:
-                        a_tile[(e % bk) * bmp + e // bk] = a_pf[i]
+                        a_tile[uint64((e % bk) * bmp + e // bk)] = a_pf[i]
                     else:
-                        a_tile[(e // bm) * bmp + e % bm] = a_pf[i]
+                        a_tile[uint64((e // bm) * bmp + e % bm)] = a_pf[i]
                 for i in range(b_per):
-                    b_tile[tid + i * nt] = b_pf[i]
+                    b_tile[uint64(tid + i * nt)] = b_pf[i]
                 kt = k0 + bk + tid  # the reduction table of tile t+1
                 if tid < bk:
                     if nhwc:
@@ -389,7 +397,7 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
             for j in range(tn):
                 kout = n0 + tx + j * ntx
                 if row_base[i] >= 0 and kout < kg:
-                    out[row_base[i] + (g * kg + kout) * kstride] = acc[i * tn + j] + b_reg[j]
+                    out[uint64(row_base[i] + (g * kg + kout) * kstride)] = acc[i * tn + j] + b_reg[j]
 
     return gemm
 
