@@ -182,6 +182,91 @@ def _backward_nhwc(x, w_hwio, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl,
             _scatter_nhwc(cols, dx, t0, t1, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
 
 
+# --- grad-weight by shifted GEMMs (stride 1): no im2col ---------------------------------------
+# With stride 1, tap (r, s) reads the padded input at flat offset r*dh*Wp + s*dw from the
+# output pixel's own, when the output is laid out at the padded width Wp (dY zero-extended
+# to Wp columns).  So dW[:, :, r, s] is one GEMM of dY_pad with a *shifted view* of x_pad:
+# no column buffer at all; the price is Wp / Wo extra columns (zeros) in the reduction.
+@jit
+def _dw_shifts_nchw(xp, dyp, tmp, r_, s_, dh, dw, groups):
+    """tmp[r, s, k, c] = sum_m dyp[n, k, m] * xp[n, g*cg + c, m + r*dh*Wp + s*dw] over n, m."""
+    n_, c_, hp1, wp = xp.shape
+    k_, m_ = dyp.shape[1], dyp.shape[2] * dyp.shape[3]
+    cg = c_ // groups
+    kg = k_ // groups
+    plane = hp1 * wp
+    xf = xp.ravel()
+    yf = dyp.ravel()
+    tf = tmp.ravel()
+    for n in range(n_):
+        for r in range(r_):
+            for s in range(s_):
+                shift = r * dh * wp + s * dw
+                for g in range(groups):
+                    # tmp_g^T (Cg x Kg) += X_rs,g (Cg x M) @ DY_g^T (M x Kg)
+                    gemm(True, False, cg, kg, m_, xf, (n * c_ + g * cg) * plane + shift, plane,
+                         yf, (n * k_ + g * kg) * m_, m_, 1.0, tf, (r * s_ + s) * k_ * cg + g * kg * cg, cg)
+
+
+@jit
+def _dw_shifts_nhwc(xp, dyp, dwt, r_, s_, dh, dw, groups):
+    """dwt[r, s, c, k] (HWIO) = sum_m x_pad[n, m + shift, g*cg + c] * dyp[n, m, k]."""
+    n_, hp1, wp, c_ = xp.shape
+    k_ = dyp.shape[3]
+    m_ = dyp.shape[1] * dyp.shape[2]
+    cg = c_ // groups
+    kg = k_ // groups
+    xf = xp.ravel()
+    yf = dyp.ravel()
+    wf = dwt.ravel()
+    for n in range(n_):
+        for r in range(r_):
+            for s in range(s_):
+                shift = r * dh * wp + s * dw
+                for g in range(groups):
+                    # dW_rs,g^T (Kg x Cg) += DY_g^T (Kg x M) @ X_rs,g (M x Cg)
+                    gemm(False, True, kg, cg, m_, yf, n * m_ * k_ + g * kg, k_,
+                         xf, (n * hp1 * wp + shift) * c_ + g * cg, c_, 1.0, wf, (r * s_ + s) * cg * k_ + g * kg, k_)
+
+
+#: "auto", "shifts" or "im2col": how grad-weight is computed for stride 1 (benchmarks/tests).
+_DW_METHOD = "auto"
+
+
+def _dw_by_shifts(p):
+    if p.stride_h != 1 or p.stride_w != 1 or _DW_METHOD == "im2col":
+        return False
+    if _DW_METHOD == "shifts":
+        return True
+    # Measured on the suite's 3x3 layers (scripts/bench_backward.py): shifts win when the
+    # zero columns are few (padded width within 10 % of the output's) and the GEMMs per tap
+    # are not too lopsided (<= 64 output channels per group); in NCHW the shifted view is a
+    # transposed operand with a plane-sized stride, which only pays off with many channels.
+    wp = p.w + p.pad_left + p.pad_right
+    if wp > 1.1 * p.wo or p.kg > 64:
+        return False
+    return p.layout == "NHWC" or p.cg >= 32
+
+
+def _dw_shifted(p, x, dy, w_shape):
+    hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
+    if p.layout == "NCHW":
+        xp = np.zeros((p.n, p.c, hp + 1, wp), dtype=p.dtype)  # one slack row: shifted views stay inside
+        xp[:, :, p.pad_top:p.pad_top + p.h, p.pad_left:p.pad_left + p.w] = x
+        dyp = np.zeros((p.n, p.k, p.ho, wp), dtype=p.dtype)
+        dyp[:, :, :, :p.wo] = dy
+        tmp = np.zeros((p.r, p.s, p.k, p.cg), dtype=p.dtype)
+        _dw_shifts_nchw(xp, dyp, tmp, p.r, p.s, p.dil_h, p.dil_w, p.groups)
+        return np.ascontiguousarray(tmp.transpose(2, 3, 0, 1))
+    xp = np.zeros((p.n, hp + 1, wp, p.c), dtype=p.dtype)
+    xp[:, p.pad_top:p.pad_top + p.h, p.pad_left:p.pad_left + p.w, :] = x
+    dyp = np.zeros((p.n, p.ho, wp, p.k), dtype=p.dtype)
+    dyp[:, :, :p.wo, :] = dy
+    dwt = np.zeros(w_shape, dtype=p.dtype)
+    _dw_shifts_nhwc(xp, dyp, dwt, p.r, p.s, p.dil_h, p.dil_w, p.groups)
+    return dwt
+
+
 # --- depthwise (one input channel per group): direct loops ------------------------------------
 # Flat arrays indexed with unsigned offsets: no negative-index wraparound checks, so LLVM
 # vectorises the unit-stride loops (width in NCHW, channels in NHWC).
@@ -372,12 +457,12 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
     """
     dtype = p.dtype
     dx = np.zeros(p.in_shape, dtype=dtype) if want_dx else np.zeros((1, 1, 1, 1), dtype=dtype)
-    dwt = np.zeros(w_k.shape, dtype=dtype)
+    dwt = np.zeros(w_k.shape, dtype=dtype) if want_dw else None
     if x is None:
         x = np.zeros((1, 1, 1, 1), dtype=dtype)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
     if p.n == 0 or not (want_dx or want_dw):
-        return (dx if want_dx else None), (dwt if want_dw else None)
+        return (dx if want_dx else None), dwt
     if p.cg == 1 and p.groups > 1:
         if p.layout == "NCHW":
             if want_dx:
@@ -391,14 +476,20 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
                 chunks = int(min(p.n * p.ho, 16))
                 partial = np.empty((chunks, p.r, p.s, p.k), dtype=dtype)
                 _dw_dw_nhwc(x, dy, partial, *geometry)
-                dwt = partial.sum(axis=0).reshape(dwt.shape)
+                dwt = partial.sum(axis=0).reshape(w_k.shape)
     else:
+        if want_dw and _dw_by_shifts(p):
+            dwt = _dw_shifted(p, x, dy, w_k.shape)
+            want_dw = False
+            if not want_dx:
+                return None, dwt
         total = p.ho if p.layout == "NCHW" else p.n * p.ho
         rows = _rows_per_chunk(p, total)
         cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=dtype)
         kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
-        kernel(x, w_k, dy, dx, dwt, cols, rows, *geometry, p.groups, want_dx, want_dw)
-    return (dx if want_dx else None), (dwt if want_dw else None)
+        dw_buf = dwt if want_dw else np.zeros((1, 1, 1, 1), dtype=dtype)
+        kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw)
+    return (dx if want_dx else None), dwt
 
 
 #: "auto" (the rule below), "conv" or "gemm": how grad-input is computed (for benchmarks/tests).

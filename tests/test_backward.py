@@ -123,6 +123,22 @@ def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeyp
     assert_close(dx, to_act(ex, layout), np.float64, 1000)
 
 
+@pytest.mark.parametrize("method", ["shifts", "im2col"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case_id,shape,kwargs", DX_METHOD_CASES, ids=[c[0] for c in DX_METHOD_CASES])
+def test_grad_weight_both_methods(case_id, shape, kwargs, layout, method, monkeypatch):
+    """grad-weight by shifted GEMMs (stride 1, no im2col) and by im2col GEMM."""
+    import numbaconv.backward as backward
+
+    monkeypatch.setattr(backward, "_DW_METHOD", method)
+    x, wt, b, gy = _setup(shape, kwargs, np.float64, seed=6)
+    ew = np.zeros(wt.shape) if shape[0] == 0 else torch_grads(x, wt, b, gy, **kwargs)[1]
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    dw = numbaconv.conv2d_backward_weight(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl).shape,
+                                          layout=layout, **kwargs)
+    assert_close(dw, to_weight(ew, wl), np.float64, 1000)
+
+
 @pytest.mark.parametrize("weight_layout", ["OIHW", "HWIO", "OHWI"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_weight_layouts_and_strided_inputs(layout, weight_layout):
