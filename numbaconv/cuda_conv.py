@@ -47,7 +47,7 @@ from numba import uint64
 from .layout import DEFAULT_WEIGHT_LAYOUT, permutation
 from .problem import ConvProblem, SUPPORTED_DTYPES
 
-__all__ = ["available", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets", "compile_all_ptx"]
+__all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets", "compile_all_ptx"]
 
 #: module global so kernels resolve ``cuda.xxx`` (and the simulator can swap it); set lazily
 cuda = None
@@ -124,6 +124,22 @@ def available():
             return False
         return _hardware_available()
     except Exception:  # noqa: BLE001 -- broken install or driver: just not available
+        return False
+
+
+def real_gpu():
+    """A real GPU (not the simulator) is usable.  Cheap, never raises, and never imports
+    ``numba.cuda`` on a machine without a CUDA driver -- so calling it early (at import or
+    collection time) cannot lock a later simulator run out."""
+    try:
+        if importlib.util.find_spec("numba_cuda") is None:
+            return False
+        if "numba.cuda" in sys.modules:
+            return not _sim_loaded() and _hardware_available()
+        if not _driver_present() or _sim_requested():
+            return False
+        return _hardware_available()
+    except Exception:  # noqa: BLE001
         return False
 
 

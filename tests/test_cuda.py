@@ -39,7 +39,7 @@ from reference import assert_close, make_problem, to_act, to_weight, torch_conv2
 
 REASON = ("numba-cuda is not installed (pip install -e '.[test]')" if not HAVE_NUMBA_CUDA else
           "numba.cuda was imported in hardware mode before this module and there is no GPU")
-pytestmark = pytest.mark.skipif(not USABLE, reason=REASON)
+needs_cuda = pytest.mark.skipif(not USABLE, reason=REASON)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,6 +93,7 @@ def _check(kernel, layout, dtype, shape, kwargs, weight_layout=None):
     assert_close(got, to_act(expected, layout), dtype, red)
 
 
+@needs_cuda
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("kernel", ["direct", "gemm8"])
 @pytest.mark.parametrize("name,shape,kwargs", CASES, ids=IDS)
@@ -100,6 +101,7 @@ def test_geometry_float32(kernel, layout, name, shape, kwargs):
     _check(kernel, layout, np.float32, shape, kwargs)
 
 
+@needs_cuda
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("kernel", ["direct", "gemm8"])
 @pytest.mark.parametrize("name", ["basic", "dilation_pair_stride", "reflect", "circular_same_stride2",
@@ -109,6 +111,7 @@ def test_geometry_float64(kernel, layout, name):
     _check(kernel, layout, np.float64, shape, kwargs)
 
 
+@needs_cuda
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kernel", ["gemm64", "gemm128", "auto", "gemm"])
@@ -117,6 +120,7 @@ def test_production_tiles(kernel, layout, dtype):
     _check(kernel, layout, dtype, (1, 9, 5, 6, 7, 3, 3), {"padding": 1, "stride": (1, 2)})
 
 
+@needs_cuda
 @pytest.mark.parametrize("layout,weight_layout", [("NCHW", "HWIO"), ("NCHW", "OHWI"), ("NHWC", "OIHW"),
                                                   ("NHWC", "OHWI")])
 @pytest.mark.parametrize("kernel", ["direct", "gemm8"])
@@ -124,6 +128,7 @@ def test_weight_layouts(kernel, layout, weight_layout):
     _check(kernel, layout, np.float32, (1, 4, 5, 5, 6, 3, 2), {"padding": 1, "groups": 2}, weight_layout)
 
 
+@needs_cuda
 def test_auto_picks_direct_for_depthwise_and_gemm_otherwise():
     from numbaconv.problem import ConvProblem
 
@@ -140,6 +145,7 @@ def test_auto_picks_direct_for_depthwise_and_gemm_otherwise():
 
 
 # --- the front door --------------------------------------------------------------------
+@needs_cuda
 def test_listed_and_routed_through_conv2d():
     assert "cuda" in numbaconv.algorithms()
     x, wt, b, kwargs, expected, red = _case((2, 3, 6, 5, 4, 3, 3), {"padding": "same", "stride": 2}, np.float32)
@@ -148,6 +154,7 @@ def test_listed_and_routed_through_conv2d():
     assert_close(got, expected, np.float32, red)
 
 
+@needs_cuda
 def test_numpy_out_and_inputs_untouched():
     x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"padding": 1}, np.float64)
     copies = [a.copy() for a in (x, wt, b)]
@@ -159,6 +166,7 @@ def test_numpy_out_and_inputs_untouched():
         np.testing.assert_array_equal(a, c)
 
 
+@needs_cuda
 def test_strided_numpy_input():
     x, wt, b, kwargs, expected, red = _case((1, 3, 6, 10, 4, 3, 3), {"padding": 1}, np.float32)
     xs = np.asfortranarray(x)[:, :, ::-1, ::2]
@@ -166,6 +174,7 @@ def test_strided_numpy_input():
     assert_close(numbaconv.conv2d(xs, wt, b, padding=1, algorithm="cuda"), expected, np.float32, red)
 
 
+@needs_cuda
 def test_batch0():
     x = np.zeros((0, 3, 5, 5), np.float32)
     w = np.ones((2, 3, 3, 3), np.float32)
@@ -175,6 +184,7 @@ def test_batch0():
     assert got.shape == (0, 2, 5, 5) and not isinstance(got, np.ndarray)
 
 
+@needs_cuda
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the simulator computes in NumPy
 def test_nan_and_inf_propagate():
     x = np.zeros((1, 1, 4, 4), np.float32)
@@ -189,6 +199,7 @@ def test_nan_and_inf_propagate():
 
 
 # --- device arrays ---------------------------------------------------------------------
+@needs_cuda
 @pytest.mark.parametrize("kernel", ["direct", "gemm8"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_device_arrays_in_device_array_out(kernel, layout):
@@ -203,6 +214,7 @@ def test_device_arrays_in_device_array_out(kernel, layout):
     np.testing.assert_array_equal(xd.copy_to_host(), to_act(x, layout))  # input untouched
 
 
+@needs_cuda
 def test_device_out_and_mixed_inputs():
     x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"stride": 2, "padding": 1}, np.float64)
     out = cuda.device_array(expected.shape, dtype=np.float64)
@@ -215,6 +227,7 @@ def test_device_out_and_mixed_inputs():
     assert_close(host_out, expected, np.float64, red)
 
 
+@needs_cuda
 def test_strided_device_views():
     """Non-contiguous device views are read in place (the kernels index with strides)."""
     x, wt, b, kwargs, expected, red = _case((1, 3, 6, 10, 4, 3, 3), {"padding": 1}, np.float32)
@@ -227,6 +240,7 @@ def test_strided_device_views():
         assert_close(got.copy_to_host(), expected, np.float32, red)
 
 
+@needs_cuda
 def test_device_errors_name_the_argument():
     x = cuda.to_device(np.zeros((1, 3, 5, 5), np.float32))
     w = cuda.to_device(np.zeros((2, 3, 3, 3), np.float32))
@@ -252,6 +266,16 @@ def test_device_errors_name_the_argument():
 
 
 # --- availability ----------------------------------------------------------------------
+@pytest.mark.skipif(USABLE or not HAVE_NUMBA_CUDA, reason="the CUDA tests run")
+def test_cuda_tests_are_not_locked_out():
+    """Not a skip but a failure: numba-cuda is installed, yet something imported numba.cuda in
+    hardware mode before this module (on a machine with no GPU), so the simulator cannot start.
+    Check for a GPU with ``numbaconv.cuda_conv.real_gpu()`` / ``available()`` instead: they
+    never import numba.cuda without a CUDA driver."""
+    pytest.fail(REASON + ": some module imported numba.cuda early; use cuda_conv.real_gpu() instead")
+
+
+
 def _python(code, **env):
     environ = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     environ.update(env)
@@ -284,6 +308,7 @@ def test_not_listed_without_numba_cuda():
 
 
 # --- PTX: real compilation for sm_90, in a process without the simulator ----------------
+@pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason=REASON)
 def test_ptx_sm90():
     res = _python("import runpy, sys; sys.argv = ['check_ptx']; runpy.run_path('scripts/check_ptx.py', run_name='__main__')")
     assert res.returncode == 0, res.stdout + res.stderr
