@@ -107,3 +107,13 @@ def test_benchmark_runs_once(tiny, cls, name):
         finally:
             if hasattr(instance, "teardown"):
                 instance.teardown(*params)
+
+
+def test_bench_module_loads_standalone():
+    """asv loads numbaconv/bench.py by path next to older installed commits: no relative imports."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('standalone_bench', {str(ROOT / 'numbaconv' / 'bench.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "assert 'auto' in m.bench_algorithms() and m.SUITE\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
