@@ -17,6 +17,1188 @@ _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
 
 
 @_ukjit
+def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """4 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 8)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(8)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+    if nk == 8 and np_ == 4:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 8 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 8 + v]
+
+
+@_ukjit
+def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*8 + [0, 8) of image n."""
+    nk = min(8, kg - kb * 8)
+    kb0 = g * kg + kb * 8
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 4):
+                uk4_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv4_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(4 * 8, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile4_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """4 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(16)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+    if nk == 16 and np_ == 4:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 16 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 16 + v]
+
+
+@_ukjit
+def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
+    nk = min(16, kg - kb * 16)
+    kb0 = g * kg + kb * 16
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 4):
+                uk4_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv4_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(4 * 16, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile4_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """5 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 8)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(8)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+    if nk == 8 and np_ == 5:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 8 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 8 + v]
+
+
+@_ukjit
+def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*8 + [0, 8) of image n."""
+    nk = min(8, kg - kb * 8)
+    kb0 = g * kg + kb * 8
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 5):
+                uk5_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv5_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(5 * 8, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile5_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """5 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(16)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+                a4_8 += x4 * w8
+                a4_9 += x4 * w9
+                a4_10 += x4 * w10
+                a4_11 += x4 * w11
+                a4_12 += x4 * w12
+                a4_13 += x4 * w13
+                a4_14 += x4 * w14
+                a4_15 += x4 * w15
+    if nk == 16 and np_ == 5:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+            of[o + 8 * os_k] = a4_8 + b8
+            of[o + 9 * os_k] = a4_9 + b9
+            of[o + 10 * os_k] = a4_10 + b10
+            of[o + 11 * os_k] = a4_11 + b11
+            of[o + 12 * os_k] = a4_12 + b12
+            of[o + 13 * os_k] = a4_13 + b13
+            of[o + 14 * os_k] = a4_14 + b14
+            of[o + 15 * os_k] = a4_15 + b15
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+            of[o + 8 * os_k] += a4_8
+            of[o + 9 * os_k] += a4_9
+            of[o + 10 * os_k] += a4_10
+            of[o + 11 * os_k] += a4_11
+            of[o + 12 * os_k] += a4_12
+            of[o + 13 * os_k] += a4_13
+            of[o + 14 * os_k] += a4_14
+            of[o + 15 * os_k] += a4_15
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 16 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 16 + v]
+
+
+@_ukjit
+def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
+    nk = min(16, kg - kb * 16)
+    kb0 = g * kg + kb * 16
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 5):
+                uk5_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv5_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(5 * 16, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile5_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
 def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
            first, zero, tmp):
     """6 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
@@ -1543,4 +2725,3016 @@ def conv6_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         gk = rest % inner
         i0 = rb * rows
         tile6_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """7 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    xp5 = np.uintp(5) * xsp
+    xp6 = np.uintp(6) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
+    a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
+    a6_0 = a6_1 = a6_2 = a6_3 = a6_4 = a6_5 = a6_6 = a6_7 = zero
+    a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(16)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+                a4_8 += x4 * w8
+                a4_9 += x4 * w9
+                a4_10 += x4 * w10
+                a4_11 += x4 * w11
+                a4_12 += x4 * w12
+                a4_13 += x4 * w13
+                a4_14 += x4 * w14
+                a4_15 += x4 * w15
+                x5 = xf[xc + xp5]
+                a5_0 += x5 * w0
+                a5_1 += x5 * w1
+                a5_2 += x5 * w2
+                a5_3 += x5 * w3
+                a5_4 += x5 * w4
+                a5_5 += x5 * w5
+                a5_6 += x5 * w6
+                a5_7 += x5 * w7
+                a5_8 += x5 * w8
+                a5_9 += x5 * w9
+                a5_10 += x5 * w10
+                a5_11 += x5 * w11
+                a5_12 += x5 * w12
+                a5_13 += x5 * w13
+                a5_14 += x5 * w14
+                a5_15 += x5 * w15
+                x6 = xf[xc + xp6]
+                a6_0 += x6 * w0
+                a6_1 += x6 * w1
+                a6_2 += x6 * w2
+                a6_3 += x6 * w3
+                a6_4 += x6 * w4
+                a6_5 += x6 * w5
+                a6_6 += x6 * w6
+                a6_7 += x6 * w7
+                a6_8 += x6 * w8
+                a6_9 += x6 * w9
+                a6_10 += x6 * w10
+                a6_11 += x6 * w11
+                a6_12 += x6 * w12
+                a6_13 += x6 * w13
+                a6_14 += x6 * w14
+                a6_15 += x6 * w15
+    if nk == 16 and np_ == 7:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+            of[o + 8 * os_k] = a4_8 + b8
+            of[o + 9 * os_k] = a4_9 + b9
+            of[o + 10 * os_k] = a4_10 + b10
+            of[o + 11 * os_k] = a4_11 + b11
+            of[o + 12 * os_k] = a4_12 + b12
+            of[o + 13 * os_k] = a4_13 + b13
+            of[o + 14 * os_k] = a4_14 + b14
+            of[o + 15 * os_k] = a4_15 + b15
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] = a5_0 + b0
+            of[o + 1 * os_k] = a5_1 + b1
+            of[o + 2 * os_k] = a5_2 + b2
+            of[o + 3 * os_k] = a5_3 + b3
+            of[o + 4 * os_k] = a5_4 + b4
+            of[o + 5 * os_k] = a5_5 + b5
+            of[o + 6 * os_k] = a5_6 + b6
+            of[o + 7 * os_k] = a5_7 + b7
+            of[o + 8 * os_k] = a5_8 + b8
+            of[o + 9 * os_k] = a5_9 + b9
+            of[o + 10 * os_k] = a5_10 + b10
+            of[o + 11 * os_k] = a5_11 + b11
+            of[o + 12 * os_k] = a5_12 + b12
+            of[o + 13 * os_k] = a5_13 + b13
+            of[o + 14 * os_k] = a5_14 + b14
+            of[o + 15 * os_k] = a5_15 + b15
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] = a6_0 + b0
+            of[o + 1 * os_k] = a6_1 + b1
+            of[o + 2 * os_k] = a6_2 + b2
+            of[o + 3 * os_k] = a6_3 + b3
+            of[o + 4 * os_k] = a6_4 + b4
+            of[o + 5 * os_k] = a6_5 + b5
+            of[o + 6 * os_k] = a6_6 + b6
+            of[o + 7 * os_k] = a6_7 + b7
+            of[o + 8 * os_k] = a6_8 + b8
+            of[o + 9 * os_k] = a6_9 + b9
+            of[o + 10 * os_k] = a6_10 + b10
+            of[o + 11 * os_k] = a6_11 + b11
+            of[o + 12 * os_k] = a6_12 + b12
+            of[o + 13 * os_k] = a6_13 + b13
+            of[o + 14 * os_k] = a6_14 + b14
+            of[o + 15 * os_k] = a6_15 + b15
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+            of[o + 8 * os_k] += a4_8
+            of[o + 9 * os_k] += a4_9
+            of[o + 10 * os_k] += a4_10
+            of[o + 11 * os_k] += a4_11
+            of[o + 12 * os_k] += a4_12
+            of[o + 13 * os_k] += a4_13
+            of[o + 14 * os_k] += a4_14
+            of[o + 15 * os_k] += a4_15
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] += a5_0
+            of[o + 1 * os_k] += a5_1
+            of[o + 2 * os_k] += a5_2
+            of[o + 3 * os_k] += a5_3
+            of[o + 4 * os_k] += a5_4
+            of[o + 5 * os_k] += a5_5
+            of[o + 6 * os_k] += a5_6
+            of[o + 7 * os_k] += a5_7
+            of[o + 8 * os_k] += a5_8
+            of[o + 9 * os_k] += a5_9
+            of[o + 10 * os_k] += a5_10
+            of[o + 11 * os_k] += a5_11
+            of[o + 12 * os_k] += a5_12
+            of[o + 13 * os_k] += a5_13
+            of[o + 14 * os_k] += a5_14
+            of[o + 15 * os_k] += a5_15
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] += a6_0
+            of[o + 1 * os_k] += a6_1
+            of[o + 2 * os_k] += a6_2
+            of[o + 3 * os_k] += a6_3
+            of[o + 4 * os_k] += a6_4
+            of[o + 5 * os_k] += a6_5
+            of[o + 6 * os_k] += a6_6
+            of[o + 7 * os_k] += a6_7
+            of[o + 8 * os_k] += a6_8
+            of[o + 9 * os_k] += a6_9
+            of[o + 10 * os_k] += a6_10
+            of[o + 11 * os_k] += a6_11
+            of[o + 12 * os_k] += a6_12
+            of[o + 13 * os_k] += a6_13
+            of[o + 14 * os_k] += a6_14
+            of[o + 15 * os_k] += a6_15
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 16 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 16 + v]
+
+
+@_ukjit
+def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
+    nk = min(16, kg - kb * 16)
+    kb0 = g * kg + kb * 16
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 7):
+                uk7_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv7_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(7 * 16, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile7_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """7 pixels x 32 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    u16 = np.uintp(16)
+    u17 = np.uintp(17)
+    u18 = np.uintp(18)
+    u19 = np.uintp(19)
+    u20 = np.uintp(20)
+    u21 = np.uintp(21)
+    u22 = np.uintp(22)
+    u23 = np.uintp(23)
+    u24 = np.uintp(24)
+    u25 = np.uintp(25)
+    u26 = np.uintp(26)
+    u27 = np.uintp(27)
+    u28 = np.uintp(28)
+    u29 = np.uintp(29)
+    u30 = np.uintp(30)
+    u31 = np.uintp(31)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    xp5 = np.uintp(5) * xsp
+    xp6 = np.uintp(6) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a0_16 = a0_17 = a0_18 = a0_19 = a0_20 = a0_21 = a0_22 = a0_23 = zero
+    a0_24 = a0_25 = a0_26 = a0_27 = a0_28 = a0_29 = a0_30 = a0_31 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a1_16 = a1_17 = a1_18 = a1_19 = a1_20 = a1_21 = a1_22 = a1_23 = zero
+    a1_24 = a1_25 = a1_26 = a1_27 = a1_28 = a1_29 = a1_30 = a1_31 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a2_16 = a2_17 = a2_18 = a2_19 = a2_20 = a2_21 = a2_22 = a2_23 = zero
+    a2_24 = a2_25 = a2_26 = a2_27 = a2_28 = a2_29 = a2_30 = a2_31 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    a3_16 = a3_17 = a3_18 = a3_19 = a3_20 = a3_21 = a3_22 = a3_23 = zero
+    a3_24 = a3_25 = a3_26 = a3_27 = a3_28 = a3_29 = a3_30 = a3_31 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    a4_16 = a4_17 = a4_18 = a4_19 = a4_20 = a4_21 = a4_22 = a4_23 = zero
+    a4_24 = a4_25 = a4_26 = a4_27 = a4_28 = a4_29 = a4_30 = a4_31 = zero
+    a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
+    a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
+    a5_16 = a5_17 = a5_18 = a5_19 = a5_20 = a5_21 = a5_22 = a5_23 = zero
+    a5_24 = a5_25 = a5_26 = a5_27 = a5_28 = a5_29 = a5_30 = a5_31 = zero
+    a6_0 = a6_1 = a6_2 = a6_3 = a6_4 = a6_5 = a6_6 = a6_7 = zero
+    a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
+    a6_16 = a6_17 = a6_18 = a6_19 = a6_20 = a6_21 = a6_22 = a6_23 = zero
+    a6_24 = a6_25 = a6_26 = a6_27 = a6_28 = a6_29 = a6_30 = a6_31 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 32)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(32)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                w16 = wf[wc + u16]
+                w17 = wf[wc + u17]
+                w18 = wf[wc + u18]
+                w19 = wf[wc + u19]
+                w20 = wf[wc + u20]
+                w21 = wf[wc + u21]
+                w22 = wf[wc + u22]
+                w23 = wf[wc + u23]
+                w24 = wf[wc + u24]
+                w25 = wf[wc + u25]
+                w26 = wf[wc + u26]
+                w27 = wf[wc + u27]
+                w28 = wf[wc + u28]
+                w29 = wf[wc + u29]
+                w30 = wf[wc + u30]
+                w31 = wf[wc + u31]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                a0_16 += x0 * w16
+                a0_17 += x0 * w17
+                a0_18 += x0 * w18
+                a0_19 += x0 * w19
+                a0_20 += x0 * w20
+                a0_21 += x0 * w21
+                a0_22 += x0 * w22
+                a0_23 += x0 * w23
+                a0_24 += x0 * w24
+                a0_25 += x0 * w25
+                a0_26 += x0 * w26
+                a0_27 += x0 * w27
+                a0_28 += x0 * w28
+                a0_29 += x0 * w29
+                a0_30 += x0 * w30
+                a0_31 += x0 * w31
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                a1_16 += x1 * w16
+                a1_17 += x1 * w17
+                a1_18 += x1 * w18
+                a1_19 += x1 * w19
+                a1_20 += x1 * w20
+                a1_21 += x1 * w21
+                a1_22 += x1 * w22
+                a1_23 += x1 * w23
+                a1_24 += x1 * w24
+                a1_25 += x1 * w25
+                a1_26 += x1 * w26
+                a1_27 += x1 * w27
+                a1_28 += x1 * w28
+                a1_29 += x1 * w29
+                a1_30 += x1 * w30
+                a1_31 += x1 * w31
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                a2_16 += x2 * w16
+                a2_17 += x2 * w17
+                a2_18 += x2 * w18
+                a2_19 += x2 * w19
+                a2_20 += x2 * w20
+                a2_21 += x2 * w21
+                a2_22 += x2 * w22
+                a2_23 += x2 * w23
+                a2_24 += x2 * w24
+                a2_25 += x2 * w25
+                a2_26 += x2 * w26
+                a2_27 += x2 * w27
+                a2_28 += x2 * w28
+                a2_29 += x2 * w29
+                a2_30 += x2 * w30
+                a2_31 += x2 * w31
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+                a3_16 += x3 * w16
+                a3_17 += x3 * w17
+                a3_18 += x3 * w18
+                a3_19 += x3 * w19
+                a3_20 += x3 * w20
+                a3_21 += x3 * w21
+                a3_22 += x3 * w22
+                a3_23 += x3 * w23
+                a3_24 += x3 * w24
+                a3_25 += x3 * w25
+                a3_26 += x3 * w26
+                a3_27 += x3 * w27
+                a3_28 += x3 * w28
+                a3_29 += x3 * w29
+                a3_30 += x3 * w30
+                a3_31 += x3 * w31
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+                a4_8 += x4 * w8
+                a4_9 += x4 * w9
+                a4_10 += x4 * w10
+                a4_11 += x4 * w11
+                a4_12 += x4 * w12
+                a4_13 += x4 * w13
+                a4_14 += x4 * w14
+                a4_15 += x4 * w15
+                a4_16 += x4 * w16
+                a4_17 += x4 * w17
+                a4_18 += x4 * w18
+                a4_19 += x4 * w19
+                a4_20 += x4 * w20
+                a4_21 += x4 * w21
+                a4_22 += x4 * w22
+                a4_23 += x4 * w23
+                a4_24 += x4 * w24
+                a4_25 += x4 * w25
+                a4_26 += x4 * w26
+                a4_27 += x4 * w27
+                a4_28 += x4 * w28
+                a4_29 += x4 * w29
+                a4_30 += x4 * w30
+                a4_31 += x4 * w31
+                x5 = xf[xc + xp5]
+                a5_0 += x5 * w0
+                a5_1 += x5 * w1
+                a5_2 += x5 * w2
+                a5_3 += x5 * w3
+                a5_4 += x5 * w4
+                a5_5 += x5 * w5
+                a5_6 += x5 * w6
+                a5_7 += x5 * w7
+                a5_8 += x5 * w8
+                a5_9 += x5 * w9
+                a5_10 += x5 * w10
+                a5_11 += x5 * w11
+                a5_12 += x5 * w12
+                a5_13 += x5 * w13
+                a5_14 += x5 * w14
+                a5_15 += x5 * w15
+                a5_16 += x5 * w16
+                a5_17 += x5 * w17
+                a5_18 += x5 * w18
+                a5_19 += x5 * w19
+                a5_20 += x5 * w20
+                a5_21 += x5 * w21
+                a5_22 += x5 * w22
+                a5_23 += x5 * w23
+                a5_24 += x5 * w24
+                a5_25 += x5 * w25
+                a5_26 += x5 * w26
+                a5_27 += x5 * w27
+                a5_28 += x5 * w28
+                a5_29 += x5 * w29
+                a5_30 += x5 * w30
+                a5_31 += x5 * w31
+                x6 = xf[xc + xp6]
+                a6_0 += x6 * w0
+                a6_1 += x6 * w1
+                a6_2 += x6 * w2
+                a6_3 += x6 * w3
+                a6_4 += x6 * w4
+                a6_5 += x6 * w5
+                a6_6 += x6 * w6
+                a6_7 += x6 * w7
+                a6_8 += x6 * w8
+                a6_9 += x6 * w9
+                a6_10 += x6 * w10
+                a6_11 += x6 * w11
+                a6_12 += x6 * w12
+                a6_13 += x6 * w13
+                a6_14 += x6 * w14
+                a6_15 += x6 * w15
+                a6_16 += x6 * w16
+                a6_17 += x6 * w17
+                a6_18 += x6 * w18
+                a6_19 += x6 * w19
+                a6_20 += x6 * w20
+                a6_21 += x6 * w21
+                a6_22 += x6 * w22
+                a6_23 += x6 * w23
+                a6_24 += x6 * w24
+                a6_25 += x6 * w25
+                a6_26 += x6 * w26
+                a6_27 += x6 * w27
+                a6_28 += x6 * w28
+                a6_29 += x6 * w29
+                a6_30 += x6 * w30
+                a6_31 += x6 * w31
+    if nk == 32 and np_ == 7:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            b16 = bias[kb0 + 16]
+            b17 = bias[kb0 + 17]
+            b18 = bias[kb0 + 18]
+            b19 = bias[kb0 + 19]
+            b20 = bias[kb0 + 20]
+            b21 = bias[kb0 + 21]
+            b22 = bias[kb0 + 22]
+            b23 = bias[kb0 + 23]
+            b24 = bias[kb0 + 24]
+            b25 = bias[kb0 + 25]
+            b26 = bias[kb0 + 26]
+            b27 = bias[kb0 + 27]
+            b28 = bias[kb0 + 28]
+            b29 = bias[kb0 + 29]
+            b30 = bias[kb0 + 30]
+            b31 = bias[kb0 + 31]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            of[o + 16 * os_k] = a0_16 + b16
+            of[o + 17 * os_k] = a0_17 + b17
+            of[o + 18 * os_k] = a0_18 + b18
+            of[o + 19 * os_k] = a0_19 + b19
+            of[o + 20 * os_k] = a0_20 + b20
+            of[o + 21 * os_k] = a0_21 + b21
+            of[o + 22 * os_k] = a0_22 + b22
+            of[o + 23 * os_k] = a0_23 + b23
+            of[o + 24 * os_k] = a0_24 + b24
+            of[o + 25 * os_k] = a0_25 + b25
+            of[o + 26 * os_k] = a0_26 + b26
+            of[o + 27 * os_k] = a0_27 + b27
+            of[o + 28 * os_k] = a0_28 + b28
+            of[o + 29 * os_k] = a0_29 + b29
+            of[o + 30 * os_k] = a0_30 + b30
+            of[o + 31 * os_k] = a0_31 + b31
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            of[o + 16 * os_k] = a1_16 + b16
+            of[o + 17 * os_k] = a1_17 + b17
+            of[o + 18 * os_k] = a1_18 + b18
+            of[o + 19 * os_k] = a1_19 + b19
+            of[o + 20 * os_k] = a1_20 + b20
+            of[o + 21 * os_k] = a1_21 + b21
+            of[o + 22 * os_k] = a1_22 + b22
+            of[o + 23 * os_k] = a1_23 + b23
+            of[o + 24 * os_k] = a1_24 + b24
+            of[o + 25 * os_k] = a1_25 + b25
+            of[o + 26 * os_k] = a1_26 + b26
+            of[o + 27 * os_k] = a1_27 + b27
+            of[o + 28 * os_k] = a1_28 + b28
+            of[o + 29 * os_k] = a1_29 + b29
+            of[o + 30 * os_k] = a1_30 + b30
+            of[o + 31 * os_k] = a1_31 + b31
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            of[o + 16 * os_k] = a2_16 + b16
+            of[o + 17 * os_k] = a2_17 + b17
+            of[o + 18 * os_k] = a2_18 + b18
+            of[o + 19 * os_k] = a2_19 + b19
+            of[o + 20 * os_k] = a2_20 + b20
+            of[o + 21 * os_k] = a2_21 + b21
+            of[o + 22 * os_k] = a2_22 + b22
+            of[o + 23 * os_k] = a2_23 + b23
+            of[o + 24 * os_k] = a2_24 + b24
+            of[o + 25 * os_k] = a2_25 + b25
+            of[o + 26 * os_k] = a2_26 + b26
+            of[o + 27 * os_k] = a2_27 + b27
+            of[o + 28 * os_k] = a2_28 + b28
+            of[o + 29 * os_k] = a2_29 + b29
+            of[o + 30 * os_k] = a2_30 + b30
+            of[o + 31 * os_k] = a2_31 + b31
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+            of[o + 16 * os_k] = a3_16 + b16
+            of[o + 17 * os_k] = a3_17 + b17
+            of[o + 18 * os_k] = a3_18 + b18
+            of[o + 19 * os_k] = a3_19 + b19
+            of[o + 20 * os_k] = a3_20 + b20
+            of[o + 21 * os_k] = a3_21 + b21
+            of[o + 22 * os_k] = a3_22 + b22
+            of[o + 23 * os_k] = a3_23 + b23
+            of[o + 24 * os_k] = a3_24 + b24
+            of[o + 25 * os_k] = a3_25 + b25
+            of[o + 26 * os_k] = a3_26 + b26
+            of[o + 27 * os_k] = a3_27 + b27
+            of[o + 28 * os_k] = a3_28 + b28
+            of[o + 29 * os_k] = a3_29 + b29
+            of[o + 30 * os_k] = a3_30 + b30
+            of[o + 31 * os_k] = a3_31 + b31
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+            of[o + 8 * os_k] = a4_8 + b8
+            of[o + 9 * os_k] = a4_9 + b9
+            of[o + 10 * os_k] = a4_10 + b10
+            of[o + 11 * os_k] = a4_11 + b11
+            of[o + 12 * os_k] = a4_12 + b12
+            of[o + 13 * os_k] = a4_13 + b13
+            of[o + 14 * os_k] = a4_14 + b14
+            of[o + 15 * os_k] = a4_15 + b15
+            of[o + 16 * os_k] = a4_16 + b16
+            of[o + 17 * os_k] = a4_17 + b17
+            of[o + 18 * os_k] = a4_18 + b18
+            of[o + 19 * os_k] = a4_19 + b19
+            of[o + 20 * os_k] = a4_20 + b20
+            of[o + 21 * os_k] = a4_21 + b21
+            of[o + 22 * os_k] = a4_22 + b22
+            of[o + 23 * os_k] = a4_23 + b23
+            of[o + 24 * os_k] = a4_24 + b24
+            of[o + 25 * os_k] = a4_25 + b25
+            of[o + 26 * os_k] = a4_26 + b26
+            of[o + 27 * os_k] = a4_27 + b27
+            of[o + 28 * os_k] = a4_28 + b28
+            of[o + 29 * os_k] = a4_29 + b29
+            of[o + 30 * os_k] = a4_30 + b30
+            of[o + 31 * os_k] = a4_31 + b31
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] = a5_0 + b0
+            of[o + 1 * os_k] = a5_1 + b1
+            of[o + 2 * os_k] = a5_2 + b2
+            of[o + 3 * os_k] = a5_3 + b3
+            of[o + 4 * os_k] = a5_4 + b4
+            of[o + 5 * os_k] = a5_5 + b5
+            of[o + 6 * os_k] = a5_6 + b6
+            of[o + 7 * os_k] = a5_7 + b7
+            of[o + 8 * os_k] = a5_8 + b8
+            of[o + 9 * os_k] = a5_9 + b9
+            of[o + 10 * os_k] = a5_10 + b10
+            of[o + 11 * os_k] = a5_11 + b11
+            of[o + 12 * os_k] = a5_12 + b12
+            of[o + 13 * os_k] = a5_13 + b13
+            of[o + 14 * os_k] = a5_14 + b14
+            of[o + 15 * os_k] = a5_15 + b15
+            of[o + 16 * os_k] = a5_16 + b16
+            of[o + 17 * os_k] = a5_17 + b17
+            of[o + 18 * os_k] = a5_18 + b18
+            of[o + 19 * os_k] = a5_19 + b19
+            of[o + 20 * os_k] = a5_20 + b20
+            of[o + 21 * os_k] = a5_21 + b21
+            of[o + 22 * os_k] = a5_22 + b22
+            of[o + 23 * os_k] = a5_23 + b23
+            of[o + 24 * os_k] = a5_24 + b24
+            of[o + 25 * os_k] = a5_25 + b25
+            of[o + 26 * os_k] = a5_26 + b26
+            of[o + 27 * os_k] = a5_27 + b27
+            of[o + 28 * os_k] = a5_28 + b28
+            of[o + 29 * os_k] = a5_29 + b29
+            of[o + 30 * os_k] = a5_30 + b30
+            of[o + 31 * os_k] = a5_31 + b31
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] = a6_0 + b0
+            of[o + 1 * os_k] = a6_1 + b1
+            of[o + 2 * os_k] = a6_2 + b2
+            of[o + 3 * os_k] = a6_3 + b3
+            of[o + 4 * os_k] = a6_4 + b4
+            of[o + 5 * os_k] = a6_5 + b5
+            of[o + 6 * os_k] = a6_6 + b6
+            of[o + 7 * os_k] = a6_7 + b7
+            of[o + 8 * os_k] = a6_8 + b8
+            of[o + 9 * os_k] = a6_9 + b9
+            of[o + 10 * os_k] = a6_10 + b10
+            of[o + 11 * os_k] = a6_11 + b11
+            of[o + 12 * os_k] = a6_12 + b12
+            of[o + 13 * os_k] = a6_13 + b13
+            of[o + 14 * os_k] = a6_14 + b14
+            of[o + 15 * os_k] = a6_15 + b15
+            of[o + 16 * os_k] = a6_16 + b16
+            of[o + 17 * os_k] = a6_17 + b17
+            of[o + 18 * os_k] = a6_18 + b18
+            of[o + 19 * os_k] = a6_19 + b19
+            of[o + 20 * os_k] = a6_20 + b20
+            of[o + 21 * os_k] = a6_21 + b21
+            of[o + 22 * os_k] = a6_22 + b22
+            of[o + 23 * os_k] = a6_23 + b23
+            of[o + 24 * os_k] = a6_24 + b24
+            of[o + 25 * os_k] = a6_25 + b25
+            of[o + 26 * os_k] = a6_26 + b26
+            of[o + 27 * os_k] = a6_27 + b27
+            of[o + 28 * os_k] = a6_28 + b28
+            of[o + 29 * os_k] = a6_29 + b29
+            of[o + 30 * os_k] = a6_30 + b30
+            of[o + 31 * os_k] = a6_31 + b31
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            of[o + 16 * os_k] += a0_16
+            of[o + 17 * os_k] += a0_17
+            of[o + 18 * os_k] += a0_18
+            of[o + 19 * os_k] += a0_19
+            of[o + 20 * os_k] += a0_20
+            of[o + 21 * os_k] += a0_21
+            of[o + 22 * os_k] += a0_22
+            of[o + 23 * os_k] += a0_23
+            of[o + 24 * os_k] += a0_24
+            of[o + 25 * os_k] += a0_25
+            of[o + 26 * os_k] += a0_26
+            of[o + 27 * os_k] += a0_27
+            of[o + 28 * os_k] += a0_28
+            of[o + 29 * os_k] += a0_29
+            of[o + 30 * os_k] += a0_30
+            of[o + 31 * os_k] += a0_31
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            of[o + 16 * os_k] += a1_16
+            of[o + 17 * os_k] += a1_17
+            of[o + 18 * os_k] += a1_18
+            of[o + 19 * os_k] += a1_19
+            of[o + 20 * os_k] += a1_20
+            of[o + 21 * os_k] += a1_21
+            of[o + 22 * os_k] += a1_22
+            of[o + 23 * os_k] += a1_23
+            of[o + 24 * os_k] += a1_24
+            of[o + 25 * os_k] += a1_25
+            of[o + 26 * os_k] += a1_26
+            of[o + 27 * os_k] += a1_27
+            of[o + 28 * os_k] += a1_28
+            of[o + 29 * os_k] += a1_29
+            of[o + 30 * os_k] += a1_30
+            of[o + 31 * os_k] += a1_31
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            of[o + 16 * os_k] += a2_16
+            of[o + 17 * os_k] += a2_17
+            of[o + 18 * os_k] += a2_18
+            of[o + 19 * os_k] += a2_19
+            of[o + 20 * os_k] += a2_20
+            of[o + 21 * os_k] += a2_21
+            of[o + 22 * os_k] += a2_22
+            of[o + 23 * os_k] += a2_23
+            of[o + 24 * os_k] += a2_24
+            of[o + 25 * os_k] += a2_25
+            of[o + 26 * os_k] += a2_26
+            of[o + 27 * os_k] += a2_27
+            of[o + 28 * os_k] += a2_28
+            of[o + 29 * os_k] += a2_29
+            of[o + 30 * os_k] += a2_30
+            of[o + 31 * os_k] += a2_31
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+            of[o + 16 * os_k] += a3_16
+            of[o + 17 * os_k] += a3_17
+            of[o + 18 * os_k] += a3_18
+            of[o + 19 * os_k] += a3_19
+            of[o + 20 * os_k] += a3_20
+            of[o + 21 * os_k] += a3_21
+            of[o + 22 * os_k] += a3_22
+            of[o + 23 * os_k] += a3_23
+            of[o + 24 * os_k] += a3_24
+            of[o + 25 * os_k] += a3_25
+            of[o + 26 * os_k] += a3_26
+            of[o + 27 * os_k] += a3_27
+            of[o + 28 * os_k] += a3_28
+            of[o + 29 * os_k] += a3_29
+            of[o + 30 * os_k] += a3_30
+            of[o + 31 * os_k] += a3_31
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+            of[o + 8 * os_k] += a4_8
+            of[o + 9 * os_k] += a4_9
+            of[o + 10 * os_k] += a4_10
+            of[o + 11 * os_k] += a4_11
+            of[o + 12 * os_k] += a4_12
+            of[o + 13 * os_k] += a4_13
+            of[o + 14 * os_k] += a4_14
+            of[o + 15 * os_k] += a4_15
+            of[o + 16 * os_k] += a4_16
+            of[o + 17 * os_k] += a4_17
+            of[o + 18 * os_k] += a4_18
+            of[o + 19 * os_k] += a4_19
+            of[o + 20 * os_k] += a4_20
+            of[o + 21 * os_k] += a4_21
+            of[o + 22 * os_k] += a4_22
+            of[o + 23 * os_k] += a4_23
+            of[o + 24 * os_k] += a4_24
+            of[o + 25 * os_k] += a4_25
+            of[o + 26 * os_k] += a4_26
+            of[o + 27 * os_k] += a4_27
+            of[o + 28 * os_k] += a4_28
+            of[o + 29 * os_k] += a4_29
+            of[o + 30 * os_k] += a4_30
+            of[o + 31 * os_k] += a4_31
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] += a5_0
+            of[o + 1 * os_k] += a5_1
+            of[o + 2 * os_k] += a5_2
+            of[o + 3 * os_k] += a5_3
+            of[o + 4 * os_k] += a5_4
+            of[o + 5 * os_k] += a5_5
+            of[o + 6 * os_k] += a5_6
+            of[o + 7 * os_k] += a5_7
+            of[o + 8 * os_k] += a5_8
+            of[o + 9 * os_k] += a5_9
+            of[o + 10 * os_k] += a5_10
+            of[o + 11 * os_k] += a5_11
+            of[o + 12 * os_k] += a5_12
+            of[o + 13 * os_k] += a5_13
+            of[o + 14 * os_k] += a5_14
+            of[o + 15 * os_k] += a5_15
+            of[o + 16 * os_k] += a5_16
+            of[o + 17 * os_k] += a5_17
+            of[o + 18 * os_k] += a5_18
+            of[o + 19 * os_k] += a5_19
+            of[o + 20 * os_k] += a5_20
+            of[o + 21 * os_k] += a5_21
+            of[o + 22 * os_k] += a5_22
+            of[o + 23 * os_k] += a5_23
+            of[o + 24 * os_k] += a5_24
+            of[o + 25 * os_k] += a5_25
+            of[o + 26 * os_k] += a5_26
+            of[o + 27 * os_k] += a5_27
+            of[o + 28 * os_k] += a5_28
+            of[o + 29 * os_k] += a5_29
+            of[o + 30 * os_k] += a5_30
+            of[o + 31 * os_k] += a5_31
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] += a6_0
+            of[o + 1 * os_k] += a6_1
+            of[o + 2 * os_k] += a6_2
+            of[o + 3 * os_k] += a6_3
+            of[o + 4 * os_k] += a6_4
+            of[o + 5 * os_k] += a6_5
+            of[o + 6 * os_k] += a6_6
+            of[o + 7 * os_k] += a6_7
+            of[o + 8 * os_k] += a6_8
+            of[o + 9 * os_k] += a6_9
+            of[o + 10 * os_k] += a6_10
+            of[o + 11 * os_k] += a6_11
+            of[o + 12 * os_k] += a6_12
+            of[o + 13 * os_k] += a6_13
+            of[o + 14 * os_k] += a6_14
+            of[o + 15 * os_k] += a6_15
+            of[o + 16 * os_k] += a6_16
+            of[o + 17 * os_k] += a6_17
+            of[o + 18 * os_k] += a6_18
+            of[o + 19 * os_k] += a6_19
+            of[o + 20 * os_k] += a6_20
+            of[o + 21 * os_k] += a6_21
+            of[o + 22 * os_k] += a6_22
+            of[o + 23 * os_k] += a6_23
+            of[o + 24 * os_k] += a6_24
+            of[o + 25 * os_k] += a6_25
+            of[o + 26 * os_k] += a6_26
+            of[o + 27 * os_k] += a6_27
+            of[o + 28 * os_k] += a6_28
+            of[o + 29 * os_k] += a6_29
+            of[o + 30 * os_k] += a6_30
+            of[o + 31 * os_k] += a6_31
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 32 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 32 + v]
+
+
+@_ukjit
+def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*32 + [0, 32) of image n."""
+    nk = min(32, kg - kb * 32)
+    kb0 = g * kg + kb * 32
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 7):
+                uk7_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv7_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(7 * 32, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile7_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """8 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    xp5 = np.uintp(5) * xsp
+    xp6 = np.uintp(6) * xsp
+    xp7 = np.uintp(7) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
+    a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
+    a6_0 = a6_1 = a6_2 = a6_3 = a6_4 = a6_5 = a6_6 = a6_7 = zero
+    a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
+    a7_0 = a7_1 = a7_2 = a7_3 = a7_4 = a7_5 = a7_6 = a7_7 = zero
+    a7_8 = a7_9 = a7_10 = a7_11 = a7_12 = a7_13 = a7_14 = a7_15 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(16)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+                a4_8 += x4 * w8
+                a4_9 += x4 * w9
+                a4_10 += x4 * w10
+                a4_11 += x4 * w11
+                a4_12 += x4 * w12
+                a4_13 += x4 * w13
+                a4_14 += x4 * w14
+                a4_15 += x4 * w15
+                x5 = xf[xc + xp5]
+                a5_0 += x5 * w0
+                a5_1 += x5 * w1
+                a5_2 += x5 * w2
+                a5_3 += x5 * w3
+                a5_4 += x5 * w4
+                a5_5 += x5 * w5
+                a5_6 += x5 * w6
+                a5_7 += x5 * w7
+                a5_8 += x5 * w8
+                a5_9 += x5 * w9
+                a5_10 += x5 * w10
+                a5_11 += x5 * w11
+                a5_12 += x5 * w12
+                a5_13 += x5 * w13
+                a5_14 += x5 * w14
+                a5_15 += x5 * w15
+                x6 = xf[xc + xp6]
+                a6_0 += x6 * w0
+                a6_1 += x6 * w1
+                a6_2 += x6 * w2
+                a6_3 += x6 * w3
+                a6_4 += x6 * w4
+                a6_5 += x6 * w5
+                a6_6 += x6 * w6
+                a6_7 += x6 * w7
+                a6_8 += x6 * w8
+                a6_9 += x6 * w9
+                a6_10 += x6 * w10
+                a6_11 += x6 * w11
+                a6_12 += x6 * w12
+                a6_13 += x6 * w13
+                a6_14 += x6 * w14
+                a6_15 += x6 * w15
+                x7 = xf[xc + xp7]
+                a7_0 += x7 * w0
+                a7_1 += x7 * w1
+                a7_2 += x7 * w2
+                a7_3 += x7 * w3
+                a7_4 += x7 * w4
+                a7_5 += x7 * w5
+                a7_6 += x7 * w6
+                a7_7 += x7 * w7
+                a7_8 += x7 * w8
+                a7_9 += x7 * w9
+                a7_10 += x7 * w10
+                a7_11 += x7 * w11
+                a7_12 += x7 * w12
+                a7_13 += x7 * w13
+                a7_14 += x7 * w14
+                a7_15 += x7 * w15
+    if nk == 16 and np_ == 8:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+            of[o + 8 * os_k] = a4_8 + b8
+            of[o + 9 * os_k] = a4_9 + b9
+            of[o + 10 * os_k] = a4_10 + b10
+            of[o + 11 * os_k] = a4_11 + b11
+            of[o + 12 * os_k] = a4_12 + b12
+            of[o + 13 * os_k] = a4_13 + b13
+            of[o + 14 * os_k] = a4_14 + b14
+            of[o + 15 * os_k] = a4_15 + b15
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] = a5_0 + b0
+            of[o + 1 * os_k] = a5_1 + b1
+            of[o + 2 * os_k] = a5_2 + b2
+            of[o + 3 * os_k] = a5_3 + b3
+            of[o + 4 * os_k] = a5_4 + b4
+            of[o + 5 * os_k] = a5_5 + b5
+            of[o + 6 * os_k] = a5_6 + b6
+            of[o + 7 * os_k] = a5_7 + b7
+            of[o + 8 * os_k] = a5_8 + b8
+            of[o + 9 * os_k] = a5_9 + b9
+            of[o + 10 * os_k] = a5_10 + b10
+            of[o + 11 * os_k] = a5_11 + b11
+            of[o + 12 * os_k] = a5_12 + b12
+            of[o + 13 * os_k] = a5_13 + b13
+            of[o + 14 * os_k] = a5_14 + b14
+            of[o + 15 * os_k] = a5_15 + b15
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] = a6_0 + b0
+            of[o + 1 * os_k] = a6_1 + b1
+            of[o + 2 * os_k] = a6_2 + b2
+            of[o + 3 * os_k] = a6_3 + b3
+            of[o + 4 * os_k] = a6_4 + b4
+            of[o + 5 * os_k] = a6_5 + b5
+            of[o + 6 * os_k] = a6_6 + b6
+            of[o + 7 * os_k] = a6_7 + b7
+            of[o + 8 * os_k] = a6_8 + b8
+            of[o + 9 * os_k] = a6_9 + b9
+            of[o + 10 * os_k] = a6_10 + b10
+            of[o + 11 * os_k] = a6_11 + b11
+            of[o + 12 * os_k] = a6_12 + b12
+            of[o + 13 * os_k] = a6_13 + b13
+            of[o + 14 * os_k] = a6_14 + b14
+            of[o + 15 * os_k] = a6_15 + b15
+            o = ob + 7 * os_p
+            of[o + 0 * os_k] = a7_0 + b0
+            of[o + 1 * os_k] = a7_1 + b1
+            of[o + 2 * os_k] = a7_2 + b2
+            of[o + 3 * os_k] = a7_3 + b3
+            of[o + 4 * os_k] = a7_4 + b4
+            of[o + 5 * os_k] = a7_5 + b5
+            of[o + 6 * os_k] = a7_6 + b6
+            of[o + 7 * os_k] = a7_7 + b7
+            of[o + 8 * os_k] = a7_8 + b8
+            of[o + 9 * os_k] = a7_9 + b9
+            of[o + 10 * os_k] = a7_10 + b10
+            of[o + 11 * os_k] = a7_11 + b11
+            of[o + 12 * os_k] = a7_12 + b12
+            of[o + 13 * os_k] = a7_13 + b13
+            of[o + 14 * os_k] = a7_14 + b14
+            of[o + 15 * os_k] = a7_15 + b15
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+            of[o + 8 * os_k] += a4_8
+            of[o + 9 * os_k] += a4_9
+            of[o + 10 * os_k] += a4_10
+            of[o + 11 * os_k] += a4_11
+            of[o + 12 * os_k] += a4_12
+            of[o + 13 * os_k] += a4_13
+            of[o + 14 * os_k] += a4_14
+            of[o + 15 * os_k] += a4_15
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] += a5_0
+            of[o + 1 * os_k] += a5_1
+            of[o + 2 * os_k] += a5_2
+            of[o + 3 * os_k] += a5_3
+            of[o + 4 * os_k] += a5_4
+            of[o + 5 * os_k] += a5_5
+            of[o + 6 * os_k] += a5_6
+            of[o + 7 * os_k] += a5_7
+            of[o + 8 * os_k] += a5_8
+            of[o + 9 * os_k] += a5_9
+            of[o + 10 * os_k] += a5_10
+            of[o + 11 * os_k] += a5_11
+            of[o + 12 * os_k] += a5_12
+            of[o + 13 * os_k] += a5_13
+            of[o + 14 * os_k] += a5_14
+            of[o + 15 * os_k] += a5_15
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] += a6_0
+            of[o + 1 * os_k] += a6_1
+            of[o + 2 * os_k] += a6_2
+            of[o + 3 * os_k] += a6_3
+            of[o + 4 * os_k] += a6_4
+            of[o + 5 * os_k] += a6_5
+            of[o + 6 * os_k] += a6_6
+            of[o + 7 * os_k] += a6_7
+            of[o + 8 * os_k] += a6_8
+            of[o + 9 * os_k] += a6_9
+            of[o + 10 * os_k] += a6_10
+            of[o + 11 * os_k] += a6_11
+            of[o + 12 * os_k] += a6_12
+            of[o + 13 * os_k] += a6_13
+            of[o + 14 * os_k] += a6_14
+            of[o + 15 * os_k] += a6_15
+            o = ob + 7 * os_p
+            of[o + 0 * os_k] += a7_0
+            of[o + 1 * os_k] += a7_1
+            of[o + 2 * os_k] += a7_2
+            of[o + 3 * os_k] += a7_3
+            of[o + 4 * os_k] += a7_4
+            of[o + 5 * os_k] += a7_5
+            of[o + 6 * os_k] += a7_6
+            of[o + 7 * os_k] += a7_7
+            of[o + 8 * os_k] += a7_8
+            of[o + 9 * os_k] += a7_9
+            of[o + 10 * os_k] += a7_10
+            of[o + 11 * os_k] += a7_11
+            of[o + 12 * os_k] += a7_12
+            of[o + 13 * os_k] += a7_13
+            of[o + 14 * os_k] += a7_14
+            of[o + 15 * os_k] += a7_15
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
+        tmp[112] = a7_0; tmp[113] = a7_1; tmp[114] = a7_2; tmp[115] = a7_3; tmp[116] = a7_4; tmp[117] = a7_5; tmp[118] = a7_6; tmp[119] = a7_7
+        tmp[120] = a7_8; tmp[121] = a7_9; tmp[122] = a7_10; tmp[123] = a7_11; tmp[124] = a7_12; tmp[125] = a7_13; tmp[126] = a7_14; tmp[127] = a7_15
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 16 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 16 + v]
+
+
+@_ukjit
+def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
+    nk = min(16, kg - kb * 16)
+    kb0 = g * kg + kb * 16
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 8):
+                uk8_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv8_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(8 * 16, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile8_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
+                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+
+
+@_ukjit
+def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp):
+    """8 pixels x 32 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    u3 = np.uintp(3)
+    u4 = np.uintp(4)
+    u5 = np.uintp(5)
+    u6 = np.uintp(6)
+    u7 = np.uintp(7)
+    u8 = np.uintp(8)
+    u9 = np.uintp(9)
+    u10 = np.uintp(10)
+    u11 = np.uintp(11)
+    u12 = np.uintp(12)
+    u13 = np.uintp(13)
+    u14 = np.uintp(14)
+    u15 = np.uintp(15)
+    u16 = np.uintp(16)
+    u17 = np.uintp(17)
+    u18 = np.uintp(18)
+    u19 = np.uintp(19)
+    u20 = np.uintp(20)
+    u21 = np.uintp(21)
+    u22 = np.uintp(22)
+    u23 = np.uintp(23)
+    u24 = np.uintp(24)
+    u25 = np.uintp(25)
+    u26 = np.uintp(26)
+    u27 = np.uintp(27)
+    u28 = np.uintp(28)
+    u29 = np.uintp(29)
+    u30 = np.uintp(30)
+    u31 = np.uintp(31)
+    xsp = np.uintp(xs_p)
+    xp1 = np.uintp(1) * xsp
+    xp2 = np.uintp(2) * xsp
+    xp3 = np.uintp(3) * xsp
+    xp4 = np.uintp(4) * xsp
+    xp5 = np.uintp(5) * xsp
+    xp6 = np.uintp(6) * xsp
+    xp7 = np.uintp(7) * xsp
+    a0_0 = a0_1 = a0_2 = a0_3 = a0_4 = a0_5 = a0_6 = a0_7 = zero
+    a0_8 = a0_9 = a0_10 = a0_11 = a0_12 = a0_13 = a0_14 = a0_15 = zero
+    a0_16 = a0_17 = a0_18 = a0_19 = a0_20 = a0_21 = a0_22 = a0_23 = zero
+    a0_24 = a0_25 = a0_26 = a0_27 = a0_28 = a0_29 = a0_30 = a0_31 = zero
+    a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
+    a1_8 = a1_9 = a1_10 = a1_11 = a1_12 = a1_13 = a1_14 = a1_15 = zero
+    a1_16 = a1_17 = a1_18 = a1_19 = a1_20 = a1_21 = a1_22 = a1_23 = zero
+    a1_24 = a1_25 = a1_26 = a1_27 = a1_28 = a1_29 = a1_30 = a1_31 = zero
+    a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
+    a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
+    a2_16 = a2_17 = a2_18 = a2_19 = a2_20 = a2_21 = a2_22 = a2_23 = zero
+    a2_24 = a2_25 = a2_26 = a2_27 = a2_28 = a2_29 = a2_30 = a2_31 = zero
+    a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    a3_16 = a3_17 = a3_18 = a3_19 = a3_20 = a3_21 = a3_22 = a3_23 = zero
+    a3_24 = a3_25 = a3_26 = a3_27 = a3_28 = a3_29 = a3_30 = a3_31 = zero
+    a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    a4_16 = a4_17 = a4_18 = a4_19 = a4_20 = a4_21 = a4_22 = a4_23 = zero
+    a4_24 = a4_25 = a4_26 = a4_27 = a4_28 = a4_29 = a4_30 = a4_31 = zero
+    a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
+    a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
+    a5_16 = a5_17 = a5_18 = a5_19 = a5_20 = a5_21 = a5_22 = a5_23 = zero
+    a5_24 = a5_25 = a5_26 = a5_27 = a5_28 = a5_29 = a5_30 = a5_31 = zero
+    a6_0 = a6_1 = a6_2 = a6_3 = a6_4 = a6_5 = a6_6 = a6_7 = zero
+    a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
+    a6_16 = a6_17 = a6_18 = a6_19 = a6_20 = a6_21 = a6_22 = a6_23 = zero
+    a6_24 = a6_25 = a6_26 = a6_27 = a6_28 = a6_29 = a6_30 = a6_31 = zero
+    a7_0 = a7_1 = a7_2 = a7_3 = a7_4 = a7_5 = a7_6 = a7_7 = zero
+    a7_8 = a7_9 = a7_10 = a7_11 = a7_12 = a7_13 = a7_14 = a7_15 = zero
+    a7_16 = a7_17 = a7_18 = a7_19 = a7_20 = a7_21 = a7_22 = a7_23 = zero
+    a7_24 = a7_25 = a7_26 = a7_27 = a7_28 = a7_29 = a7_30 = a7_31 = zero
+    for r in range(r_):
+        for s in range(s_):
+            xo = np.uintp(xb + r * xs_r + s * xs_s)
+            wo = np.uintp(wb + (r * s_ + s) * cin * 32)
+            for c in range(np.uintp(cin)):
+                wc = wo + c * np.uintp(32)
+                xc = xo + c
+                w0 = wf[wc]
+                w1 = wf[wc + u1]
+                w2 = wf[wc + u2]
+                w3 = wf[wc + u3]
+                w4 = wf[wc + u4]
+                w5 = wf[wc + u5]
+                w6 = wf[wc + u6]
+                w7 = wf[wc + u7]
+                w8 = wf[wc + u8]
+                w9 = wf[wc + u9]
+                w10 = wf[wc + u10]
+                w11 = wf[wc + u11]
+                w12 = wf[wc + u12]
+                w13 = wf[wc + u13]
+                w14 = wf[wc + u14]
+                w15 = wf[wc + u15]
+                w16 = wf[wc + u16]
+                w17 = wf[wc + u17]
+                w18 = wf[wc + u18]
+                w19 = wf[wc + u19]
+                w20 = wf[wc + u20]
+                w21 = wf[wc + u21]
+                w22 = wf[wc + u22]
+                w23 = wf[wc + u23]
+                w24 = wf[wc + u24]
+                w25 = wf[wc + u25]
+                w26 = wf[wc + u26]
+                w27 = wf[wc + u27]
+                w28 = wf[wc + u28]
+                w29 = wf[wc + u29]
+                w30 = wf[wc + u30]
+                w31 = wf[wc + u31]
+                x0 = xf[xc]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                a0_16 += x0 * w16
+                a0_17 += x0 * w17
+                a0_18 += x0 * w18
+                a0_19 += x0 * w19
+                a0_20 += x0 * w20
+                a0_21 += x0 * w21
+                a0_22 += x0 * w22
+                a0_23 += x0 * w23
+                a0_24 += x0 * w24
+                a0_25 += x0 * w25
+                a0_26 += x0 * w26
+                a0_27 += x0 * w27
+                a0_28 += x0 * w28
+                a0_29 += x0 * w29
+                a0_30 += x0 * w30
+                a0_31 += x0 * w31
+                x1 = xf[xc + xp1]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                a1_16 += x1 * w16
+                a1_17 += x1 * w17
+                a1_18 += x1 * w18
+                a1_19 += x1 * w19
+                a1_20 += x1 * w20
+                a1_21 += x1 * w21
+                a1_22 += x1 * w22
+                a1_23 += x1 * w23
+                a1_24 += x1 * w24
+                a1_25 += x1 * w25
+                a1_26 += x1 * w26
+                a1_27 += x1 * w27
+                a1_28 += x1 * w28
+                a1_29 += x1 * w29
+                a1_30 += x1 * w30
+                a1_31 += x1 * w31
+                x2 = xf[xc + xp2]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                a2_16 += x2 * w16
+                a2_17 += x2 * w17
+                a2_18 += x2 * w18
+                a2_19 += x2 * w19
+                a2_20 += x2 * w20
+                a2_21 += x2 * w21
+                a2_22 += x2 * w22
+                a2_23 += x2 * w23
+                a2_24 += x2 * w24
+                a2_25 += x2 * w25
+                a2_26 += x2 * w26
+                a2_27 += x2 * w27
+                a2_28 += x2 * w28
+                a2_29 += x2 * w29
+                a2_30 += x2 * w30
+                a2_31 += x2 * w31
+                x3 = xf[xc + xp3]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+                a3_16 += x3 * w16
+                a3_17 += x3 * w17
+                a3_18 += x3 * w18
+                a3_19 += x3 * w19
+                a3_20 += x3 * w20
+                a3_21 += x3 * w21
+                a3_22 += x3 * w22
+                a3_23 += x3 * w23
+                a3_24 += x3 * w24
+                a3_25 += x3 * w25
+                a3_26 += x3 * w26
+                a3_27 += x3 * w27
+                a3_28 += x3 * w28
+                a3_29 += x3 * w29
+                a3_30 += x3 * w30
+                a3_31 += x3 * w31
+                x4 = xf[xc + xp4]
+                a4_0 += x4 * w0
+                a4_1 += x4 * w1
+                a4_2 += x4 * w2
+                a4_3 += x4 * w3
+                a4_4 += x4 * w4
+                a4_5 += x4 * w5
+                a4_6 += x4 * w6
+                a4_7 += x4 * w7
+                a4_8 += x4 * w8
+                a4_9 += x4 * w9
+                a4_10 += x4 * w10
+                a4_11 += x4 * w11
+                a4_12 += x4 * w12
+                a4_13 += x4 * w13
+                a4_14 += x4 * w14
+                a4_15 += x4 * w15
+                a4_16 += x4 * w16
+                a4_17 += x4 * w17
+                a4_18 += x4 * w18
+                a4_19 += x4 * w19
+                a4_20 += x4 * w20
+                a4_21 += x4 * w21
+                a4_22 += x4 * w22
+                a4_23 += x4 * w23
+                a4_24 += x4 * w24
+                a4_25 += x4 * w25
+                a4_26 += x4 * w26
+                a4_27 += x4 * w27
+                a4_28 += x4 * w28
+                a4_29 += x4 * w29
+                a4_30 += x4 * w30
+                a4_31 += x4 * w31
+                x5 = xf[xc + xp5]
+                a5_0 += x5 * w0
+                a5_1 += x5 * w1
+                a5_2 += x5 * w2
+                a5_3 += x5 * w3
+                a5_4 += x5 * w4
+                a5_5 += x5 * w5
+                a5_6 += x5 * w6
+                a5_7 += x5 * w7
+                a5_8 += x5 * w8
+                a5_9 += x5 * w9
+                a5_10 += x5 * w10
+                a5_11 += x5 * w11
+                a5_12 += x5 * w12
+                a5_13 += x5 * w13
+                a5_14 += x5 * w14
+                a5_15 += x5 * w15
+                a5_16 += x5 * w16
+                a5_17 += x5 * w17
+                a5_18 += x5 * w18
+                a5_19 += x5 * w19
+                a5_20 += x5 * w20
+                a5_21 += x5 * w21
+                a5_22 += x5 * w22
+                a5_23 += x5 * w23
+                a5_24 += x5 * w24
+                a5_25 += x5 * w25
+                a5_26 += x5 * w26
+                a5_27 += x5 * w27
+                a5_28 += x5 * w28
+                a5_29 += x5 * w29
+                a5_30 += x5 * w30
+                a5_31 += x5 * w31
+                x6 = xf[xc + xp6]
+                a6_0 += x6 * w0
+                a6_1 += x6 * w1
+                a6_2 += x6 * w2
+                a6_3 += x6 * w3
+                a6_4 += x6 * w4
+                a6_5 += x6 * w5
+                a6_6 += x6 * w6
+                a6_7 += x6 * w7
+                a6_8 += x6 * w8
+                a6_9 += x6 * w9
+                a6_10 += x6 * w10
+                a6_11 += x6 * w11
+                a6_12 += x6 * w12
+                a6_13 += x6 * w13
+                a6_14 += x6 * w14
+                a6_15 += x6 * w15
+                a6_16 += x6 * w16
+                a6_17 += x6 * w17
+                a6_18 += x6 * w18
+                a6_19 += x6 * w19
+                a6_20 += x6 * w20
+                a6_21 += x6 * w21
+                a6_22 += x6 * w22
+                a6_23 += x6 * w23
+                a6_24 += x6 * w24
+                a6_25 += x6 * w25
+                a6_26 += x6 * w26
+                a6_27 += x6 * w27
+                a6_28 += x6 * w28
+                a6_29 += x6 * w29
+                a6_30 += x6 * w30
+                a6_31 += x6 * w31
+                x7 = xf[xc + xp7]
+                a7_0 += x7 * w0
+                a7_1 += x7 * w1
+                a7_2 += x7 * w2
+                a7_3 += x7 * w3
+                a7_4 += x7 * w4
+                a7_5 += x7 * w5
+                a7_6 += x7 * w6
+                a7_7 += x7 * w7
+                a7_8 += x7 * w8
+                a7_9 += x7 * w9
+                a7_10 += x7 * w10
+                a7_11 += x7 * w11
+                a7_12 += x7 * w12
+                a7_13 += x7 * w13
+                a7_14 += x7 * w14
+                a7_15 += x7 * w15
+                a7_16 += x7 * w16
+                a7_17 += x7 * w17
+                a7_18 += x7 * w18
+                a7_19 += x7 * w19
+                a7_20 += x7 * w20
+                a7_21 += x7 * w21
+                a7_22 += x7 * w22
+                a7_23 += x7 * w23
+                a7_24 += x7 * w24
+                a7_25 += x7 * w25
+                a7_26 += x7 * w26
+                a7_27 += x7 * w27
+                a7_28 += x7 * w28
+                a7_29 += x7 * w29
+                a7_30 += x7 * w30
+                a7_31 += x7 * w31
+    if nk == 32 and np_ == 8:
+        if first:
+            b0 = bias[kb0 + 0]
+            b1 = bias[kb0 + 1]
+            b2 = bias[kb0 + 2]
+            b3 = bias[kb0 + 3]
+            b4 = bias[kb0 + 4]
+            b5 = bias[kb0 + 5]
+            b6 = bias[kb0 + 6]
+            b7 = bias[kb0 + 7]
+            b8 = bias[kb0 + 8]
+            b9 = bias[kb0 + 9]
+            b10 = bias[kb0 + 10]
+            b11 = bias[kb0 + 11]
+            b12 = bias[kb0 + 12]
+            b13 = bias[kb0 + 13]
+            b14 = bias[kb0 + 14]
+            b15 = bias[kb0 + 15]
+            b16 = bias[kb0 + 16]
+            b17 = bias[kb0 + 17]
+            b18 = bias[kb0 + 18]
+            b19 = bias[kb0 + 19]
+            b20 = bias[kb0 + 20]
+            b21 = bias[kb0 + 21]
+            b22 = bias[kb0 + 22]
+            b23 = bias[kb0 + 23]
+            b24 = bias[kb0 + 24]
+            b25 = bias[kb0 + 25]
+            b26 = bias[kb0 + 26]
+            b27 = bias[kb0 + 27]
+            b28 = bias[kb0 + 28]
+            b29 = bias[kb0 + 29]
+            b30 = bias[kb0 + 30]
+            b31 = bias[kb0 + 31]
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] = a0_0 + b0
+            of[o + 1 * os_k] = a0_1 + b1
+            of[o + 2 * os_k] = a0_2 + b2
+            of[o + 3 * os_k] = a0_3 + b3
+            of[o + 4 * os_k] = a0_4 + b4
+            of[o + 5 * os_k] = a0_5 + b5
+            of[o + 6 * os_k] = a0_6 + b6
+            of[o + 7 * os_k] = a0_7 + b7
+            of[o + 8 * os_k] = a0_8 + b8
+            of[o + 9 * os_k] = a0_9 + b9
+            of[o + 10 * os_k] = a0_10 + b10
+            of[o + 11 * os_k] = a0_11 + b11
+            of[o + 12 * os_k] = a0_12 + b12
+            of[o + 13 * os_k] = a0_13 + b13
+            of[o + 14 * os_k] = a0_14 + b14
+            of[o + 15 * os_k] = a0_15 + b15
+            of[o + 16 * os_k] = a0_16 + b16
+            of[o + 17 * os_k] = a0_17 + b17
+            of[o + 18 * os_k] = a0_18 + b18
+            of[o + 19 * os_k] = a0_19 + b19
+            of[o + 20 * os_k] = a0_20 + b20
+            of[o + 21 * os_k] = a0_21 + b21
+            of[o + 22 * os_k] = a0_22 + b22
+            of[o + 23 * os_k] = a0_23 + b23
+            of[o + 24 * os_k] = a0_24 + b24
+            of[o + 25 * os_k] = a0_25 + b25
+            of[o + 26 * os_k] = a0_26 + b26
+            of[o + 27 * os_k] = a0_27 + b27
+            of[o + 28 * os_k] = a0_28 + b28
+            of[o + 29 * os_k] = a0_29 + b29
+            of[o + 30 * os_k] = a0_30 + b30
+            of[o + 31 * os_k] = a0_31 + b31
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] = a1_0 + b0
+            of[o + 1 * os_k] = a1_1 + b1
+            of[o + 2 * os_k] = a1_2 + b2
+            of[o + 3 * os_k] = a1_3 + b3
+            of[o + 4 * os_k] = a1_4 + b4
+            of[o + 5 * os_k] = a1_5 + b5
+            of[o + 6 * os_k] = a1_6 + b6
+            of[o + 7 * os_k] = a1_7 + b7
+            of[o + 8 * os_k] = a1_8 + b8
+            of[o + 9 * os_k] = a1_9 + b9
+            of[o + 10 * os_k] = a1_10 + b10
+            of[o + 11 * os_k] = a1_11 + b11
+            of[o + 12 * os_k] = a1_12 + b12
+            of[o + 13 * os_k] = a1_13 + b13
+            of[o + 14 * os_k] = a1_14 + b14
+            of[o + 15 * os_k] = a1_15 + b15
+            of[o + 16 * os_k] = a1_16 + b16
+            of[o + 17 * os_k] = a1_17 + b17
+            of[o + 18 * os_k] = a1_18 + b18
+            of[o + 19 * os_k] = a1_19 + b19
+            of[o + 20 * os_k] = a1_20 + b20
+            of[o + 21 * os_k] = a1_21 + b21
+            of[o + 22 * os_k] = a1_22 + b22
+            of[o + 23 * os_k] = a1_23 + b23
+            of[o + 24 * os_k] = a1_24 + b24
+            of[o + 25 * os_k] = a1_25 + b25
+            of[o + 26 * os_k] = a1_26 + b26
+            of[o + 27 * os_k] = a1_27 + b27
+            of[o + 28 * os_k] = a1_28 + b28
+            of[o + 29 * os_k] = a1_29 + b29
+            of[o + 30 * os_k] = a1_30 + b30
+            of[o + 31 * os_k] = a1_31 + b31
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] = a2_0 + b0
+            of[o + 1 * os_k] = a2_1 + b1
+            of[o + 2 * os_k] = a2_2 + b2
+            of[o + 3 * os_k] = a2_3 + b3
+            of[o + 4 * os_k] = a2_4 + b4
+            of[o + 5 * os_k] = a2_5 + b5
+            of[o + 6 * os_k] = a2_6 + b6
+            of[o + 7 * os_k] = a2_7 + b7
+            of[o + 8 * os_k] = a2_8 + b8
+            of[o + 9 * os_k] = a2_9 + b9
+            of[o + 10 * os_k] = a2_10 + b10
+            of[o + 11 * os_k] = a2_11 + b11
+            of[o + 12 * os_k] = a2_12 + b12
+            of[o + 13 * os_k] = a2_13 + b13
+            of[o + 14 * os_k] = a2_14 + b14
+            of[o + 15 * os_k] = a2_15 + b15
+            of[o + 16 * os_k] = a2_16 + b16
+            of[o + 17 * os_k] = a2_17 + b17
+            of[o + 18 * os_k] = a2_18 + b18
+            of[o + 19 * os_k] = a2_19 + b19
+            of[o + 20 * os_k] = a2_20 + b20
+            of[o + 21 * os_k] = a2_21 + b21
+            of[o + 22 * os_k] = a2_22 + b22
+            of[o + 23 * os_k] = a2_23 + b23
+            of[o + 24 * os_k] = a2_24 + b24
+            of[o + 25 * os_k] = a2_25 + b25
+            of[o + 26 * os_k] = a2_26 + b26
+            of[o + 27 * os_k] = a2_27 + b27
+            of[o + 28 * os_k] = a2_28 + b28
+            of[o + 29 * os_k] = a2_29 + b29
+            of[o + 30 * os_k] = a2_30 + b30
+            of[o + 31 * os_k] = a2_31 + b31
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] = a3_0 + b0
+            of[o + 1 * os_k] = a3_1 + b1
+            of[o + 2 * os_k] = a3_2 + b2
+            of[o + 3 * os_k] = a3_3 + b3
+            of[o + 4 * os_k] = a3_4 + b4
+            of[o + 5 * os_k] = a3_5 + b5
+            of[o + 6 * os_k] = a3_6 + b6
+            of[o + 7 * os_k] = a3_7 + b7
+            of[o + 8 * os_k] = a3_8 + b8
+            of[o + 9 * os_k] = a3_9 + b9
+            of[o + 10 * os_k] = a3_10 + b10
+            of[o + 11 * os_k] = a3_11 + b11
+            of[o + 12 * os_k] = a3_12 + b12
+            of[o + 13 * os_k] = a3_13 + b13
+            of[o + 14 * os_k] = a3_14 + b14
+            of[o + 15 * os_k] = a3_15 + b15
+            of[o + 16 * os_k] = a3_16 + b16
+            of[o + 17 * os_k] = a3_17 + b17
+            of[o + 18 * os_k] = a3_18 + b18
+            of[o + 19 * os_k] = a3_19 + b19
+            of[o + 20 * os_k] = a3_20 + b20
+            of[o + 21 * os_k] = a3_21 + b21
+            of[o + 22 * os_k] = a3_22 + b22
+            of[o + 23 * os_k] = a3_23 + b23
+            of[o + 24 * os_k] = a3_24 + b24
+            of[o + 25 * os_k] = a3_25 + b25
+            of[o + 26 * os_k] = a3_26 + b26
+            of[o + 27 * os_k] = a3_27 + b27
+            of[o + 28 * os_k] = a3_28 + b28
+            of[o + 29 * os_k] = a3_29 + b29
+            of[o + 30 * os_k] = a3_30 + b30
+            of[o + 31 * os_k] = a3_31 + b31
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] = a4_0 + b0
+            of[o + 1 * os_k] = a4_1 + b1
+            of[o + 2 * os_k] = a4_2 + b2
+            of[o + 3 * os_k] = a4_3 + b3
+            of[o + 4 * os_k] = a4_4 + b4
+            of[o + 5 * os_k] = a4_5 + b5
+            of[o + 6 * os_k] = a4_6 + b6
+            of[o + 7 * os_k] = a4_7 + b7
+            of[o + 8 * os_k] = a4_8 + b8
+            of[o + 9 * os_k] = a4_9 + b9
+            of[o + 10 * os_k] = a4_10 + b10
+            of[o + 11 * os_k] = a4_11 + b11
+            of[o + 12 * os_k] = a4_12 + b12
+            of[o + 13 * os_k] = a4_13 + b13
+            of[o + 14 * os_k] = a4_14 + b14
+            of[o + 15 * os_k] = a4_15 + b15
+            of[o + 16 * os_k] = a4_16 + b16
+            of[o + 17 * os_k] = a4_17 + b17
+            of[o + 18 * os_k] = a4_18 + b18
+            of[o + 19 * os_k] = a4_19 + b19
+            of[o + 20 * os_k] = a4_20 + b20
+            of[o + 21 * os_k] = a4_21 + b21
+            of[o + 22 * os_k] = a4_22 + b22
+            of[o + 23 * os_k] = a4_23 + b23
+            of[o + 24 * os_k] = a4_24 + b24
+            of[o + 25 * os_k] = a4_25 + b25
+            of[o + 26 * os_k] = a4_26 + b26
+            of[o + 27 * os_k] = a4_27 + b27
+            of[o + 28 * os_k] = a4_28 + b28
+            of[o + 29 * os_k] = a4_29 + b29
+            of[o + 30 * os_k] = a4_30 + b30
+            of[o + 31 * os_k] = a4_31 + b31
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] = a5_0 + b0
+            of[o + 1 * os_k] = a5_1 + b1
+            of[o + 2 * os_k] = a5_2 + b2
+            of[o + 3 * os_k] = a5_3 + b3
+            of[o + 4 * os_k] = a5_4 + b4
+            of[o + 5 * os_k] = a5_5 + b5
+            of[o + 6 * os_k] = a5_6 + b6
+            of[o + 7 * os_k] = a5_7 + b7
+            of[o + 8 * os_k] = a5_8 + b8
+            of[o + 9 * os_k] = a5_9 + b9
+            of[o + 10 * os_k] = a5_10 + b10
+            of[o + 11 * os_k] = a5_11 + b11
+            of[o + 12 * os_k] = a5_12 + b12
+            of[o + 13 * os_k] = a5_13 + b13
+            of[o + 14 * os_k] = a5_14 + b14
+            of[o + 15 * os_k] = a5_15 + b15
+            of[o + 16 * os_k] = a5_16 + b16
+            of[o + 17 * os_k] = a5_17 + b17
+            of[o + 18 * os_k] = a5_18 + b18
+            of[o + 19 * os_k] = a5_19 + b19
+            of[o + 20 * os_k] = a5_20 + b20
+            of[o + 21 * os_k] = a5_21 + b21
+            of[o + 22 * os_k] = a5_22 + b22
+            of[o + 23 * os_k] = a5_23 + b23
+            of[o + 24 * os_k] = a5_24 + b24
+            of[o + 25 * os_k] = a5_25 + b25
+            of[o + 26 * os_k] = a5_26 + b26
+            of[o + 27 * os_k] = a5_27 + b27
+            of[o + 28 * os_k] = a5_28 + b28
+            of[o + 29 * os_k] = a5_29 + b29
+            of[o + 30 * os_k] = a5_30 + b30
+            of[o + 31 * os_k] = a5_31 + b31
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] = a6_0 + b0
+            of[o + 1 * os_k] = a6_1 + b1
+            of[o + 2 * os_k] = a6_2 + b2
+            of[o + 3 * os_k] = a6_3 + b3
+            of[o + 4 * os_k] = a6_4 + b4
+            of[o + 5 * os_k] = a6_5 + b5
+            of[o + 6 * os_k] = a6_6 + b6
+            of[o + 7 * os_k] = a6_7 + b7
+            of[o + 8 * os_k] = a6_8 + b8
+            of[o + 9 * os_k] = a6_9 + b9
+            of[o + 10 * os_k] = a6_10 + b10
+            of[o + 11 * os_k] = a6_11 + b11
+            of[o + 12 * os_k] = a6_12 + b12
+            of[o + 13 * os_k] = a6_13 + b13
+            of[o + 14 * os_k] = a6_14 + b14
+            of[o + 15 * os_k] = a6_15 + b15
+            of[o + 16 * os_k] = a6_16 + b16
+            of[o + 17 * os_k] = a6_17 + b17
+            of[o + 18 * os_k] = a6_18 + b18
+            of[o + 19 * os_k] = a6_19 + b19
+            of[o + 20 * os_k] = a6_20 + b20
+            of[o + 21 * os_k] = a6_21 + b21
+            of[o + 22 * os_k] = a6_22 + b22
+            of[o + 23 * os_k] = a6_23 + b23
+            of[o + 24 * os_k] = a6_24 + b24
+            of[o + 25 * os_k] = a6_25 + b25
+            of[o + 26 * os_k] = a6_26 + b26
+            of[o + 27 * os_k] = a6_27 + b27
+            of[o + 28 * os_k] = a6_28 + b28
+            of[o + 29 * os_k] = a6_29 + b29
+            of[o + 30 * os_k] = a6_30 + b30
+            of[o + 31 * os_k] = a6_31 + b31
+            o = ob + 7 * os_p
+            of[o + 0 * os_k] = a7_0 + b0
+            of[o + 1 * os_k] = a7_1 + b1
+            of[o + 2 * os_k] = a7_2 + b2
+            of[o + 3 * os_k] = a7_3 + b3
+            of[o + 4 * os_k] = a7_4 + b4
+            of[o + 5 * os_k] = a7_5 + b5
+            of[o + 6 * os_k] = a7_6 + b6
+            of[o + 7 * os_k] = a7_7 + b7
+            of[o + 8 * os_k] = a7_8 + b8
+            of[o + 9 * os_k] = a7_9 + b9
+            of[o + 10 * os_k] = a7_10 + b10
+            of[o + 11 * os_k] = a7_11 + b11
+            of[o + 12 * os_k] = a7_12 + b12
+            of[o + 13 * os_k] = a7_13 + b13
+            of[o + 14 * os_k] = a7_14 + b14
+            of[o + 15 * os_k] = a7_15 + b15
+            of[o + 16 * os_k] = a7_16 + b16
+            of[o + 17 * os_k] = a7_17 + b17
+            of[o + 18 * os_k] = a7_18 + b18
+            of[o + 19 * os_k] = a7_19 + b19
+            of[o + 20 * os_k] = a7_20 + b20
+            of[o + 21 * os_k] = a7_21 + b21
+            of[o + 22 * os_k] = a7_22 + b22
+            of[o + 23 * os_k] = a7_23 + b23
+            of[o + 24 * os_k] = a7_24 + b24
+            of[o + 25 * os_k] = a7_25 + b25
+            of[o + 26 * os_k] = a7_26 + b26
+            of[o + 27 * os_k] = a7_27 + b27
+            of[o + 28 * os_k] = a7_28 + b28
+            of[o + 29 * os_k] = a7_29 + b29
+            of[o + 30 * os_k] = a7_30 + b30
+            of[o + 31 * os_k] = a7_31 + b31
+        else:
+            o = ob + 0 * os_p
+            of[o + 0 * os_k] += a0_0
+            of[o + 1 * os_k] += a0_1
+            of[o + 2 * os_k] += a0_2
+            of[o + 3 * os_k] += a0_3
+            of[o + 4 * os_k] += a0_4
+            of[o + 5 * os_k] += a0_5
+            of[o + 6 * os_k] += a0_6
+            of[o + 7 * os_k] += a0_7
+            of[o + 8 * os_k] += a0_8
+            of[o + 9 * os_k] += a0_9
+            of[o + 10 * os_k] += a0_10
+            of[o + 11 * os_k] += a0_11
+            of[o + 12 * os_k] += a0_12
+            of[o + 13 * os_k] += a0_13
+            of[o + 14 * os_k] += a0_14
+            of[o + 15 * os_k] += a0_15
+            of[o + 16 * os_k] += a0_16
+            of[o + 17 * os_k] += a0_17
+            of[o + 18 * os_k] += a0_18
+            of[o + 19 * os_k] += a0_19
+            of[o + 20 * os_k] += a0_20
+            of[o + 21 * os_k] += a0_21
+            of[o + 22 * os_k] += a0_22
+            of[o + 23 * os_k] += a0_23
+            of[o + 24 * os_k] += a0_24
+            of[o + 25 * os_k] += a0_25
+            of[o + 26 * os_k] += a0_26
+            of[o + 27 * os_k] += a0_27
+            of[o + 28 * os_k] += a0_28
+            of[o + 29 * os_k] += a0_29
+            of[o + 30 * os_k] += a0_30
+            of[o + 31 * os_k] += a0_31
+            o = ob + 1 * os_p
+            of[o + 0 * os_k] += a1_0
+            of[o + 1 * os_k] += a1_1
+            of[o + 2 * os_k] += a1_2
+            of[o + 3 * os_k] += a1_3
+            of[o + 4 * os_k] += a1_4
+            of[o + 5 * os_k] += a1_5
+            of[o + 6 * os_k] += a1_6
+            of[o + 7 * os_k] += a1_7
+            of[o + 8 * os_k] += a1_8
+            of[o + 9 * os_k] += a1_9
+            of[o + 10 * os_k] += a1_10
+            of[o + 11 * os_k] += a1_11
+            of[o + 12 * os_k] += a1_12
+            of[o + 13 * os_k] += a1_13
+            of[o + 14 * os_k] += a1_14
+            of[o + 15 * os_k] += a1_15
+            of[o + 16 * os_k] += a1_16
+            of[o + 17 * os_k] += a1_17
+            of[o + 18 * os_k] += a1_18
+            of[o + 19 * os_k] += a1_19
+            of[o + 20 * os_k] += a1_20
+            of[o + 21 * os_k] += a1_21
+            of[o + 22 * os_k] += a1_22
+            of[o + 23 * os_k] += a1_23
+            of[o + 24 * os_k] += a1_24
+            of[o + 25 * os_k] += a1_25
+            of[o + 26 * os_k] += a1_26
+            of[o + 27 * os_k] += a1_27
+            of[o + 28 * os_k] += a1_28
+            of[o + 29 * os_k] += a1_29
+            of[o + 30 * os_k] += a1_30
+            of[o + 31 * os_k] += a1_31
+            o = ob + 2 * os_p
+            of[o + 0 * os_k] += a2_0
+            of[o + 1 * os_k] += a2_1
+            of[o + 2 * os_k] += a2_2
+            of[o + 3 * os_k] += a2_3
+            of[o + 4 * os_k] += a2_4
+            of[o + 5 * os_k] += a2_5
+            of[o + 6 * os_k] += a2_6
+            of[o + 7 * os_k] += a2_7
+            of[o + 8 * os_k] += a2_8
+            of[o + 9 * os_k] += a2_9
+            of[o + 10 * os_k] += a2_10
+            of[o + 11 * os_k] += a2_11
+            of[o + 12 * os_k] += a2_12
+            of[o + 13 * os_k] += a2_13
+            of[o + 14 * os_k] += a2_14
+            of[o + 15 * os_k] += a2_15
+            of[o + 16 * os_k] += a2_16
+            of[o + 17 * os_k] += a2_17
+            of[o + 18 * os_k] += a2_18
+            of[o + 19 * os_k] += a2_19
+            of[o + 20 * os_k] += a2_20
+            of[o + 21 * os_k] += a2_21
+            of[o + 22 * os_k] += a2_22
+            of[o + 23 * os_k] += a2_23
+            of[o + 24 * os_k] += a2_24
+            of[o + 25 * os_k] += a2_25
+            of[o + 26 * os_k] += a2_26
+            of[o + 27 * os_k] += a2_27
+            of[o + 28 * os_k] += a2_28
+            of[o + 29 * os_k] += a2_29
+            of[o + 30 * os_k] += a2_30
+            of[o + 31 * os_k] += a2_31
+            o = ob + 3 * os_p
+            of[o + 0 * os_k] += a3_0
+            of[o + 1 * os_k] += a3_1
+            of[o + 2 * os_k] += a3_2
+            of[o + 3 * os_k] += a3_3
+            of[o + 4 * os_k] += a3_4
+            of[o + 5 * os_k] += a3_5
+            of[o + 6 * os_k] += a3_6
+            of[o + 7 * os_k] += a3_7
+            of[o + 8 * os_k] += a3_8
+            of[o + 9 * os_k] += a3_9
+            of[o + 10 * os_k] += a3_10
+            of[o + 11 * os_k] += a3_11
+            of[o + 12 * os_k] += a3_12
+            of[o + 13 * os_k] += a3_13
+            of[o + 14 * os_k] += a3_14
+            of[o + 15 * os_k] += a3_15
+            of[o + 16 * os_k] += a3_16
+            of[o + 17 * os_k] += a3_17
+            of[o + 18 * os_k] += a3_18
+            of[o + 19 * os_k] += a3_19
+            of[o + 20 * os_k] += a3_20
+            of[o + 21 * os_k] += a3_21
+            of[o + 22 * os_k] += a3_22
+            of[o + 23 * os_k] += a3_23
+            of[o + 24 * os_k] += a3_24
+            of[o + 25 * os_k] += a3_25
+            of[o + 26 * os_k] += a3_26
+            of[o + 27 * os_k] += a3_27
+            of[o + 28 * os_k] += a3_28
+            of[o + 29 * os_k] += a3_29
+            of[o + 30 * os_k] += a3_30
+            of[o + 31 * os_k] += a3_31
+            o = ob + 4 * os_p
+            of[o + 0 * os_k] += a4_0
+            of[o + 1 * os_k] += a4_1
+            of[o + 2 * os_k] += a4_2
+            of[o + 3 * os_k] += a4_3
+            of[o + 4 * os_k] += a4_4
+            of[o + 5 * os_k] += a4_5
+            of[o + 6 * os_k] += a4_6
+            of[o + 7 * os_k] += a4_7
+            of[o + 8 * os_k] += a4_8
+            of[o + 9 * os_k] += a4_9
+            of[o + 10 * os_k] += a4_10
+            of[o + 11 * os_k] += a4_11
+            of[o + 12 * os_k] += a4_12
+            of[o + 13 * os_k] += a4_13
+            of[o + 14 * os_k] += a4_14
+            of[o + 15 * os_k] += a4_15
+            of[o + 16 * os_k] += a4_16
+            of[o + 17 * os_k] += a4_17
+            of[o + 18 * os_k] += a4_18
+            of[o + 19 * os_k] += a4_19
+            of[o + 20 * os_k] += a4_20
+            of[o + 21 * os_k] += a4_21
+            of[o + 22 * os_k] += a4_22
+            of[o + 23 * os_k] += a4_23
+            of[o + 24 * os_k] += a4_24
+            of[o + 25 * os_k] += a4_25
+            of[o + 26 * os_k] += a4_26
+            of[o + 27 * os_k] += a4_27
+            of[o + 28 * os_k] += a4_28
+            of[o + 29 * os_k] += a4_29
+            of[o + 30 * os_k] += a4_30
+            of[o + 31 * os_k] += a4_31
+            o = ob + 5 * os_p
+            of[o + 0 * os_k] += a5_0
+            of[o + 1 * os_k] += a5_1
+            of[o + 2 * os_k] += a5_2
+            of[o + 3 * os_k] += a5_3
+            of[o + 4 * os_k] += a5_4
+            of[o + 5 * os_k] += a5_5
+            of[o + 6 * os_k] += a5_6
+            of[o + 7 * os_k] += a5_7
+            of[o + 8 * os_k] += a5_8
+            of[o + 9 * os_k] += a5_9
+            of[o + 10 * os_k] += a5_10
+            of[o + 11 * os_k] += a5_11
+            of[o + 12 * os_k] += a5_12
+            of[o + 13 * os_k] += a5_13
+            of[o + 14 * os_k] += a5_14
+            of[o + 15 * os_k] += a5_15
+            of[o + 16 * os_k] += a5_16
+            of[o + 17 * os_k] += a5_17
+            of[o + 18 * os_k] += a5_18
+            of[o + 19 * os_k] += a5_19
+            of[o + 20 * os_k] += a5_20
+            of[o + 21 * os_k] += a5_21
+            of[o + 22 * os_k] += a5_22
+            of[o + 23 * os_k] += a5_23
+            of[o + 24 * os_k] += a5_24
+            of[o + 25 * os_k] += a5_25
+            of[o + 26 * os_k] += a5_26
+            of[o + 27 * os_k] += a5_27
+            of[o + 28 * os_k] += a5_28
+            of[o + 29 * os_k] += a5_29
+            of[o + 30 * os_k] += a5_30
+            of[o + 31 * os_k] += a5_31
+            o = ob + 6 * os_p
+            of[o + 0 * os_k] += a6_0
+            of[o + 1 * os_k] += a6_1
+            of[o + 2 * os_k] += a6_2
+            of[o + 3 * os_k] += a6_3
+            of[o + 4 * os_k] += a6_4
+            of[o + 5 * os_k] += a6_5
+            of[o + 6 * os_k] += a6_6
+            of[o + 7 * os_k] += a6_7
+            of[o + 8 * os_k] += a6_8
+            of[o + 9 * os_k] += a6_9
+            of[o + 10 * os_k] += a6_10
+            of[o + 11 * os_k] += a6_11
+            of[o + 12 * os_k] += a6_12
+            of[o + 13 * os_k] += a6_13
+            of[o + 14 * os_k] += a6_14
+            of[o + 15 * os_k] += a6_15
+            of[o + 16 * os_k] += a6_16
+            of[o + 17 * os_k] += a6_17
+            of[o + 18 * os_k] += a6_18
+            of[o + 19 * os_k] += a6_19
+            of[o + 20 * os_k] += a6_20
+            of[o + 21 * os_k] += a6_21
+            of[o + 22 * os_k] += a6_22
+            of[o + 23 * os_k] += a6_23
+            of[o + 24 * os_k] += a6_24
+            of[o + 25 * os_k] += a6_25
+            of[o + 26 * os_k] += a6_26
+            of[o + 27 * os_k] += a6_27
+            of[o + 28 * os_k] += a6_28
+            of[o + 29 * os_k] += a6_29
+            of[o + 30 * os_k] += a6_30
+            of[o + 31 * os_k] += a6_31
+            o = ob + 7 * os_p
+            of[o + 0 * os_k] += a7_0
+            of[o + 1 * os_k] += a7_1
+            of[o + 2 * os_k] += a7_2
+            of[o + 3 * os_k] += a7_3
+            of[o + 4 * os_k] += a7_4
+            of[o + 5 * os_k] += a7_5
+            of[o + 6 * os_k] += a7_6
+            of[o + 7 * os_k] += a7_7
+            of[o + 8 * os_k] += a7_8
+            of[o + 9 * os_k] += a7_9
+            of[o + 10 * os_k] += a7_10
+            of[o + 11 * os_k] += a7_11
+            of[o + 12 * os_k] += a7_12
+            of[o + 13 * os_k] += a7_13
+            of[o + 14 * os_k] += a7_14
+            of[o + 15 * os_k] += a7_15
+            of[o + 16 * os_k] += a7_16
+            of[o + 17 * os_k] += a7_17
+            of[o + 18 * os_k] += a7_18
+            of[o + 19 * os_k] += a7_19
+            of[o + 20 * os_k] += a7_20
+            of[o + 21 * os_k] += a7_21
+            of[o + 22 * os_k] += a7_22
+            of[o + 23 * os_k] += a7_23
+            of[o + 24 * os_k] += a7_24
+            of[o + 25 * os_k] += a7_25
+            of[o + 26 * os_k] += a7_26
+            of[o + 27 * os_k] += a7_27
+            of[o + 28 * os_k] += a7_28
+            of[o + 29 * os_k] += a7_29
+            of[o + 30 * os_k] += a7_30
+            of[o + 31 * os_k] += a7_31
+    else:
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
+        tmp[224] = a7_0; tmp[225] = a7_1; tmp[226] = a7_2; tmp[227] = a7_3; tmp[228] = a7_4; tmp[229] = a7_5; tmp[230] = a7_6; tmp[231] = a7_7
+        tmp[232] = a7_8; tmp[233] = a7_9; tmp[234] = a7_10; tmp[235] = a7_11; tmp[236] = a7_12; tmp[237] = a7_13; tmp[238] = a7_14; tmp[239] = a7_15
+        tmp[240] = a7_16; tmp[241] = a7_17; tmp[242] = a7_18; tmp[243] = a7_19; tmp[244] = a7_20; tmp[245] = a7_21; tmp[246] = a7_22; tmp[247] = a7_23
+        tmp[248] = a7_24; tmp[249] = a7_25; tmp[250] = a7_26; tmp[251] = a7_27; tmp[252] = a7_28; tmp[253] = a7_29; tmp[254] = a7_30; tmp[255] = a7_31
+        for p in range(np_):
+            for v in range(nk):
+                o = ob + p * os_p + v * os_k
+                if first:
+                    of[o] = tmp[p * 32 + v] + bias[kb0 + v]
+                else:
+                    of[o] += tmp[p * 32 + v]
+
+
+@_ukjit
+def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
+            dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channels g*kg + kb*32 + [0, 32) of image n."""
+    nk = min(32, kg - kb * 32)
+    kb0 = g * kg + kb * 32
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+        for i in range(i0, i1):
+            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+            if nchw:
+                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+            else:
+                orow = (n * ho_ + i) * wo_ * k_ + kb0
+            for j0 in range(0, wo_, 8):
+                uk8_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+
+
+@pjit
+def conv8_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, channel block)."""
+    nrb = (ho_ + rows - 1) // rows
+    inner = groups * kbg
+    for t in prange(n_ * nrb * inner):
+        tmp = np.empty(8 * 32, dtype=of.dtype)
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        rb = rest // inner
+        gk = rest % inner
+        i0 = rb * rows
+        tile8_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
                   cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)

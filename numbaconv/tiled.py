@@ -50,9 +50,12 @@ from ._jit import pjit
 
 __all__ = ["run", "plan", "microkernel", "microkernel_asm", "generate_source", "P"]
 
-#: output pixels per micro-kernel call
-P = 6
-_UK_SHAPES = ((6, 8), (6, 16), (6, 32))
+#: output pixels per micro-kernel call that fit the register file: 2P accumulators +
+#: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
+P_CHOICES = {32: (4, 5, 6), 64: (6, 7, 8)}
+P = 6  # the default (and the one asm-checked)
+_UK_SHAPES = tuple(sorted({(p_, 2 * vb // item) for vb, ps in P_CHOICES.items() for p_ in ps
+                           for item in (4, 8)}))
 
 
 # --- compiling with SLP vectorisation -----------------------------------------------------
@@ -90,14 +93,21 @@ def block_width(dtype):
     return max(8, min(32, 2 * vector_bytes() // np.dtype(dtype).itemsize))
 
 
-def microkernel(dtype):
+def microkernel(dtype, p_=P):
     from . import _ukernels
-    return getattr(_ukernels, f"uk{P}_{block_width(dtype)}")
+    return getattr(_ukernels, f"uk{p_}_{block_width(dtype)}")
 
 
-def _driver(dtype):
+def _driver(dtype, p_):
     from . import _ukernels
-    return getattr(_ukernels, f"conv{P}_{block_width(dtype)}")
+    return getattr(_ukernels, f"conv{p_}_{block_width(dtype)}")
+
+
+def pixel_block(wo):
+    """``P`` for output rows of ``wo`` pixels: least padded work, ~1.5 pixels' worth of
+    fixed cost (weight loads, loop and store overhead) per micro-kernel call."""
+    choices = P_CHOICES.get(vector_bytes(), (P,))
+    return min(choices, key=lambda p_: (-(-wo // p_) * (p_ + 1.5), -p_))
 
 
 def microkernel_asm(dtype=np.float32):
@@ -167,8 +177,9 @@ def _pack_weights(w, wp, groups, kbg, cb, v_):
 
 # --- planning --------------------------------------------------------------------------------
 def plan(p):
-    """Blocking for problem ``p``: dict(V, cb, rows, hp, wp)."""
+    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp)."""
     v_ = block_width(p.dtype)
+    p_ = pixel_block(p.wo)
     item = p.dtype.itemsize
     # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2).
     cb = max(8, (128 * 1024) // (p.r * p.s * v_ * item))
@@ -187,15 +198,22 @@ def plan(p):
         rows = (rows + 1) // 2
         row_bytes //= 2
     hp = p.h + p.pad_top + p.pad_bottom
-    wblocks = -(-p.wo // P)
-    wp = max(p.w + p.pad_left + p.pad_right, (wblocks * P - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
-    return dict(V=v_, cb=cb, rows=rows, kbg=kbg, hp=hp, wp=wp)
+    wblocks = -(-p.wo // p_)
+    wp = max(p.w + p.pad_left + p.pad_right, (wblocks * p_ - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
+    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, hp=hp, wp=wp)
+
+
+def uses_streaming(p):
+    """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)."""
+    return 4 * p.kg <= block_width(p.dtype)
 
 
 def run(p, x, w_oihw, bias, out):
+    from . import depthwise
     if p.is_depthwise:
-        from . import depthwise
         return depthwise.run(p, x, w_oihw, bias, out)
+    if uses_streaming(p):
+        return depthwise.run_streaming(p, x, w_oihw, bias, out)
     b = plan(p)
     v_ = b["V"]
     nchw = p.layout == "NCHW"
@@ -207,7 +225,7 @@ def run(p, x, w_oihw, bias, out):
     if bias is not None:
         bp[:p.k] = bias
     with _slp():
-        _driver(p.dtype)(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c,
+        _driver(p.dtype, b["P"])(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c,
                          p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
                          p.dil_w, b["cb"], b["rows"], nchw, p.dtype.type(0))
 
