@@ -295,3 +295,19 @@ def test_conv_transpose2d_errors():
         numbaconv.conv_transpose2d(x, w.astype(np.float64))
     with pytest.raises(ValueError, match="output size"):
         numbaconv.conv_transpose2d(np.zeros((1, 4, 1, 1), np.float32), w, padding=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kwargs", [{"padding": 0, "groups": 3}, {"padding": 1}, {"padding": 0}],
+                         ids=["depthwise_nopad", "dense_pad", "dense_nopad"])
+def test_results_are_not_reused_scratch(layout, kwargs):
+    """Backward keeps reusable scratch buffers: results must never alias them."""
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    x, wt, b, gy = _setup((1, 3, 40, 40, 3, 3, 3), kwargs, np.float64, seed=8)
+    first = numbaconv.conv2d_backward(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl), layout=layout,
+                                      **kwargs)
+    kept = [a.copy() for a in first]
+    numbaconv.conv2d_backward(to_act(gy * 3 + 1, layout), to_act(x * 2, layout), to_weight(wt - 1, wl),
+                              layout=layout, **kwargs)
+    for a, k in zip(first, kept):
+        np.testing.assert_array_equal(a, k)
