@@ -17,6 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+def _reload_numba_config():
+    """Re-read NUMBA_* now.  Numba re-reads them at the next compile whenever they changed,
+    which would reset config attributes other code set by hand (tiled's SLP switch)."""
+    from numba.core import config
+
+    config.reload_config()
+
+
 _PRIOR = os.environ.get("NUMBA_ENABLE_CUDASIM")
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 if HAVE_NUMBA_CUDA and "numba.cuda" not in sys.modules and _PRIOR is None:
@@ -34,6 +42,7 @@ try:
 finally:
     if _PRIOR is None:
         os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    _reload_numba_config()
 
 from reference import assert_close, make_problem, to_act, to_weight, torch_conv2d  # noqa: E402
 
@@ -44,11 +53,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _simulator_env(monkeypatch):
+def _simulator_env():
     """``available()`` counts the simulator only while NUMBA_ENABLE_CUDASIM asks for it."""
-    if SIM:
-        monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
-    yield
+    if not SIM:
+        yield
+        return
+    prior = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    _reload_numba_config()
+    try:
+        yield
+    finally:
+        if prior is None:
+            os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+        else:
+            os.environ["NUMBA_ENABLE_CUDASIM"] = prior
+        _reload_numba_config()
 
 
 # (id, shape N C H W K R S, conv kwargs) -- tiny: the simulator runs ~1 ms per thread
@@ -142,6 +162,22 @@ def test_auto_picks_direct_for_depthwise_and_gemm_otherwise():
     assert cuda_conv.choose_kernel(problem(256, 256, 1, hw=14)) == "gemm64"  # < 2 waves of 128-tiles
     assert cuda_conv.choose_kernel(problem(512, 512, 1, n=1, hw=7)) == "gemm64"  # too few 128-tiles
     assert cuda_conv.choose_kernel(problem(256, 256, 1, np.float64, hw=14)) == "gemm64"
+
+
+def test_index_map_matches_the_host_padding():
+    """``_src_py`` (the map the kernels inline) agrees with the CPU padding's ``source_index``."""
+    from numbaconv.padding import _MODE_CODE as HOST_CODE
+    from numbaconv.padding import source_index
+
+    for mode, code in cuda_conv._MODE_CODE.items():
+        for size in (1, 2, 5):
+            pad = size - 1 if mode == "reflect" else size
+            for i in range(-pad, size + pad):
+                got = cuda_conv._src_py(i, size, code)
+                if mode == "zeros":
+                    assert got == (i if 0 <= i < size else -1)
+                else:
+                    assert got == source_index.py_func(i, size, HOST_CODE[mode]), (mode, size, i)
 
 
 # --- the front door --------------------------------------------------------------------
