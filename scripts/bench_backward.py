@@ -10,14 +10,35 @@ layer, asked for all three gradients) on the same arrays: contiguous NCHW tensor
 own block (warm-up call first, then the median of repeats for ``--budget`` seconds), as
 ``numbaconv bench`` does for the forward pass.  ratio = numbaconv time / torch time
 (< 1: numbaconv is faster).
+
+``--clock cpu`` reports process CPU time (``time.process_time``, all threads summed) and
+takes the minimum instead of the median: with ``--threads 1`` it measures the work itself
+and is robust to other jobs sharing the cores (wall time on a loaded 2-core machine is
+dominated by preemption of the spinning thread pools).
 """
 
 import argparse
+import os
 import sys
+import time
 
-import numpy as np
 
-from numbaconv.bench import SUITE, make_inputs, set_threads, time_callable
+def _threads_arg(argv, default="2"):
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+# BLAS (OpenBLAS behind numba's ?gemm) reads its thread count at load time: give it the same
+# count as numbaconv and torch, before numpy / scipy are imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads_arg(sys.argv[1:]))
+
+import numpy as np  # noqa: E402
+
+from numbaconv.bench import SUITE, make_inputs, set_threads, time_callable  # noqa: E402
 
 SHAPES_3X3 = [name for name, s in SUITE.items() if s.rs == 3]
 
@@ -62,24 +83,40 @@ def runners(shape, layout):
     return ours, theirs
 
 
+def cpu_time(fn, budget_s=0.5, min_repeats=3):
+    """Minimum process CPU seconds of ``fn()`` over repeats (warm-up call first)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < budget_s:
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times), len(times)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per cell")
     parser.add_argument("--layouts", nargs="+", default=["NCHW", "NHWC"])
     parser.add_argument("--shapes", nargs="+", default=SHAPES_3X3)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: median wall time; cpu: minimum process CPU time")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    timer = time_callable if args.clock == "wall" else cpu_time
+    stat = "median wall" if args.clock == "wall" else "min CPU"
 
-    print(f"backward (grad input + weight + bias), float32, {args.threads} threads, median ms")
+    print(f"backward (grad input + weight + bias), float32, {args.threads} threads, {stat} ms")
     print(f"{'shape':<20} {'layout':<6} {'numbaconv':>10} {'torch':>10} {'ratio':>7}")
     ratios = []
     for name in args.shapes:
         shape = SUITE[name]
         for layout in args.layouts:
             ours, theirs = runners(shape, layout)
-            t_ours, _ = time_callable(ours, budget_s=args.budget)
-            t_torch, _ = time_callable(theirs, budget_s=args.budget)
+            t_ours, _ = timer(ours, budget_s=args.budget)
+            t_torch, _ = timer(theirs, budget_s=args.budget)
             ratio = t_ours / t_torch
             ratios.append(ratio)
             print(f"{name:<20} {layout:<6} {t_ours * 1e3:10.3f} {t_torch * 1e3:10.3f} {ratio:7.2f}", flush=True)
