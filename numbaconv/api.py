@@ -11,6 +11,7 @@
 import numpy as np
 
 from . import auto
+from .cuda_conv import is_device_array
 from .layout import to_layout
 from .padding import pad_input
 from .problem import ConvProblem
@@ -34,7 +35,12 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     Returns a new C-contiguous array in ``layout`` (or ``out``, filled).
     """
     _check_algorithm(algorithm)
-    if algorithm == "cuda" or (algorithm == "auto" and hasattr(x, "__cuda_array_interface__")):
+    if algorithm == "auto" and is_device_array(x):
+        if "cuda" not in algorithms():
+            raise ValueError(f"x is a device array ({type(x).__name__}) but the 'cuda' algorithm is not "
+                             "available here (install numbaconv[cuda] on a machine with a GPU)")
+        algorithm = "cuda"
+    if algorithm == "cuda":
         return REGISTRY["cuda"].run(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
                                     groups=groups, padding_mode=padding_mode, layout=layout,
                                     weight_layout=weight_layout, out=out)

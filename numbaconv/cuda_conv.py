@@ -520,7 +520,8 @@ def _has_cai(a):
         return _library(a) == "torch" and bool(getattr(a, "is_cuda", False))
 
 
-def _is_device(a):
+def is_device_array(a):
+    """True for GPU arrays (CAI, numba/simulator device arrays, CUDA DLPack); never raises."""
     return a is not None and not isinstance(a, np.ndarray) and (
         _has_cai(a) or getattr(a, "__cuda_ndarray__", False) or _is_dlpack_cuda(a))
 
@@ -720,7 +721,7 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
                                     weight_layout=weight_layout, allow_device=True)
     _check_out(problem, ov, (("x", xv), ("weight", wv), ("bias", bv)))
     p = problem
-    device_result = _is_device(x)
+    device_result = is_device_array(x)
     np_dtype = np.dtype(p.dtype)
 
     # the result: device array (x on the device) or NumPy (x on the host)
@@ -735,8 +736,8 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
 
     nhwc = p.layout == "NHWC"
     dtype_name = np_dtype.name
-    x_d = xv if _is_device(xv) else cuda.to_device(np.ascontiguousarray(xv), stream=stream)
-    if _is_device(wv):
+    x_d = xv if is_device_array(xv) else cuda.to_device(np.ascontiguousarray(xv), stream=stream)
+    if is_device_array(wv):
         _, wp = _empty((p.groups, p.cg * p.r * p.s, p.kg), np_dtype, weight, stream)
         total = p.k * p.cg * p.r * p.s
         _kernel("pack", dtype_name, nhwc)[math.ceil(total / DIRECT_BLOCK), DIRECT_BLOCK, stream](
@@ -746,7 +747,7 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
     has_bias = bv is not None
     if not has_bias:
         b_d = _empty((1,), np_dtype, x, stream)[1]
-    elif _is_device(bv):
+    elif is_device_array(bv):
         b_d = bv
     else:
         b_d = cuda.to_device(np.ascontiguousarray(bv), stream=stream)

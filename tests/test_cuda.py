@@ -244,10 +244,18 @@ def test_device_arrays_in_device_array_out(kernel, layout):
     wl = "OIHW" if layout == "NCHW" else "HWIO"
     xd, wd, bd = cuda.to_device(to_act(x, layout)), cuda.to_device(to_weight(wt, wl)), cuda.to_device(b)
     got = cuda_conv.conv2d_cuda(xd, wd, bd, layout=layout, kernel=kernel, **kwargs)
-    assert not isinstance(got, np.ndarray) and cuda_conv._is_device(got)
+    assert not isinstance(got, np.ndarray) and cuda_conv.is_device_array(got)
     assert got.shape == to_act(expected, layout).shape and got.dtype == np.float32
     assert_close(got.copy_to_host(), to_act(expected, layout), np.float32, red)
     np.testing.assert_array_equal(xd.copy_to_host(), to_act(x, layout))  # input untouched
+
+
+@needs_cuda
+def test_auto_routes_device_arrays_to_cuda():
+    x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"padding": 1}, np.float32)
+    got = numbaconv.conv2d(cuda.to_device(x), cuda.to_device(wt), cuda.to_device(b), **kwargs)  # algorithm="auto"
+    assert cuda_conv.is_device_array(got)
+    assert_close(got.copy_to_host(), expected, np.float32, red)
 
 
 @needs_cuda
