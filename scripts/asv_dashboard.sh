@@ -27,7 +27,13 @@ asv publish
 
 command -v chromium >/dev/null || { echo "chromium not installed: skipping screenshots" >&2; exit 0; }
 mkdir -p "$SHOTS"
-python -m http.server "$PORT" --bind 127.0.0.1 --directory .asv/html >/dev/null 2>&1 &
+# asv's page loads its JavaScript from CDNs; without internet serve a copy with local assets
+site=.asv/html
+if command -v npm >/dev/null; then
+  site=$(mktemp -d)/site
+  python scripts/asv_offline_site.py .asv/html "$site"
+fi
+python -m http.server "$PORT" --bind 127.0.0.1 --directory "$site" >/dev/null 2>&1 &
 server=$!
 trap 'kill $server' EXIT
 sleep 1
