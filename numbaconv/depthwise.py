@@ -90,12 +90,7 @@ def _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m):
                 wv = w_krs[k, r, s]
                 off = s * dw - pl
                 lo, hi_j = valid_range(off, sw, w_, wo_)
-                if sw == 1:
-                    for j in range(lo, hi_j):
-                        o[j] += xr[j + off] * wv
-                else:
-                    for j in range(lo, hi_j):
-                        o[j] += xr[j * sw + off] * wv
+                _axpy(o, xr, wv, lo, hi_j, sw, off)
 
 
 @pjit
@@ -118,6 +113,23 @@ def run(p, x, w_oihw, bias, out):
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------
+@jit
+def _axpy(a, xr, wv, lo, hi, sw, off):
+    """``a[lo:hi] += wv * xr[lo*sw + off : hi*sw + off : sw]`` -- a separate function so
+    LLVM vectorises it on its own (inside the big loop nest it did not)."""
+    if hi <= lo:
+        return
+    n = hi - lo
+    av = a[lo:hi]
+    xv = xr[lo * sw + off:]  # non-negative indices from here: no wraparound selects
+    if sw == 1:
+        for j in range(n):
+            av[j] += xv[j] * wv
+    else:
+        for j in range(n):
+            av[j] += xv[j * sw] * wv
+
+
 @jit
 def _stream_band(x, w, bias, out, n, i0, i1, nchw, sh, sw, pt, pl, dh, dw, groups, xbuf, acc):
     """Output rows ``[i0, i1)`` of image ``n``, every output channel."""
@@ -159,12 +171,7 @@ def _stream_band(x, w, bias, out, n, i0, i1, nchw, sh, sw, pt, pl, dh, dw, group
                         wv = w[k, cc, r, s]
                         off = s * dw - pl
                         lo, hi_j = valid_range(off, sw, w_, wo_)
-                        if sw == 1:
-                            for j in range(lo, hi_j):
-                                a[j] += xr[j + off] * wv
-                        else:
-                            for j in range(lo, hi_j):
-                                a[j] += xr[j * sw + off] * wv
+                        _axpy(a, xr, wv, lo, hi_j, sw, off)
         if nchw:
             for k in range(k_):
                 out[n, k, i, :] = acc[k, :wo_]

@@ -115,3 +115,20 @@ def test_generated_microkernels_are_up_to_date():
     import pathlib
     path = pathlib.Path(tiled.__file__).with_name("_ukernels.py")
     assert path.read_text() == tiled.generate_source(), "run: python -m numbaconv.tiled"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streaming_kernel(layout, dtype):
+    """The few-channel streaming kernel (seed-notebook shape, tiny), called directly."""
+    rng = np.random.default_rng(5)
+    for n, c, h, w, k, r, s, kw in [(2, 3, 9, 12, 3, 3, 3, {}),
+                                    (1, 4, 8, 9, 2, 3, 2, dict(stride=2, padding=((1, 0), (0, 2)), dilation=(2, 1))),
+                                    (1, 4, 6, 7, 4, 3, 3, dict(groups=2, padding=1))]:
+        x, wt, b = make_problem(rng, n, c, h, w, k, r, s, groups=kw.get("groups", 1), dtype=dtype)
+        expected = to_act(torch_conv2d(x, wt, b, **kw), layout)
+        xa = to_act(x, layout)
+        p = ConvProblem.from_args(xa, wt, b, layout=layout, weight_layout="OIHW", **kw)
+        out = np.empty(p.out_shape, dtype)
+        depthwise.run_streaming(p, xa, wt, b, out)
+        assert_close(out, expected, dtype, (c // kw.get("groups", 1)) * r * s)

@@ -1,0 +1,76 @@
+"""``auto``'s choices on representative problems (the table in numbaconv/auto.py).
+
+The expected choices come from timing the public suite (see numbaconv/auto.py); these
+tests pin the heuristic so a change to it is deliberate.
+"""
+
+import numpy as np
+import pytest
+
+import numbaconv
+from numbaconv import auto
+from numbaconv.problem import ConvProblem
+from reference import assert_close, torch_conv2d
+
+
+def prob(n, c, hw, k, rs, stride=1, pad=0, groups=1, layout="NCHW", dtype=np.float32):
+    return ConvProblem(n=n, c=c, h=hw, w=hw, k=k, r=rs, s=rs, stride_h=stride, stride_w=stride,
+                       pad_top=pad, pad_bottom=pad, pad_left=pad, pad_right=pad, groups=groups,
+                       layout=layout, weight_layout="OIHW" if layout == "NCHW" else "HWIO",
+                       dtype=np.dtype(dtype))
+
+
+# name: (problem args, expected NCHW, expected NHWC)
+SUITE = {
+    "seed_notebook": ((3, 3, 1000, 3, 3, 1, 0, 1), "tiled", "tiled"),
+    "resnet_conv1": ((1, 3, 224, 64, 7, 2, 3, 1), "tiled", "tiled"),
+    "resnet_res2_3x3": ((1, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
+    "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "im2col", "im2col"),
+    "resnet_res3_1x1_s2": ((1, 256, 56, 128, 1, 2, 0, 1), "im2col", "im2col"),
+    "resnet_res4_3x3": ((1, 256, 14, 256, 3, 1, 1, 1), "im2col", "tiled"),
+    "resnet_res5_3x3": ((1, 512, 7, 512, 3, 1, 1, 1), "im2col", "tiled"),
+    "vgg_3x3": ((1, 64, 112, 128, 3, 1, 1, 1), "tiled", "tiled"),
+    "batch8_3x3": ((8, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
+    "mobilenet_dw_s1": ((1, 32, 112, 32, 3, 1, 1, 32), "naive", "tiled"),
+    "mobilenet_dw_s2": ((1, 64, 112, 64, 3, 2, 1, 64), "naive", "tiled"),
+    "mobilenet_dw_14": ((1, 512, 14, 512, 3, 1, 1, 512), "naive", "tiled"),
+}
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", sorted(SUITE))
+def test_choice_on_public_suite(name, layout):
+    args, nchw, nhwc = SUITE[name]
+    assert auto.choose(prob(*args, layout=layout)) == (nchw if layout == "NCHW" else nhwc)
+
+
+def test_choice_is_always_available():
+    for args, _, _ in SUITE.values():
+        for layout in ("NCHW", "NHWC"):
+            assert auto.choose(prob(*args, layout=layout)) in numbaconv.algorithms()
+
+
+def test_grouped_non_depthwise_goes_to_tiled():
+    assert auto.choose(prob(1, 64, 28, 64, 3, 1, 1, groups=4)) == "tiled"
+
+
+def test_without_tiled_falls_back(monkeypatch):
+    monkeypatch.setattr(auto, "algorithms", lambda: ("naive", "im2col"))
+    assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "im2col"
+    assert auto.choose(prob(1, 3, 50, 3, 1)) == "naive"
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_auto_result_matches_torch(layout):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 40, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((48, 40, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    expected = torch_conv2d(x, w, b, padding=1)
+    if layout == "NHWC":
+        got = numbaconv.conv2d(np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
+                               np.ascontiguousarray(w.transpose(2, 3, 1, 0)), b, padding=1, layout="NHWC")
+        got = got.transpose(0, 3, 1, 2)
+    else:
+        got = numbaconv.conv2d(x, w, b, padding=1)
+    assert_close(got, expected, np.float32, 40 * 9)
