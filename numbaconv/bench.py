@@ -32,7 +32,7 @@ import numpy as np
 __all__ = [
     "Shape", "SUITE", "TINY_SUITE", "LAYOUTS", "WEIGHT_LAYOUT", "PEAK_GFLOPS", "DEFAULT_THREADS",
     "LARGE_IM2COL", "active_suite", "bench_algorithms", "make_inputs", "conv_runner", "torch_runner",
-    "time_callable", "set_threads", "run_suite", "geomean_speedups", "first_call_latency",
+    "time_samples", "time_callable", "set_threads", "run_suite", "geomean_speedups", "first_call_latency",
     "machine_info",
 ]
 
@@ -224,12 +224,11 @@ def set_threads(n):
     return n
 
 
-def time_callable(fn, budget_s=0.5, min_repeats=3, max_repeats=1000, warmup=True):
-    """Median seconds of ``fn()``: a warm-up call, then repeats until ~``budget_s`` is spent.
+def time_samples(fn, budget_s=0.5, min_repeats=3, max_repeats=1000, warmup=True):
+    """Seconds of each timed ``fn()`` call: a warm-up call, then repeats until ~``budget_s`` is spent.
 
     At least ``min_repeats`` and at most ``max_repeats`` timed calls; a slow cell stops at
-    ``min_repeats``, a fast one repeats until the budget is used.  Returns
-    ``(median_seconds, repeats)``.
+    ``min_repeats``, a fast one repeats until the budget is used.
     """
     if warmup:
         fn()  # JIT compile / cache load / first-touch allocations: never timed
@@ -242,6 +241,12 @@ def time_callable(fn, budget_s=0.5, min_repeats=3, max_repeats=1000, warmup=True
         times.append(t1 - t0)
         if len(times) >= min_repeats and t1 - start >= budget_s:
             break
+    return times
+
+
+def time_callable(fn, budget_s=0.5, min_repeats=3, max_repeats=1000, warmup=True):
+    """``(median seconds, repeats)`` of :func:`time_samples`."""
+    times = time_samples(fn, budget_s, min_repeats, max_repeats, warmup)
     return statistics.median(times), len(times)
 
 
@@ -280,8 +285,9 @@ def run_suite(shapes, layouts=LAYOUTS, algorithms=None, *, budget_s=0.5, min_rep
               peak_gflops=PEAK_GFLOPS, with_torch=True, progress=True, stream=None):
     """Measure every ``shape x layout x algorithm`` (plus torch); returns a list of result dicts.
 
-    Each dict: ``shape, layout, algorithm, ms, gflops, pct_peak, speedup_vs_torch, repeats,
-    flops``; torch's own rows have ``algorithm="torch"``.  ``speedup_vs_torch`` is torch's
+    Each dict: ``shape, layout, algorithm, ms`` (median), ``gflops, pct_peak,
+    speedup_vs_torch, repeats, flops, min_ms`` (fastest repeat: on a busy machine the median
+    can catch preemptions of the second thread); torch's own rows have ``algorithm="torch"``.  ``speedup_vs_torch`` is torch's
     time divided by the algorithm's (> 1: faster than torch), ``None`` without torch.
     """
     if algorithms is None:
@@ -301,11 +307,13 @@ def run_suite(shapes, layouts=LAYOUTS, algorithms=None, *, budget_s=0.5, min_rep
                     fn = torch_runner(shape, layout, x, w)
                 else:
                     fn = conv_runner(shape, layout, impl, x, w)
-                seconds, repeats = time_callable(fn, budget_s=budget_s, min_repeats=min_repeats)
+                times = time_samples(fn, budget_s=budget_s, min_repeats=min_repeats)
+                seconds = statistics.median(times)
                 gflops = shape.flops / seconds / 1e9
                 cell.append(dict(shape=shape.name, layout=layout, algorithm=impl, ms=seconds * 1e3,
                                  gflops=gflops, pct_peak=100.0 * gflops / peak_gflops,
-                                 speedup_vs_torch=None, repeats=repeats, flops=shape.flops))
+                                 speedup_vs_torch=None, repeats=len(times), flops=shape.flops,
+                                 min_ms=min(times) * 1e3))
                 bar.step(f"{shape.name} {layout} {impl}")
             if torch_ok:
                 torch_ms = cell[0]["ms"]

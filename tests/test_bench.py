@@ -93,7 +93,8 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert len(doc["results"]) == len(expected)
     for r in doc["results"]:
         assert set(r) >= {"shape", "layout", "algorithm", "ms", "gflops", "pct_peak", "speedup_vs_torch",
-                          "repeats", "flops"}
+                          "repeats", "flops", "min_ms"}
+        assert 0 < r["min_ms"] <= r["ms"]
         assert r["ms"] > 0 and r["gflops"] > 0 and r["repeats"] >= 3
         assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / bench.PEAK_GFLOPS)
         assert (r["speedup_vs_torch"] is not None) == HAVE_TORCH
