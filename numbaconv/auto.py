@@ -2,46 +2,43 @@
 
 The heuristic is a pure function of :class:`~numbaconv.problem.ConvProblem`, so tests can
 check its choices without timing anything (``tests/test_auto.py``).  The rules come from
-timing ``tiled``, ``im2col`` and ``naive`` on the public suite (float32, 2-core Zen 4,
-one thread each, CPU time, best of 10; ``/tmp/tiled_lab/bench.py`` in the issue-3 notes):
+timing the algorithms on the public suite, float32, 2 threads for numbaconv and torch,
+wall clock, median of 10 (2-core Zen 4 VM; ``/tmp/tiled_lab/bench.py`` in the issue-3
+notes).  Milliseconds:
 
-============================  ======  =========  ==========  =========  =========
-problem                       layout  tiled ms   im2col ms   naive ms   choice
-============================  ======  =========  ==========  =========  =========
-seed_notebook (C=K=3)         NCHW        26.8       158.7       25.4   tiled [1]
-seed_notebook (C=K=3)         NHWC        36.3       607.3      285.8   tiled [1]
-resnet_conv1 (7x7 s2, C=3)    both      3.0-3.1    7.2-14.7         -   tiled
-resnet_res2_3x3               both      2.7-2.9    3.0-6.2          -   tiled
-resnet_res2_1x1               NCHW         2.14        1.59         -   im2col
-resnet_res2_1x1               NHWC         1.86        1.27         -   im2col
-resnet_res3_1x1_s2            NCHW         2.19        1.77         -   im2col
-resnet_res3_1x1_s2            NHWC         1.00        0.76         -   im2col
-resnet_res4_3x3               NCHW         3.45        2.99         -   im2col
-resnet_res4_3x3               NHWC         3.97        8.10         -   tiled
-resnet_res5_3x3               NCHW         6.44        2.76         -   im2col
-resnet_res5_3x3               NHWC        16.8        30.4          -   tiled
-vgg_3x3, batch8_3x3           both      18.9-19.8  25.8-132         -   tiled
-mobilenet_dw_* (depthwise)    NCHW      0.71-1.46  1.5-2.6    0.57-0.94  naive
-mobilenet_dw_* (depthwise)    NHWC      0.16-0.55  6.1-21.8   2.4-11.2   tiled
-============================  ======  =========  ==========  =========  =========
+============================  ======  ======  ======  ======  =========
+problem                       layout  tiled   im2col  naive   choice
+============================  ======  ======  ======  ======  =========
+seed_notebook (C=K=3)         NCHW     14.9        -   ~25*   tiled [1]
+seed_notebook (C=K=3)         NHWC     20.4        -  ~285*   tiled [1]
+resnet_conv1                  both    1.5-1.8      -       -  tiled
+resnet_res2_3x3               both      1.3        -       -  tiled
+resnet_res2_1x1               NCHW     0.95      8.0       -  tiled
+resnet_res3_1x1_s2            both    0.5-0.8    8.0       -  tiled
+resnet_res4_3x3               NCHW     1.88      8.0       -  tiled
+resnet_res5_3x3               NCHW     7.2       8.0       -  tiled
+vgg_3x3, batch8_3x3           both    9.4-10.8     -       -  tiled
+mobilenet_dw_s1               NCHW     0.38        -    0.31  naive
+mobilenet_dw_s2               NCHW     0.62        -    0.51  naive
+mobilenet_dw_14               NCHW     0.51        -    0.42  naive
+mobilenet_dw_* (depthwise)    NHWC    0.11-0.34    -   (1 thread: 5-20x slower)  tiled
+============================  ======  ======  ======  ======  =========
 
-[1] ``tiled`` hands few-channel problems to its streaming kernel (``uses_streaming``).
+``*`` one thread, CPU time.  [1] ``tiled`` hands few-channel problems to its streaming
+kernel (``tiled.uses_streaming``).
 
-Why: ``tiled`` spends a transpose of the weights into its packed layout on every call;
-that is negligible while the weights are small next to the image (ResNet's early layers,
-VGG, batches) but dominates once they outweigh it by ~100x (res4/res5 in NCHW, where
-im2col's GEMM reads OIHW weights as they are).  In NHWC the front door hands every
-algorithm OIHW weights, so im2col transposes them too and ``tiled`` stays ahead.  1x1
-convolutions are plain GEMMs: im2col's fill is a copy and BLAS wins.  Depthwise NCHW
-planes are best served by the simple width-vectorised ``naive`` loop.
+Why: ``tiled`` is the fastest everywhere but on depthwise NCHW planes, where the plain
+width-vectorised ``naive`` loop has less per-call overhead than ``tiled``'s depthwise
+kernel.  On one thread (CPU time) im2col's BLAS GEMM did beat ``tiled`` on 1x1 layers and
+on res4/res5 in NCHW (``tiled`` transposes its weights into the packed layout on every
+call, which dominates when the weights outweigh the image ~100x), but with 2 threads the
+im2col path measured ~8 ms on every one of those layers (BLAS threads competing with
+Numba's), so ``auto`` does not pick it.
 """
 
 from .registry import algorithms
 
-__all__ = ["choose", "WEIGHT_HEAVY"]
-
-#: weights per output pixel above which im2col's BLAS GEMM beats tiled's packing (NCHW)
-WEIGHT_HEAVY = 100
+__all__ = ["choose"]
 
 
 def choose(p):
@@ -53,13 +50,6 @@ def choose(p):
         if p.cg * p.r * p.s >= 16 and p.kg >= 8:
             return "im2col"
         return "naive"
-    if p.is_depthwise:
-        return "naive" if p.layout == "NCHW" and "naive" in names else "tiled"
-    if "im2col" in names and p.groups == 1:
-        if p.r == 1 and p.s == 1 and p.dil_h == 1 and p.dil_w == 1 and p.c >= 32 and p.k >= 32:
-            return "im2col"
-        weights = p.k * p.cg * p.r * p.s
-        pixels = max(1, p.n * p.ho * p.wo)
-        if p.layout == "NCHW" and weights >= WEIGHT_HEAVY * pixels and p.c >= 32:
-            return "im2col"
+    if p.is_depthwise and p.layout == "NCHW" and "naive" in names:
+        return "naive"
     return "tiled"
