@@ -11,6 +11,7 @@ import functools
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from numba.core import types
 from numba.np.linalg import ensure_blas
 
@@ -56,6 +57,40 @@ _xxgemm = types.ExternalFunction(
                types.intp, types.intp, types.intp, types.intp, types.intp, types.intp,
                types.intp, types.intp),
 )
+
+
+def _openblas_local_threads_address():
+    """Address of ``openblas_set_num_threads_local`` in the OpenBLAS that SciPy (and so
+    numba's ``?gemm``) uses, or 0 where that library or symbol is not there."""
+    import ctypes
+    import glob
+    import os
+
+    import scipy
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
+        try:
+            return ctypes.cast(ctypes.CDLL(path).openblas_set_num_threads_local, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            pass
+    return 0
+
+
+def _no_local_blas_threads(n):
+    return 0
+
+
+# Kernels call BLAS from inside their own prange with the callee restricted to the calling
+# thread (``openblas_set_num_threads_local``: thread-local, no process-wide side effect).
+# The symbol is registered under our own name, so cached kernels link to it by name.
+_LOCAL_THREADS_ADDRESS = _openblas_local_threads_address()
+if _LOCAL_THREADS_ADDRESS:
+    llvm.add_symbol("numbaconv_blas_threads_local", _LOCAL_THREADS_ADDRESS)
+    blas_threads_local = types.ExternalFunction("numbaconv_blas_threads_local", types.intc(types.intc))
+else:  # pragma: no cover - other BLAS builds: BLAS keeps its own threading
+    blas_threads_local = jit(_no_local_blas_threads)
+HAVE_LOCAL_BLAS_THREADS = bool(_LOCAL_THREADS_ADDRESS)
 
 
 @jit

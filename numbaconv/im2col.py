@@ -17,10 +17,11 @@ The public :func:`im2col` / :func:`col2im` are exactly ``torch.nn.functional.unf
 
 import os
 
+import numba
 import numpy as np
 from numba import prange
 
-from ._jit import gemm_nn, jit, pjit, valid_range
+from ._jit import blas_threads_local, gemm_nn, jit, pjit, valid_range
 from .layout import to_layout
 from .problem import check_array, int_pair
 
@@ -43,79 +44,98 @@ def workspace_bytes():
 
 
 # --- fill kernels ----------------------------------------------------------------------
+# One row of the column matrix per call, so the same code fills serially (inside a
+# thread's own tile, below) or in parallel (public im2col, backward pass).
+@jit
+def _fill_row_nchw(x, n, i0, i1, cols, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
+    """cols[row = (c, r, s), (i - i0) * wo_ + j] = x[n, c, i*sh + r*dh - pt, j*sw + s*dw - pl] (0 outside)."""
+    h_, w_ = x.shape[2], x.shape[3]
+    c = row // (r_ * s_)
+    r = (row // s_) % r_
+    s = row % s_
+    off = s * dw - pl
+    lo, hi_j = valid_range(off, sw, w_, wo_)
+    base = row * (i1 - i0) * wo_
+    for i in range(i0, i1):
+        dst = base + (i - i0) * wo_
+        hi = i * sh + r * dh - pt
+        if hi < 0 or hi >= h_:
+            cols[dst:dst + wo_] = 0
+            continue
+        cols[dst:dst + lo] = 0
+        if hi_j > lo:  # one strided slice copy: no per-element index arithmetic
+            cols[dst + lo:dst + hi_j] = x[n, c, hi, lo * sw + off:(hi_j - 1) * sw + off + 1:sw]
+        cols[dst + hi_j:dst + wo_] = 0
+
+
+@jit
+def _fill_row_nhwc(x, t, t0, t1, g, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups):
+    """cols[g, (t - t0) * wo_ + j, (r, s, c)] = x[n, hi, wi, g*cg + c] for output row t = n*ho_ + i."""
+    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    cg = c_ // groups
+    patch = r_ * s_ * cg
+    n = t // ho_
+    i = t % ho_
+    for j in range(wo_):
+        dst = g * (t1 - t0) * wo_ * patch + ((t - t0) * wo_ + j) * patch
+        for r in range(r_):
+            hi = i * sh + r * dh - pt
+            for s in range(s_):
+                wi = j * sw + s * dw - pl
+                d = dst + (r * s_ + s) * cg
+                if hi < 0 or hi >= h_ or wi < 0 or wi >= w_:
+                    cols[d:d + cg] = 0
+                else:
+                    cols[d:d + cg] = x[n, hi, wi, g * cg:(g + 1) * cg]
+
+
 @pjit
 def _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_):
-    """cols[(c, r, s), (i - i0) * wo_ + j] = x[n, c, i*sh + r*dh - pt, j*sw + s*dw - pl] (0 outside)."""
-    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
-    length = (i1 - i0) * wo_
-    for row in prange(c_ * r_ * s_):
-        c = row // (r_ * s_)
-        r = (row // s_) % r_
-        s = row % s_
-        off = s * dw - pl
-        lo, hi_j = valid_range(off, sw, w_, wo_)
-        base = row * length
-        for i in range(i0, i1):
-            dst = base + (i - i0) * wo_
-            hi = i * sh + r * dh - pt
-            if hi < 0 or hi >= h_:
-                cols[dst:dst + wo_] = 0
-                continue
-            cols[dst:dst + lo] = 0
-            if hi_j > lo:  # one strided slice copy: no per-element index arithmetic
-                cols[dst + lo:dst + hi_j] = x[n, c, hi, lo * sw + off:(hi_j - 1) * sw + off + 1:sw]
-            cols[dst + hi_j:dst + wo_] = 0
+    for row in prange(x.shape[1] * r_ * s_):
+        _fill_row_nchw(x, n, i0, i1, cols, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
 
 
 @pjit
 def _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups):
-    """cols[g, (t - t0) * wo_ + j, (r, s, c)] = x[n, hi, wi, g*cg + c] for output rows t = n*ho_ + i."""
-    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
-    cg = c_ // groups
-    patch = r_ * s_ * cg
-    group_size = (t1 - t0) * wo_ * patch
     for job in prange((t1 - t0) * groups):
-        t = t0 + job // groups
-        g = job % groups
-        n = t // ho_
-        i = t % ho_
-        for j in range(wo_):
-            dst = g * group_size + ((t - t0) * wo_ + j) * patch
-            for r in range(r_):
-                hi = i * sh + r * dh - pt
-                for s in range(s_):
-                    wi = j * sw + s * dw - pl
-                    d = dst + (r * s_ + s) * cg
-                    if hi < 0 or hi >= h_ or wi < 0 or wi >= w_:
-                        cols[d:d + cg] = 0
-                    else:
-                        cols[d:d + cg] = x[n, hi, wi, g * cg:(g + 1) * cg]
+        _fill_row_nhwc(x, t0 + job // groups, t0, t1, job % groups, cols, sh, sw, pt, pl, dh, dw,
+                       r_, s_, ho_, wo_, groups)
 
 
 # --- the algorithm ----------------------------------------------------------------------
-# The drivers are serial: parallelism lives in the fill kernels and in BLAS (one parallel
-# region at a time, so the two thread pools never oversubscribe the cores).
-@jit
-def _conv_nchw(x, w, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
-    n_ = x.shape[0]
+# One thread pool: each Numba thread takes whole tiles of output rows, fills its own slice
+# of the workspace and multiplies it with BLAS restricted to the calling thread.  (Letting
+# OpenBLAS spawn its own threads next to Numba's left two spinning pools fighting over the
+# cores: calls were quantised to scheduler ticks, 8 ms for a 1 ms layer.)
+@pjit
+def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
+    n_, c_ = x.shape[0], x.shape[1]
     k_, cg, r_, s_ = w.shape
     ho_, wo_ = out.shape[2], out.shape[3]
     kg = k_ // groups
     patch = cg * r_ * s_
     wf = w.ravel()
     of = out.ravel()
-    for n in range(n_):
-        for i0 in range(0, ho_, rows_per_chunk):
-            i1 = min(i0 + rows_per_chunk, ho_)
+    tiles = (ho_ + tile_rows - 1) // tile_rows
+    per_thread = cols.size // nthreads
+    for thread in prange(nthreads):
+        buf = cols[thread * per_thread:(thread + 1) * per_thread]
+        previous = blas_threads_local(1)
+        for item in range(thread, n_ * tiles, nthreads):
+            n = item // tiles
+            i0 = (item % tiles) * tile_rows
+            i1 = min(i0 + tile_rows, ho_)
             length = (i1 - i0) * wo_
-            _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
+            for row in range(c_ * r_ * s_):
+                _fill_row_nchw(x, n, i0, i1, buf, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
             for g in range(groups):
-                gemm_nn(length, kg, patch, cols, g * patch * length, length, wf, g * kg * patch, patch,
+                gemm_nn(length, kg, patch, buf, g * patch * length, length, wf, g * kg * patch, patch,
                         0.0, of, ((n * k_ + g * kg) * ho_ + i0) * wo_, ho_ * wo_)
+        blas_threads_local(previous)
 
 
-@jit
-def _conv_nhwc(x, w_hwio, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, groups):
+@pjit
+def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
     n_ = x.shape[0]
     r_, s_, cg, k_ = w_hwio.shape
     ho_, wo_ = out.shape[1], out.shape[2]
@@ -124,13 +144,22 @@ def _conv_nhwc(x, w_hwio, out, cols, rows_per_chunk, sh, sw, pt, pl, dh, dw, gro
     wf = w_hwio.ravel()
     of = out.ravel()
     total = n_ * ho_
-    for t0 in range(0, total, rows_per_chunk):
-        t1 = min(t0 + rows_per_chunk, total)
-        length = (t1 - t0) * wo_
-        _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
-        for g in range(groups):
-            gemm_nn(kg, length, patch, wf, g * kg, k_, cols, g * length * patch, patch,
-                    0.0, of, t0 * wo_ * k_ + g * kg, k_)
+    tiles = (total + tile_rows - 1) // tile_rows
+    per_thread = cols.size // nthreads
+    for thread in prange(nthreads):
+        buf = cols[thread * per_thread:(thread + 1) * per_thread]
+        previous = blas_threads_local(1)
+        for tile in range(thread, tiles, nthreads):
+            t0 = tile * tile_rows
+            t1 = min(t0 + tile_rows, total)
+            length = (t1 - t0) * wo_
+            for t in range(t0, t1):
+                for g in range(groups):
+                    _fill_row_nhwc(x, t, t0, t1, g, buf, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+            for g in range(groups):
+                gemm_nn(kg, length, patch, wf, g * kg, k_, buf, g * length * patch, patch,
+                        0.0, of, t0 * wo_ * k_ + g * kg, k_)
+        blas_threads_local(previous)
 
 
 @pjit
@@ -147,24 +176,26 @@ def _add_bias_nhwc(out, bias):
         o2[pix] += bias
 
 
-def _rows_per_chunk(p, total_rows):
-    """Whole output rows per chunk so that the column buffer fits the workspace budget."""
+def _tile_rows(p, total_rows, nthreads):
+    """Output rows per tile: each thread's slice of the workspace holds one tile, and there
+    are at least two tiles per thread when the problem allows (load balance)."""
     row_bytes = p.c * p.r * p.s * p.wo * p.dtype.itemsize
-    return int(max(1, min(total_rows, WORKSPACE_BYTES // row_bytes)))
+    fit = WORKSPACE_BYTES // nthreads // row_bytes
+    balanced = -(-total_rows // (2 * nthreads))
+    return int(max(1, min(fit, balanced)))
 
 
 def run(p, x, w_oihw, bias, out):
+    nthreads = numba.get_num_threads()
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
+    rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
+    cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
     if p.layout == "NCHW":
-        rows = _rows_per_chunk(p, p.ho)
-        cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
-        _conv_nchw(x, w_oihw, out, cols, rows, *geometry)
+        _conv_nchw(x, w_oihw, out, cols, rows, nthreads, *geometry)
         if bias is not None:
             _add_bias_nchw(out, bias)
     else:
-        rows = _rows_per_chunk(p, p.n * p.ho)
-        cols = np.empty(rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
-        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), out, cols, rows, *geometry)
+        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), out, cols, rows, nthreads, *geometry)
         if bias is not None:
             _add_bias_nhwc(out, bias)
 
