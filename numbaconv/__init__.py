@@ -20,8 +20,10 @@ __all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__vers
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
            "conv_transpose2d"]
 
-register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline"))
-register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM"))
+register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline",
+                   weight_layouts=_naive_algo.WEIGHT_LAYOUTS))
+register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM",
+                   weight_layouts=_im2col_algo.WEIGHT_LAYOUTS))
 register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)"))
 register(Algorithm("cuda", _cuda_algo.run, "@cuda.jit implicit GEMM / direct kernels (numbaconv[cuda]; GPU or simulator)",
                    available=_cuda_algo.available, host=False))

@@ -3,8 +3,8 @@
 1. :meth:`ConvProblem.from_args` parses and validates every argument (the only place
    that raises the contract's errors);
 2. the plan: make ``x`` C-contiguous in its layout (a copy only for views with other
-   strides), materialise non-zero padding modes, bring the weights to OIHW, pick the
-   algorithm;
+   strides), materialise non-zero padding modes, pick the algorithm, bring the weights
+   to the layout it asks for (no copy when they already are);
 3. the algorithm's ``run`` fills ``out``.
 """
 
@@ -57,9 +57,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     if problem.padding_mode != "zeros" and problem.has_padding:
         x = pad_input(x, problem)
         problem = problem.materialised()
-    w_oihw = to_layout(weight, problem.weight_layout, "OIHW")
     if bias is not None:
         bias = np.ascontiguousarray(bias)
-    name = auto.choose(problem) if algorithm == "auto" else algorithm
-    REGISTRY[name].run(problem, x, w_oihw, bias, out)
+    algo = REGISTRY[auto.choose(problem) if algorithm == "auto" else algorithm]
+    w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
+    algo.run(problem, x, w, bias, out)
     return out

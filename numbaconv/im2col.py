@@ -22,7 +22,6 @@ import numpy as np
 from numba import prange
 
 from ._jit import blas_threads_local, gemm_nn, jit, pjit, valid_range
-from .layout import to_layout
 from .problem import check_array, int_pair
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -185,17 +184,21 @@ def _tile_rows(p, total_rows, nthreads):
     return int(max(1, min(fit, balanced)))
 
 
-def run(p, x, w_oihw, bias, out):
+WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
+
+
+def run(p, x, w, bias, out):
+    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
     nthreads = numba.get_num_threads()
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
     rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
     cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
     if p.layout == "NCHW":
-        _conv_nchw(x, w_oihw, out, cols, rows, nthreads, *geometry)
+        _conv_nchw(x, w, out, cols, rows, nthreads, *geometry)
         if bias is not None:
             _add_bias_nchw(out, bias)
     else:
-        _conv_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), out, cols, rows, nthreads, *geometry)
+        _conv_nhwc(x, w, out, cols, rows, nthreads, *geometry)
         if bias is not None:
             _add_bias_nhwc(out, bias)
 

@@ -13,7 +13,6 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit, valid_range
-from .layout import to_layout
 
 __all__ = ["conv2d_python", "run"]
 
@@ -109,10 +108,12 @@ def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
             out[n, i, j, :] = acc
 
 
-def run(p, x, w_oihw, bias, out):
+WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
+
+
+def run(p, x, w, bias, out):
+    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
-    if p.layout == "NCHW":
-        _naive_nchw(x, w_oihw, b, out, *geometry)
-    else:
-        _naive_nhwc(x, to_layout(w_oihw, "OIHW", "HWIO"), b, out, *geometry)
+    kernel = _naive_nchw if p.layout == "NCHW" else _naive_nhwc
+    kernel(x, w, b, out, *geometry)

@@ -2,12 +2,16 @@
 
 Every host algorithm has one entry point with the same signature::
 
-    run(problem, x, weight_oihw, bias, out) -> None
+    run(problem, x, weight, bias, out) -> None
 
 * ``problem`` -- a :class:`~numbaconv.problem.ConvProblem` with zero-only padding left
   to apply (other padding modes were materialised by the front door);
 * ``x`` -- C-contiguous input in ``problem.layout``;
-* ``weight_oihw`` -- C-contiguous ``(K, C/groups, R, S)`` weights;
+* ``weight`` -- C-contiguous weights in the layout the algorithm asked for with
+  ``weight_layouts`` (per activation layout; OIHW ``(K, C/groups, R, S)`` by default).
+  The front door converts at most once, and not at all when the caller's weights are
+  already in that layout (NCHW + OIHW and NHWC + HWIO, the usual pairs, for ``naive``
+  and ``im2col``);
 * ``bias`` -- C-contiguous ``(K,)`` or ``None``;
 * ``out`` -- C-contiguous result in ``problem.layout``, to be overwritten entirely.
 
@@ -32,6 +36,11 @@ class Algorithm:
     summary: str
     available: Callable[[], bool] = _always
     host: bool = True  # False: takes the raw arguments itself (device arrays, e.g. CUDA)
+    weight_layouts: tuple = (("NCHW", "OIHW"), ("NHWC", "OIHW"))  # activation -> weight layout
+
+    def weight_layout(self, layout):
+        """The weight layout ``run`` takes for activations in ``layout``."""
+        return dict(self.weight_layouts)[layout]
 
 
 REGISTRY = {}
