@@ -161,6 +161,49 @@ def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw
         blas_threads_local(previous)
 
 
+# 1x1, stride 1, no padding: the input already is the GEMM operand, no column buffer.
+@pjit
+def _pointwise_nchw(x, w, out, nthreads, groups):
+    n_, c_ = x.shape[0], x.shape[1]
+    k_ = w.shape[0]
+    cg, kg = c_ // groups, k_ // groups
+    hw = x.shape[2] * x.shape[3]
+    xf = x.ravel()
+    wf = w.ravel()
+    of = out.ravel()
+    span = (hw + nthreads - 1) // nthreads
+    for thread in prange(nthreads):
+        p0 = thread * span
+        length = min(hw, p0 + span) - p0
+        if length > 0:
+            previous = blas_threads_local(1)
+            for n in range(n_):
+                for g in range(groups):
+                    gemm_nn(length, kg, cg, xf, (n * c_ + g * cg) * hw + p0, hw, wf, g * kg * cg, cg,
+                            0.0, of, (n * k_ + g * kg) * hw + p0, hw)
+            blas_threads_local(previous)
+
+
+@pjit
+def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
+    c_ = x.shape[3]
+    k_ = w_hwio.shape[3]
+    cg, kg = c_ // groups, k_ // groups
+    pixels = x.shape[0] * x.shape[1] * x.shape[2]
+    xf = x.ravel()
+    wf = w_hwio.ravel()
+    of = out.ravel()
+    span = (pixels + nthreads - 1) // nthreads
+    for thread in prange(nthreads):
+        p0 = thread * span
+        length = min(pixels, p0 + span) - p0
+        if length > 0:
+            previous = blas_threads_local(1)
+            for g in range(groups):
+                gemm_nn(kg, length, cg, wf, g * kg, k_, xf, p0 * c_ + g * cg, c_, 0.0, of, p0 * k_ + g * kg, k_)
+            blas_threads_local(previous)
+
+
 @pjit
 def _add_bias_nchw(out, bias):
     n_, k_ = out.shape[0], out.shape[1]
@@ -190,6 +233,11 @@ WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 def run(p, x, w, bias, out):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
     nthreads = numba.get_num_threads()
+    if p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding:
+        (_pointwise_nchw if p.layout == "NCHW" else _pointwise_nhwc)(x, w, out, nthreads, p.groups)
+        if bias is not None:
+            (_add_bias_nchw if p.layout == "NCHW" else _add_bias_nhwc)(out, bias)
+        return
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
     rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
     cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
