@@ -374,43 +374,44 @@ def _dw_shifted(p, x, dy, w_shape):
     return dwt
 
 
-# --- depthwise NCHW: whole padded planes, one contiguous loop per tap ------------------------
-# dY is spread onto a zero plane at the padded width Wp (dY[i, j] at row i*sh, column j*sw:
-# zero-inserted for stride > 1), x is zero-padded to (Hp + 1) x Wp.  Then tap (r, s) pairs
-# element m of the spread dY with element m + r*dh*Wp + s*dw of the padded planes, so each
-# tap is one unit-stride loop over the plane (vectorised), whatever the image width; the
-# price is the zeros (Wp / Wo, and sh * sw for strided layers).
+# --- depthwise NCHW: whole (polyphase) planes, one contiguous loop per tap -------------------
+# The zero-padded input plane is split into its sh x sw stride phases,
+# phase[a, b][u, v] = x_pad[u*sh + a, v*sw + b], each Wq wide.  Tap (r, s) then reads phase
+# (r*dh % sh, s*dw % sw) at offset (r*dh // sh, s*dw // sw) from the output pixel, so with dY
+# laid out at width Wq (zero-extended) every tap is ONE unit-stride loop over the plane:
+# vectorised, whatever the stride or image width; the only waste is Wq / Wo zero columns.
 @pjit
-def _dwp_dx_nchw(w, dyu, dxp, dh, dw):
-    n_, c_, hp1, wp = dxp.shape
+def _dwp_dx_nchw(w, dyq, dxph, sh, sw, dh, dw):
+    n_, c_, hq, wq = dxph.shape[0], dxph.shape[1], dxph.shape[4], dxph.shape[5]
     k_, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
-    m_ = dyu.shape[2] * dyu.shape[3]
+    m_ = dyq.shape[2] * dyq.shape[3]
     kg = k_ // c_
-    xplane = hp1 * wp
-    dxf = dxp.ravel()
-    dyf = dyu.ravel()
+    block = sh * sw * hq * wq
+    dxf = dxph.ravel()
+    dyf = dyq.ravel()
     for job in prange(n_ * c_):
-        n = job // c_
         c = job % c_
+        n = job // c_
         for k in range(c * kg, (c + 1) * kg):
             y0 = np.uintp((n * k_ + k) * m_)
             for r in range(r_):
                 for s in range(s_):
                     wv = w[k, 0, r, s]
-                    d0 = np.uintp(job * xplane + r * dh * wp + s * dw)
+                    ph = (r * dh % sh) * sw + s * dw % sw
+                    d0 = np.uintp(job * block + (ph * hq + r * dh // sh) * wq + s * dw // sw)
                     for m in range(np.uintp(m_)):
                         dxf[d0 + m] += dyf[y0 + m] * wv
 
 
 @pjit
-def _dwp_dw_nchw(xp, dyu, dwt, dh, dw):
-    n_, c_, hp1, wp = xp.shape
+def _dwp_dw_nchw(xph, dyq, dwt, sh, sw, dh, dw):
+    n_, c_, hq, wq = xph.shape[0], xph.shape[1], xph.shape[4], xph.shape[5]
     k_, r_, s_ = dwt.shape[0], dwt.shape[2], dwt.shape[3]
-    m_ = dyu.shape[2] * dyu.shape[3]
+    m_ = dyq.shape[2] * dyq.shape[3]
     kg = k_ // c_
-    xplane = hp1 * wp
-    xf = xp.ravel()
-    dyf = dyu.ravel()
+    block = sh * sw * hq * wq
+    xf = xph.ravel()
+    dyf = dyq.ravel()
     for k in prange(k_):
         c = k // kg
         acc = np.zeros(r_ * s_, dtype=dwt.dtype)
@@ -418,7 +419,8 @@ def _dwp_dw_nchw(xp, dyu, dwt, dh, dw):
             y0 = np.uintp((n * k_ + k) * m_)
             for r in range(r_):
                 for s in range(s_):
-                    x0 = np.uintp((n * c_ + c) * xplane + r * dh * wp + s * dw)
+                    ph = (r * dh % sh) * sw + s * dw % sw
+                    x0 = np.uintp((n * c_ + c) * block + (ph * hq + r * dh // sh) * wq + s * dw // sw)
                     t = acc[r * s_ + s]
                     for m in range(np.uintp(m_)):
                         t += dyf[y0 + m] * xf[x0 + m]
@@ -427,21 +429,49 @@ def _dwp_dw_nchw(xp, dyu, dwt, dh, dw):
             dwt[k, 0, rs // s_, rs % s_] = acc[rs]
 
 
+@pjit
+def _phase_merge_nchw(dxph, dx, pt, pl):
+    """dx[n, c, y, x] = phase[(y+pt) % sh, (x+pl) % sw][(y+pt) // sh, (x+pl) // sw]."""
+    n_, c_, h_, w_ = dx.shape
+    sh, sw, wq = dxph.shape[2], dxph.shape[3], dxph.shape[5]
+    for job in prange(n_ * c_):
+        n = job // c_
+        c = job % c_
+        for y in range(h_):
+            a = (y + pt) % sh
+            u = (y + pt) // sh
+            for b in range(sw):
+                lo, hi = valid_range(b - pl, sw, w_, wq)
+                for v in range(lo, hi):
+                    dx[n, c, y, v * sw + b - pl] = dxph[n, c, a, b, u, v]
+
+
 def _depthwise_nchw(p, x, w_k, dy, want_dx, want_dw):
+    sh, sw = p.stride_h, p.stride_w
     hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
-    hu = (p.ho - 1) * p.stride_h + 1
-    dyu = _scratch("dy_spread", (p.n, p.k, hu, wp), p.dtype, zero=True)
-    dyu[:, :, ::p.stride_h, :(p.wo - 1) * p.stride_w + 1:p.stride_w] = dy
+    # phase planes: cover the padded input, and every tap's reach from every output pixel,
+    # plus one slack row so the flat loops never leave the array
+    hq = max(-(-hp // sh), p.ho + p.dil_h * (p.r - 1) // sh) + 1
+    wq = max(-(-wp // sw), p.wo + p.dil_w * (p.s - 1) // sw)
+    dyq = _scratch("dy_spread", (p.n, p.k, p.ho, wq), p.dtype, zero=True)
+    dyq[:, :, :, :p.wo] = dy
+    rows, cols = slice(p.pad_top, p.pad_top + p.h), slice(p.pad_left, p.pad_left + p.w)
     dx = dwt = None
     if want_dx:
-        dxp = _scratch("dx_pad", (p.n, p.c, hp + 1, wp), p.dtype, zero=True)
-        _dwp_dx_nchw(w_k, dyu, dxp, p.dil_h, p.dil_w)
-        dx = dxp[:, :, p.pad_top:p.pad_top + p.h, p.pad_left:p.pad_left + p.w].copy()  # never a scratch view
+        dxph = _scratch("dx_pad", (p.n, p.c, sh, sw, hq, wq), p.dtype, zero=True)
+        _dwp_dx_nchw(w_k, dyq, dxph, sh, sw, p.dil_h, p.dil_w)
+        dx = np.empty(p.in_shape, dtype=p.dtype)  # never a scratch view
+        _phase_merge_nchw(dxph, dx, p.pad_top, p.pad_left)
     if want_dw:
-        xp = _scratch("x_pad", (p.n, p.c, hp + 1, wp), p.dtype, zero=True)
-        xp[:, :, p.pad_top:p.pad_top + p.h, p.pad_left:p.pad_left + p.w] = x
+        xpad = _scratch("x_pad", (p.n, p.c, hq * sh, wq * sw), p.dtype, zero=True)
+        xpad[:, :, rows, cols] = x
+        if sh * sw > 1:
+            xph = xpad.reshape(p.n, p.c, hq, sh, wq, sw).transpose(0, 1, 3, 5, 2, 4)
+            xph = np.ascontiguousarray(xph)
+        else:
+            xph = xpad.reshape(p.n, p.c, 1, 1, hq, wq)
         dwt = np.empty(w_k.shape, dtype=p.dtype)
-        _dwp_dw_nchw(xp, dyu, dwt, p.dil_h, p.dil_w)
+        _dwp_dw_nchw(xph, dyq, dwt, sh, sw, p.dil_h, p.dil_w)
     return dx, dwt
 
 
