@@ -24,6 +24,7 @@ register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness 
                    weight_layouts=_naive_algo.WEIGHT_LAYOUTS))
 register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM",
                    weight_layouts=_im2col_algo.WEIGHT_LAYOUTS))
-register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)"))
+register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)",
+                   weight_layouts=_tiled_algo.WEIGHT_LAYOUTS))
 register(Algorithm("cuda", _cuda_algo.run, "@cuda.jit implicit GEMM / direct kernels (numbaconv[cuda]; GPU or simulator)",
                    available=_cuda_algo.available, host=False))

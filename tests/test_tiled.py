@@ -132,3 +132,32 @@ def test_streaming_kernel(layout, dtype):
         out = np.empty(p.out_shape, dtype)
         depthwise.run_streaming(p, xa, wt, b, out)
         assert_close(out, expected, dtype, (c // kw.get("groups", 1)) * r * s)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_weight_cache_sees_changes(layout, monkeypatch):
+    """Cached packed weights are reused only for bit-identical weights: in-place edits,
+    new arrays and -0.0 vs 0.0 all repack."""
+    monkeypatch.setattr(tiled, "CACHE_MIN_BYTES", 0)
+    tiled.clear_cache()
+    rng = np.random.default_rng(11)
+    x, wt, b = make_problem(rng, 1, 9, 6, 7, 20, 3, 3, dtype=np.float32)
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    wa = wt.copy() if layout == "NCHW" else np.ascontiguousarray(wt.transpose(2, 3, 1, 0))
+    xa = to_act(x, layout)
+
+    def check(w_oihw):
+        got = numbaconv.conv2d(xa, wa, b, padding=1, layout=layout, weight_layout=wl, algorithm="tiled")
+        assert_close(got, to_act(torch_conv2d(x, w_oihw, b, padding=1), layout), np.float32, 9 * 9)
+
+    check(wt)
+    check(wt)  # a hit
+    hits = tiled._cache_stats["hits"]
+    wa *= -1  # same object, new values
+    check(-wt)
+    wa.fill(0.0)
+    check(np.zeros_like(wt))
+    wa[...] = -0.0  # equal to 0.0 but not bit-identical
+    numbaconv.conv2d(xa, wa, b, padding=1, layout=layout, weight_layout=wl, algorithm="tiled")
+    assert tiled._cache_stats["hits"] == hits
+    tiled.clear_cache()
