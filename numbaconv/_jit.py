@@ -94,10 +94,12 @@ HAVE_LOCAL_BLAS_THREADS = bool(_LOCAL_THREADS_ADDRESS)
 
 
 @jit
-def gemm_nn(m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
-    """Column-major ``C[m, n] = A[m, k] @ B[k, n] + beta * C`` on flat arrays with offsets.
+def gemm(transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """Column-major ``C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C`` on flat arrays.
 
-    In row-major terms: ``C^T = B^T @ A^T``.  All arrays share one float dtype.
+    ``op(X)`` is ``X`` or ``X^T`` by ``transa`` / ``transb``; offsets and leading dimensions
+    are in elements.  In row-major terms ``gemm(False, False, ...)`` computes
+    ``C^T = B^T @ A^T``.  All arrays share one float dtype.
     """
     if m == 0 or n == 0:
         return
@@ -106,7 +108,8 @@ def gemm_nn(m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
     scal[1] = beta
     itemsize = c.itemsize
     kind = np.int8(115) if itemsize == 4 else np.int8(100)  # 's' or 'd'
-    notrans = np.int8(110)  # 'n'
-    _xxgemm(kind, notrans, notrans, m, n, k, scal.ctypes.data,
+    ta = np.int8(116) if transa else np.int8(110)  # 't' or 'n'
+    tb = np.int8(116) if transb else np.int8(110)
+    _xxgemm(kind, ta, tb, m, n, k, scal.ctypes.data,
             a.ctypes.data + a_off * itemsize, lda, b.ctypes.data + b_off * itemsize, ldb,
             scal.ctypes.data + itemsize, c.ctypes.data + c_off * itemsize, ldc)

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import _xxgemm, jit, pjit, valid_range
+from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .api import conv2d
 from .im2col import _fill_nchw, _fill_nhwc, workspace_bytes
 from .layout import to_layout
@@ -69,39 +69,19 @@ def release_workspace():
     _scratch_local.__dict__.pop("pool", None)
 
 
-# --- BLAS ?gemm with transposes ---------------------------------------------------------------
-@jit
-def gemm(transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
-    """Column-major ``C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C`` on flat arrays.
-
-    ``op(X)`` is ``X`` or ``X^T`` by ``transa`` / ``transb``; offsets and leading dimensions
-    in elements.  Same symbol as :func:`numbaconv._jit.gemm_nn` (cacheable).
-    """
-    if m == 0 or n == 0:
-        return
-    scal = np.empty(2, dtype=c.dtype)
-    scal[0] = 1.0
-    scal[1] = beta
-    itemsize = c.itemsize
-    kind = np.int8(115) if itemsize == 4 else np.int8(100)  # 's' or 'd'
-    ta = np.int8(116) if transa else np.int8(110)  # 't' or 'n'
-    tb = np.int8(116) if transb else np.int8(110)
-    _xxgemm(kind, ta, tb, m, n, k, scal.ctypes.data,
-            a.ctypes.data + a_off * itemsize, lda, b.ctypes.data + b_off * itemsize, ldb,
-            scal.ctypes.data + itemsize, c.ctypes.data + c_off * itemsize, ldc)
-
-
 @pjit
 def _gemm_par(parts, transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
     """:func:`gemm` with ``C`` split (along its longer side) over ``parts`` Numba threads.
 
-    Called while BLAS is held to one thread (:func:`_blas_on_numba_threads`), so the GEMMs
-    run on the same thread pool as the fills and folds around them: two pools spinning on
-    two cores in turn cost more than the GEMMs themselves (measured: 8 ms instead of 5 ms
+    Each part runs BLAS restricted to its calling thread (``blas_threads_local``), so the
+    GEMMs run on the same thread pool as the fills and folds around them: two pools spinning
+    on two cores in turn cost more than the GEMMs themselves (measured: 8 ms instead of 5 ms
     for resnet_res2_3x3 on 2 cores).
     """
     if parts <= 1 or max(m, n) < 16 * parts:
+        previous = blas_threads_local(1)
         gemm(transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc)
+        blas_threads_local(previous)
         return
     split_m = m >= n  # split the longer side: each part stays a well-shaped GEMM
     size = m if split_m else n
@@ -109,6 +89,7 @@ def _gemm_par(parts, transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta
     for t in prange(parts):
         j0 = t * step
         j1 = min(size, j0 + step)
+        previous = blas_threads_local(1)
         if j1 > j0:
             if split_m:  # rows j0:j1 of op(A) and of C
                 ao = a_off + j0 * lda if transa else a_off + j0
@@ -116,53 +97,7 @@ def _gemm_par(parts, transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta
             else:  # columns j0:j1 of op(B) and of C
                 bo = b_off + j0 if transb else b_off + j0 * ldb
                 gemm(transa, transb, m, j1 - j0, k, a, a_off, lda, b, bo, ldb, beta, c, c_off + j0 * ldc, ldc)
-
-
-def _find_blas_threads():
-    """(get, set) of the thread count of the OpenBLAS behind numba's ?gemm, or ``None``.
-
-    Numba's ``numba_xxgemm`` calls SciPy's BLAS; SciPy wheels bundle their own OpenBLAS
-    (``scipy_openblas_*`` symbols; NumPy's copy only has ``...64_`` names and is left alone).
-    """
-    names = (("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads", "openblas_set_num_threads"))
-    try:
-        import ctypes
-
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
-        for path in paths:
-            lib = ctypes.CDLL(path)
-            for get_name, set_name in names:
-                if hasattr(lib, get_name) and hasattr(lib, set_name):
-                    get, set_ = getattr(lib, get_name), getattr(lib, set_name)
-                    get.restype = ctypes.c_int
-                    set_.argtypes = [ctypes.c_int]
-                    return get, set_
-    except Exception:  # noqa: BLE001 -- no control over BLAS threads: GEMMs stay as they are
-        return None
-    return None
-
-
-_BLAS_THREADS = _find_blas_threads()
-
-
-class _blas_on_numba_threads:
-    """Context: BLAS single-threaded, GEMMs split over Numba's threads; yields ``parts``."""
-
-    def __enter__(self):
-        self.saved = None
-        if _BLAS_THREADS is None or numba.get_num_threads() < 2:
-            return 1
-        get, set_ = _BLAS_THREADS
-        self.saved = get()
-        set_(1)
-        return numba.get_num_threads()
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            _BLAS_THREADS[1](self.saved)
-        return False
+        blas_threads_local(previous)
 
 
 # --- col2im folds (race-free) -----------------------------------------------------------------
@@ -361,16 +296,14 @@ def _dw_shifted(p, x, dy, w_shape):
         dyp = _scratch("dy_spread", (p.n, p.k, p.ho, wp), p.dtype, zero=True)
         dyp[:, :, :, :p.wo] = dy
         tmp = np.zeros((p.r, p.s, p.k, p.cg), dtype=p.dtype)
-        with _blas_on_numba_threads() as parts:
-            _dw_shifts_nchw(xp, dyp, tmp, p.r, p.s, p.dil_h, p.dil_w, p.groups, parts)
+        _dw_shifts_nchw(xp, dyp, tmp, p.r, p.s, p.dil_h, p.dil_w, p.groups, numba.get_num_threads())
         return np.ascontiguousarray(tmp.transpose(2, 3, 0, 1))
     xp = _scratch("x_pad", (p.n, hp + 1, wp, p.c), p.dtype, zero=True)
     xp[:, p.pad_top:p.pad_top + p.h, p.pad_left:p.pad_left + p.w, :] = x
     dyp = _scratch("dy_spread", (p.n, p.ho, wp, p.k), p.dtype, zero=True)
     dyp[:, :, :p.wo, :] = dy
     dwt = np.zeros(w_shape, dtype=p.dtype)
-    with _blas_on_numba_threads() as parts:
-        _dw_shifts_nhwc(xp, dyp, dwt, p.r, p.s, p.dil_h, p.dil_w, p.groups, parts)
+    _dw_shifts_nhwc(xp, dyp, dwt, p.r, p.s, p.dil_h, p.dil_w, p.groups, numba.get_num_threads())
     return dwt
 
 
@@ -625,8 +558,7 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
         cols = _scratch("cols", (rows * p.wo * p.c * p.r * p.s,), dtype)
         kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
         dw_buf = dwt if want_dw else np.zeros((1, 1, 1, 1), dtype=dtype)
-        with _blas_on_numba_threads() as parts:
-            kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw, parts)
+        kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw, numba.get_num_threads())
     return (dx if want_dx else None), dwt
 
 

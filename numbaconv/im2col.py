@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import blas_threads_local, gemm_nn, jit, pjit, valid_range
+from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .problem import check_array, int_pair
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -128,7 +128,7 @@ def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, gro
             for row in range(c_ * r_ * s_):
                 _fill_row_nchw(x, n, i0, i1, buf, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
             for g in range(groups):
-                gemm_nn(length, kg, patch, buf, g * patch * length, length, wf, g * kg * patch, patch,
+                gemm(False, False, length, kg, patch, buf, g * patch * length, length, wf, g * kg * patch, patch,
                         0.0, of, ((n * k_ + g * kg) * ho_ + i0) * wo_, ho_ * wo_)
         blas_threads_local(previous)
 
@@ -156,7 +156,7 @@ def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw
                 for g in range(groups):
                     _fill_row_nhwc(x, t, t0, t1, g, buf, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
             for g in range(groups):
-                gemm_nn(kg, length, patch, wf, g * kg, k_, buf, g * length * patch, patch,
+                gemm(False, False, kg, length, patch, wf, g * kg, k_, buf, g * length * patch, patch,
                         0.0, of, t0 * wo_ * k_ + g * kg, k_)
         blas_threads_local(previous)
 
@@ -179,7 +179,7 @@ def _pointwise_nchw(x, w, out, nthreads, groups):
             previous = blas_threads_local(1)
             for n in range(n_):
                 for g in range(groups):
-                    gemm_nn(length, kg, cg, xf, (n * c_ + g * cg) * hw + p0, hw, wf, g * kg * cg, cg,
+                    gemm(False, False, length, kg, cg, xf, (n * c_ + g * cg) * hw + p0, hw, wf, g * kg * cg, cg,
                             0.0, of, (n * k_ + g * kg) * hw + p0, hw)
             blas_threads_local(previous)
 
@@ -200,7 +200,7 @@ def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
         if length > 0:
             previous = blas_threads_local(1)
             for g in range(groups):
-                gemm_nn(kg, length, cg, wf, g * kg, k_, xf, p0 * c_ + g * cg, c_, 0.0, of, p0 * k_ + g * kg, k_)
+                gemm(False, False, kg, length, cg, wf, g * kg, k_, xf, p0 * c_ + g * cg, c_, 0.0, of, p0 * k_ + g * kg, k_)
             blas_threads_local(previous)
 
 
