@@ -37,6 +37,7 @@ Regenerate :mod:`numbaconv._ukernels` with ``python -m numbaconv.tiled``.
 """
 
 import contextlib
+import dataclasses
 import functools
 import threading
 
@@ -46,7 +47,7 @@ import numpy as np
 from numba import prange
 from numba.core import config as _numba_config
 
-from ._jit import pjit
+from ._jit import jit, pjit
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
 
@@ -127,13 +128,10 @@ def microkernel_asm(dtype=np.float32):
 
 # --- layout preparation ----------------------------------------------------------------------
 @pjit
-def _pad_to_nhwc(x, xp, nchw, pt, pl):
-    """``xp[n, pt + h, pl + w, c] = x`` (NCHW or NHWC source); every other entry 0."""
+def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
+    """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (NCHW or NHWC source) for
+    ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1)."""
     n_, hp, wp, c_ = xp.shape
-    if nchw:
-        h_, w_ = x.shape[2], x.shape[3]
-    else:
-        h_, w_ = x.shape[1], x.shape[2]
     for job in prange(n_ * hp):
         n = job // hp
         i = job % hp
@@ -144,11 +142,17 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl):
         xp[n, i, :pl, :] = 0
         xp[n, i, pl + w_:, :] = 0
         if nchw:
-            for c in range(c_):
+            # blocks of 16 channels: 16 read streams, 64-byte contiguous writes
+            for c0 in range(0, c_, 16):
+                ce = min(16, c_ - c0)
                 for w in range(w_):
-                    xp[n, i, pl + w, c] = x[n, c, h, w]
+                    for c in range(ce):
+                        xp[n, i, pl + w, c0 + c] = x[n, c0 + c, h * ssh, w * ssw]
+        elif ssw == 1:
+            xp[n, i, pl:pl + w_, :] = x[n, h * ssh, :, :]
         else:
-            xp[n, i, pl:pl + w_, :] = x[n, h, :, :]
+            for w in range(w_):
+                xp[n, i, pl + w, :] = x[n, h * ssh, w * ssw, :]
 
 
 @pjit
@@ -205,6 +209,27 @@ def _pack_hwio(w, wp, groups, kbg, cb, v_):
                         wp[dst + v] = 0
 
 
+@jit
+def _xor_or(a, b, lo, hi):
+    d = a[lo] ^ b[lo]
+    for i in range(lo + 1, hi):
+        d |= a[i] ^ b[i]
+    return d != 0
+
+
+@pjit
+def _bits_differ(a, b):
+    """True when the unsigned-integer views ``a`` and ``b`` (same size >= 1) differ anywhere."""
+    n = a.size
+    nch = min(n, 64)
+    chunk = (n + nch - 1) // nch
+    nch = (n + chunk - 1) // chunk
+    flags = np.zeros(nch, dtype=np.bool_)
+    for t in prange(nch):
+        flags[t] = _xor_or(a, b, t * chunk, min(n, (t + 1) * chunk))
+    return flags.any()
+
+
 # --- packed-weight cache -------------------------------------------------------------------
 #: weights at least this large (bytes) are cached packed; smaller ones are packed every call
 CACHE_MIN_BYTES = 1 << 20
@@ -224,7 +249,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
 
     Large weights are cached: an entry keeps a private copy of the weights it was packed
     from and is reused only when the new weights are bit-for-bit equal to that copy (checked
-    on every call: ~0.5 ms for ResNet's largest 9.4 MB weights, a fifth of packing them), so an array changed in place or
+    on every call, in parallel: ~0.2-0.4 ms for ResNet's largest, 9.4 MB, weights), so an array changed in place or
     a new array with other values is always packed afresh.
     """
     key = (wlayout, w.shape, w.dtype.str, groups, kbg, cb, v_)
@@ -234,7 +259,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
             entry = _cache.pop(key, None)
             if entry is not None:
                 _cache[key] = entry  # most recently used last
-        if entry is not None and np.array_equal(_as_bits(w), _as_bits(entry[0])):
+        if entry is not None and not _bits_differ(_as_bits(w), _as_bits(entry[0])):
             _cache_stats["hits"] += 1
             return entry[1]
     r_, s_ = (w.shape[2], w.shape[3]) if wlayout == "OIHW" else (w.shape[0], w.shape[1])
@@ -309,11 +334,19 @@ def run(p, x, w, bias, out):
         if p.is_depthwise:
             return depthwise.run(p, x, w_oihw, bias, out)
         return depthwise.run_streaming(p, x, w_oihw, bias, out)
+    nchw = p.layout == "NCHW"
+    ssh = ssw = 1
+    if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):
+        # strided 1x1: only every stride-th pixel is read -- copy just those, then stride 1
+        ssh, ssw = p.stride_h, p.stride_w
+        p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
     b = plan(p)
     v_ = b["V"]
-    nchw = p.layout == "NCHW"
-    xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
-    _pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left)
+    if not nchw and ssh == 1 and b["hp"] == p.h and b["wp"] == p.w:
+        xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
+    else:
+        xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
+        _pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
     wpk = packed_weights(np.ascontiguousarray(w), wlayout, p.groups, b["kbg"], b["cb"], v_)
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
@@ -337,7 +370,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import pjit
+from ._jit import jit, pjit
 
 # contract only: FMA, but no reassociation (see numbaconv/tiled.py)
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -417,18 +450,25 @@ def _gen_ukernel(p_, v_):
         for v in range(v_):
             L.append(f"                {a(p, v)} += x{p} * w{v}")
     L.append(f"    if nk == {v_} and np_ == {p_}:")
-    L.append("        if first:")
-    for v in range(v_):
-        L.append(f"            b{v} = bias[kb0 + {v}]")
-    for p in range(p_):
-        L.append(f"            o = ob + {p} * os_p")
+    # Full block: unit-stride stores the SLP vectoriser packs -- along channels in NHWC
+    # (os_k == 1), along pixels in NCHW (os_p == 1, the only other layout).
+    for b_first in (True, False):
+        L.append("        if first:" if b_first else "        else:")
+        if b_first:
+            for v in range(v_):
+                L.append(f"            b{v} = bias[kb0 + {v}]")
+        L.append("            if os_k == 1:")
+        for p in range(p_):
+            L.append(f"                o = ob + {p} * os_p")
+            for v in range(v_):
+                L.append(f"                of[o + {v}] = {a(p, v)} + b{v}" if b_first else
+                         f"                of[o + {v}] += {a(p, v)}")
+        L.append("            else:")
         for v in range(v_):
-            L.append(f"            of[o + {v} * os_k] = {a(p, v)} + b{v}")
-    L.append("        else:")
-    for p in range(p_):
-        L.append(f"            o = ob + {p} * os_p")
-        for v in range(v_):
-            L.append(f"            of[o + {v} * os_k] += {a(p, v)}")
+            L.append(f"                o = ob + {v} * os_k")
+            for p in range(p_):
+                L.append(f"                of[o + {p}] = {a(p, v)} + b{v}" if b_first else
+                         f"                of[o + {p}] += {a(p, v)}")
     L.append("    else:")
     for p in range(p_):
         for v0 in range(0, v_, 8):

@@ -28,6 +28,9 @@ DENSE = [
     (1, 8, 10, 10, 12, 3, 3, dict(groups=4, padding=1)),              # grouped
     (1, 3, 12, 17, 40, 7, 7, dict(stride=2, padding=3)),              # resnet_conv1-like
     (1, 6, 7, 7, 18, 3, 3, dict(groups=2, padding="same", dilation=2)),
+    (1, 12, 9, 11, 20, 1, 1, dict(stride=2)),                        # strided 1x1: subsampled copy
+    (2, 10, 9, 10, 20, 1, 1, dict(stride=(3, 2), groups=2)),
+    (2, 10, 4, 8, 40, 1, 1, {}),                                      # NHWC 1x1: input used in place
 ]
 DEPTHWISE = [
     (2, 6, 9, 11, 6, 3, 3, dict(groups=6, padding=1)),
