@@ -34,6 +34,32 @@ def check_array(name, a, ndim=None, allow_device=False):
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
 
 
+def check_inputs(x, weight, bias, layout, weight_layout, allow_device=False):
+    """Arrays, dtypes, layouts and ranks shared by every convolution entry point.
+
+    Returns ``weight_layout`` with ``None`` resolved to the layout's default.
+    """
+    check_array("x", x, allow_device=allow_device)
+    check_array("weight", weight, allow_device=allow_device)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
+    if bias is not None:
+        check_array("bias", bias, allow_device=allow_device)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
+    if layout not in ACTIVATION_LAYOUTS:
+        raise ValueError(f"layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
+    if weight_layout is None:
+        weight_layout = DEFAULT_WEIGHT_LAYOUT[layout]
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
+    if weight.ndim != 4:
+        raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
+    return weight_layout
+
+
 def _is_int(v):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -171,24 +197,7 @@ class ConvProblem:
     def from_args(cls, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                   padding_mode="zeros", layout="NCHW", weight_layout=None, allow_device=False):
         """Validate ``conv2d``'s arguments (everything but ``out`` and ``algorithm``)."""
-        check_array("x", x, allow_device=allow_device)
-        check_array("weight", weight, allow_device=allow_device)
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
-        if bias is not None:
-            check_array("bias", bias, allow_device=allow_device)
-            if bias.dtype != x.dtype:
-                raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
-        if layout not in ACTIVATION_LAYOUTS:
-            raise ValueError(f"layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
-        if weight_layout is None:
-            weight_layout = DEFAULT_WEIGHT_LAYOUT[layout]
-        if weight_layout not in WEIGHT_LAYOUTS:
-            raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
-        if x.ndim != 4:
-            raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
-        if weight.ndim != 4:
-            raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
+        weight_layout = check_inputs(x, weight, bias, layout, weight_layout, allow_device)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if not _is_int(groups) or groups < 1:

@@ -22,8 +22,7 @@ import numbers
 import numpy as np
 
 from .backward import _backward, _placeholder
-from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
-from .problem import check_array, int_pair
+from .problem import check_inputs, int_pair
 
 __all__ = ["conv_transpose2d"]
 
@@ -41,24 +40,7 @@ def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_paddin
     has ``H_out = (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1``
     and is a new C-contiguous array in ``layout``.
     """
-    check_array("x", x)
-    check_array("weight", weight)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
-    if bias is not None:
-        check_array("bias", bias)
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
-    if layout not in ACTIVATION_LAYOUTS:
-        raise ValueError(f"layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
-    if weight_layout is None:
-        weight_layout = DEFAULT_WEIGHT_LAYOUT[layout]
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
-    if weight.ndim != 4:
-        raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
+    weight_layout = check_inputs(x, weight, bias, layout, weight_layout)
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     groups = int(groups)
