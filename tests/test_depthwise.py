@@ -1,0 +1,82 @@
+"""The depthwise and streaming kernels' fast paths against torch float64.
+
+Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
+the NCHW flat whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without
+dilation), the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
+the NHWC contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
+per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, asymmetric
+padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
+"""
+
+import numpy as np
+import pytest
+
+from numbaconv import depthwise
+from numbaconv.problem import ConvProblem
+from reference import assert_close, make_problem, to_act, torch_conv2d
+
+DTYPES = [np.float32, np.float64]
+LAYOUTS = ["NCHW", "NHWC"]
+
+# (n, c, h, w, k, r, s, kwargs) -- groups == c
+DEPTHWISE = [
+    (2, 5, 17, 23, 5, 3, 3, dict(padding=1)),                          # flat plane, batch 2
+    (1, 4, 19, 21, 4, 3, 3, dict(padding=2, dilation=2)),              # flat plane, dilated
+    (1, 3, 16, 37, 3, 3, 3, dict()),                                   # stride 1, Wo < W
+    (1, 6, 21, 40, 6, 3, 3, dict(stride=2, padding=1)),                # stride 2
+    (1, 2, 20, 31, 2, 3, 3, dict(stride=3, padding=((0, 2), (1, 0)))),  # stride 3, asymmetric
+    (1, 3, 15, 18, 6, 3, 3, dict(padding=1)),                          # multiplier 2, flat
+    (1, 40, 9, 12, 40, 3, 3, dict(padding=1)),                         # NHWC: runs of 6 pixels
+    (1, 300, 6, 7, 300, 3, 3, dict(stride=2, padding=1)),              # NHWC: many channels
+    (1, 4, 11, 13, 4, 5, 5, dict(padding=2)),                          # 5x5
+    (1, 4, 3, 3, 4, 3, 3, dict(padding=3)),                            # padding wider than the kernel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
+def test_depthwise_fast_paths(case, layout, dtype):
+    n, c, h, w, k, r, s, kw = case
+    rng = np.random.default_rng(abs(hash(case[:7])) % 2**32)
+    x, wt, b = make_problem(rng, n, c, h, w, k, r, s, groups=c, dtype=dtype)
+    expected = to_act(torch_conv2d(x, wt, b, groups=c, **kw), layout)
+    xa = to_act(x, layout)
+    p = ConvProblem.from_args(xa, wt, b, layout=layout, weight_layout="OIHW", groups=c, **kw)
+    out = np.full(p.out_shape, np.nan, dtype)
+    depthwise.run(p, xa, wt, b, out)
+    assert_close(out, expected, dtype, r * s)
+    out2 = np.full(p.out_shape, np.nan, dtype)
+    depthwise.run(p, xa, wt, None, out2)  # no bias
+    expected_nb = to_act(torch_conv2d(x, wt, None, groups=c, **kw), layout)
+    assert_close(out2, expected_nb, dtype, r * s)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_streaming_rows_across_images(layout, monkeypatch):
+    """Row chunks that straddle two images and more chunks than rows of one image."""
+    rng = np.random.default_rng(7)
+    for n, c, h, w, k, kw in [(3, 3, 7, 30, 3, {}), (2, 3, 6, 9, 3, dict(padding=1, stride=(2, 1))),
+                              (2, 2, 9, 8, 1, dict(padding=((2, 0), (1, 1)), dilation=2))]:
+        x, wt, b = make_problem(rng, n, c, h, w, k, 3, 3, dtype=np.float32)
+        expected = to_act(torch_conv2d(x, wt, b, **kw), layout)
+        xa = to_act(x, layout)
+        p = ConvProblem.from_args(xa, wt, b, layout=layout, weight_layout="OIHW", **kw)
+        out = np.full(p.out_shape, np.nan, np.float32)
+        depthwise.run_streaming(p, xa, wt, b, out)
+        assert_close(out, expected, np.float32, c * 9)
+
+
+def test_nan_propagates():
+    x = np.ones((1, 4, 8, 8), np.float32)
+    x[0, 1, 3, 3] = np.nan
+    x[0, 2, 5, 5] = np.inf
+    wt = np.ones((4, 1, 3, 3), np.float32)
+    for layout in LAYOUTS:
+        xa = to_act(x, layout)
+        p = ConvProblem.from_args(xa, wt, None, layout=layout, weight_layout="OIHW", groups=4, padding=1)
+        out = np.empty(p.out_shape, np.float32)
+        depthwise.run(p, xa, wt, None, out)
+        o = out if layout == "NCHW" else out.transpose(0, 3, 1, 2)
+        assert np.isnan(o[0, 1, 2:5, 2:5]).all() and np.isfinite(o[0, 1, 6:, 6:]).all()
+        assert np.isinf(o[0, 2, 4:7, 4:7]).all() and np.isfinite(o[0, 0]).all()
