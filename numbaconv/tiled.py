@@ -203,16 +203,16 @@ def _pack_hwio(w, wp, groups, kbg, cb, v_):
                     nk = min(v_, kg - kb * v_)
                     dst = ((g * kbg + kb) * rs * cg + c0 * rs + t * cl + c) * v_
                     s0 = src + g * kg + kb * v_
-                    for v in range(nk):
-                        wp[dst + v] = wf[s0 + v]
-                    for v in range(nk, v_):
-                        wp[dst + v] = 0
+                    wp[dst:dst + nk] = wf[s0:s0 + nk]  # slices: vectorised, no wraparound checks
+                    wp[dst + nk:dst + v_] = 0
 
 
 @jit
-def _xor_or(a, b, lo, hi):
-    d = a[lo] ^ b[lo]
-    for i in range(lo + 1, hi):
+def _xor_or(a, b):
+    """``a != b`` anywhere (bit views).  Zero-based loop: no negative-index wraparound
+    checks, so it vectorises (a ``range(lo, hi)`` loop ran ten times slower)."""
+    d = a[0] ^ b[0]
+    for i in range(a.size):
         d |= a[i] ^ b[i]
     return d != 0
 
@@ -226,7 +226,9 @@ def _bits_differ(a, b):
     nch = (n + chunk - 1) // chunk
     flags = np.zeros(nch, dtype=np.bool_)
     for t in prange(nch):
-        flags[t] = _xor_or(a, b, t * chunk, min(n, (t + 1) * chunk))
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        flags[t] = _xor_or(a[lo:hi], b[lo:hi])
     return flags.any()
 
 
