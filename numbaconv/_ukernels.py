@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit
+from ._jit import pjit
 
 # contract only: FMA, but no reassociation (see numbaconv/tiled.py)
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -87,172 +87,31 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a3_6 += x3 * w6
                 a3_7 += x3 * w7
     if nk == 8 and np_ == 4:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+        bb = bias[kb0:kb0 + 8]
+        if os_k == 1:
+            for p in range(4):
+                dst = of[ob + p * os_p:ob + p * os_p + 8]
+                src = tmp[p * 8:p * 8 + 8]
+                if first:
+                    for v in range(8):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(8):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
+            for v in range(8):
+                dst = of[ob + v * os_k:ob + v * os_k + 4]
+                if first:
+                    bv = bb[v]
+                    for p in range(4):
+                        dst[p] = tmp[p * 8 + v] + bv
+                else:
+                    for p in range(4):
+                        dst[p] += tmp[p * 8 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
@@ -268,11 +127,11 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 
 @_ukjit
-def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*8 + [0, 8) of image n."""
-    nk = min(8, kg - kb * 8)
-    kb0 = g * kg + kb * 8
+def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -281,24 +140,28 @@ def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg,
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 4):
-                uk4_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(8, kg - kb * 8)
+                    kb0 = g * kg + kb * 8
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk4_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv4_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(4 * 8, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -306,8 +169,9 @@ def conv4_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile4_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile4_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -433,324 +297,35 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a3_14 += x3 * w14
                 a3_15 += x3 * w15
     if nk == 16 and np_ == 4:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        bb = bias[kb0:kb0 + 16]
+        if os_k == 1:
+            for p in range(4):
+                dst = of[ob + p * os_p:ob + p * os_p + 16]
+                src = tmp[p * 16:p * 16 + 16]
+                if first:
+                    for v in range(16):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(16):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
+            for v in range(16):
+                dst = of[ob + v * os_k:ob + v * os_k + 4]
+                if first:
+                    bv = bb[v]
+                    for p in range(4):
+                        dst[p] = tmp[p * 16 + v] + bv
+                else:
+                    for p in range(4):
+                        dst[p] += tmp[p * 16 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -770,11 +345,11 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
-    nk = min(16, kg - kb * 16)
-    kb0 = g * kg + kb * 16
+def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -783,24 +358,28 @@ def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 4):
-                uk4_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(16, kg - kb * 16)
+                    kb0 = g * kg + kb * 16
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk4_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv4_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(4 * 16, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -808,8 +387,9 @@ def conv4_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile4_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile4_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -894,206 +474,32 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a4_6 += x4 * w6
                 a4_7 += x4 * w7
     if nk == 8 and np_ == 5:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
+        bb = bias[kb0:kb0 + 8]
+        if os_k == 1:
+            for p in range(5):
+                dst = of[ob + p * os_p:ob + p * os_p + 8]
+                src = tmp[p * 8:p * 8 + 8]
+                if first:
+                    for v in range(8):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(8):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
+            for v in range(8):
+                dst = of[ob + v * os_k:ob + v * os_k + 5]
+                if first:
+                    bv = bb[v]
+                    for p in range(5):
+                        dst[p] = tmp[p * 8 + v] + bv
+                else:
+                    for p in range(5):
+                        dst[p] += tmp[p * 8 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
@@ -1110,11 +516,11 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 
 @_ukjit
-def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*8 + [0, 8) of image n."""
-    nk = min(8, kg - kb * 8)
-    kb0 = g * kg + kb * 8
+def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -1123,24 +529,28 @@ def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg,
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 5):
-                uk5_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(8, kg - kb * 8)
+                    kb0 = g * kg + kb * 8
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk5_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv5_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(5 * 8, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -1148,8 +558,9 @@ def conv5_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile5_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile5_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -1295,390 +706,37 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a4_14 += x4 * w14
                 a4_15 += x4 * w15
     if nk == 16 and np_ == 5:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        bb = bias[kb0:kb0 + 16]
+        if os_k == 1:
+            for p in range(5):
+                dst = of[ob + p * os_p:ob + p * os_p + 16]
+                src = tmp[p * 16:p * 16 + 16]
+                if first:
+                    for v in range(16):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(16):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
+            for v in range(16):
+                dst = of[ob + v * os_k:ob + v * os_k + 5]
+                if first:
+                    bv = bb[v]
+                    for p in range(5):
+                        dst[p] = tmp[p * 16 + v] + bv
+                else:
+                    for p in range(5):
+                        dst[p] += tmp[p * 16 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -1700,11 +758,11 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
-    nk = min(16, kg - kb * 16)
-    kb0 = g * kg + kb * 16
+def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -1713,24 +771,28 @@ def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 5):
-                uk5_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(16, kg - kb * 16)
+                    kb0 = g * kg + kb * 16
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk5_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv5_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(5 * 16, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -1738,8 +800,9 @@ def conv5_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile5_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile5_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -1835,240 +898,33 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a5_6 += x5 * w6
                 a5_7 += x5 * w7
     if nk == 8 and np_ == 6:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
+        tmp[40] = a5_0; tmp[41] = a5_1; tmp[42] = a5_2; tmp[43] = a5_3; tmp[44] = a5_4; tmp[45] = a5_5; tmp[46] = a5_6; tmp[47] = a5_7
+        bb = bias[kb0:kb0 + 8]
+        if os_k == 1:
+            for p in range(6):
+                dst = of[ob + p * os_p:ob + p * os_p + 8]
+                src = tmp[p * 8:p * 8 + 8]
+                if first:
+                    for v in range(8):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(8):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
+            for v in range(8):
+                dst = of[ob + v * os_k:ob + v * os_k + 6]
+                if first:
+                    bv = bb[v]
+                    for p in range(6):
+                        dst[p] = tmp[p * 8 + v] + bv
+                else:
+                    for p in range(6):
+                        dst[p] += tmp[p * 8 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
@@ -2086,11 +942,11 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 
 @_ukjit
-def tile6_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*8 + [0, 8) of image n."""
-    nk = min(8, kg - kb * 8)
-    kb0 = g * kg + kb * 8
+def tile6_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -2099,24 +955,28 @@ def tile6_8(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg,
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 6):
-                uk6_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(8, kg - kb * 8)
+                    kb0 = g * kg + kb * 8
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk6_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv6_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(6 * 8, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -2124,8 +984,9 @@ def conv6_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile6_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile6_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -2291,456 +1152,39 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a5_14 += x5 * w14
                 a5_15 += x5 * w15
     if nk == 16 and np_ == 6:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+        bb = bias[kb0:kb0 + 16]
+        if os_k == 1:
+            for p in range(6):
+                dst = of[ob + p * os_p:ob + p * os_p + 16]
+                src = tmp[p * 16:p * 16 + 16]
+                if first:
+                    for v in range(16):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(16):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
+            for v in range(16):
+                dst = of[ob + v * os_k:ob + v * os_k + 6]
+                if first:
+                    bv = bb[v]
+                    for p in range(6):
+                        dst[p] = tmp[p * 16 + v] + bv
+                else:
+                    for p in range(6):
+                        dst[p] += tmp[p * 16 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -2764,11 +1208,11 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile6_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
-    nk = min(16, kg - kb * 16)
-    kb0 = g * kg + kb * 16
+def tile6_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -2777,24 +1221,28 @@ def tile6_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 6):
-                uk6_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(16, kg - kb * 16)
+                    kb0 = g * kg + kb * 16
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk6_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv6_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(6 * 16, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -2802,8 +1250,9 @@ def conv6_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile6_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile6_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -3109,888 +1558,51 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a5_30 += x5 * w30
                 a5_31 += x5 * w31
     if nk == 32 and np_ == 6:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            b16 = bias[kb0 + 16]
-            b17 = bias[kb0 + 17]
-            b18 = bias[kb0 + 18]
-            b19 = bias[kb0 + 19]
-            b20 = bias[kb0 + 20]
-            b21 = bias[kb0 + 21]
-            b22 = bias[kb0 + 22]
-            b23 = bias[kb0 + 23]
-            b24 = bias[kb0 + 24]
-            b25 = bias[kb0 + 25]
-            b26 = bias[kb0 + 26]
-            b27 = bias[kb0 + 27]
-            b28 = bias[kb0 + 28]
-            b29 = bias[kb0 + 29]
-            b30 = bias[kb0 + 30]
-            b31 = bias[kb0 + 31]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                of[o + 16] = a0_16 + b16
-                of[o + 17] = a0_17 + b17
-                of[o + 18] = a0_18 + b18
-                of[o + 19] = a0_19 + b19
-                of[o + 20] = a0_20 + b20
-                of[o + 21] = a0_21 + b21
-                of[o + 22] = a0_22 + b22
-                of[o + 23] = a0_23 + b23
-                of[o + 24] = a0_24 + b24
-                of[o + 25] = a0_25 + b25
-                of[o + 26] = a0_26 + b26
-                of[o + 27] = a0_27 + b27
-                of[o + 28] = a0_28 + b28
-                of[o + 29] = a0_29 + b29
-                of[o + 30] = a0_30 + b30
-                of[o + 31] = a0_31 + b31
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                of[o + 16] = a1_16 + b16
-                of[o + 17] = a1_17 + b17
-                of[o + 18] = a1_18 + b18
-                of[o + 19] = a1_19 + b19
-                of[o + 20] = a1_20 + b20
-                of[o + 21] = a1_21 + b21
-                of[o + 22] = a1_22 + b22
-                of[o + 23] = a1_23 + b23
-                of[o + 24] = a1_24 + b24
-                of[o + 25] = a1_25 + b25
-                of[o + 26] = a1_26 + b26
-                of[o + 27] = a1_27 + b27
-                of[o + 28] = a1_28 + b28
-                of[o + 29] = a1_29 + b29
-                of[o + 30] = a1_30 + b30
-                of[o + 31] = a1_31 + b31
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                of[o + 16] = a2_16 + b16
-                of[o + 17] = a2_17 + b17
-                of[o + 18] = a2_18 + b18
-                of[o + 19] = a2_19 + b19
-                of[o + 20] = a2_20 + b20
-                of[o + 21] = a2_21 + b21
-                of[o + 22] = a2_22 + b22
-                of[o + 23] = a2_23 + b23
-                of[o + 24] = a2_24 + b24
-                of[o + 25] = a2_25 + b25
-                of[o + 26] = a2_26 + b26
-                of[o + 27] = a2_27 + b27
-                of[o + 28] = a2_28 + b28
-                of[o + 29] = a2_29 + b29
-                of[o + 30] = a2_30 + b30
-                of[o + 31] = a2_31 + b31
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                of[o + 16] = a3_16 + b16
-                of[o + 17] = a3_17 + b17
-                of[o + 18] = a3_18 + b18
-                of[o + 19] = a3_19 + b19
-                of[o + 20] = a3_20 + b20
-                of[o + 21] = a3_21 + b21
-                of[o + 22] = a3_22 + b22
-                of[o + 23] = a3_23 + b23
-                of[o + 24] = a3_24 + b24
-                of[o + 25] = a3_25 + b25
-                of[o + 26] = a3_26 + b26
-                of[o + 27] = a3_27 + b27
-                of[o + 28] = a3_28 + b28
-                of[o + 29] = a3_29 + b29
-                of[o + 30] = a3_30 + b30
-                of[o + 31] = a3_31 + b31
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                of[o + 16] = a4_16 + b16
-                of[o + 17] = a4_17 + b17
-                of[o + 18] = a4_18 + b18
-                of[o + 19] = a4_19 + b19
-                of[o + 20] = a4_20 + b20
-                of[o + 21] = a4_21 + b21
-                of[o + 22] = a4_22 + b22
-                of[o + 23] = a4_23 + b23
-                of[o + 24] = a4_24 + b24
-                of[o + 25] = a4_25 + b25
-                of[o + 26] = a4_26 + b26
-                of[o + 27] = a4_27 + b27
-                of[o + 28] = a4_28 + b28
-                of[o + 29] = a4_29 + b29
-                of[o + 30] = a4_30 + b30
-                of[o + 31] = a4_31 + b31
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-                of[o + 16] = a5_16 + b16
-                of[o + 17] = a5_17 + b17
-                of[o + 18] = a5_18 + b18
-                of[o + 19] = a5_19 + b19
-                of[o + 20] = a5_20 + b20
-                of[o + 21] = a5_21 + b21
-                of[o + 22] = a5_22 + b22
-                of[o + 23] = a5_23 + b23
-                of[o + 24] = a5_24 + b24
-                of[o + 25] = a5_25 + b25
-                of[o + 26] = a5_26 + b26
-                of[o + 27] = a5_27 + b27
-                of[o + 28] = a5_28 + b28
-                of[o + 29] = a5_29 + b29
-                of[o + 30] = a5_30 + b30
-                of[o + 31] = a5_31 + b31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
-                o = ob + 16 * os_k
-                of[o + 0] = a0_16 + b16
-                of[o + 1] = a1_16 + b16
-                of[o + 2] = a2_16 + b16
-                of[o + 3] = a3_16 + b16
-                of[o + 4] = a4_16 + b16
-                of[o + 5] = a5_16 + b16
-                o = ob + 17 * os_k
-                of[o + 0] = a0_17 + b17
-                of[o + 1] = a1_17 + b17
-                of[o + 2] = a2_17 + b17
-                of[o + 3] = a3_17 + b17
-                of[o + 4] = a4_17 + b17
-                of[o + 5] = a5_17 + b17
-                o = ob + 18 * os_k
-                of[o + 0] = a0_18 + b18
-                of[o + 1] = a1_18 + b18
-                of[o + 2] = a2_18 + b18
-                of[o + 3] = a3_18 + b18
-                of[o + 4] = a4_18 + b18
-                of[o + 5] = a5_18 + b18
-                o = ob + 19 * os_k
-                of[o + 0] = a0_19 + b19
-                of[o + 1] = a1_19 + b19
-                of[o + 2] = a2_19 + b19
-                of[o + 3] = a3_19 + b19
-                of[o + 4] = a4_19 + b19
-                of[o + 5] = a5_19 + b19
-                o = ob + 20 * os_k
-                of[o + 0] = a0_20 + b20
-                of[o + 1] = a1_20 + b20
-                of[o + 2] = a2_20 + b20
-                of[o + 3] = a3_20 + b20
-                of[o + 4] = a4_20 + b20
-                of[o + 5] = a5_20 + b20
-                o = ob + 21 * os_k
-                of[o + 0] = a0_21 + b21
-                of[o + 1] = a1_21 + b21
-                of[o + 2] = a2_21 + b21
-                of[o + 3] = a3_21 + b21
-                of[o + 4] = a4_21 + b21
-                of[o + 5] = a5_21 + b21
-                o = ob + 22 * os_k
-                of[o + 0] = a0_22 + b22
-                of[o + 1] = a1_22 + b22
-                of[o + 2] = a2_22 + b22
-                of[o + 3] = a3_22 + b22
-                of[o + 4] = a4_22 + b22
-                of[o + 5] = a5_22 + b22
-                o = ob + 23 * os_k
-                of[o + 0] = a0_23 + b23
-                of[o + 1] = a1_23 + b23
-                of[o + 2] = a2_23 + b23
-                of[o + 3] = a3_23 + b23
-                of[o + 4] = a4_23 + b23
-                of[o + 5] = a5_23 + b23
-                o = ob + 24 * os_k
-                of[o + 0] = a0_24 + b24
-                of[o + 1] = a1_24 + b24
-                of[o + 2] = a2_24 + b24
-                of[o + 3] = a3_24 + b24
-                of[o + 4] = a4_24 + b24
-                of[o + 5] = a5_24 + b24
-                o = ob + 25 * os_k
-                of[o + 0] = a0_25 + b25
-                of[o + 1] = a1_25 + b25
-                of[o + 2] = a2_25 + b25
-                of[o + 3] = a3_25 + b25
-                of[o + 4] = a4_25 + b25
-                of[o + 5] = a5_25 + b25
-                o = ob + 26 * os_k
-                of[o + 0] = a0_26 + b26
-                of[o + 1] = a1_26 + b26
-                of[o + 2] = a2_26 + b26
-                of[o + 3] = a3_26 + b26
-                of[o + 4] = a4_26 + b26
-                of[o + 5] = a5_26 + b26
-                o = ob + 27 * os_k
-                of[o + 0] = a0_27 + b27
-                of[o + 1] = a1_27 + b27
-                of[o + 2] = a2_27 + b27
-                of[o + 3] = a3_27 + b27
-                of[o + 4] = a4_27 + b27
-                of[o + 5] = a5_27 + b27
-                o = ob + 28 * os_k
-                of[o + 0] = a0_28 + b28
-                of[o + 1] = a1_28 + b28
-                of[o + 2] = a2_28 + b28
-                of[o + 3] = a3_28 + b28
-                of[o + 4] = a4_28 + b28
-                of[o + 5] = a5_28 + b28
-                o = ob + 29 * os_k
-                of[o + 0] = a0_29 + b29
-                of[o + 1] = a1_29 + b29
-                of[o + 2] = a2_29 + b29
-                of[o + 3] = a3_29 + b29
-                of[o + 4] = a4_29 + b29
-                of[o + 5] = a5_29 + b29
-                o = ob + 30 * os_k
-                of[o + 0] = a0_30 + b30
-                of[o + 1] = a1_30 + b30
-                of[o + 2] = a2_30 + b30
-                of[o + 3] = a3_30 + b30
-                of[o + 4] = a4_30 + b30
-                of[o + 5] = a5_30 + b30
-                o = ob + 31 * os_k
-                of[o + 0] = a0_31 + b31
-                of[o + 1] = a1_31 + b31
-                of[o + 2] = a2_31 + b31
-                of[o + 3] = a3_31 + b31
-                of[o + 4] = a4_31 + b31
-                of[o + 5] = a5_31 + b31
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+        bb = bias[kb0:kb0 + 32]
+        if os_k == 1:
+            for p in range(6):
+                dst = of[ob + p * os_p:ob + p * os_p + 32]
+                src = tmp[p * 32:p * 32 + 32]
+                if first:
+                    for v in range(32):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(32):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                of[o + 16] += a0_16
-                of[o + 17] += a0_17
-                of[o + 18] += a0_18
-                of[o + 19] += a0_19
-                of[o + 20] += a0_20
-                of[o + 21] += a0_21
-                of[o + 22] += a0_22
-                of[o + 23] += a0_23
-                of[o + 24] += a0_24
-                of[o + 25] += a0_25
-                of[o + 26] += a0_26
-                of[o + 27] += a0_27
-                of[o + 28] += a0_28
-                of[o + 29] += a0_29
-                of[o + 30] += a0_30
-                of[o + 31] += a0_31
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                of[o + 16] += a1_16
-                of[o + 17] += a1_17
-                of[o + 18] += a1_18
-                of[o + 19] += a1_19
-                of[o + 20] += a1_20
-                of[o + 21] += a1_21
-                of[o + 22] += a1_22
-                of[o + 23] += a1_23
-                of[o + 24] += a1_24
-                of[o + 25] += a1_25
-                of[o + 26] += a1_26
-                of[o + 27] += a1_27
-                of[o + 28] += a1_28
-                of[o + 29] += a1_29
-                of[o + 30] += a1_30
-                of[o + 31] += a1_31
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                of[o + 16] += a2_16
-                of[o + 17] += a2_17
-                of[o + 18] += a2_18
-                of[o + 19] += a2_19
-                of[o + 20] += a2_20
-                of[o + 21] += a2_21
-                of[o + 22] += a2_22
-                of[o + 23] += a2_23
-                of[o + 24] += a2_24
-                of[o + 25] += a2_25
-                of[o + 26] += a2_26
-                of[o + 27] += a2_27
-                of[o + 28] += a2_28
-                of[o + 29] += a2_29
-                of[o + 30] += a2_30
-                of[o + 31] += a2_31
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                of[o + 16] += a3_16
-                of[o + 17] += a3_17
-                of[o + 18] += a3_18
-                of[o + 19] += a3_19
-                of[o + 20] += a3_20
-                of[o + 21] += a3_21
-                of[o + 22] += a3_22
-                of[o + 23] += a3_23
-                of[o + 24] += a3_24
-                of[o + 25] += a3_25
-                of[o + 26] += a3_26
-                of[o + 27] += a3_27
-                of[o + 28] += a3_28
-                of[o + 29] += a3_29
-                of[o + 30] += a3_30
-                of[o + 31] += a3_31
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                of[o + 16] += a4_16
-                of[o + 17] += a4_17
-                of[o + 18] += a4_18
-                of[o + 19] += a4_19
-                of[o + 20] += a4_20
-                of[o + 21] += a4_21
-                of[o + 22] += a4_22
-                of[o + 23] += a4_23
-                of[o + 24] += a4_24
-                of[o + 25] += a4_25
-                of[o + 26] += a4_26
-                of[o + 27] += a4_27
-                of[o + 28] += a4_28
-                of[o + 29] += a4_29
-                of[o + 30] += a4_30
-                of[o + 31] += a4_31
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-                of[o + 16] += a5_16
-                of[o + 17] += a5_17
-                of[o + 18] += a5_18
-                of[o + 19] += a5_19
-                of[o + 20] += a5_20
-                of[o + 21] += a5_21
-                of[o + 22] += a5_22
-                of[o + 23] += a5_23
-                of[o + 24] += a5_24
-                of[o + 25] += a5_25
-                of[o + 26] += a5_26
-                of[o + 27] += a5_27
-                of[o + 28] += a5_28
-                of[o + 29] += a5_29
-                of[o + 30] += a5_30
-                of[o + 31] += a5_31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
-                o = ob + 16 * os_k
-                of[o + 0] += a0_16
-                of[o + 1] += a1_16
-                of[o + 2] += a2_16
-                of[o + 3] += a3_16
-                of[o + 4] += a4_16
-                of[o + 5] += a5_16
-                o = ob + 17 * os_k
-                of[o + 0] += a0_17
-                of[o + 1] += a1_17
-                of[o + 2] += a2_17
-                of[o + 3] += a3_17
-                of[o + 4] += a4_17
-                of[o + 5] += a5_17
-                o = ob + 18 * os_k
-                of[o + 0] += a0_18
-                of[o + 1] += a1_18
-                of[o + 2] += a2_18
-                of[o + 3] += a3_18
-                of[o + 4] += a4_18
-                of[o + 5] += a5_18
-                o = ob + 19 * os_k
-                of[o + 0] += a0_19
-                of[o + 1] += a1_19
-                of[o + 2] += a2_19
-                of[o + 3] += a3_19
-                of[o + 4] += a4_19
-                of[o + 5] += a5_19
-                o = ob + 20 * os_k
-                of[o + 0] += a0_20
-                of[o + 1] += a1_20
-                of[o + 2] += a2_20
-                of[o + 3] += a3_20
-                of[o + 4] += a4_20
-                of[o + 5] += a5_20
-                o = ob + 21 * os_k
-                of[o + 0] += a0_21
-                of[o + 1] += a1_21
-                of[o + 2] += a2_21
-                of[o + 3] += a3_21
-                of[o + 4] += a4_21
-                of[o + 5] += a5_21
-                o = ob + 22 * os_k
-                of[o + 0] += a0_22
-                of[o + 1] += a1_22
-                of[o + 2] += a2_22
-                of[o + 3] += a3_22
-                of[o + 4] += a4_22
-                of[o + 5] += a5_22
-                o = ob + 23 * os_k
-                of[o + 0] += a0_23
-                of[o + 1] += a1_23
-                of[o + 2] += a2_23
-                of[o + 3] += a3_23
-                of[o + 4] += a4_23
-                of[o + 5] += a5_23
-                o = ob + 24 * os_k
-                of[o + 0] += a0_24
-                of[o + 1] += a1_24
-                of[o + 2] += a2_24
-                of[o + 3] += a3_24
-                of[o + 4] += a4_24
-                of[o + 5] += a5_24
-                o = ob + 25 * os_k
-                of[o + 0] += a0_25
-                of[o + 1] += a1_25
-                of[o + 2] += a2_25
-                of[o + 3] += a3_25
-                of[o + 4] += a4_25
-                of[o + 5] += a5_25
-                o = ob + 26 * os_k
-                of[o + 0] += a0_26
-                of[o + 1] += a1_26
-                of[o + 2] += a2_26
-                of[o + 3] += a3_26
-                of[o + 4] += a4_26
-                of[o + 5] += a5_26
-                o = ob + 27 * os_k
-                of[o + 0] += a0_27
-                of[o + 1] += a1_27
-                of[o + 2] += a2_27
-                of[o + 3] += a3_27
-                of[o + 4] += a4_27
-                of[o + 5] += a5_27
-                o = ob + 28 * os_k
-                of[o + 0] += a0_28
-                of[o + 1] += a1_28
-                of[o + 2] += a2_28
-                of[o + 3] += a3_28
-                of[o + 4] += a4_28
-                of[o + 5] += a5_28
-                o = ob + 29 * os_k
-                of[o + 0] += a0_29
-                of[o + 1] += a1_29
-                of[o + 2] += a2_29
-                of[o + 3] += a3_29
-                of[o + 4] += a4_29
-                of[o + 5] += a5_29
-                o = ob + 30 * os_k
-                of[o + 0] += a0_30
-                of[o + 1] += a1_30
-                of[o + 2] += a2_30
-                of[o + 3] += a3_30
-                of[o + 4] += a4_30
-                of[o + 5] += a5_30
-                o = ob + 31 * os_k
-                of[o + 0] += a0_31
-                of[o + 1] += a1_31
-                of[o + 2] += a2_31
-                of[o + 3] += a3_31
-                of[o + 4] += a4_31
-                of[o + 5] += a5_31
+            for v in range(32):
+                dst = of[ob + v * os_k:ob + v * os_k + 6]
+                if first:
+                    bv = bb[v]
+                    for p in range(6):
+                        dst[p] = tmp[p * 32 + v] + bv
+                else:
+                    for p in range(6):
+                        dst[p] += tmp[p * 32 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -4026,11 +1638,11 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile6_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*32 + [0, 32) of image n."""
-    nk = min(32, kg - kb * 32)
-    kb0 = g * kg + kb * 32
+def tile6_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -4039,24 +1651,28 @@ def tile6_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 6):
-                uk6_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(32, kg - kb * 32)
+                    kb0 = g * kg + kb * 32
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk6_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv6_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(6 * 32, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -4064,8 +1680,9 @@ def conv6_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile6_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile6_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -4251,522 +1868,41 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a6_14 += x6 * w14
                 a6_15 += x6 * w15
     if nk == 16 and np_ == 7:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-                o = ob + 6 * os_p
-                of[o + 0] = a6_0 + b0
-                of[o + 1] = a6_1 + b1
-                of[o + 2] = a6_2 + b2
-                of[o + 3] = a6_3 + b3
-                of[o + 4] = a6_4 + b4
-                of[o + 5] = a6_5 + b5
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a6_7 + b7
-                of[o + 8] = a6_8 + b8
-                of[o + 9] = a6_9 + b9
-                of[o + 10] = a6_10 + b10
-                of[o + 11] = a6_11 + b11
-                of[o + 12] = a6_12 + b12
-                of[o + 13] = a6_13 + b13
-                of[o + 14] = a6_14 + b14
-                of[o + 15] = a6_15 + b15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                of[o + 6] = a6_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                of[o + 6] = a6_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                of[o + 6] = a6_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                of[o + 6] = a6_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                of[o + 6] = a6_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a6_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                of[o + 6] = a6_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                of[o + 6] = a6_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                of[o + 6] = a6_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                of[o + 6] = a6_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                of[o + 6] = a6_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                of[o + 6] = a6_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                of[o + 6] = a6_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                of[o + 6] = a6_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                of[o + 6] = a6_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
-                of[o + 6] = a6_15 + b15
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
+        bb = bias[kb0:kb0 + 16]
+        if os_k == 1:
+            for p in range(7):
+                dst = of[ob + p * os_p:ob + p * os_p + 16]
+                src = tmp[p * 16:p * 16 + 16]
+                if first:
+                    for v in range(16):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(16):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-                o = ob + 6 * os_p
-                of[o + 0] += a6_0
-                of[o + 1] += a6_1
-                of[o + 2] += a6_2
-                of[o + 3] += a6_3
-                of[o + 4] += a6_4
-                of[o + 5] += a6_5
-                of[o + 6] += a6_6
-                of[o + 7] += a6_7
-                of[o + 8] += a6_8
-                of[o + 9] += a6_9
-                of[o + 10] += a6_10
-                of[o + 11] += a6_11
-                of[o + 12] += a6_12
-                of[o + 13] += a6_13
-                of[o + 14] += a6_14
-                of[o + 15] += a6_15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                of[o + 6] += a6_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                of[o + 6] += a6_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                of[o + 6] += a6_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                of[o + 6] += a6_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                of[o + 6] += a6_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                of[o + 6] += a6_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                of[o + 6] += a6_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                of[o + 6] += a6_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                of[o + 6] += a6_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                of[o + 6] += a6_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                of[o + 6] += a6_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                of[o + 6] += a6_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                of[o + 6] += a6_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                of[o + 6] += a6_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                of[o + 6] += a6_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
-                of[o + 6] += a6_15
+            for v in range(16):
+                dst = of[ob + v * os_k:ob + v * os_k + 7]
+                if first:
+                    bv = bb[v]
+                    for p in range(7):
+                        dst[p] = tmp[p * 16 + v] + bv
+                else:
+                    for p in range(7):
+                        dst[p] += tmp[p * 16 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -4792,11 +1928,11 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
-    nk = min(16, kg - kb * 16)
-    kb0 = g * kg + kb * 16
+def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -4805,24 +1941,28 @@ def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 7):
-                uk7_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(16, kg - kb * 16)
+                    kb0 = g * kg + kb * 16
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk7_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv7_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(7 * 16, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -4830,8 +1970,9 @@ def conv7_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile7_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile7_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -5175,1018 +2316,55 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a6_30 += x6 * w30
                 a6_31 += x6 * w31
     if nk == 32 and np_ == 7:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            b16 = bias[kb0 + 16]
-            b17 = bias[kb0 + 17]
-            b18 = bias[kb0 + 18]
-            b19 = bias[kb0 + 19]
-            b20 = bias[kb0 + 20]
-            b21 = bias[kb0 + 21]
-            b22 = bias[kb0 + 22]
-            b23 = bias[kb0 + 23]
-            b24 = bias[kb0 + 24]
-            b25 = bias[kb0 + 25]
-            b26 = bias[kb0 + 26]
-            b27 = bias[kb0 + 27]
-            b28 = bias[kb0 + 28]
-            b29 = bias[kb0 + 29]
-            b30 = bias[kb0 + 30]
-            b31 = bias[kb0 + 31]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                of[o + 16] = a0_16 + b16
-                of[o + 17] = a0_17 + b17
-                of[o + 18] = a0_18 + b18
-                of[o + 19] = a0_19 + b19
-                of[o + 20] = a0_20 + b20
-                of[o + 21] = a0_21 + b21
-                of[o + 22] = a0_22 + b22
-                of[o + 23] = a0_23 + b23
-                of[o + 24] = a0_24 + b24
-                of[o + 25] = a0_25 + b25
-                of[o + 26] = a0_26 + b26
-                of[o + 27] = a0_27 + b27
-                of[o + 28] = a0_28 + b28
-                of[o + 29] = a0_29 + b29
-                of[o + 30] = a0_30 + b30
-                of[o + 31] = a0_31 + b31
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                of[o + 16] = a1_16 + b16
-                of[o + 17] = a1_17 + b17
-                of[o + 18] = a1_18 + b18
-                of[o + 19] = a1_19 + b19
-                of[o + 20] = a1_20 + b20
-                of[o + 21] = a1_21 + b21
-                of[o + 22] = a1_22 + b22
-                of[o + 23] = a1_23 + b23
-                of[o + 24] = a1_24 + b24
-                of[o + 25] = a1_25 + b25
-                of[o + 26] = a1_26 + b26
-                of[o + 27] = a1_27 + b27
-                of[o + 28] = a1_28 + b28
-                of[o + 29] = a1_29 + b29
-                of[o + 30] = a1_30 + b30
-                of[o + 31] = a1_31 + b31
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                of[o + 16] = a2_16 + b16
-                of[o + 17] = a2_17 + b17
-                of[o + 18] = a2_18 + b18
-                of[o + 19] = a2_19 + b19
-                of[o + 20] = a2_20 + b20
-                of[o + 21] = a2_21 + b21
-                of[o + 22] = a2_22 + b22
-                of[o + 23] = a2_23 + b23
-                of[o + 24] = a2_24 + b24
-                of[o + 25] = a2_25 + b25
-                of[o + 26] = a2_26 + b26
-                of[o + 27] = a2_27 + b27
-                of[o + 28] = a2_28 + b28
-                of[o + 29] = a2_29 + b29
-                of[o + 30] = a2_30 + b30
-                of[o + 31] = a2_31 + b31
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                of[o + 16] = a3_16 + b16
-                of[o + 17] = a3_17 + b17
-                of[o + 18] = a3_18 + b18
-                of[o + 19] = a3_19 + b19
-                of[o + 20] = a3_20 + b20
-                of[o + 21] = a3_21 + b21
-                of[o + 22] = a3_22 + b22
-                of[o + 23] = a3_23 + b23
-                of[o + 24] = a3_24 + b24
-                of[o + 25] = a3_25 + b25
-                of[o + 26] = a3_26 + b26
-                of[o + 27] = a3_27 + b27
-                of[o + 28] = a3_28 + b28
-                of[o + 29] = a3_29 + b29
-                of[o + 30] = a3_30 + b30
-                of[o + 31] = a3_31 + b31
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                of[o + 16] = a4_16 + b16
-                of[o + 17] = a4_17 + b17
-                of[o + 18] = a4_18 + b18
-                of[o + 19] = a4_19 + b19
-                of[o + 20] = a4_20 + b20
-                of[o + 21] = a4_21 + b21
-                of[o + 22] = a4_22 + b22
-                of[o + 23] = a4_23 + b23
-                of[o + 24] = a4_24 + b24
-                of[o + 25] = a4_25 + b25
-                of[o + 26] = a4_26 + b26
-                of[o + 27] = a4_27 + b27
-                of[o + 28] = a4_28 + b28
-                of[o + 29] = a4_29 + b29
-                of[o + 30] = a4_30 + b30
-                of[o + 31] = a4_31 + b31
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-                of[o + 16] = a5_16 + b16
-                of[o + 17] = a5_17 + b17
-                of[o + 18] = a5_18 + b18
-                of[o + 19] = a5_19 + b19
-                of[o + 20] = a5_20 + b20
-                of[o + 21] = a5_21 + b21
-                of[o + 22] = a5_22 + b22
-                of[o + 23] = a5_23 + b23
-                of[o + 24] = a5_24 + b24
-                of[o + 25] = a5_25 + b25
-                of[o + 26] = a5_26 + b26
-                of[o + 27] = a5_27 + b27
-                of[o + 28] = a5_28 + b28
-                of[o + 29] = a5_29 + b29
-                of[o + 30] = a5_30 + b30
-                of[o + 31] = a5_31 + b31
-                o = ob + 6 * os_p
-                of[o + 0] = a6_0 + b0
-                of[o + 1] = a6_1 + b1
-                of[o + 2] = a6_2 + b2
-                of[o + 3] = a6_3 + b3
-                of[o + 4] = a6_4 + b4
-                of[o + 5] = a6_5 + b5
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a6_7 + b7
-                of[o + 8] = a6_8 + b8
-                of[o + 9] = a6_9 + b9
-                of[o + 10] = a6_10 + b10
-                of[o + 11] = a6_11 + b11
-                of[o + 12] = a6_12 + b12
-                of[o + 13] = a6_13 + b13
-                of[o + 14] = a6_14 + b14
-                of[o + 15] = a6_15 + b15
-                of[o + 16] = a6_16 + b16
-                of[o + 17] = a6_17 + b17
-                of[o + 18] = a6_18 + b18
-                of[o + 19] = a6_19 + b19
-                of[o + 20] = a6_20 + b20
-                of[o + 21] = a6_21 + b21
-                of[o + 22] = a6_22 + b22
-                of[o + 23] = a6_23 + b23
-                of[o + 24] = a6_24 + b24
-                of[o + 25] = a6_25 + b25
-                of[o + 26] = a6_26 + b26
-                of[o + 27] = a6_27 + b27
-                of[o + 28] = a6_28 + b28
-                of[o + 29] = a6_29 + b29
-                of[o + 30] = a6_30 + b30
-                of[o + 31] = a6_31 + b31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                of[o + 6] = a6_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                of[o + 6] = a6_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                of[o + 6] = a6_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                of[o + 6] = a6_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                of[o + 6] = a6_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a6_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                of[o + 6] = a6_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                of[o + 6] = a6_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                of[o + 6] = a6_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                of[o + 6] = a6_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                of[o + 6] = a6_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                of[o + 6] = a6_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                of[o + 6] = a6_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                of[o + 6] = a6_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                of[o + 6] = a6_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
-                of[o + 6] = a6_15 + b15
-                o = ob + 16 * os_k
-                of[o + 0] = a0_16 + b16
-                of[o + 1] = a1_16 + b16
-                of[o + 2] = a2_16 + b16
-                of[o + 3] = a3_16 + b16
-                of[o + 4] = a4_16 + b16
-                of[o + 5] = a5_16 + b16
-                of[o + 6] = a6_16 + b16
-                o = ob + 17 * os_k
-                of[o + 0] = a0_17 + b17
-                of[o + 1] = a1_17 + b17
-                of[o + 2] = a2_17 + b17
-                of[o + 3] = a3_17 + b17
-                of[o + 4] = a4_17 + b17
-                of[o + 5] = a5_17 + b17
-                of[o + 6] = a6_17 + b17
-                o = ob + 18 * os_k
-                of[o + 0] = a0_18 + b18
-                of[o + 1] = a1_18 + b18
-                of[o + 2] = a2_18 + b18
-                of[o + 3] = a3_18 + b18
-                of[o + 4] = a4_18 + b18
-                of[o + 5] = a5_18 + b18
-                of[o + 6] = a6_18 + b18
-                o = ob + 19 * os_k
-                of[o + 0] = a0_19 + b19
-                of[o + 1] = a1_19 + b19
-                of[o + 2] = a2_19 + b19
-                of[o + 3] = a3_19 + b19
-                of[o + 4] = a4_19 + b19
-                of[o + 5] = a5_19 + b19
-                of[o + 6] = a6_19 + b19
-                o = ob + 20 * os_k
-                of[o + 0] = a0_20 + b20
-                of[o + 1] = a1_20 + b20
-                of[o + 2] = a2_20 + b20
-                of[o + 3] = a3_20 + b20
-                of[o + 4] = a4_20 + b20
-                of[o + 5] = a5_20 + b20
-                of[o + 6] = a6_20 + b20
-                o = ob + 21 * os_k
-                of[o + 0] = a0_21 + b21
-                of[o + 1] = a1_21 + b21
-                of[o + 2] = a2_21 + b21
-                of[o + 3] = a3_21 + b21
-                of[o + 4] = a4_21 + b21
-                of[o + 5] = a5_21 + b21
-                of[o + 6] = a6_21 + b21
-                o = ob + 22 * os_k
-                of[o + 0] = a0_22 + b22
-                of[o + 1] = a1_22 + b22
-                of[o + 2] = a2_22 + b22
-                of[o + 3] = a3_22 + b22
-                of[o + 4] = a4_22 + b22
-                of[o + 5] = a5_22 + b22
-                of[o + 6] = a6_22 + b22
-                o = ob + 23 * os_k
-                of[o + 0] = a0_23 + b23
-                of[o + 1] = a1_23 + b23
-                of[o + 2] = a2_23 + b23
-                of[o + 3] = a3_23 + b23
-                of[o + 4] = a4_23 + b23
-                of[o + 5] = a5_23 + b23
-                of[o + 6] = a6_23 + b23
-                o = ob + 24 * os_k
-                of[o + 0] = a0_24 + b24
-                of[o + 1] = a1_24 + b24
-                of[o + 2] = a2_24 + b24
-                of[o + 3] = a3_24 + b24
-                of[o + 4] = a4_24 + b24
-                of[o + 5] = a5_24 + b24
-                of[o + 6] = a6_24 + b24
-                o = ob + 25 * os_k
-                of[o + 0] = a0_25 + b25
-                of[o + 1] = a1_25 + b25
-                of[o + 2] = a2_25 + b25
-                of[o + 3] = a3_25 + b25
-                of[o + 4] = a4_25 + b25
-                of[o + 5] = a5_25 + b25
-                of[o + 6] = a6_25 + b25
-                o = ob + 26 * os_k
-                of[o + 0] = a0_26 + b26
-                of[o + 1] = a1_26 + b26
-                of[o + 2] = a2_26 + b26
-                of[o + 3] = a3_26 + b26
-                of[o + 4] = a4_26 + b26
-                of[o + 5] = a5_26 + b26
-                of[o + 6] = a6_26 + b26
-                o = ob + 27 * os_k
-                of[o + 0] = a0_27 + b27
-                of[o + 1] = a1_27 + b27
-                of[o + 2] = a2_27 + b27
-                of[o + 3] = a3_27 + b27
-                of[o + 4] = a4_27 + b27
-                of[o + 5] = a5_27 + b27
-                of[o + 6] = a6_27 + b27
-                o = ob + 28 * os_k
-                of[o + 0] = a0_28 + b28
-                of[o + 1] = a1_28 + b28
-                of[o + 2] = a2_28 + b28
-                of[o + 3] = a3_28 + b28
-                of[o + 4] = a4_28 + b28
-                of[o + 5] = a5_28 + b28
-                of[o + 6] = a6_28 + b28
-                o = ob + 29 * os_k
-                of[o + 0] = a0_29 + b29
-                of[o + 1] = a1_29 + b29
-                of[o + 2] = a2_29 + b29
-                of[o + 3] = a3_29 + b29
-                of[o + 4] = a4_29 + b29
-                of[o + 5] = a5_29 + b29
-                of[o + 6] = a6_29 + b29
-                o = ob + 30 * os_k
-                of[o + 0] = a0_30 + b30
-                of[o + 1] = a1_30 + b30
-                of[o + 2] = a2_30 + b30
-                of[o + 3] = a3_30 + b30
-                of[o + 4] = a4_30 + b30
-                of[o + 5] = a5_30 + b30
-                of[o + 6] = a6_30 + b30
-                o = ob + 31 * os_k
-                of[o + 0] = a0_31 + b31
-                of[o + 1] = a1_31 + b31
-                of[o + 2] = a2_31 + b31
-                of[o + 3] = a3_31 + b31
-                of[o + 4] = a4_31 + b31
-                of[o + 5] = a5_31 + b31
-                of[o + 6] = a6_31 + b31
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
+        bb = bias[kb0:kb0 + 32]
+        if os_k == 1:
+            for p in range(7):
+                dst = of[ob + p * os_p:ob + p * os_p + 32]
+                src = tmp[p * 32:p * 32 + 32]
+                if first:
+                    for v in range(32):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(32):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                of[o + 16] += a0_16
-                of[o + 17] += a0_17
-                of[o + 18] += a0_18
-                of[o + 19] += a0_19
-                of[o + 20] += a0_20
-                of[o + 21] += a0_21
-                of[o + 22] += a0_22
-                of[o + 23] += a0_23
-                of[o + 24] += a0_24
-                of[o + 25] += a0_25
-                of[o + 26] += a0_26
-                of[o + 27] += a0_27
-                of[o + 28] += a0_28
-                of[o + 29] += a0_29
-                of[o + 30] += a0_30
-                of[o + 31] += a0_31
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                of[o + 16] += a1_16
-                of[o + 17] += a1_17
-                of[o + 18] += a1_18
-                of[o + 19] += a1_19
-                of[o + 20] += a1_20
-                of[o + 21] += a1_21
-                of[o + 22] += a1_22
-                of[o + 23] += a1_23
-                of[o + 24] += a1_24
-                of[o + 25] += a1_25
-                of[o + 26] += a1_26
-                of[o + 27] += a1_27
-                of[o + 28] += a1_28
-                of[o + 29] += a1_29
-                of[o + 30] += a1_30
-                of[o + 31] += a1_31
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                of[o + 16] += a2_16
-                of[o + 17] += a2_17
-                of[o + 18] += a2_18
-                of[o + 19] += a2_19
-                of[o + 20] += a2_20
-                of[o + 21] += a2_21
-                of[o + 22] += a2_22
-                of[o + 23] += a2_23
-                of[o + 24] += a2_24
-                of[o + 25] += a2_25
-                of[o + 26] += a2_26
-                of[o + 27] += a2_27
-                of[o + 28] += a2_28
-                of[o + 29] += a2_29
-                of[o + 30] += a2_30
-                of[o + 31] += a2_31
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                of[o + 16] += a3_16
-                of[o + 17] += a3_17
-                of[o + 18] += a3_18
-                of[o + 19] += a3_19
-                of[o + 20] += a3_20
-                of[o + 21] += a3_21
-                of[o + 22] += a3_22
-                of[o + 23] += a3_23
-                of[o + 24] += a3_24
-                of[o + 25] += a3_25
-                of[o + 26] += a3_26
-                of[o + 27] += a3_27
-                of[o + 28] += a3_28
-                of[o + 29] += a3_29
-                of[o + 30] += a3_30
-                of[o + 31] += a3_31
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                of[o + 16] += a4_16
-                of[o + 17] += a4_17
-                of[o + 18] += a4_18
-                of[o + 19] += a4_19
-                of[o + 20] += a4_20
-                of[o + 21] += a4_21
-                of[o + 22] += a4_22
-                of[o + 23] += a4_23
-                of[o + 24] += a4_24
-                of[o + 25] += a4_25
-                of[o + 26] += a4_26
-                of[o + 27] += a4_27
-                of[o + 28] += a4_28
-                of[o + 29] += a4_29
-                of[o + 30] += a4_30
-                of[o + 31] += a4_31
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-                of[o + 16] += a5_16
-                of[o + 17] += a5_17
-                of[o + 18] += a5_18
-                of[o + 19] += a5_19
-                of[o + 20] += a5_20
-                of[o + 21] += a5_21
-                of[o + 22] += a5_22
-                of[o + 23] += a5_23
-                of[o + 24] += a5_24
-                of[o + 25] += a5_25
-                of[o + 26] += a5_26
-                of[o + 27] += a5_27
-                of[o + 28] += a5_28
-                of[o + 29] += a5_29
-                of[o + 30] += a5_30
-                of[o + 31] += a5_31
-                o = ob + 6 * os_p
-                of[o + 0] += a6_0
-                of[o + 1] += a6_1
-                of[o + 2] += a6_2
-                of[o + 3] += a6_3
-                of[o + 4] += a6_4
-                of[o + 5] += a6_5
-                of[o + 6] += a6_6
-                of[o + 7] += a6_7
-                of[o + 8] += a6_8
-                of[o + 9] += a6_9
-                of[o + 10] += a6_10
-                of[o + 11] += a6_11
-                of[o + 12] += a6_12
-                of[o + 13] += a6_13
-                of[o + 14] += a6_14
-                of[o + 15] += a6_15
-                of[o + 16] += a6_16
-                of[o + 17] += a6_17
-                of[o + 18] += a6_18
-                of[o + 19] += a6_19
-                of[o + 20] += a6_20
-                of[o + 21] += a6_21
-                of[o + 22] += a6_22
-                of[o + 23] += a6_23
-                of[o + 24] += a6_24
-                of[o + 25] += a6_25
-                of[o + 26] += a6_26
-                of[o + 27] += a6_27
-                of[o + 28] += a6_28
-                of[o + 29] += a6_29
-                of[o + 30] += a6_30
-                of[o + 31] += a6_31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                of[o + 6] += a6_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                of[o + 6] += a6_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                of[o + 6] += a6_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                of[o + 6] += a6_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                of[o + 6] += a6_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                of[o + 6] += a6_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                of[o + 6] += a6_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                of[o + 6] += a6_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                of[o + 6] += a6_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                of[o + 6] += a6_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                of[o + 6] += a6_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                of[o + 6] += a6_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                of[o + 6] += a6_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                of[o + 6] += a6_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                of[o + 6] += a6_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
-                of[o + 6] += a6_15
-                o = ob + 16 * os_k
-                of[o + 0] += a0_16
-                of[o + 1] += a1_16
-                of[o + 2] += a2_16
-                of[o + 3] += a3_16
-                of[o + 4] += a4_16
-                of[o + 5] += a5_16
-                of[o + 6] += a6_16
-                o = ob + 17 * os_k
-                of[o + 0] += a0_17
-                of[o + 1] += a1_17
-                of[o + 2] += a2_17
-                of[o + 3] += a3_17
-                of[o + 4] += a4_17
-                of[o + 5] += a5_17
-                of[o + 6] += a6_17
-                o = ob + 18 * os_k
-                of[o + 0] += a0_18
-                of[o + 1] += a1_18
-                of[o + 2] += a2_18
-                of[o + 3] += a3_18
-                of[o + 4] += a4_18
-                of[o + 5] += a5_18
-                of[o + 6] += a6_18
-                o = ob + 19 * os_k
-                of[o + 0] += a0_19
-                of[o + 1] += a1_19
-                of[o + 2] += a2_19
-                of[o + 3] += a3_19
-                of[o + 4] += a4_19
-                of[o + 5] += a5_19
-                of[o + 6] += a6_19
-                o = ob + 20 * os_k
-                of[o + 0] += a0_20
-                of[o + 1] += a1_20
-                of[o + 2] += a2_20
-                of[o + 3] += a3_20
-                of[o + 4] += a4_20
-                of[o + 5] += a5_20
-                of[o + 6] += a6_20
-                o = ob + 21 * os_k
-                of[o + 0] += a0_21
-                of[o + 1] += a1_21
-                of[o + 2] += a2_21
-                of[o + 3] += a3_21
-                of[o + 4] += a4_21
-                of[o + 5] += a5_21
-                of[o + 6] += a6_21
-                o = ob + 22 * os_k
-                of[o + 0] += a0_22
-                of[o + 1] += a1_22
-                of[o + 2] += a2_22
-                of[o + 3] += a3_22
-                of[o + 4] += a4_22
-                of[o + 5] += a5_22
-                of[o + 6] += a6_22
-                o = ob + 23 * os_k
-                of[o + 0] += a0_23
-                of[o + 1] += a1_23
-                of[o + 2] += a2_23
-                of[o + 3] += a3_23
-                of[o + 4] += a4_23
-                of[o + 5] += a5_23
-                of[o + 6] += a6_23
-                o = ob + 24 * os_k
-                of[o + 0] += a0_24
-                of[o + 1] += a1_24
-                of[o + 2] += a2_24
-                of[o + 3] += a3_24
-                of[o + 4] += a4_24
-                of[o + 5] += a5_24
-                of[o + 6] += a6_24
-                o = ob + 25 * os_k
-                of[o + 0] += a0_25
-                of[o + 1] += a1_25
-                of[o + 2] += a2_25
-                of[o + 3] += a3_25
-                of[o + 4] += a4_25
-                of[o + 5] += a5_25
-                of[o + 6] += a6_25
-                o = ob + 26 * os_k
-                of[o + 0] += a0_26
-                of[o + 1] += a1_26
-                of[o + 2] += a2_26
-                of[o + 3] += a3_26
-                of[o + 4] += a4_26
-                of[o + 5] += a5_26
-                of[o + 6] += a6_26
-                o = ob + 27 * os_k
-                of[o + 0] += a0_27
-                of[o + 1] += a1_27
-                of[o + 2] += a2_27
-                of[o + 3] += a3_27
-                of[o + 4] += a4_27
-                of[o + 5] += a5_27
-                of[o + 6] += a6_27
-                o = ob + 28 * os_k
-                of[o + 0] += a0_28
-                of[o + 1] += a1_28
-                of[o + 2] += a2_28
-                of[o + 3] += a3_28
-                of[o + 4] += a4_28
-                of[o + 5] += a5_28
-                of[o + 6] += a6_28
-                o = ob + 29 * os_k
-                of[o + 0] += a0_29
-                of[o + 1] += a1_29
-                of[o + 2] += a2_29
-                of[o + 3] += a3_29
-                of[o + 4] += a4_29
-                of[o + 5] += a5_29
-                of[o + 6] += a6_29
-                o = ob + 30 * os_k
-                of[o + 0] += a0_30
-                of[o + 1] += a1_30
-                of[o + 2] += a2_30
-                of[o + 3] += a3_30
-                of[o + 4] += a4_30
-                of[o + 5] += a5_30
-                of[o + 6] += a6_30
-                o = ob + 31 * os_k
-                of[o + 0] += a0_31
-                of[o + 1] += a1_31
-                of[o + 2] += a2_31
-                of[o + 3] += a3_31
-                of[o + 4] += a4_31
-                of[o + 5] += a5_31
-                of[o + 6] += a6_31
+            for v in range(32):
+                dst = of[ob + v * os_k:ob + v * os_k + 7]
+                if first:
+                    bv = bb[v]
+                    for p in range(7):
+                        dst[p] = tmp[p * 32 + v] + bv
+                else:
+                    for p in range(7):
+                        dst[p] += tmp[p * 32 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -6226,11 +2404,11 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*32 + [0, 32) of image n."""
-    nk = min(32, kg - kb * 32)
-    kb0 = g * kg + kb * 32
+def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -6239,24 +2417,28 @@ def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 7):
-                uk7_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(32, kg - kb * 32)
+                    kb0 = g * kg + kb * 32
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk7_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv7_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(7 * 32, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -6264,8 +2446,9 @@ def conv7_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile7_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile7_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -6471,588 +2654,43 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a7_14 += x7 * w14
                 a7_15 += x7 * w15
     if nk == 16 and np_ == 8:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-                o = ob + 6 * os_p
-                of[o + 0] = a6_0 + b0
-                of[o + 1] = a6_1 + b1
-                of[o + 2] = a6_2 + b2
-                of[o + 3] = a6_3 + b3
-                of[o + 4] = a6_4 + b4
-                of[o + 5] = a6_5 + b5
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a6_7 + b7
-                of[o + 8] = a6_8 + b8
-                of[o + 9] = a6_9 + b9
-                of[o + 10] = a6_10 + b10
-                of[o + 11] = a6_11 + b11
-                of[o + 12] = a6_12 + b12
-                of[o + 13] = a6_13 + b13
-                of[o + 14] = a6_14 + b14
-                of[o + 15] = a6_15 + b15
-                o = ob + 7 * os_p
-                of[o + 0] = a7_0 + b0
-                of[o + 1] = a7_1 + b1
-                of[o + 2] = a7_2 + b2
-                of[o + 3] = a7_3 + b3
-                of[o + 4] = a7_4 + b4
-                of[o + 5] = a7_5 + b5
-                of[o + 6] = a7_6 + b6
-                of[o + 7] = a7_7 + b7
-                of[o + 8] = a7_8 + b8
-                of[o + 9] = a7_9 + b9
-                of[o + 10] = a7_10 + b10
-                of[o + 11] = a7_11 + b11
-                of[o + 12] = a7_12 + b12
-                of[o + 13] = a7_13 + b13
-                of[o + 14] = a7_14 + b14
-                of[o + 15] = a7_15 + b15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                of[o + 6] = a6_0 + b0
-                of[o + 7] = a7_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                of[o + 6] = a6_1 + b1
-                of[o + 7] = a7_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                of[o + 6] = a6_2 + b2
-                of[o + 7] = a7_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                of[o + 6] = a6_3 + b3
-                of[o + 7] = a7_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                of[o + 6] = a6_4 + b4
-                of[o + 7] = a7_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a6_5 + b5
-                of[o + 7] = a7_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a7_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                of[o + 6] = a6_7 + b7
-                of[o + 7] = a7_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                of[o + 6] = a6_8 + b8
-                of[o + 7] = a7_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                of[o + 6] = a6_9 + b9
-                of[o + 7] = a7_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                of[o + 6] = a6_10 + b10
-                of[o + 7] = a7_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                of[o + 6] = a6_11 + b11
-                of[o + 7] = a7_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                of[o + 6] = a6_12 + b12
-                of[o + 7] = a7_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                of[o + 6] = a6_13 + b13
-                of[o + 7] = a7_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                of[o + 6] = a6_14 + b14
-                of[o + 7] = a7_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
-                of[o + 6] = a6_15 + b15
-                of[o + 7] = a7_15 + b15
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
+        tmp[112] = a7_0; tmp[113] = a7_1; tmp[114] = a7_2; tmp[115] = a7_3; tmp[116] = a7_4; tmp[117] = a7_5; tmp[118] = a7_6; tmp[119] = a7_7
+        tmp[120] = a7_8; tmp[121] = a7_9; tmp[122] = a7_10; tmp[123] = a7_11; tmp[124] = a7_12; tmp[125] = a7_13; tmp[126] = a7_14; tmp[127] = a7_15
+        bb = bias[kb0:kb0 + 16]
+        if os_k == 1:
+            for p in range(8):
+                dst = of[ob + p * os_p:ob + p * os_p + 16]
+                src = tmp[p * 16:p * 16 + 16]
+                if first:
+                    for v in range(16):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(16):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-                o = ob + 6 * os_p
-                of[o + 0] += a6_0
-                of[o + 1] += a6_1
-                of[o + 2] += a6_2
-                of[o + 3] += a6_3
-                of[o + 4] += a6_4
-                of[o + 5] += a6_5
-                of[o + 6] += a6_6
-                of[o + 7] += a6_7
-                of[o + 8] += a6_8
-                of[o + 9] += a6_9
-                of[o + 10] += a6_10
-                of[o + 11] += a6_11
-                of[o + 12] += a6_12
-                of[o + 13] += a6_13
-                of[o + 14] += a6_14
-                of[o + 15] += a6_15
-                o = ob + 7 * os_p
-                of[o + 0] += a7_0
-                of[o + 1] += a7_1
-                of[o + 2] += a7_2
-                of[o + 3] += a7_3
-                of[o + 4] += a7_4
-                of[o + 5] += a7_5
-                of[o + 6] += a7_6
-                of[o + 7] += a7_7
-                of[o + 8] += a7_8
-                of[o + 9] += a7_9
-                of[o + 10] += a7_10
-                of[o + 11] += a7_11
-                of[o + 12] += a7_12
-                of[o + 13] += a7_13
-                of[o + 14] += a7_14
-                of[o + 15] += a7_15
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                of[o + 6] += a6_0
-                of[o + 7] += a7_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                of[o + 6] += a6_1
-                of[o + 7] += a7_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                of[o + 6] += a6_2
-                of[o + 7] += a7_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                of[o + 6] += a6_3
-                of[o + 7] += a7_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                of[o + 6] += a6_4
-                of[o + 7] += a7_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                of[o + 6] += a6_5
-                of[o + 7] += a7_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                of[o + 6] += a6_6
-                of[o + 7] += a7_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                of[o + 6] += a6_7
-                of[o + 7] += a7_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                of[o + 6] += a6_8
-                of[o + 7] += a7_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                of[o + 6] += a6_9
-                of[o + 7] += a7_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                of[o + 6] += a6_10
-                of[o + 7] += a7_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                of[o + 6] += a6_11
-                of[o + 7] += a7_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                of[o + 6] += a6_12
-                of[o + 7] += a7_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                of[o + 6] += a6_13
-                of[o + 7] += a7_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                of[o + 6] += a6_14
-                of[o + 7] += a7_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
-                of[o + 6] += a6_15
-                of[o + 7] += a7_15
+            for v in range(16):
+                dst = of[ob + v * os_k:ob + v * os_k + 8]
+                if first:
+                    bv = bb[v]
+                    for p in range(8):
+                        dst[p] = tmp[p * 16 + v] + bv
+                else:
+                    for p in range(8):
+                        dst[p] += tmp[p * 16 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -7080,11 +2718,11 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*16 + [0, 16) of image n."""
-    nk = min(16, kg - kb * 16)
-    kb0 = g * kg + kb * 16
+def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -7093,24 +2731,28 @@ def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 8):
-                uk8_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(16, kg - kb * 16)
+                    kb0 = g * kg + kb * 16
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk8_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv8_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(8 * 16, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -7118,8 +2760,9 @@ def conv8_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile8_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile8_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 
 
 @_ukjit
@@ -7501,1148 +3144,59 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a7_30 += x7 * w30
                 a7_31 += x7 * w31
     if nk == 32 and np_ == 8:
-        if first:
-            b0 = bias[kb0 + 0]
-            b1 = bias[kb0 + 1]
-            b2 = bias[kb0 + 2]
-            b3 = bias[kb0 + 3]
-            b4 = bias[kb0 + 4]
-            b5 = bias[kb0 + 5]
-            b6 = bias[kb0 + 6]
-            b7 = bias[kb0 + 7]
-            b8 = bias[kb0 + 8]
-            b9 = bias[kb0 + 9]
-            b10 = bias[kb0 + 10]
-            b11 = bias[kb0 + 11]
-            b12 = bias[kb0 + 12]
-            b13 = bias[kb0 + 13]
-            b14 = bias[kb0 + 14]
-            b15 = bias[kb0 + 15]
-            b16 = bias[kb0 + 16]
-            b17 = bias[kb0 + 17]
-            b18 = bias[kb0 + 18]
-            b19 = bias[kb0 + 19]
-            b20 = bias[kb0 + 20]
-            b21 = bias[kb0 + 21]
-            b22 = bias[kb0 + 22]
-            b23 = bias[kb0 + 23]
-            b24 = bias[kb0 + 24]
-            b25 = bias[kb0 + 25]
-            b26 = bias[kb0 + 26]
-            b27 = bias[kb0 + 27]
-            b28 = bias[kb0 + 28]
-            b29 = bias[kb0 + 29]
-            b30 = bias[kb0 + 30]
-            b31 = bias[kb0 + 31]
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a0_1 + b1
-                of[o + 2] = a0_2 + b2
-                of[o + 3] = a0_3 + b3
-                of[o + 4] = a0_4 + b4
-                of[o + 5] = a0_5 + b5
-                of[o + 6] = a0_6 + b6
-                of[o + 7] = a0_7 + b7
-                of[o + 8] = a0_8 + b8
-                of[o + 9] = a0_9 + b9
-                of[o + 10] = a0_10 + b10
-                of[o + 11] = a0_11 + b11
-                of[o + 12] = a0_12 + b12
-                of[o + 13] = a0_13 + b13
-                of[o + 14] = a0_14 + b14
-                of[o + 15] = a0_15 + b15
-                of[o + 16] = a0_16 + b16
-                of[o + 17] = a0_17 + b17
-                of[o + 18] = a0_18 + b18
-                of[o + 19] = a0_19 + b19
-                of[o + 20] = a0_20 + b20
-                of[o + 21] = a0_21 + b21
-                of[o + 22] = a0_22 + b22
-                of[o + 23] = a0_23 + b23
-                of[o + 24] = a0_24 + b24
-                of[o + 25] = a0_25 + b25
-                of[o + 26] = a0_26 + b26
-                of[o + 27] = a0_27 + b27
-                of[o + 28] = a0_28 + b28
-                of[o + 29] = a0_29 + b29
-                of[o + 30] = a0_30 + b30
-                of[o + 31] = a0_31 + b31
-                o = ob + 1 * os_p
-                of[o + 0] = a1_0 + b0
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a1_2 + b2
-                of[o + 3] = a1_3 + b3
-                of[o + 4] = a1_4 + b4
-                of[o + 5] = a1_5 + b5
-                of[o + 6] = a1_6 + b6
-                of[o + 7] = a1_7 + b7
-                of[o + 8] = a1_8 + b8
-                of[o + 9] = a1_9 + b9
-                of[o + 10] = a1_10 + b10
-                of[o + 11] = a1_11 + b11
-                of[o + 12] = a1_12 + b12
-                of[o + 13] = a1_13 + b13
-                of[o + 14] = a1_14 + b14
-                of[o + 15] = a1_15 + b15
-                of[o + 16] = a1_16 + b16
-                of[o + 17] = a1_17 + b17
-                of[o + 18] = a1_18 + b18
-                of[o + 19] = a1_19 + b19
-                of[o + 20] = a1_20 + b20
-                of[o + 21] = a1_21 + b21
-                of[o + 22] = a1_22 + b22
-                of[o + 23] = a1_23 + b23
-                of[o + 24] = a1_24 + b24
-                of[o + 25] = a1_25 + b25
-                of[o + 26] = a1_26 + b26
-                of[o + 27] = a1_27 + b27
-                of[o + 28] = a1_28 + b28
-                of[o + 29] = a1_29 + b29
-                of[o + 30] = a1_30 + b30
-                of[o + 31] = a1_31 + b31
-                o = ob + 2 * os_p
-                of[o + 0] = a2_0 + b0
-                of[o + 1] = a2_1 + b1
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a2_3 + b3
-                of[o + 4] = a2_4 + b4
-                of[o + 5] = a2_5 + b5
-                of[o + 6] = a2_6 + b6
-                of[o + 7] = a2_7 + b7
-                of[o + 8] = a2_8 + b8
-                of[o + 9] = a2_9 + b9
-                of[o + 10] = a2_10 + b10
-                of[o + 11] = a2_11 + b11
-                of[o + 12] = a2_12 + b12
-                of[o + 13] = a2_13 + b13
-                of[o + 14] = a2_14 + b14
-                of[o + 15] = a2_15 + b15
-                of[o + 16] = a2_16 + b16
-                of[o + 17] = a2_17 + b17
-                of[o + 18] = a2_18 + b18
-                of[o + 19] = a2_19 + b19
-                of[o + 20] = a2_20 + b20
-                of[o + 21] = a2_21 + b21
-                of[o + 22] = a2_22 + b22
-                of[o + 23] = a2_23 + b23
-                of[o + 24] = a2_24 + b24
-                of[o + 25] = a2_25 + b25
-                of[o + 26] = a2_26 + b26
-                of[o + 27] = a2_27 + b27
-                of[o + 28] = a2_28 + b28
-                of[o + 29] = a2_29 + b29
-                of[o + 30] = a2_30 + b30
-                of[o + 31] = a2_31 + b31
-                o = ob + 3 * os_p
-                of[o + 0] = a3_0 + b0
-                of[o + 1] = a3_1 + b1
-                of[o + 2] = a3_2 + b2
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a3_4 + b4
-                of[o + 5] = a3_5 + b5
-                of[o + 6] = a3_6 + b6
-                of[o + 7] = a3_7 + b7
-                of[o + 8] = a3_8 + b8
-                of[o + 9] = a3_9 + b9
-                of[o + 10] = a3_10 + b10
-                of[o + 11] = a3_11 + b11
-                of[o + 12] = a3_12 + b12
-                of[o + 13] = a3_13 + b13
-                of[o + 14] = a3_14 + b14
-                of[o + 15] = a3_15 + b15
-                of[o + 16] = a3_16 + b16
-                of[o + 17] = a3_17 + b17
-                of[o + 18] = a3_18 + b18
-                of[o + 19] = a3_19 + b19
-                of[o + 20] = a3_20 + b20
-                of[o + 21] = a3_21 + b21
-                of[o + 22] = a3_22 + b22
-                of[o + 23] = a3_23 + b23
-                of[o + 24] = a3_24 + b24
-                of[o + 25] = a3_25 + b25
-                of[o + 26] = a3_26 + b26
-                of[o + 27] = a3_27 + b27
-                of[o + 28] = a3_28 + b28
-                of[o + 29] = a3_29 + b29
-                of[o + 30] = a3_30 + b30
-                of[o + 31] = a3_31 + b31
-                o = ob + 4 * os_p
-                of[o + 0] = a4_0 + b0
-                of[o + 1] = a4_1 + b1
-                of[o + 2] = a4_2 + b2
-                of[o + 3] = a4_3 + b3
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a4_5 + b5
-                of[o + 6] = a4_6 + b6
-                of[o + 7] = a4_7 + b7
-                of[o + 8] = a4_8 + b8
-                of[o + 9] = a4_9 + b9
-                of[o + 10] = a4_10 + b10
-                of[o + 11] = a4_11 + b11
-                of[o + 12] = a4_12 + b12
-                of[o + 13] = a4_13 + b13
-                of[o + 14] = a4_14 + b14
-                of[o + 15] = a4_15 + b15
-                of[o + 16] = a4_16 + b16
-                of[o + 17] = a4_17 + b17
-                of[o + 18] = a4_18 + b18
-                of[o + 19] = a4_19 + b19
-                of[o + 20] = a4_20 + b20
-                of[o + 21] = a4_21 + b21
-                of[o + 22] = a4_22 + b22
-                of[o + 23] = a4_23 + b23
-                of[o + 24] = a4_24 + b24
-                of[o + 25] = a4_25 + b25
-                of[o + 26] = a4_26 + b26
-                of[o + 27] = a4_27 + b27
-                of[o + 28] = a4_28 + b28
-                of[o + 29] = a4_29 + b29
-                of[o + 30] = a4_30 + b30
-                of[o + 31] = a4_31 + b31
-                o = ob + 5 * os_p
-                of[o + 0] = a5_0 + b0
-                of[o + 1] = a5_1 + b1
-                of[o + 2] = a5_2 + b2
-                of[o + 3] = a5_3 + b3
-                of[o + 4] = a5_4 + b4
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a5_6 + b6
-                of[o + 7] = a5_7 + b7
-                of[o + 8] = a5_8 + b8
-                of[o + 9] = a5_9 + b9
-                of[o + 10] = a5_10 + b10
-                of[o + 11] = a5_11 + b11
-                of[o + 12] = a5_12 + b12
-                of[o + 13] = a5_13 + b13
-                of[o + 14] = a5_14 + b14
-                of[o + 15] = a5_15 + b15
-                of[o + 16] = a5_16 + b16
-                of[o + 17] = a5_17 + b17
-                of[o + 18] = a5_18 + b18
-                of[o + 19] = a5_19 + b19
-                of[o + 20] = a5_20 + b20
-                of[o + 21] = a5_21 + b21
-                of[o + 22] = a5_22 + b22
-                of[o + 23] = a5_23 + b23
-                of[o + 24] = a5_24 + b24
-                of[o + 25] = a5_25 + b25
-                of[o + 26] = a5_26 + b26
-                of[o + 27] = a5_27 + b27
-                of[o + 28] = a5_28 + b28
-                of[o + 29] = a5_29 + b29
-                of[o + 30] = a5_30 + b30
-                of[o + 31] = a5_31 + b31
-                o = ob + 6 * os_p
-                of[o + 0] = a6_0 + b0
-                of[o + 1] = a6_1 + b1
-                of[o + 2] = a6_2 + b2
-                of[o + 3] = a6_3 + b3
-                of[o + 4] = a6_4 + b4
-                of[o + 5] = a6_5 + b5
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a6_7 + b7
-                of[o + 8] = a6_8 + b8
-                of[o + 9] = a6_9 + b9
-                of[o + 10] = a6_10 + b10
-                of[o + 11] = a6_11 + b11
-                of[o + 12] = a6_12 + b12
-                of[o + 13] = a6_13 + b13
-                of[o + 14] = a6_14 + b14
-                of[o + 15] = a6_15 + b15
-                of[o + 16] = a6_16 + b16
-                of[o + 17] = a6_17 + b17
-                of[o + 18] = a6_18 + b18
-                of[o + 19] = a6_19 + b19
-                of[o + 20] = a6_20 + b20
-                of[o + 21] = a6_21 + b21
-                of[o + 22] = a6_22 + b22
-                of[o + 23] = a6_23 + b23
-                of[o + 24] = a6_24 + b24
-                of[o + 25] = a6_25 + b25
-                of[o + 26] = a6_26 + b26
-                of[o + 27] = a6_27 + b27
-                of[o + 28] = a6_28 + b28
-                of[o + 29] = a6_29 + b29
-                of[o + 30] = a6_30 + b30
-                of[o + 31] = a6_31 + b31
-                o = ob + 7 * os_p
-                of[o + 0] = a7_0 + b0
-                of[o + 1] = a7_1 + b1
-                of[o + 2] = a7_2 + b2
-                of[o + 3] = a7_3 + b3
-                of[o + 4] = a7_4 + b4
-                of[o + 5] = a7_5 + b5
-                of[o + 6] = a7_6 + b6
-                of[o + 7] = a7_7 + b7
-                of[o + 8] = a7_8 + b8
-                of[o + 9] = a7_9 + b9
-                of[o + 10] = a7_10 + b10
-                of[o + 11] = a7_11 + b11
-                of[o + 12] = a7_12 + b12
-                of[o + 13] = a7_13 + b13
-                of[o + 14] = a7_14 + b14
-                of[o + 15] = a7_15 + b15
-                of[o + 16] = a7_16 + b16
-                of[o + 17] = a7_17 + b17
-                of[o + 18] = a7_18 + b18
-                of[o + 19] = a7_19 + b19
-                of[o + 20] = a7_20 + b20
-                of[o + 21] = a7_21 + b21
-                of[o + 22] = a7_22 + b22
-                of[o + 23] = a7_23 + b23
-                of[o + 24] = a7_24 + b24
-                of[o + 25] = a7_25 + b25
-                of[o + 26] = a7_26 + b26
-                of[o + 27] = a7_27 + b27
-                of[o + 28] = a7_28 + b28
-                of[o + 29] = a7_29 + b29
-                of[o + 30] = a7_30 + b30
-                of[o + 31] = a7_31 + b31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] = a0_0 + b0
-                of[o + 1] = a1_0 + b0
-                of[o + 2] = a2_0 + b0
-                of[o + 3] = a3_0 + b0
-                of[o + 4] = a4_0 + b0
-                of[o + 5] = a5_0 + b0
-                of[o + 6] = a6_0 + b0
-                of[o + 7] = a7_0 + b0
-                o = ob + 1 * os_k
-                of[o + 0] = a0_1 + b1
-                of[o + 1] = a1_1 + b1
-                of[o + 2] = a2_1 + b1
-                of[o + 3] = a3_1 + b1
-                of[o + 4] = a4_1 + b1
-                of[o + 5] = a5_1 + b1
-                of[o + 6] = a6_1 + b1
-                of[o + 7] = a7_1 + b1
-                o = ob + 2 * os_k
-                of[o + 0] = a0_2 + b2
-                of[o + 1] = a1_2 + b2
-                of[o + 2] = a2_2 + b2
-                of[o + 3] = a3_2 + b2
-                of[o + 4] = a4_2 + b2
-                of[o + 5] = a5_2 + b2
-                of[o + 6] = a6_2 + b2
-                of[o + 7] = a7_2 + b2
-                o = ob + 3 * os_k
-                of[o + 0] = a0_3 + b3
-                of[o + 1] = a1_3 + b3
-                of[o + 2] = a2_3 + b3
-                of[o + 3] = a3_3 + b3
-                of[o + 4] = a4_3 + b3
-                of[o + 5] = a5_3 + b3
-                of[o + 6] = a6_3 + b3
-                of[o + 7] = a7_3 + b3
-                o = ob + 4 * os_k
-                of[o + 0] = a0_4 + b4
-                of[o + 1] = a1_4 + b4
-                of[o + 2] = a2_4 + b4
-                of[o + 3] = a3_4 + b4
-                of[o + 4] = a4_4 + b4
-                of[o + 5] = a5_4 + b4
-                of[o + 6] = a6_4 + b4
-                of[o + 7] = a7_4 + b4
-                o = ob + 5 * os_k
-                of[o + 0] = a0_5 + b5
-                of[o + 1] = a1_5 + b5
-                of[o + 2] = a2_5 + b5
-                of[o + 3] = a3_5 + b5
-                of[o + 4] = a4_5 + b5
-                of[o + 5] = a5_5 + b5
-                of[o + 6] = a6_5 + b5
-                of[o + 7] = a7_5 + b5
-                o = ob + 6 * os_k
-                of[o + 0] = a0_6 + b6
-                of[o + 1] = a1_6 + b6
-                of[o + 2] = a2_6 + b6
-                of[o + 3] = a3_6 + b6
-                of[o + 4] = a4_6 + b6
-                of[o + 5] = a5_6 + b6
-                of[o + 6] = a6_6 + b6
-                of[o + 7] = a7_6 + b6
-                o = ob + 7 * os_k
-                of[o + 0] = a0_7 + b7
-                of[o + 1] = a1_7 + b7
-                of[o + 2] = a2_7 + b7
-                of[o + 3] = a3_7 + b7
-                of[o + 4] = a4_7 + b7
-                of[o + 5] = a5_7 + b7
-                of[o + 6] = a6_7 + b7
-                of[o + 7] = a7_7 + b7
-                o = ob + 8 * os_k
-                of[o + 0] = a0_8 + b8
-                of[o + 1] = a1_8 + b8
-                of[o + 2] = a2_8 + b8
-                of[o + 3] = a3_8 + b8
-                of[o + 4] = a4_8 + b8
-                of[o + 5] = a5_8 + b8
-                of[o + 6] = a6_8 + b8
-                of[o + 7] = a7_8 + b8
-                o = ob + 9 * os_k
-                of[o + 0] = a0_9 + b9
-                of[o + 1] = a1_9 + b9
-                of[o + 2] = a2_9 + b9
-                of[o + 3] = a3_9 + b9
-                of[o + 4] = a4_9 + b9
-                of[o + 5] = a5_9 + b9
-                of[o + 6] = a6_9 + b9
-                of[o + 7] = a7_9 + b9
-                o = ob + 10 * os_k
-                of[o + 0] = a0_10 + b10
-                of[o + 1] = a1_10 + b10
-                of[o + 2] = a2_10 + b10
-                of[o + 3] = a3_10 + b10
-                of[o + 4] = a4_10 + b10
-                of[o + 5] = a5_10 + b10
-                of[o + 6] = a6_10 + b10
-                of[o + 7] = a7_10 + b10
-                o = ob + 11 * os_k
-                of[o + 0] = a0_11 + b11
-                of[o + 1] = a1_11 + b11
-                of[o + 2] = a2_11 + b11
-                of[o + 3] = a3_11 + b11
-                of[o + 4] = a4_11 + b11
-                of[o + 5] = a5_11 + b11
-                of[o + 6] = a6_11 + b11
-                of[o + 7] = a7_11 + b11
-                o = ob + 12 * os_k
-                of[o + 0] = a0_12 + b12
-                of[o + 1] = a1_12 + b12
-                of[o + 2] = a2_12 + b12
-                of[o + 3] = a3_12 + b12
-                of[o + 4] = a4_12 + b12
-                of[o + 5] = a5_12 + b12
-                of[o + 6] = a6_12 + b12
-                of[o + 7] = a7_12 + b12
-                o = ob + 13 * os_k
-                of[o + 0] = a0_13 + b13
-                of[o + 1] = a1_13 + b13
-                of[o + 2] = a2_13 + b13
-                of[o + 3] = a3_13 + b13
-                of[o + 4] = a4_13 + b13
-                of[o + 5] = a5_13 + b13
-                of[o + 6] = a6_13 + b13
-                of[o + 7] = a7_13 + b13
-                o = ob + 14 * os_k
-                of[o + 0] = a0_14 + b14
-                of[o + 1] = a1_14 + b14
-                of[o + 2] = a2_14 + b14
-                of[o + 3] = a3_14 + b14
-                of[o + 4] = a4_14 + b14
-                of[o + 5] = a5_14 + b14
-                of[o + 6] = a6_14 + b14
-                of[o + 7] = a7_14 + b14
-                o = ob + 15 * os_k
-                of[o + 0] = a0_15 + b15
-                of[o + 1] = a1_15 + b15
-                of[o + 2] = a2_15 + b15
-                of[o + 3] = a3_15 + b15
-                of[o + 4] = a4_15 + b15
-                of[o + 5] = a5_15 + b15
-                of[o + 6] = a6_15 + b15
-                of[o + 7] = a7_15 + b15
-                o = ob + 16 * os_k
-                of[o + 0] = a0_16 + b16
-                of[o + 1] = a1_16 + b16
-                of[o + 2] = a2_16 + b16
-                of[o + 3] = a3_16 + b16
-                of[o + 4] = a4_16 + b16
-                of[o + 5] = a5_16 + b16
-                of[o + 6] = a6_16 + b16
-                of[o + 7] = a7_16 + b16
-                o = ob + 17 * os_k
-                of[o + 0] = a0_17 + b17
-                of[o + 1] = a1_17 + b17
-                of[o + 2] = a2_17 + b17
-                of[o + 3] = a3_17 + b17
-                of[o + 4] = a4_17 + b17
-                of[o + 5] = a5_17 + b17
-                of[o + 6] = a6_17 + b17
-                of[o + 7] = a7_17 + b17
-                o = ob + 18 * os_k
-                of[o + 0] = a0_18 + b18
-                of[o + 1] = a1_18 + b18
-                of[o + 2] = a2_18 + b18
-                of[o + 3] = a3_18 + b18
-                of[o + 4] = a4_18 + b18
-                of[o + 5] = a5_18 + b18
-                of[o + 6] = a6_18 + b18
-                of[o + 7] = a7_18 + b18
-                o = ob + 19 * os_k
-                of[o + 0] = a0_19 + b19
-                of[o + 1] = a1_19 + b19
-                of[o + 2] = a2_19 + b19
-                of[o + 3] = a3_19 + b19
-                of[o + 4] = a4_19 + b19
-                of[o + 5] = a5_19 + b19
-                of[o + 6] = a6_19 + b19
-                of[o + 7] = a7_19 + b19
-                o = ob + 20 * os_k
-                of[o + 0] = a0_20 + b20
-                of[o + 1] = a1_20 + b20
-                of[o + 2] = a2_20 + b20
-                of[o + 3] = a3_20 + b20
-                of[o + 4] = a4_20 + b20
-                of[o + 5] = a5_20 + b20
-                of[o + 6] = a6_20 + b20
-                of[o + 7] = a7_20 + b20
-                o = ob + 21 * os_k
-                of[o + 0] = a0_21 + b21
-                of[o + 1] = a1_21 + b21
-                of[o + 2] = a2_21 + b21
-                of[o + 3] = a3_21 + b21
-                of[o + 4] = a4_21 + b21
-                of[o + 5] = a5_21 + b21
-                of[o + 6] = a6_21 + b21
-                of[o + 7] = a7_21 + b21
-                o = ob + 22 * os_k
-                of[o + 0] = a0_22 + b22
-                of[o + 1] = a1_22 + b22
-                of[o + 2] = a2_22 + b22
-                of[o + 3] = a3_22 + b22
-                of[o + 4] = a4_22 + b22
-                of[o + 5] = a5_22 + b22
-                of[o + 6] = a6_22 + b22
-                of[o + 7] = a7_22 + b22
-                o = ob + 23 * os_k
-                of[o + 0] = a0_23 + b23
-                of[o + 1] = a1_23 + b23
-                of[o + 2] = a2_23 + b23
-                of[o + 3] = a3_23 + b23
-                of[o + 4] = a4_23 + b23
-                of[o + 5] = a5_23 + b23
-                of[o + 6] = a6_23 + b23
-                of[o + 7] = a7_23 + b23
-                o = ob + 24 * os_k
-                of[o + 0] = a0_24 + b24
-                of[o + 1] = a1_24 + b24
-                of[o + 2] = a2_24 + b24
-                of[o + 3] = a3_24 + b24
-                of[o + 4] = a4_24 + b24
-                of[o + 5] = a5_24 + b24
-                of[o + 6] = a6_24 + b24
-                of[o + 7] = a7_24 + b24
-                o = ob + 25 * os_k
-                of[o + 0] = a0_25 + b25
-                of[o + 1] = a1_25 + b25
-                of[o + 2] = a2_25 + b25
-                of[o + 3] = a3_25 + b25
-                of[o + 4] = a4_25 + b25
-                of[o + 5] = a5_25 + b25
-                of[o + 6] = a6_25 + b25
-                of[o + 7] = a7_25 + b25
-                o = ob + 26 * os_k
-                of[o + 0] = a0_26 + b26
-                of[o + 1] = a1_26 + b26
-                of[o + 2] = a2_26 + b26
-                of[o + 3] = a3_26 + b26
-                of[o + 4] = a4_26 + b26
-                of[o + 5] = a5_26 + b26
-                of[o + 6] = a6_26 + b26
-                of[o + 7] = a7_26 + b26
-                o = ob + 27 * os_k
-                of[o + 0] = a0_27 + b27
-                of[o + 1] = a1_27 + b27
-                of[o + 2] = a2_27 + b27
-                of[o + 3] = a3_27 + b27
-                of[o + 4] = a4_27 + b27
-                of[o + 5] = a5_27 + b27
-                of[o + 6] = a6_27 + b27
-                of[o + 7] = a7_27 + b27
-                o = ob + 28 * os_k
-                of[o + 0] = a0_28 + b28
-                of[o + 1] = a1_28 + b28
-                of[o + 2] = a2_28 + b28
-                of[o + 3] = a3_28 + b28
-                of[o + 4] = a4_28 + b28
-                of[o + 5] = a5_28 + b28
-                of[o + 6] = a6_28 + b28
-                of[o + 7] = a7_28 + b28
-                o = ob + 29 * os_k
-                of[o + 0] = a0_29 + b29
-                of[o + 1] = a1_29 + b29
-                of[o + 2] = a2_29 + b29
-                of[o + 3] = a3_29 + b29
-                of[o + 4] = a4_29 + b29
-                of[o + 5] = a5_29 + b29
-                of[o + 6] = a6_29 + b29
-                of[o + 7] = a7_29 + b29
-                o = ob + 30 * os_k
-                of[o + 0] = a0_30 + b30
-                of[o + 1] = a1_30 + b30
-                of[o + 2] = a2_30 + b30
-                of[o + 3] = a3_30 + b30
-                of[o + 4] = a4_30 + b30
-                of[o + 5] = a5_30 + b30
-                of[o + 6] = a6_30 + b30
-                of[o + 7] = a7_30 + b30
-                o = ob + 31 * os_k
-                of[o + 0] = a0_31 + b31
-                of[o + 1] = a1_31 + b31
-                of[o + 2] = a2_31 + b31
-                of[o + 3] = a3_31 + b31
-                of[o + 4] = a4_31 + b31
-                of[o + 5] = a5_31 + b31
-                of[o + 6] = a6_31 + b31
-                of[o + 7] = a7_31 + b31
+        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
+        tmp[224] = a7_0; tmp[225] = a7_1; tmp[226] = a7_2; tmp[227] = a7_3; tmp[228] = a7_4; tmp[229] = a7_5; tmp[230] = a7_6; tmp[231] = a7_7
+        tmp[232] = a7_8; tmp[233] = a7_9; tmp[234] = a7_10; tmp[235] = a7_11; tmp[236] = a7_12; tmp[237] = a7_13; tmp[238] = a7_14; tmp[239] = a7_15
+        tmp[240] = a7_16; tmp[241] = a7_17; tmp[242] = a7_18; tmp[243] = a7_19; tmp[244] = a7_20; tmp[245] = a7_21; tmp[246] = a7_22; tmp[247] = a7_23
+        tmp[248] = a7_24; tmp[249] = a7_25; tmp[250] = a7_26; tmp[251] = a7_27; tmp[252] = a7_28; tmp[253] = a7_29; tmp[254] = a7_30; tmp[255] = a7_31
+        bb = bias[kb0:kb0 + 32]
+        if os_k == 1:
+            for p in range(8):
+                dst = of[ob + p * os_p:ob + p * os_p + 32]
+                src = tmp[p * 32:p * 32 + 32]
+                if first:
+                    for v in range(32):
+                        dst[v] = src[v] + bb[v]
+                else:
+                    for v in range(32):
+                        dst[v] += src[v]
         else:
-            if os_k == 1:
-                o = ob + 0 * os_p
-                of[o + 0] += a0_0
-                of[o + 1] += a0_1
-                of[o + 2] += a0_2
-                of[o + 3] += a0_3
-                of[o + 4] += a0_4
-                of[o + 5] += a0_5
-                of[o + 6] += a0_6
-                of[o + 7] += a0_7
-                of[o + 8] += a0_8
-                of[o + 9] += a0_9
-                of[o + 10] += a0_10
-                of[o + 11] += a0_11
-                of[o + 12] += a0_12
-                of[o + 13] += a0_13
-                of[o + 14] += a0_14
-                of[o + 15] += a0_15
-                of[o + 16] += a0_16
-                of[o + 17] += a0_17
-                of[o + 18] += a0_18
-                of[o + 19] += a0_19
-                of[o + 20] += a0_20
-                of[o + 21] += a0_21
-                of[o + 22] += a0_22
-                of[o + 23] += a0_23
-                of[o + 24] += a0_24
-                of[o + 25] += a0_25
-                of[o + 26] += a0_26
-                of[o + 27] += a0_27
-                of[o + 28] += a0_28
-                of[o + 29] += a0_29
-                of[o + 30] += a0_30
-                of[o + 31] += a0_31
-                o = ob + 1 * os_p
-                of[o + 0] += a1_0
-                of[o + 1] += a1_1
-                of[o + 2] += a1_2
-                of[o + 3] += a1_3
-                of[o + 4] += a1_4
-                of[o + 5] += a1_5
-                of[o + 6] += a1_6
-                of[o + 7] += a1_7
-                of[o + 8] += a1_8
-                of[o + 9] += a1_9
-                of[o + 10] += a1_10
-                of[o + 11] += a1_11
-                of[o + 12] += a1_12
-                of[o + 13] += a1_13
-                of[o + 14] += a1_14
-                of[o + 15] += a1_15
-                of[o + 16] += a1_16
-                of[o + 17] += a1_17
-                of[o + 18] += a1_18
-                of[o + 19] += a1_19
-                of[o + 20] += a1_20
-                of[o + 21] += a1_21
-                of[o + 22] += a1_22
-                of[o + 23] += a1_23
-                of[o + 24] += a1_24
-                of[o + 25] += a1_25
-                of[o + 26] += a1_26
-                of[o + 27] += a1_27
-                of[o + 28] += a1_28
-                of[o + 29] += a1_29
-                of[o + 30] += a1_30
-                of[o + 31] += a1_31
-                o = ob + 2 * os_p
-                of[o + 0] += a2_0
-                of[o + 1] += a2_1
-                of[o + 2] += a2_2
-                of[o + 3] += a2_3
-                of[o + 4] += a2_4
-                of[o + 5] += a2_5
-                of[o + 6] += a2_6
-                of[o + 7] += a2_7
-                of[o + 8] += a2_8
-                of[o + 9] += a2_9
-                of[o + 10] += a2_10
-                of[o + 11] += a2_11
-                of[o + 12] += a2_12
-                of[o + 13] += a2_13
-                of[o + 14] += a2_14
-                of[o + 15] += a2_15
-                of[o + 16] += a2_16
-                of[o + 17] += a2_17
-                of[o + 18] += a2_18
-                of[o + 19] += a2_19
-                of[o + 20] += a2_20
-                of[o + 21] += a2_21
-                of[o + 22] += a2_22
-                of[o + 23] += a2_23
-                of[o + 24] += a2_24
-                of[o + 25] += a2_25
-                of[o + 26] += a2_26
-                of[o + 27] += a2_27
-                of[o + 28] += a2_28
-                of[o + 29] += a2_29
-                of[o + 30] += a2_30
-                of[o + 31] += a2_31
-                o = ob + 3 * os_p
-                of[o + 0] += a3_0
-                of[o + 1] += a3_1
-                of[o + 2] += a3_2
-                of[o + 3] += a3_3
-                of[o + 4] += a3_4
-                of[o + 5] += a3_5
-                of[o + 6] += a3_6
-                of[o + 7] += a3_7
-                of[o + 8] += a3_8
-                of[o + 9] += a3_9
-                of[o + 10] += a3_10
-                of[o + 11] += a3_11
-                of[o + 12] += a3_12
-                of[o + 13] += a3_13
-                of[o + 14] += a3_14
-                of[o + 15] += a3_15
-                of[o + 16] += a3_16
-                of[o + 17] += a3_17
-                of[o + 18] += a3_18
-                of[o + 19] += a3_19
-                of[o + 20] += a3_20
-                of[o + 21] += a3_21
-                of[o + 22] += a3_22
-                of[o + 23] += a3_23
-                of[o + 24] += a3_24
-                of[o + 25] += a3_25
-                of[o + 26] += a3_26
-                of[o + 27] += a3_27
-                of[o + 28] += a3_28
-                of[o + 29] += a3_29
-                of[o + 30] += a3_30
-                of[o + 31] += a3_31
-                o = ob + 4 * os_p
-                of[o + 0] += a4_0
-                of[o + 1] += a4_1
-                of[o + 2] += a4_2
-                of[o + 3] += a4_3
-                of[o + 4] += a4_4
-                of[o + 5] += a4_5
-                of[o + 6] += a4_6
-                of[o + 7] += a4_7
-                of[o + 8] += a4_8
-                of[o + 9] += a4_9
-                of[o + 10] += a4_10
-                of[o + 11] += a4_11
-                of[o + 12] += a4_12
-                of[o + 13] += a4_13
-                of[o + 14] += a4_14
-                of[o + 15] += a4_15
-                of[o + 16] += a4_16
-                of[o + 17] += a4_17
-                of[o + 18] += a4_18
-                of[o + 19] += a4_19
-                of[o + 20] += a4_20
-                of[o + 21] += a4_21
-                of[o + 22] += a4_22
-                of[o + 23] += a4_23
-                of[o + 24] += a4_24
-                of[o + 25] += a4_25
-                of[o + 26] += a4_26
-                of[o + 27] += a4_27
-                of[o + 28] += a4_28
-                of[o + 29] += a4_29
-                of[o + 30] += a4_30
-                of[o + 31] += a4_31
-                o = ob + 5 * os_p
-                of[o + 0] += a5_0
-                of[o + 1] += a5_1
-                of[o + 2] += a5_2
-                of[o + 3] += a5_3
-                of[o + 4] += a5_4
-                of[o + 5] += a5_5
-                of[o + 6] += a5_6
-                of[o + 7] += a5_7
-                of[o + 8] += a5_8
-                of[o + 9] += a5_9
-                of[o + 10] += a5_10
-                of[o + 11] += a5_11
-                of[o + 12] += a5_12
-                of[o + 13] += a5_13
-                of[o + 14] += a5_14
-                of[o + 15] += a5_15
-                of[o + 16] += a5_16
-                of[o + 17] += a5_17
-                of[o + 18] += a5_18
-                of[o + 19] += a5_19
-                of[o + 20] += a5_20
-                of[o + 21] += a5_21
-                of[o + 22] += a5_22
-                of[o + 23] += a5_23
-                of[o + 24] += a5_24
-                of[o + 25] += a5_25
-                of[o + 26] += a5_26
-                of[o + 27] += a5_27
-                of[o + 28] += a5_28
-                of[o + 29] += a5_29
-                of[o + 30] += a5_30
-                of[o + 31] += a5_31
-                o = ob + 6 * os_p
-                of[o + 0] += a6_0
-                of[o + 1] += a6_1
-                of[o + 2] += a6_2
-                of[o + 3] += a6_3
-                of[o + 4] += a6_4
-                of[o + 5] += a6_5
-                of[o + 6] += a6_6
-                of[o + 7] += a6_7
-                of[o + 8] += a6_8
-                of[o + 9] += a6_9
-                of[o + 10] += a6_10
-                of[o + 11] += a6_11
-                of[o + 12] += a6_12
-                of[o + 13] += a6_13
-                of[o + 14] += a6_14
-                of[o + 15] += a6_15
-                of[o + 16] += a6_16
-                of[o + 17] += a6_17
-                of[o + 18] += a6_18
-                of[o + 19] += a6_19
-                of[o + 20] += a6_20
-                of[o + 21] += a6_21
-                of[o + 22] += a6_22
-                of[o + 23] += a6_23
-                of[o + 24] += a6_24
-                of[o + 25] += a6_25
-                of[o + 26] += a6_26
-                of[o + 27] += a6_27
-                of[o + 28] += a6_28
-                of[o + 29] += a6_29
-                of[o + 30] += a6_30
-                of[o + 31] += a6_31
-                o = ob + 7 * os_p
-                of[o + 0] += a7_0
-                of[o + 1] += a7_1
-                of[o + 2] += a7_2
-                of[o + 3] += a7_3
-                of[o + 4] += a7_4
-                of[o + 5] += a7_5
-                of[o + 6] += a7_6
-                of[o + 7] += a7_7
-                of[o + 8] += a7_8
-                of[o + 9] += a7_9
-                of[o + 10] += a7_10
-                of[o + 11] += a7_11
-                of[o + 12] += a7_12
-                of[o + 13] += a7_13
-                of[o + 14] += a7_14
-                of[o + 15] += a7_15
-                of[o + 16] += a7_16
-                of[o + 17] += a7_17
-                of[o + 18] += a7_18
-                of[o + 19] += a7_19
-                of[o + 20] += a7_20
-                of[o + 21] += a7_21
-                of[o + 22] += a7_22
-                of[o + 23] += a7_23
-                of[o + 24] += a7_24
-                of[o + 25] += a7_25
-                of[o + 26] += a7_26
-                of[o + 27] += a7_27
-                of[o + 28] += a7_28
-                of[o + 29] += a7_29
-                of[o + 30] += a7_30
-                of[o + 31] += a7_31
-            else:
-                o = ob + 0 * os_k
-                of[o + 0] += a0_0
-                of[o + 1] += a1_0
-                of[o + 2] += a2_0
-                of[o + 3] += a3_0
-                of[o + 4] += a4_0
-                of[o + 5] += a5_0
-                of[o + 6] += a6_0
-                of[o + 7] += a7_0
-                o = ob + 1 * os_k
-                of[o + 0] += a0_1
-                of[o + 1] += a1_1
-                of[o + 2] += a2_1
-                of[o + 3] += a3_1
-                of[o + 4] += a4_1
-                of[o + 5] += a5_1
-                of[o + 6] += a6_1
-                of[o + 7] += a7_1
-                o = ob + 2 * os_k
-                of[o + 0] += a0_2
-                of[o + 1] += a1_2
-                of[o + 2] += a2_2
-                of[o + 3] += a3_2
-                of[o + 4] += a4_2
-                of[o + 5] += a5_2
-                of[o + 6] += a6_2
-                of[o + 7] += a7_2
-                o = ob + 3 * os_k
-                of[o + 0] += a0_3
-                of[o + 1] += a1_3
-                of[o + 2] += a2_3
-                of[o + 3] += a3_3
-                of[o + 4] += a4_3
-                of[o + 5] += a5_3
-                of[o + 6] += a6_3
-                of[o + 7] += a7_3
-                o = ob + 4 * os_k
-                of[o + 0] += a0_4
-                of[o + 1] += a1_4
-                of[o + 2] += a2_4
-                of[o + 3] += a3_4
-                of[o + 4] += a4_4
-                of[o + 5] += a5_4
-                of[o + 6] += a6_4
-                of[o + 7] += a7_4
-                o = ob + 5 * os_k
-                of[o + 0] += a0_5
-                of[o + 1] += a1_5
-                of[o + 2] += a2_5
-                of[o + 3] += a3_5
-                of[o + 4] += a4_5
-                of[o + 5] += a5_5
-                of[o + 6] += a6_5
-                of[o + 7] += a7_5
-                o = ob + 6 * os_k
-                of[o + 0] += a0_6
-                of[o + 1] += a1_6
-                of[o + 2] += a2_6
-                of[o + 3] += a3_6
-                of[o + 4] += a4_6
-                of[o + 5] += a5_6
-                of[o + 6] += a6_6
-                of[o + 7] += a7_6
-                o = ob + 7 * os_k
-                of[o + 0] += a0_7
-                of[o + 1] += a1_7
-                of[o + 2] += a2_7
-                of[o + 3] += a3_7
-                of[o + 4] += a4_7
-                of[o + 5] += a5_7
-                of[o + 6] += a6_7
-                of[o + 7] += a7_7
-                o = ob + 8 * os_k
-                of[o + 0] += a0_8
-                of[o + 1] += a1_8
-                of[o + 2] += a2_8
-                of[o + 3] += a3_8
-                of[o + 4] += a4_8
-                of[o + 5] += a5_8
-                of[o + 6] += a6_8
-                of[o + 7] += a7_8
-                o = ob + 9 * os_k
-                of[o + 0] += a0_9
-                of[o + 1] += a1_9
-                of[o + 2] += a2_9
-                of[o + 3] += a3_9
-                of[o + 4] += a4_9
-                of[o + 5] += a5_9
-                of[o + 6] += a6_9
-                of[o + 7] += a7_9
-                o = ob + 10 * os_k
-                of[o + 0] += a0_10
-                of[o + 1] += a1_10
-                of[o + 2] += a2_10
-                of[o + 3] += a3_10
-                of[o + 4] += a4_10
-                of[o + 5] += a5_10
-                of[o + 6] += a6_10
-                of[o + 7] += a7_10
-                o = ob + 11 * os_k
-                of[o + 0] += a0_11
-                of[o + 1] += a1_11
-                of[o + 2] += a2_11
-                of[o + 3] += a3_11
-                of[o + 4] += a4_11
-                of[o + 5] += a5_11
-                of[o + 6] += a6_11
-                of[o + 7] += a7_11
-                o = ob + 12 * os_k
-                of[o + 0] += a0_12
-                of[o + 1] += a1_12
-                of[o + 2] += a2_12
-                of[o + 3] += a3_12
-                of[o + 4] += a4_12
-                of[o + 5] += a5_12
-                of[o + 6] += a6_12
-                of[o + 7] += a7_12
-                o = ob + 13 * os_k
-                of[o + 0] += a0_13
-                of[o + 1] += a1_13
-                of[o + 2] += a2_13
-                of[o + 3] += a3_13
-                of[o + 4] += a4_13
-                of[o + 5] += a5_13
-                of[o + 6] += a6_13
-                of[o + 7] += a7_13
-                o = ob + 14 * os_k
-                of[o + 0] += a0_14
-                of[o + 1] += a1_14
-                of[o + 2] += a2_14
-                of[o + 3] += a3_14
-                of[o + 4] += a4_14
-                of[o + 5] += a5_14
-                of[o + 6] += a6_14
-                of[o + 7] += a7_14
-                o = ob + 15 * os_k
-                of[o + 0] += a0_15
-                of[o + 1] += a1_15
-                of[o + 2] += a2_15
-                of[o + 3] += a3_15
-                of[o + 4] += a4_15
-                of[o + 5] += a5_15
-                of[o + 6] += a6_15
-                of[o + 7] += a7_15
-                o = ob + 16 * os_k
-                of[o + 0] += a0_16
-                of[o + 1] += a1_16
-                of[o + 2] += a2_16
-                of[o + 3] += a3_16
-                of[o + 4] += a4_16
-                of[o + 5] += a5_16
-                of[o + 6] += a6_16
-                of[o + 7] += a7_16
-                o = ob + 17 * os_k
-                of[o + 0] += a0_17
-                of[o + 1] += a1_17
-                of[o + 2] += a2_17
-                of[o + 3] += a3_17
-                of[o + 4] += a4_17
-                of[o + 5] += a5_17
-                of[o + 6] += a6_17
-                of[o + 7] += a7_17
-                o = ob + 18 * os_k
-                of[o + 0] += a0_18
-                of[o + 1] += a1_18
-                of[o + 2] += a2_18
-                of[o + 3] += a3_18
-                of[o + 4] += a4_18
-                of[o + 5] += a5_18
-                of[o + 6] += a6_18
-                of[o + 7] += a7_18
-                o = ob + 19 * os_k
-                of[o + 0] += a0_19
-                of[o + 1] += a1_19
-                of[o + 2] += a2_19
-                of[o + 3] += a3_19
-                of[o + 4] += a4_19
-                of[o + 5] += a5_19
-                of[o + 6] += a6_19
-                of[o + 7] += a7_19
-                o = ob + 20 * os_k
-                of[o + 0] += a0_20
-                of[o + 1] += a1_20
-                of[o + 2] += a2_20
-                of[o + 3] += a3_20
-                of[o + 4] += a4_20
-                of[o + 5] += a5_20
-                of[o + 6] += a6_20
-                of[o + 7] += a7_20
-                o = ob + 21 * os_k
-                of[o + 0] += a0_21
-                of[o + 1] += a1_21
-                of[o + 2] += a2_21
-                of[o + 3] += a3_21
-                of[o + 4] += a4_21
-                of[o + 5] += a5_21
-                of[o + 6] += a6_21
-                of[o + 7] += a7_21
-                o = ob + 22 * os_k
-                of[o + 0] += a0_22
-                of[o + 1] += a1_22
-                of[o + 2] += a2_22
-                of[o + 3] += a3_22
-                of[o + 4] += a4_22
-                of[o + 5] += a5_22
-                of[o + 6] += a6_22
-                of[o + 7] += a7_22
-                o = ob + 23 * os_k
-                of[o + 0] += a0_23
-                of[o + 1] += a1_23
-                of[o + 2] += a2_23
-                of[o + 3] += a3_23
-                of[o + 4] += a4_23
-                of[o + 5] += a5_23
-                of[o + 6] += a6_23
-                of[o + 7] += a7_23
-                o = ob + 24 * os_k
-                of[o + 0] += a0_24
-                of[o + 1] += a1_24
-                of[o + 2] += a2_24
-                of[o + 3] += a3_24
-                of[o + 4] += a4_24
-                of[o + 5] += a5_24
-                of[o + 6] += a6_24
-                of[o + 7] += a7_24
-                o = ob + 25 * os_k
-                of[o + 0] += a0_25
-                of[o + 1] += a1_25
-                of[o + 2] += a2_25
-                of[o + 3] += a3_25
-                of[o + 4] += a4_25
-                of[o + 5] += a5_25
-                of[o + 6] += a6_25
-                of[o + 7] += a7_25
-                o = ob + 26 * os_k
-                of[o + 0] += a0_26
-                of[o + 1] += a1_26
-                of[o + 2] += a2_26
-                of[o + 3] += a3_26
-                of[o + 4] += a4_26
-                of[o + 5] += a5_26
-                of[o + 6] += a6_26
-                of[o + 7] += a7_26
-                o = ob + 27 * os_k
-                of[o + 0] += a0_27
-                of[o + 1] += a1_27
-                of[o + 2] += a2_27
-                of[o + 3] += a3_27
-                of[o + 4] += a4_27
-                of[o + 5] += a5_27
-                of[o + 6] += a6_27
-                of[o + 7] += a7_27
-                o = ob + 28 * os_k
-                of[o + 0] += a0_28
-                of[o + 1] += a1_28
-                of[o + 2] += a2_28
-                of[o + 3] += a3_28
-                of[o + 4] += a4_28
-                of[o + 5] += a5_28
-                of[o + 6] += a6_28
-                of[o + 7] += a7_28
-                o = ob + 29 * os_k
-                of[o + 0] += a0_29
-                of[o + 1] += a1_29
-                of[o + 2] += a2_29
-                of[o + 3] += a3_29
-                of[o + 4] += a4_29
-                of[o + 5] += a5_29
-                of[o + 6] += a6_29
-                of[o + 7] += a7_29
-                o = ob + 30 * os_k
-                of[o + 0] += a0_30
-                of[o + 1] += a1_30
-                of[o + 2] += a2_30
-                of[o + 3] += a3_30
-                of[o + 4] += a4_30
-                of[o + 5] += a5_30
-                of[o + 6] += a6_30
-                of[o + 7] += a7_30
-                o = ob + 31 * os_k
-                of[o + 0] += a0_31
-                of[o + 1] += a1_31
-                of[o + 2] += a2_31
-                of[o + 3] += a3_31
-                of[o + 4] += a4_31
-                of[o + 5] += a5_31
-                of[o + 6] += a6_31
-                of[o + 7] += a7_31
+            for v in range(32):
+                dst = of[ob + v * os_k:ob + v * os_k + 8]
+                if first:
+                    bv = bb[v]
+                    for p in range(8):
+                        dst[p] = tmp[p * 32 + v] + bv
+                else:
+                    for p in range(8):
+                        dst[p] += tmp[p * 32 + v]
     else:
         tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
         tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
@@ -8686,11 +3240,11 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*32 + [0, 32) of image n."""
-    nk = min(32, kg - kb * 32)
-    kb0 = g * kg + kb * 32
+def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -8699,24 +3253,28 @@ def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, 8):
-                uk8_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min(32, kg - kb * 32)
+                    kb0 = g * kg + kb * 32
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk8_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv8_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty(8 * 32, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -8724,5 +3282,6 @@ def conv8_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile8_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile8_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)

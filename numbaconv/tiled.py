@@ -111,12 +111,11 @@ def pixel_block(wo):
     return min(choices, key=lambda p_: (-(-wo // p_) * (p_ + 1.5), -p_))
 
 
-def microkernel_asm(dtype=np.float32):
-    """Machine code of the micro-kernel used for ``dtype`` on this machine (compiled with SLP).
-
-    Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
+def microkernel_asm(dtype=np.float32, p_=P):
+    """Machine code of the ``p_``-pixel micro-kernel for ``dtype`` on this machine (compiled
+    with SLP).  Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
     """
-    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype).py_func)
+    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_).py_func)
     t = numba.from_dtype(np.dtype(dtype))
     a = t[::1]
     i = numba.intp
@@ -315,7 +314,7 @@ def plan(p):
     hp = p.h + p.pad_top + p.pad_bottom
     wblocks = -(-p.wo // p_)
     wp = max(p.w + p.pad_left + p.pad_right, (wblocks * p_ - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
-    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, hp=hp, wp=wp)
+    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp)
 
 
 def uses_streaming(p):
@@ -356,7 +355,7 @@ def run(p, x, w, bias, out):
     with _slp():
         _driver(p.dtype, b["P"])(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c,
                          p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
-                         p.dil_w, b["cb"], b["rows"], nchw, p.dtype.type(0))
+                         p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0))
 
 
 # --- code generation -----------------------------------------------------------------------
@@ -372,7 +371,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit
+from ._jit import pjit
 
 # contract only: FMA, but no reassociation (see numbaconv/tiled.py)
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -381,11 +380,11 @@ _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
 _DRIVER = '''
 
 @_ukjit
-def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw,
-            dh, dw, cb, nchw, bias, zero):
-    """Output rows [i0, i1) x channels g*kg + kb*{V} + [0, {V}) of image n."""
-    nk = min({V}, kg - kb * {V})
-    kb0 = g * kg + kb * {V}
+def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n.
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -394,24 +393,28 @@ def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb, ho_, wo_, hp, wp, c_, k_, cg,
         os_k = 1
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            if nchw:
-                orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-            else:
-                orow = (n * ho_ + i) * wo_ * k_ + kb0
             for j0 in range(0, wo_, {P}):
-                uk{P}_{V}(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                        dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min({P}, wo_ - j0), c0 == 0, zero, tmp)
+                for kb in range(kb_lo, kb_hi):
+                    nk = min({V}, kg - kb * {V})
+                    kb0 = g * kg + kb * {V}
+                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
+                    if nchw:
+                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                    else:
+                        orow = (n * ho_ + i) * wo_ * k_ + kb0
+                    uk{P}_{V}(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min({P}, wo_ - j0), c0 == 0, zero, tmp)
 
 
 @pjit
 def conv{P}_{V}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, nchw, zero):
-    """The whole convolution: prange over (image, row band, group, channel block)."""
+            cb, rows, kbs, nchw, zero):
+    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
-    inner = groups * kbg
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
     for t in prange(n_ * nrb * inner):
         tmp = np.empty({P} * {V}, dtype=of.dtype)
         n = t // (nrb * inner)
@@ -419,8 +422,9 @@ def conv{P}_{V}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
-        tile{P}_{V}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // kbg, gk % kbg, ho_, wo_, hp, wp, c_, k_,
-                  cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+        kr = gk % nkr
+        tile{P}_{V}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
 '''
 
 
@@ -451,26 +455,35 @@ def _gen_ukernel(p_, v_):
         L.append(f"                x{p} = xf[xc + xp{p}]" if p else f"                x{p} = xf[xc]")
         for v in range(v_):
             L.append(f"                {a(p, v)} += x{p} * w{v}")
+    # Full block: the accumulators go to ``tmp`` in their own (pixel, channel) order -- so
+    # the SLP vectoriser keeps the loop's channel-vector grouping -- and are copied out with
+    # zero-based loops over slices (vectorisable, no negative-index wraparound checks):
+    # along channels in NHWC (os_k == 1), along pixels in NCHW (os_p == 1).
     L.append(f"    if nk == {v_} and np_ == {p_}:")
-    # Full block: unit-stride stores the SLP vectoriser packs -- along channels in NHWC
-    # (os_k == 1), along pixels in NCHW (os_p == 1, the only other layout).
-    for b_first in (True, False):
-        L.append("        if first:" if b_first else "        else:")
-        if b_first:
-            for v in range(v_):
-                L.append(f"            b{v} = bias[kb0 + {v}]")
-        L.append("            if os_k == 1:")
-        for p in range(p_):
-            L.append(f"                o = ob + {p} * os_p")
-            for v in range(v_):
-                L.append(f"                of[o + {v}] = {a(p, v)} + b{v}" if b_first else
-                         f"                of[o + {v}] += {a(p, v)}")
-        L.append("            else:")
-        for v in range(v_):
-            L.append(f"                o = ob + {v} * os_k")
-            for p in range(p_):
-                L.append(f"                of[o + {p}] = {a(p, v)} + b{v}" if b_first else
-                         f"                of[o + {p}] += {a(p, v)}")
+    for p in range(p_):
+        for v0 in range(0, v_, 8):
+            L.append("        " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
+    L.append(f"        bb = bias[kb0:kb0 + {v_}]")
+    L.append("        if os_k == 1:")
+    L.append(f"            for p in range({p_}):")
+    L.append(f"                dst = of[ob + p * os_p:ob + p * os_p + {v_}]")
+    L.append(f"                src = tmp[p * {v_}:p * {v_} + {v_}]")
+    L.append("                if first:")
+    L.append(f"                    for v in range({v_}):")
+    L.append("                        dst[v] = src[v] + bb[v]")
+    L.append("                else:")
+    L.append(f"                    for v in range({v_}):")
+    L.append("                        dst[v] += src[v]")
+    L.append("        else:")
+    L.append(f"            for v in range({v_}):")
+    L.append(f"                dst = of[ob + v * os_k:ob + v * os_k + {p_}]")
+    L.append("                if first:")
+    L.append("                    bv = bb[v]")
+    L.append(f"                    for p in range({p_}):")
+    L.append(f"                        dst[p] = tmp[p * {v_} + v] + bv")
+    L.append("                else:")
+    L.append(f"                    for p in range({p_}):")
+    L.append(f"                        dst[p] += tmp[p * {v_} + v]")
     L.append("    else:")
     for p in range(p_):
         for v0 in range(0, v_, 8):

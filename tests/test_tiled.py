@@ -74,10 +74,12 @@ def test_tiled_channel_blocks_no_bias(layout, monkeypatch):
         b = real_plan(p)
         b["cb"] = 8
         b["rows"] = 2
+        b["kbs"] = 2  # two output-channel blocks per work item (the last one partial)
         return b
 
     monkeypatch.setattr(tiled, "plan", small_blocks)
-    _check((1, 20, 6, 9, 19, 3, 3, dict(padding=1)), layout, np.float32, bias=False)
+    _check((1, 20, 6, 9, 19 + 2 * tiled.block_width(np.float32), 3, 3, dict(padding=1)), layout, np.float32,
+           bias=False)
 
 
 def test_plan_blocks_cover_the_problem():
