@@ -119,7 +119,7 @@ def _pass(o, xr, w, wb, s_, sw, dw, off, w_, first, b):
 
 
 @jit
-def _pass3(o, x0, x1, x2, w, wb, sw, dw, off, w_, b):
+def _pass3(o, x0, x1, x2, w, wb, sw, dw, off, w_, b, first=True):
     """Three input rows (a whole 3x3 kernel, weights ``w[wb:wb+9]``) into ``o`` in one
     sweep: ``o[j] = b + sum_{r,s} w[wb + 3r + s] * x_r[j*sw + s*dw + off]`` -- one store per
     output instead of one per kernel row."""
@@ -129,7 +129,7 @@ def _pass3(o, x0, x1, x2, w, wb, sw, dw, off, w_, b):
     lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
     for t in range(2):
         j0, j1 = (0, lo) if t == 0 else (hi, wo_)
-        _border(o, x0, w, wb, 3, sw, dw, off, w_, True, b, j0, j1)
+        _border(o, x0, w, wb, 3, sw, dw, off, w_, first, b, j0, j1)
         _border(o, x1, w, wb + 3, 3, sw, dw, off, w_, False, b, j0, j1)
         _border(o, x2, w, wb + 6, 3, sw, dw, off, w_, False, b, j0, j1)
     if hi <= lo:
@@ -144,7 +144,18 @@ def _pass3(o, x0, x1, x2, w, wb, sw, dw, off, w_, b):
                                           w[wb + 6], w[wb + 7], w[wb + 8])
     d1 = np.uintp(dw)
     d2 = np.uintp(2 * dw)
-    if sw == 1:
+    if not first:  # accumulate: the output row is the "bias"
+        if sw == 1:
+            for j in range(n):
+                ov[j] += (w0 * a[j] + w1 * a[j + d1] + w2 * a[j + d2] + w3 * c[j] + w4 * c[j + d1]
+                          + w5 * c[j + d2] + w6 * e[j] + w7 * e[j + d1] + w8 * e[j + d2])
+        else:
+            us = np.uintp(sw)
+            for j in range(n):
+                q = j * us
+                ov[j] += (w0 * a[q] + w1 * a[q + d1] + w2 * a[q + d2] + w3 * c[q] + w4 * c[q + d1]
+                          + w5 * c[q + d2] + w6 * e[q] + w7 * e[q + d1] + w8 * e[q + d2])
+    elif sw == 1:
         for j in range(n):
             ov[j] = (b + w0 * a[j] + w1 * a[j + d1] + w2 * a[j + d2] + w3 * c[j] + w4 * c[j + d1]
                      + w5 * c[j + d2] + w6 * e[j] + w7 * e[j + d1] + w8 * e[j + d2])
@@ -174,15 +185,11 @@ def _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m):
     b = bias[k]
     wk = w_krs[k].ravel()
     xc = x[n, c]
-    if r_ == 3 and s_ == 3 and sh == 1 and sw == 1 and out.shape[3] == w_:
-        _plane_flat(xc, wk, b, out[n, k], pt, pl, dh, dw)
+    if r_ == 3 and s_ == 3:
+        _plane3x3(xc, wk, b, out[n, k], sh, sw, pt, pl, dh, dw)
         return
     for i in range(ho_):
         o = out[n, k, i]
-        h0 = i * sh - pt
-        if r_ == 3 and s_ == 3 and h0 >= 0 and h0 + 2 * dh < h_:
-            _pass3(o, xc[h0], xc[h0 + dh], xc[h0 + 2 * dh], wk, 0, sw, dw, -pl, w_, b)
-            continue
         first = True
         for r in range(r_):
             hi = i * sh + r * dh - pt
@@ -195,69 +202,140 @@ def _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m):
 
 
 @jit
-def _plane_flat(xc, wk, b, o, pt, pl, dh, dw):
-    """Stride 1, 3x3, ``Wo == W``: the interior rows of plane ``o`` as ONE flat loop.
+def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
+    """A whole 3x3 output plane ``o`` from input plane ``xc`` (flat indices, no views or
+    calls in the loops: per-call overhead, not arithmetic, dominated at these sizes).
 
-    With output rows as long as input rows, ``out[i, j]`` reads ``x`` at the flat offset
-    ``(i*W + j) + (r*dh - pt)*W + s*dw - pl`` -- a fixed shift per tap -- so all interior
-    rows are one long vectorised sweep (no per-row loop overhead or scalar remainders).
-    The border columns it computes wrong (their taps wrap into the neighbouring row) are
-    recomputed afterwards (with the top and bottom rows, by a scalar bounds-checked loop),
-    and nothing outside ``x`` is read."""
+    * Stride 1 with ``Wo == W``: ``out[i, j]`` reads ``x`` at the flat offset
+      ``(i*W + j) + (r*dh - pt)*W + s*dw - pl`` -- a fixed shift per tap -- so all
+      interior rows are ONE long vectorised 9-tap sweep (no per-row overhead or scalar
+      remainders).  The border columns it computes wrong (their taps wrap into the
+      neighbouring row) are recomputed below.
+    * Otherwise: one 9-tap sweep per interior row over its interior columns (stride-2
+      loads deinterleaved by LLVM).
+    * Border rows and columns (taps in the zero padding): a scalar bounds-checked loop.
+    Nothing outside ``x`` is read.
+    """
     h_, w_ = xc.shape
-    ho_ = o.shape[0]
-    i0 = pt  # first row whose three taps are real rows
-    i1 = min(ho_, h_ - 2 * dh + pt)
+    ho_, wo_ = o.shape
     xf = xc.ravel()
-    if i1 <= i0:
-        i1 = i0 = 0
     of = o.ravel()
-    pr = 2 * dw - pl
-    q0 = i0 * w_ + max(0, pl)
-    q1 = i1 * w_ - max(0, pr)
-    base = q0 - pt * w_ - pl  # x offset of tap (0, 0) at q0: >= 0
-    if i1 > i0 and q1 > q0:
-        xs = xf[base:]
-        os_ = of[q0:q1]
-        uw = np.uintp(w_)
-        d1 = np.uintp(dw)
-        d2 = np.uintp(2 * dw)
-        r1 = np.uintp(dh) * uw
-        r2 = r1 + r1
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
-        for q in range(np.uintp(q1 - q0)):
-            os_[q] = (b + w0 * xs[q] + w1 * xs[q + d1] + w2 * xs[q + d2]
-                      + w3 * xs[q + r1] + w4 * xs[q + r1 + d1] + w5 * xs[q + r1 + d2]
-                      + w6 * xs[q + r2] + w7 * xs[q + r2 + d1] + w8 * xs[q + r2 + d2])
-    # border columns: taps that fall outside the row
-    lo, hi = valid_range(-pl, 1, w_, w_)
-    lo2, hi2 = valid_range(2 * dw - pl, 1, w_, w_)
-    lo, hi = _border_range(max(lo, lo2), min(hi, hi2), w_)
-    lo = min(lo, w_)
-    nb = lo + (w_ - hi)
+    # interior rows [i0, i1): all three taps on real rows
+    i0 = (pt + sh - 1) // sh
+    i1 = min(ho_, (h_ - 1 - 2 * dh + pt) // sh + 1) if h_ - 1 - 2 * dh + pt >= 0 else 0
+    if i1 <= i0:
+        i0 = i1 = 0
+    # interior columns [lo, hi)
+    lo, hi = valid_range(-pl, sw, w_, wo_)
+    lo2, hi2 = valid_range(2 * dw - pl, sw, w_, wo_)
+    lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
+    lo = min(lo, wo_)
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
+    d1 = np.uintp(dw)
+    d2 = np.uintp(2 * dw)
+    r1 = np.uintp(dh) * np.uintp(w_)
+    r2 = r1 + r1
+    if i1 > i0 and sh == 1 and sw == 1 and wo_ == w_:
+        q0 = i0 * w_ + max(0, pl)
+        q1 = i1 * w_ - max(0, 2 * dw - pl)
+        if q1 > q0:
+            xs = xf[q0 - pt * w_ - pl:]  # x offset of tap (0, 0) at q0: >= 0
+            os_ = of[q0:q1]
+            for q in range(np.uintp(q1 - q0)):
+                os_[q] = (b + w0 * xs[q] + w1 * xs[q + d1] + w2 * xs[q + d2]
+                          + w3 * xs[q + r1] + w4 * xs[q + r1 + d1] + w5 * xs[q + r1 + d2]
+                          + w6 * xs[q + r2] + w7 * xs[q + r2 + d1] + w8 * xs[q + r2 + d2])
+    elif hi > lo:
+        n = np.uintp(hi - lo)
+        for i in range(i0, i1):
+            xb = np.uintp((i * sh - pt) * w_ + lo * sw - pl)
+            ob = np.uintp(i * wo_ + lo)
+            if sw == 2 and dw == 1:
+                u1 = np.uintp(1)
+                u2 = np.uintp(2)
+                for j in range(n):
+                    q = xb + j * u2
+                    of[ob + j] = (b + w0 * xf[q] + w1 * xf[q + u1] + w2 * xf[q + u2]
+                                  + w3 * xf[q + r1] + w4 * xf[q + r1 + u1] + w5 * xf[q + r1 + u2]
+                                  + w6 * xf[q + r2] + w7 * xf[q + r2 + u1] + w8 * xf[q + r2 + u2])
+            else:
+                us = np.uintp(sw)
+                for j in range(n):
+                    q = xb + j * us
+                    of[ob + j] = (b + w0 * xf[q] + w1 * xf[q + d1] + w2 * xf[q + d2]
+                                  + w3 * xf[q + r1] + w4 * xf[q + r1 + d1] + w5 * xf[q + r1 + d2]
+                                  + w6 * xf[q + r2] + w7 * xf[q + r2 + d1] + w8 * xf[q + r2 + d2])
+    # border rows and columns, scalar
+    nb = lo + (wo_ - hi)
     for i in range(ho_):
-        h0 = i - pt
+        h0 = i * sh - pt
         inner = i0 <= i < i1
-        for t in range(nb if inner else w_):
+        for t in range(nb if inner else wo_):
             j = t if (t < lo or not inner) else hi + t - lo
             acc = b
             for r in range(3):
                 hr = h0 + r * dh
                 if hr < 0 or hr >= h_:
                     continue
-                xb = hr * w_
+                xrow = hr * w_
                 for s in range(3):
-                    wi = j + s * dw - pl
+                    wi = j * sw + s * dw - pl
                     if 0 <= wi < w_:
-                        acc += wk[3 * r + s] * xf[xb + wi]
-            of[i * w_ + j] = acc
+                        acc += wk[3 * r + s] * xf[xrow + wi]
+            of[i * wo_ + j] = acc
 
 
 @pjit
-def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m):
+def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hp, wp):
+    """``hp > 0``: small 3x3 stride-1 planes go through an (L1-resident) zero-padded copy
+    of ``hp x wp``, allocated once per chunk of planes (see :func:`_plane_padded`)."""
     n_, k_ = out.shape[0], out.shape[1]
-    for t in prange(n_ * k_):
-        _plane_nchw(x, w_krs, bias, out, t // k_, t % k_, sh, sw, pt, pl, dh, dw, m)
+    planes = n_ * k_
+    for t in prange(chunks):
+        xp = np.zeros((max(hp, 1), max(wp, 1)), dtype=x.dtype)
+        op = np.empty(max(hp, 1) * max(wp, 1), dtype=out.dtype)
+        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
+            if hp > 0:
+                _plane_padded(x, w_krs, bias, out, q // k_, q % k_, pt, pl, dh, dw, m, xp, op)
+            else:
+                _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
+
+
+@jit
+def _plane_padded(x, w_krs, bias, out, n, k, pt, pl, dh, dw, m, xp, op):
+    """Stride-1 3x3 plane via a zero-padded copy ``xp`` (its zero border written once by
+    the caller): one flat 9-tap sweep over rows of the padded width, no border cases --
+    on small planes (MobileNet's 14x14) the scalar border loop cost more than the sweep."""
+    h_, w_ = x.shape[2], x.shape[3]
+    ho_, wo_ = out.shape[2], out.shape[3]
+    wp = xp.shape[1]
+    c = k // m
+    xs = xp.ravel()
+    xf = x.ravel()
+    uw = np.uintp(w_)
+    for r in range(h_):  # flat copies: slice assignment costs more than these 14 values
+        src = np.uintp(((n * x.shape[1] + c) * h_ + r) * w_)
+        dst = np.uintp((pt + r) * wp + pl)
+        for j in range(uw):
+            xs[dst + j] = xf[src + j]
+    wk = w_krs[k].ravel()
+    b = bias[k]
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
+    d1 = np.uintp(dw)
+    d2 = np.uintp(2 * dw)
+    r1 = np.uintp(dh) * np.uintp(wp)
+    r2 = r1 + r1
+    for q in range(np.uintp((ho_ - 1) * wp + wo_)):
+        op[q] = (b + w0 * xs[q] + w1 * xs[q + d1] + w2 * xs[q + d2]
+                 + w3 * xs[q + r1] + w4 * xs[q + r1 + d1] + w5 * xs[q + r1 + d2]
+                 + w6 * xs[q + r2] + w7 * xs[q + r2 + d1] + w8 * xs[q + r2 + d2])
+    of = out.ravel()
+    uo = np.uintp(wo_)
+    for i in range(ho_):
+        dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
+        src = np.uintp(i * wp)
+        for j in range(uo):
+            of[dst + j] = op[src + j]
 
 
 # --- NHWC depthwise ----------------------------------------------------------------------------
@@ -284,7 +362,17 @@ def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
             rows_ok = False
     h0 = i * sh - pt
     j = 0
-    if pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
+    if m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1 and dw == 1 and k_ >= 8:
+        j = max(0, pl)  # first pixel whose taps all read real input
+        ucs = np.uintp(c_)
+        dr = np.uintp(dh * w_ * c_)
+        while j + 4 <= wo_ and j + 3 - pl + 2 < w_:
+            ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
+            xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
+            _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr)
+            j += 4
+        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, 0, max(0, pl), rows_ok)
+    elif pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
         # stride 1: ``pix`` consecutive pixels x all channels are one contiguous run in x
         # and out, so one long vectorised loop covers them (weights and bias tiled ``pix``
         # times in ``wt``): no per-pixel loop overhead for few channels.
@@ -373,12 +461,78 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
                             of[ob + kk] += xc * wf[wb + kk]
 
 
+@jit
+def _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr):
+    """Four output pixels ``of[ob + p*K + k]`` (channels vectorised): 3x3, multiplier 1.
+
+    ``xb``: flat x offset of pixel 0's tap (0, 0); ``ucs``: x offset between pixels;
+    ``dr``: between kernel rows; stride 1 and dilation 1 (so pixel ``p``'s tap ``s`` reads
+    column ``p + s``).  Each weight vector is loaded once for the 4 pixels and each input
+    vector once for the up to 3 pixels that read it: 28 loads per 36 FMAs instead of 76.
+    """
+    w1 = uk
+    w2 = w1 + uk
+    w3 = w2 + uk
+    w4 = w3 + uk
+    w5 = w4 + uk
+    w6 = w5 + uk
+    w7 = w6 + uk
+    w8 = w7 + uk
+    o1 = ob + uk
+    o2 = o1 + uk
+    o3 = o2 + uk
+    r1 = xb + dr
+    r2 = r1 + dr
+    c1 = ucs
+    c2 = c1 + ucs
+    c3 = c2 + ucs
+    c4 = c3 + ucs
+    c5 = c4 + ucs
+    for k in range(uk):
+        b = bias[k]
+        v0 = wf[k]
+        v1 = wf[w1 + k]
+        v2 = wf[w2 + k]
+        v3 = wf[w3 + k]
+        v4 = wf[w4 + k]
+        v5 = wf[w5 + k]
+        v6 = wf[w6 + k]
+        v7 = wf[w7 + k]
+        v8 = wf[w8 + k]
+        x00 = xf[xb + k]
+        x01 = xf[xb + c1 + k]
+        x02 = xf[xb + c2 + k]
+        x03 = xf[xb + c3 + k]
+        x04 = xf[xb + c4 + k]
+        x05 = xf[xb + c5 + k]
+        x10 = xf[r1 + k]
+        x11 = xf[r1 + c1 + k]
+        x12 = xf[r1 + c2 + k]
+        x13 = xf[r1 + c3 + k]
+        x14 = xf[r1 + c4 + k]
+        x15 = xf[r1 + c5 + k]
+        x20 = xf[r2 + k]
+        x21 = xf[r2 + c1 + k]
+        x22 = xf[r2 + c2 + k]
+        x23 = xf[r2 + c3 + k]
+        x24 = xf[r2 + c4 + k]
+        x25 = xf[r2 + c5 + k]
+        of[ob + k] = b + x00 * v0 + x01 * v1 + x02 * v2 + x10 * v3 + x11 * v4 + x12 * v5 + x20 * v6 + x21 * v7 + x22 * v8
+        of[o1 + k] = b + x01 * v0 + x02 * v1 + x03 * v2 + x11 * v3 + x12 * v4 + x13 * v5 + x21 * v6 + x22 * v7 + x23 * v8
+        of[o2 + k] = b + x02 * v0 + x03 * v1 + x04 * v2 + x12 * v3 + x13 * v4 + x14 * v5 + x22 * v6 + x23 * v7 + x24 * v8
+        of[o3 + k] = b + x03 * v0 + x04 * v1 + x05 * v2 + x13 * v3 + x14 * v4 + x15 * v5 + x23 * v6 + x24 * v7 + x25 * v8
+
+
 @pjit
 def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
     n_, ho_ = out.shape[0], out.shape[1]
     for t in prange(n_ * ho_):
         _row_nhwc(x, w_rsk, bias, out, t // ho_, t % ho_, sh, sw, pt, pl, dh, dw, m, wt, pix)
 
+
+#: stride-1 3x3 NCHW planes up to this output width go through the zero-padded copy
+#: (:func:`_plane_padded`); wider ones through :func:`_plane3x3` (flat sweep + scalar borders)
+_PADDED_MAX_W = 256
 
 _ZERO_BIAS = {}
 
@@ -403,7 +557,10 @@ def run(p, x, w_oihw, bias, out):
     if p.layout == "NHWC":
         w_rsk = np.ascontiguousarray(w_oihw[:, 0].transpose(1, 2, 0))
         # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
-        pix = max(1, min(p.wo, 256 // p.k)) if (m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3) else 1
+        # (dilation 1 takes the 4-pixel register block instead)
+        pix = 1
+        if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3 and (p.dil_w != 1 or p.k < 8):
+            pix = max(1, min(p.wo, 256 // p.k))
         if pix > 1:
             wt = np.empty((10, pix, p.k), dtype=p.dtype)
             wt[:9] = w_rsk.reshape(9, 1, p.k)
@@ -413,7 +570,11 @@ def run(p, x, w_oihw, bias, out):
             wt = np.zeros(1, dtype=p.dtype)
         _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
     else:
-        _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry)
+        hp = wp = 0
+        if p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.wo <= _PADDED_MAX_W:
+            hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
+        chunks = max(1, min(p.n * p.k, 4 * numba.get_num_threads()))
+        _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry, chunks, hp, wp)
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------
@@ -434,6 +595,11 @@ def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
             first = True
             for cc in range(cg):
                 xc = x[n, g * cg + cc]
+                h0 = i * sh - pt
+                if r_ == 3 and s_ == 3 and h0 >= 0 and h0 + 2 * dh < h_:
+                    _pass3(o, xc[h0], xc[h0 + dh], xc[h0 + 2 * dh], wk, cc * 9, sw, dw, -pl, w_, b, first)
+                    first = False
+                    continue
                 for r in range(r_):
                     hi = i * sh + r * dh - pt
                     if hi < 0 or hi >= h_:
@@ -527,6 +693,11 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
             first = True
             for cc in range(cg):
                 c = g * cg + cc
+                if r_ == 3 and s_ == 3 and top >= 0 and top + 2 * dh < h_:
+                    _pass3(o, ring[c, top % rb], ring[c, (top + dh) % rb], ring[c, (top + 2 * dh) % rb], wk,
+                           cc * 9, sw, dw, -pl, w_, b, first)
+                    first = False
+                    continue
                 for r in range(r_):
                     hi = top + r * dh
                     if hi < 0 or hi >= h_:

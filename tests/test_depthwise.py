@@ -2,7 +2,7 @@
 
 Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
 the NCHW flat whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without
-dilation), the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
+dilation) and its zero-padded copy for small planes, the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
 the NHWC contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
 per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, asymmetric
 padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
@@ -20,7 +20,9 @@ LAYOUTS = ["NCHW", "NHWC"]
 
 # (n, c, h, w, k, r, s, kwargs) -- groups == c
 DEPTHWISE = [
-    (2, 5, 17, 23, 5, 3, 3, dict(padding=1)),                          # flat plane, batch 2
+    (2, 5, 17, 23, 5, 3, 3, dict(padding=1)),                          # small plane: padded copy, batch 2
+    (1, 3, 9, 40, 3, 3, 3, dict(padding=1)),                           # Wo == W
+    (1, 2, 12, 36, 2, 3, 3, dict(padding=2, dilation=2)),              # flat plane, dilated
     (1, 4, 19, 21, 4, 3, 3, dict(padding=2, dilation=2)),              # flat plane, dilated
     (1, 3, 16, 37, 3, 3, 3, dict()),                                   # stride 1, Wo < W
     (1, 6, 21, 40, 6, 3, 3, dict(stride=2, padding=1)),                # stride 2
@@ -30,6 +32,8 @@ DEPTHWISE = [
     (1, 300, 6, 7, 300, 3, 3, dict(stride=2, padding=1)),              # NHWC: many channels
     (1, 4, 11, 13, 4, 5, 5, dict(padding=2)),                          # 5x5
     (1, 4, 3, 3, 4, 3, 3, dict(padding=3)),                            # padding wider than the kernel
+    (1, 8, 7, 90, 8, 3, 3, dict(padding=2, dilation=(1, 2))),          # NHWC: dilated contiguous runs
+    (2, 16, 6, 11, 16, 3, 3, dict(padding=(1, 0))),                    # NHWC: 4-pixel blocks, no w padding
 ]
 
 
@@ -80,3 +84,11 @@ def test_nan_propagates():
         o = out if layout == "NCHW" else out.transpose(0, 3, 1, 2)
         assert np.isnan(o[0, 1, 2:5, 2:5]).all() and np.isfinite(o[0, 1, 6:, 6:]).all()
         assert np.isinf(o[0, 2, 4:7, 4:7]).all() and np.isfinite(o[0, 0]).all()
+
+
+@pytest.mark.parametrize("case", [c for c in DEPTHWISE if c[7].get("stride", 1) == 1 and c[5] == c[6] == 3],
+                         ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
+def test_nchw_flat_plane_without_padded_copy(case, monkeypatch):
+    """Stride-1 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
+    monkeypatch.setattr(depthwise, "_PADDED_MAX_W", 0)
+    test_depthwise_fast_paths(case, "NCHW", np.float64)
