@@ -463,10 +463,16 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
 
 @jit
 def _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr):
+    """:func:`_nhwc_block4r` on three input rows ``dr`` apart."""
+    _nhwc_block4r(xf, wf, bias, of, xb, xb + dr, xb + dr + dr, ob, uk, ucs)
+
+
+@jit
+def _nhwc_block4r(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
     """Four output pixels ``of[ob + p*K + k]`` (channels vectorised): 3x3, multiplier 1.
 
-    ``xb``: flat x offset of pixel 0's tap (0, 0); ``ucs``: x offset between pixels;
-    ``dr``: between kernel rows; stride 1 and dilation 1 (so pixel ``p``'s tap ``s`` reads
+    ``xb``, ``r1``, ``r2``: flat x offsets of pixel 0's taps (0, 0), (1, 0), (2, 0);
+    ``ucs``: x offset between pixels; stride 1 and dilation 1 (so pixel ``p``'s tap ``s`` reads
     column ``p + s``).  Each weight vector is loaded once for the 4 pixels and each input
     vector once for the up to 3 pixels that read it: 28 loads per 36 FMAs instead of 76.
     """
@@ -481,8 +487,6 @@ def _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr):
     o1 = ob + uk
     o2 = o1 + uk
     o3 = o2 + uk
-    r1 = xb + dr
-    r2 = r1 + dr
     c1 = ucs
     c2 = c1 + ucs
     c3 = c2 + ucs
@@ -523,6 +527,62 @@ def _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr):
         of[o3 + k] = b + x03 * v0 + x04 * v1 + x05 * v2 + x13 * v3 + x14 * v4 + x15 * v5 + x23 * v6 + x24 * v7 + x25 * v8
 
 
+@jit
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, pt, pl):
+    """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, stride-1, dilation-1,
+    multiplier-1 NHWC depthwise problem.  Input rows are copied once into a ring of three
+    zero-padded rows (``(W + pl + pr) * C`` each; rows in the padding are zero), so every
+    output pixel -- borders included -- goes through the 4-pixel block
+    :func:`_nhwc_block4r` (the last block of a row overlaps the previous one)."""
+    n_, ho_, wo_, k_ = out.shape
+    h_, w_ = x.shape[1], x.shape[2]
+    wp = wo_ + 2
+    rowlen = wp * k_
+    ring = np.zeros(3 * rowlen, dtype=x.dtype)
+    key = np.full(3, -1, dtype=np.int64)  # which (image, row) each slot holds
+    xf = x.ravel()
+    wf = w_rsk.ravel()
+    of = out.ravel()
+    uk = np.uintp(k_)
+    ucs = np.uintp(k_)
+    uw = np.uintp(w_ * k_)
+    for t in range(t0, t1):
+        n = t // ho_
+        i = t % ho_
+        for r in range(3):
+            hi = i - pt + r
+            slot = (hi + 3) % 3
+            kk = n * 4294967296 + hi + 1048576
+            if key[slot] != kk:
+                key[slot] = kk
+                dst = np.uintp(slot * rowlen + pl * k_)
+                if 0 <= hi < h_:
+                    src = np.uintp((n * h_ + hi) * w_ * k_)
+                    for q in range(uw):
+                        ring[dst + q] = xf[src + q]
+                else:
+                    for q in range(uw):
+                        ring[dst + q] = 0
+        b0 = np.uintp(((i - pt + 3) % 3) * rowlen)
+        b1 = np.uintp(((i - pt + 4) % 3) * rowlen)
+        b2 = np.uintp(((i - pt + 5) % 3) * rowlen)
+        orow = (n * ho_ + i) * wo_
+        j = 0
+        while j < wo_:
+            if j + 4 > wo_:
+                j = wo_ - 4  # overlap the previous block: same values rewritten
+            jo = np.uintp(j * k_)
+            _nhwc_block4r(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            j += 4
+
+
+@pjit
+def _dw_nhwc_ring(x, w_rsk, bias, out, pt, pl, chunks):
+    rows = out.shape[0] * out.shape[1]
+    for t in prange(chunks):
+        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, pt, pl)
+
+
 @pjit
 def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
     n_, ho_ = out.shape[0], out.shape[1]
@@ -556,6 +616,11 @@ def run(p, x, w_oihw, bias, out):
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, m)
     if p.layout == "NHWC":
         w_rsk = np.ascontiguousarray(w_oihw[:, 0].transpose(1, 2, 0))
+        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.dil_h == 1
+                and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
+            chunks = max(1, min(p.n * p.ho, 4 * numba.get_num_threads()))
+            _dw_nhwc_ring(x, w_rsk, b, out, p.pad_top, p.pad_left, chunks)
+            return
         # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
         # (dilation 1 takes the 4-pixel register block instead)
         pix = 1

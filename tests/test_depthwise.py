@@ -3,7 +3,7 @@
 Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
 the NCHW flat whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without
 dilation) and its zero-padded copy for small planes, the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
-the NHWC contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
+the NHWC ring of zero-padded rows with 4-pixel blocks (stride 1), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
 per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, asymmetric
 padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
 """
@@ -34,6 +34,7 @@ DEPTHWISE = [
     (1, 4, 3, 3, 4, 3, 3, dict(padding=3)),                            # padding wider than the kernel
     (1, 8, 7, 90, 8, 3, 3, dict(padding=2, dilation=(1, 2))),          # NHWC: dilated contiguous runs
     (2, 16, 6, 11, 16, 3, 3, dict(padding=(1, 0))),                    # NHWC: 4-pixel blocks, no w padding
+    (3, 8, 5, 6, 8, 3, 3, dict(padding=((4, 5), (2, 0)))),             # NHWC ring: padding > 3 rows, batch 3
 ]
 
 
