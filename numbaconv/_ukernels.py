@@ -11,6 +11,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
+from .tiled import prefetchw
 
 # contract only: FMA, but no reassociation (see numbaconv/tiled.py)
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -35,6 +36,14 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     a1_0 = a1_1 = a1_2 = a1_3 = a1_4 = a1_5 = a1_6 = a1_7 = zero
     a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
     a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 7)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -205,6 +214,14 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a2_8 = a2_9 = a2_10 = a2_11 = a2_12 = a2_13 = a2_14 = a2_15 = zero
     a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
     a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -413,6 +430,14 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     a2_0 = a2_1 = a2_2 = a2_3 = a2_4 = a2_5 = a2_6 = a2_7 = zero
     a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
     a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 7)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -597,6 +622,14 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a3_8 = a3_9 = a3_10 = a3_11 = a3_12 = a3_13 = a3_14 = a3_15 = zero
     a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
     a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -828,6 +861,14 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     a3_0 = a3_1 = a3_2 = a3_3 = a3_4 = a3_5 = a3_6 = a3_7 = zero
     a4_0 = a4_1 = a4_2 = a4_3 = a4_4 = a4_5 = a4_6 = a4_7 = zero
     a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 7)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -1026,6 +1067,14 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a4_8 = a4_9 = a4_10 = a4_11 = a4_12 = a4_13 = a4_14 = a4_15 = zero
     a5_0 = a5_1 = a5_2 = a5_3 = a5_4 = a5_5 = a5_6 = a5_7 = zero
     a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -1320,6 +1369,14 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
     a5_16 = a5_17 = a5_18 = a5_19 = a5_20 = a5_21 = a5_22 = a5_23 = zero
     a5_24 = a5_25 = a5_26 = a5_27 = a5_28 = a5_29 = a5_30 = a5_31 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 31)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -1725,6 +1782,14 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a5_8 = a5_9 = a5_10 = a5_11 = a5_12 = a5_13 = a5_14 = a5_15 = zero
     a6_0 = a6_1 = a6_2 = a6_3 = a6_4 = a6_5 = a6_6 = a6_7 = zero
     a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -2045,6 +2110,14 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
     a6_16 = a6_17 = a6_18 = a6_19 = a6_20 = a6_21 = a6_22 = a6_23 = zero
     a6_24 = a6_25 = a6_26 = a6_27 = a6_28 = a6_29 = a6_30 = a6_31 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 31)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -2494,6 +2567,14 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a6_8 = a6_9 = a6_10 = a6_11 = a6_12 = a6_13 = a6_14 = a6_15 = zero
     a7_0 = a7_1 = a7_2 = a7_3 = a7_4 = a7_5 = a7_6 = a7_7 = zero
     a7_8 = a7_9 = a7_10 = a7_11 = a7_12 = a7_13 = a7_14 = a7_15 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
@@ -2840,6 +2921,14 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     a7_8 = a7_9 = a7_10 = a7_11 = a7_12 = a7_13 = a7_14 = a7_15 = zero
     a7_16 = a7_17 = a7_18 = a7_19 = a7_20 = a7_21 = a7_22 = a7_23 = zero
     a7_24 = a7_25 = a7_26 = a7_27 = a7_28 = a7_29 = a7_30 = a7_31 = zero
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 31)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)

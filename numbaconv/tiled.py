@@ -44,8 +44,11 @@ import threading
 import llvmlite.binding as ll
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
 from numba.core import config as _numba_config
+from numba.core.extending import intrinsic
 
 from ._jit import jit, pjit
 
@@ -123,6 +126,31 @@ def microkernel_asm(dtype=np.float32, p_=P):
     with _slp():
         uk.compile(sig)
     return uk.inspect_asm(sig)
+
+
+# --- output prefetch ----------------------------------------------------------------------
+@intrinsic
+def prefetchw(typingctx, arr, idx):
+    """``prefetchw`` the cache line of ``arr[idx]`` (LLVM ``llvm.prefetch``, write intent).
+
+    A hint only: never faults, even past the array's end.  The micro-kernels issue it for
+    their output block before the reduction, so the write-allocate misses of the stores
+    (measured ~470 cycles per 1x1 block with a cold output) overlap the FMAs.
+    """
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(builder.gep(ary.data, [args[1]]), i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # --- layout preparation ----------------------------------------------------------------------
@@ -372,6 +400,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
+from .tiled import prefetchw
 
 # contract only: FMA, but no reassociation (see numbaconv/tiled.py)
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -442,6 +471,14 @@ def _gen_ukernel(p_, v_):
     for p in range(p_):
         for v0 in range(0, v_, 8):
             L.append("    " + " = ".join(a(p, v) for v in range(v0, min(v_, v0 + 8))) + " = zero")
+    L.append("    if os_k == 1:")
+    L.append("        for p in range(np_):")
+    L.append("            prefetchw(of, ob + p * os_p)")
+    L.append(f"            prefetchw(of, ob + p * os_p + {v_ - 1})")
+    L.append("    else:")
+    L.append("        for v in range(nk):")
+    L.append("            prefetchw(of, ob + v * os_k)")
+    L.append("            prefetchw(of, ob + v * os_k + np_ - 1)")
     L.append("    for r in range(r_):")
     L.append("        for s in range(s_):")
     L.append("            xo = np.uintp(xb + r * xs_r + s * xs_s)")
