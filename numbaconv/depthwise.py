@@ -643,15 +643,83 @@ def run(p, x, w_oihw, bias, out):
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------
+@jit
+def _pass3_k3(o0, o1, o2, x0, x1, x2, w, cc, first, bias, w_, pl):
+    """Three output rows (``K = 3``, one group) += one input channel's three rows through
+    a 3x3 kernel, stride 1, dilation 1: every input vector loaded once for the three
+    outputs (27 weights as broadcasts) -- half the loads of three :func:`_pass3`."""
+    cg = w.shape[1]
+    wf = w.ravel()
+    wo_ = o0.shape[0]
+    lo, hi = valid_range(-pl, 1, w_, wo_)
+    lo2, hi2 = valid_range(2 - pl, 1, w_, wo_)
+    lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
+    for k in range(3):
+        o = o0 if k == 0 else (o1 if k == 1 else o2)
+        wb = (k * cg + cc) * 9
+        b = bias[k]
+        for t in range(2):
+            j0, j1 = (0, lo) if t == 0 else (hi, wo_)
+            _border(o, x0, wf, wb, 3, 1, 1, -pl, w_, first, b, j0, j1)
+            _border(o, x1, wf, wb + 3, 3, 1, 1, -pl, w_, False, b, j0, j1)
+            _border(o, x2, wf, wb + 6, 3, 1, 1, -pl, w_, False, b, j0, j1)
+    if hi <= lo:
+        return
+    n = np.uintp(hi - lo)
+    q0 = lo - pl
+    a = x0[q0:]
+    c = x1[q0:]
+    e = x2[q0:]
+    p0 = o0[lo:hi]
+    p1 = o1[lo:hi]
+    p2 = o2[lo:hi]
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    k0 = cc * 9
+    k1 = (cg + cc) * 9
+    k2 = (2 * cg + cc) * 9
+    v0, v1, v2, v3, v4, v5, v6, v7, v8 = (wf[k0], wf[k0 + 1], wf[k0 + 2], wf[k0 + 3], wf[k0 + 4], wf[k0 + 5],
+                                          wf[k0 + 6], wf[k0 + 7], wf[k0 + 8])
+    y0, y1, y2, y3, y4, y5, y6, y7, y8 = (wf[k1], wf[k1 + 1], wf[k1 + 2], wf[k1 + 3], wf[k1 + 4], wf[k1 + 5],
+                                          wf[k1 + 6], wf[k1 + 7], wf[k1 + 8])
+    z0, z1, z2, z3, z4, z5, z6, z7, z8 = (wf[k2], wf[k2 + 1], wf[k2 + 2], wf[k2 + 3], wf[k2 + 4], wf[k2 + 5],
+                                          wf[k2 + 6], wf[k2 + 7], wf[k2 + 8])
+    if first:
+        b0, b1, b2 = bias[0], bias[1], bias[2]
+        for j in range(n):
+            a0, a1, a2 = a[j], a[j + u1], a[j + u2]
+            c0, c1, c2 = c[j], c[j + u1], c[j + u2]
+            e0, e1, e2 = e[j], e[j + u1], e[j + u2]
+            p0[j] = b0 + v0 * a0 + v1 * a1 + v2 * a2 + v3 * c0 + v4 * c1 + v5 * c2 + v6 * e0 + v7 * e1 + v8 * e2
+            p1[j] = b1 + y0 * a0 + y1 * a1 + y2 * a2 + y3 * c0 + y4 * c1 + y5 * c2 + y6 * e0 + y7 * e1 + y8 * e2
+            p2[j] = b2 + z0 * a0 + z1 * a1 + z2 * a2 + z3 * c0 + z4 * c1 + z5 * c2 + z6 * e0 + z7 * e1 + z8 * e2
+    else:
+        for j in range(n):
+            a0, a1, a2 = a[j], a[j + u1], a[j + u2]
+            c0, c1, c2 = c[j], c[j + u1], c[j + u2]
+            e0, e1, e2 = e[j], e[j + u1], e[j + u2]
+            p0[j] += v0 * a0 + v1 * a1 + v2 * a2 + v3 * c0 + v4 * c1 + v5 * c2 + v6 * e0 + v7 * e1 + v8 * e2
+            p1[j] += y0 * a0 + y1 * a1 + y2 * a2 + y3 * c0 + y4 * c1 + y5 * c2 + y6 * e0 + y7 * e1 + y8 * e2
+            p2[j] += z0 * a0 + z1 * a1 + z2 * a2 + z3 * c0 + z4 * c1 + z5 * c2 + z6 * e0 + z7 * e1 + z8 * e2
+
+
 @pjit
 def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     n_, k_, ho_ = out.shape[0], out.shape[1], out.shape[2]
     cg, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
     h_, w_ = x.shape[2], x.shape[3]
     kg = k_ // groups
+    k3 = k_ == 3 and groups == 1 and r_ == 3 and s_ == 3 and sw == 1 and dw == 1
     for t in prange(n_ * ho_):
         n = t // ho_
         i = t % ho_
+        h0 = i * sh - pt
+        if k3 and h0 >= 0 and h0 + 2 * dh < h_:
+            for cc in range(cg):
+                xc = x[n, cc]
+                _pass3_k3(out[n, 0, i], out[n, 1, i], out[n, 2, i], xc[h0], xc[h0 + dh], xc[h0 + 2 * dh], w, cc,
+                          cc == 0, bias, w_, pl)
+            continue
         for k in range(k_):
             g = k // kg
             o = out[n, k, i]
@@ -734,6 +802,7 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
     cg, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
     h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
     kg = k_ // groups
+    k3 = k_ == 3 and groups == 1 and r_ == 3 and s_ == 3 and sw == 1 and dw == 1
     rb = (r_ - 1) * dh + 1
     ring = np.empty((c_, rb, w_), dtype=x.dtype)
     acc = np.empty((k_, wo_), dtype=out.dtype)
@@ -750,6 +819,12 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
         for hi in range(max(start, 0), min(top + rb, h_)):
             _load_row_planar(x, n, hi, ring, hi % rb)
         loaded_to = max(loaded_to, top + rb)
+        if k3 and top >= 0 and top + 2 * dh < h_:
+            for cc in range(cg):
+                _pass3_k3(acc[0], acc[1], acc[2], ring[cc, top % rb], ring[cc, (top + dh) % rb],
+                          ring[cc, (top + 2 * dh) % rb], w, cc, cc == 0, bias, w_, pl)
+            _store_row_interleaved(acc, out[n, i].ravel())
+            continue
         for k in range(k_):
             g = k // kg
             o = acc[k]
