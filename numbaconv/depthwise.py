@@ -618,7 +618,7 @@ def run(p, x, w_oihw, bias, out):
         w_rsk = np.ascontiguousarray(w_oihw[:, 0].transpose(1, 2, 0))
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
-            chunks = max(1, min(p.n * p.ho, 4 * numba.get_num_threads()))
+            chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
             _dw_nhwc_ring(x, w_rsk, b, out, p.pad_top, p.pad_left, chunks)
             return
         # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
@@ -638,7 +638,7 @@ def run(p, x, w_oihw, bias, out):
         hp = wp = 0
         if p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.wo <= _PADDED_MAX_W:
             hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
-        chunks = max(1, min(p.n * p.k, 4 * numba.get_num_threads()))
+        chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
         _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry, chunks, hp, wp)
 
 
