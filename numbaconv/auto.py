@@ -2,54 +2,50 @@
 
 The heuristic is a pure function of :class:`~numbaconv.problem.ConvProblem`, so tests can
 check its choices without timing anything (``tests/test_auto.py``).  The rules come from
-timing the algorithms on the public suite, float32, 2 threads for numbaconv and torch,
-wall clock, median of 10 (2-core Zen 4 VM; ``/tmp/tiled_lab/bench.py`` in the issue-3
-notes).  Milliseconds:
+``numbaconv bench --algorithms naive,im2col,tiled --budget 0.3`` on the public suite
+(float32, 2 threads, a quiet 2-core Zen 4 VM, commit 50d3139).  Milliseconds:
 
-============================  ======  ======  ======  ======  =========
-problem                       layout  tiled   im2col  naive   choice
-============================  ======  ======  ======  ======  =========
-seed_notebook (C=K=3)         NCHW     14.9        -   ~25*   tiled [1]
-seed_notebook (C=K=3)         NHWC     20.4        -  ~285*   tiled [1]
-resnet_conv1                  both    1.5-1.8      -       -  tiled
-resnet_res2_3x3               both      1.3        -       -  tiled
-resnet_res2_1x1               NCHW     0.95      8.0       -  tiled
-resnet_res3_1x1_s2            both    0.5-0.8    8.0       -  tiled
-resnet_res4_3x3               NCHW     1.88      8.0       -  tiled
-resnet_res5_3x3               NCHW     7.2       8.0       -  tiled
-vgg_3x3, batch8_3x3           both    9.4-10.8     -       -  tiled
-mobilenet_dw_s1               NCHW     0.38        -    0.31  naive
-mobilenet_dw_s2               NCHW     0.62        -    0.51  naive
-mobilenet_dw_14               NCHW     0.51        -    0.42  naive
-mobilenet_dw_* (depthwise)    NHWC    0.11-0.34    -   (1 thread: 5-20x slower)  tiled
-============================  ======  ======  ======  ======  =========
+==================  ======  ======  ======  ======  ==========================
+problem             layout  naive   im2col  tiled   choice
+==================  ======  ======  ======  ======  ==========================
+resnet_res2_1x1     NCHW     6.95    0.71    1.06   im2col (1x1, stride 1)
+resnet_res2_1x1     NHWC     2.09    0.65    0.90   im2col (1x1, stride 1)
+resnet_res3_1x1_s2  NCHW    12.4     0.73    0.60   tiled
+resnet_res3_1x1_s2  NHWC     0.82    0.41    0.53   im2col (1x1, NHWC)
+resnet_conv1        both    6.8-34  2.9-6.3  1.7    tiled
+resnet_res4_3x3     both    4.3-51  2.7-3.0  1.6-1.8 tiled
+resnet_res5_3x3     both    4.2-68  5.4-7.3  2.0-2.1 tiled
+mobilenet_dw_s1     both    0.35-5.3  1.6-13  0.14-0.20 tiled (depthwise kernel)
+mobilenet_dw_14     both    0.35-1.2  1.0-3.7 0.06-0.09 tiled (depthwise kernel)
+seed_notebook       both    15-165  51-155  9.0-9.5 tiled (streaming kernel)
+==================  ======  ======  ======  ======  ==========================
 
-``*`` one thread, CPU time.  [1] ``tiled`` hands few-channel problems to its streaming
-kernel (``tiled.uses_streaming``).
-
-Why: ``tiled`` is the fastest everywhere but on depthwise NCHW planes, where the plain
-width-vectorised ``naive`` loop has less per-call overhead than ``tiled``'s depthwise
-kernel.  On one thread (CPU time) im2col's BLAS GEMM did beat ``tiled`` on 1x1 layers and
-on res4/res5 in NCHW (``tiled`` transposes its weights into the packed layout on every
-call, which dominates when the weights outweigh the image ~100x), but with 2 threads the
-im2col path measured ~8 ms on every one of those layers (BLAS threads competing with
-Numba's), so ``auto`` does not pick it.
+Why: ``tiled`` (register-blocked direct convolution, with its depthwise and streaming
+kernels) wins everywhere a reduction spans several kernel taps.  A 1x1 convolution has
+no taps to reuse inputs across: it is a plain GEMM, and when no im2col fill is needed
+(stride 1, no padding: the input already is the matrix) or the fill is a cheap
+contiguous gather (NHWC), BLAS's packed GEMM beats ``tiled``'s per-block overhead.
+``naive`` is never chosen: it is the correctness baseline.
 """
 
-from .registry import algorithms
+from .registry import REGISTRY
 
 __all__ = ["choose"]
 
 
+def _usable(name):
+    return name in REGISTRY and REGISTRY[name].available()
+
+
 def choose(p):
-    """Name of the algorithm ``auto`` runs for problem ``p``."""
-    names = algorithms()
-    if "tiled" not in names:
-        # im2col pays a fill of C*R*S*Ho*Wo values per GEMM; it wins once each output pixel
-        # reduces over enough inputs to amortise it.  Tiny reductions are memory-bound.
-        if p.cg * p.r * p.s >= 16 and p.kg >= 8:
-            return "im2col"
-        return "naive"
-    if p.is_depthwise and p.layout == "NCHW" and "naive" in names:
-        return "naive"
-    return "tiled"
+    """Name of the algorithm ``auto`` runs for problem ``p`` (a host algorithm)."""
+    pointwise = p.r == p.s == 1 and not p.has_padding and p.dil_h == p.dil_w == 1
+    if pointwise and not p.is_depthwise and (p.stride_h == p.stride_w == 1 or p.layout == "NHWC"):
+        return "im2col"
+    if _usable("tiled"):
+        return "tiled"
+    # without tiled: im2col once each output pixel reduces over enough inputs to amortise
+    # its fill; tiny (memory-bound) reductions stay with the direct loop
+    if p.cg * p.r * p.s >= 16 and p.kg >= 8:
+        return "im2col"
+    return "naive"

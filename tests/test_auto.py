@@ -25,15 +25,15 @@ SUITE = {
     "seed_notebook": ((3, 3, 1000, 3, 3, 1, 0, 1), "tiled", "tiled"),
     "resnet_conv1": ((1, 3, 224, 64, 7, 2, 3, 1), "tiled", "tiled"),
     "resnet_res2_3x3": ((1, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
-    "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "tiled", "tiled"),
-    "resnet_res3_1x1_s2": ((1, 256, 56, 128, 1, 2, 0, 1), "tiled", "tiled"),
+    "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "im2col", "im2col"),
+    "resnet_res3_1x1_s2": ((1, 256, 56, 128, 1, 2, 0, 1), "tiled", "im2col"),
     "resnet_res4_3x3": ((1, 256, 14, 256, 3, 1, 1, 1), "tiled", "tiled"),
     "resnet_res5_3x3": ((1, 512, 7, 512, 3, 1, 1, 1), "tiled", "tiled"),
     "vgg_3x3": ((1, 64, 112, 128, 3, 1, 1, 1), "tiled", "tiled"),
     "batch8_3x3": ((8, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
-    "mobilenet_dw_s1": ((1, 32, 112, 32, 3, 1, 1, 32), "naive", "tiled"),
-    "mobilenet_dw_s2": ((1, 64, 112, 64, 3, 2, 1, 64), "naive", "tiled"),
-    "mobilenet_dw_14": ((1, 512, 14, 512, 3, 1, 1, 512), "naive", "tiled"),
+    "mobilenet_dw_s1": ((1, 32, 112, 32, 3, 1, 1, 32), "tiled", "tiled"),
+    "mobilenet_dw_s2": ((1, 64, 112, 64, 3, 2, 1, 64), "tiled", "tiled"),
+    "mobilenet_dw_14": ((1, 512, 14, 512, 3, 1, 1, 512), "tiled", "tiled"),
 }
 
 
@@ -54,10 +54,15 @@ def test_grouped_non_depthwise_goes_to_tiled():
     assert auto.choose(prob(1, 64, 28, 64, 3, 1, 1, groups=4)) == "tiled"
 
 
+def test_padded_or_dilated_1x1_is_not_treated_as_a_plain_gemm():
+    assert auto.choose(prob(1, 64, 28, 64, 1, 1, 1)) == "tiled"
+    assert auto.choose(prob(1, 64, 28, 64, 1, 2, 0, layout="NCHW")) == "tiled"
+
+
 def test_without_tiled_falls_back(monkeypatch):
-    monkeypatch.setattr(auto, "algorithms", lambda: ("naive", "im2col"))
+    monkeypatch.setattr(auto, "_usable", lambda name: name in ("naive", "im2col"))
     assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "im2col"
-    assert auto.choose(prob(1, 3, 50, 3, 1)) == "naive"
+    assert auto.choose(prob(1, 1, 50, 3, 3)) == "naive"  # a 9-term reduction: memory-bound
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
