@@ -55,16 +55,25 @@ def _fill_row_nchw(x, n, i0, i1, cols, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
     off = s * dw - pl
     lo, hi_j = valid_range(off, sw, w_, wo_)
     base = row * (i1 - i0) * wo_
+    xf = x.ravel()
+    plane = (n * x.shape[1] + c) * h_
+    zero = cols.dtype.type(0)
+    # flat loops with unsigned indices: thousands of short rows per tile, so slice objects
+    # (and Numba's wraparound selects on signed indices) would cost more than the copies
     for i in range(i0, i1):
-        dst = base + (i - i0) * wo_
+        dst = np.uintp(base + (i - i0) * wo_)
         hi = i * sh + r * dh - pt
         if hi < 0 or hi >= h_:
-            cols[dst:dst + wo_] = 0
+            for j in range(wo_):
+                cols[dst + np.uintp(j)] = zero
             continue
-        cols[dst:dst + lo] = 0
-        if hi_j > lo:  # one strided slice copy: no per-element index arithmetic
-            cols[dst + lo:dst + hi_j] = x[n, c, hi, lo * sw + off:(hi_j - 1) * sw + off + 1:sw]
-        cols[dst + hi_j:dst + wo_] = 0
+        for j in range(lo):
+            cols[dst + np.uintp(j)] = zero
+        src = np.uintp((plane + hi) * w_ + off)
+        for j in range(lo, hi_j):
+            cols[dst + np.uintp(j)] = xf[src + np.uintp(j * sw)]
+        for j in range(hi_j, wo_):
+            cols[dst + np.uintp(j)] = zero
 
 
 @jit
