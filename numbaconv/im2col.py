@@ -227,13 +227,18 @@ def _add_bias_nhwc(out, bias):
         o2[pix] += bias
 
 
+#: a thread's column tile stays about L2-sized, so its GEMM reads it from cache
+TILE_BYTES = 2 * 2**20
+
+
 def _tile_rows(p, total_rows, nthreads):
-    """Output rows per tile: each thread's slice of the workspace holds one tile, and there
-    are at least two tiles per thread when the problem allows (load balance)."""
+    """Output rows per tile: each thread's slice of the workspace holds one tile, and the
+    tile count is a multiple of the thread count with near-equal tiles (load balance:
+    14 rows on 2 threads are 7 + 7, not 4 + 4 | 4 + 2)."""
     row_bytes = p.c * p.r * p.s * p.wo * p.dtype.itemsize
-    fit = WORKSPACE_BYTES // nthreads // row_bytes
-    balanced = -(-total_rows // (2 * nthreads))
-    return int(max(1, min(fit, balanced)))
+    fit = max(1, min(WORKSPACE_BYTES // nthreads, TILE_BYTES) // row_bytes)
+    rounds = -(-(-(-total_rows // fit)) // nthreads)  # tiles per thread that fit the budget
+    return int(max(1, -(-total_rows // (rounds * nthreads))))
 
 
 WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
