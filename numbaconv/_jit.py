@@ -90,7 +90,6 @@ if _LOCAL_THREADS_ADDRESS:
     blas_threads_local = types.ExternalFunction("numbaconv_blas_threads_local", types.intc(types.intc))
 else:  # pragma: no cover - other BLAS builds: BLAS keeps its own threading
     blas_threads_local = jit(_no_local_blas_threads)
-HAVE_LOCAL_BLAS_THREADS = bool(_LOCAL_THREADS_ADDRESS)
 
 
 @jit

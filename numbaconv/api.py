@@ -15,7 +15,7 @@ from .cuda_conv import is_device_array
 from .layout import to_layout
 from .padding import pad_input
 from .problem import ConvProblem
-from .registry import REGISTRY, algorithms
+from .registry import REGISTRY, algorithms, usable
 
 __all__ = ["conv2d"]
 
@@ -23,7 +23,7 @@ __all__ = ["conv2d"]
 def _check_algorithm(algorithm):
     # only the named algorithm's availability: ``algorithms()`` probes every backend (the
     # cuda probe costs ~40 us, a third of a small depthwise layer)
-    if algorithm != "auto" and not (algorithm in REGISTRY and REGISTRY[algorithm].available()):
+    if algorithm != "auto" and not usable(algorithm):
         raise ValueError(f"algorithm must be 'auto' or one of {algorithms()}, got {algorithm!r}")
 
 

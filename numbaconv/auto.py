@@ -28,13 +28,9 @@ contiguous gather (NHWC), BLAS's packed GEMM beats ``tiled``'s per-block overhea
 ``naive`` is never chosen: it is the correctness baseline.
 """
 
-from .registry import REGISTRY
+from .registry import usable
 
 __all__ = ["choose"]
-
-
-def _usable(name):
-    return name in REGISTRY and REGISTRY[name].available()
 
 
 def choose(p):
@@ -42,7 +38,7 @@ def choose(p):
     pointwise = p.r == p.s == 1 and not p.has_padding and p.dil_h == p.dil_w == 1
     if pointwise and not p.is_depthwise and (p.stride_h == p.stride_w == 1 or p.layout == "NHWC"):
         return "im2col"
-    if _usable("tiled"):
+    if usable("tiled"):
         return "tiled"
     # without tiled: im2col once each output pixel reduces over enough inputs to amortise
     # its fill; tiny (memory-bound) reductions stay with the direct loop

@@ -5,7 +5,6 @@ name and a dtype.  All user-facing ``TypeError`` / ``ValueError`` messages are r
 here, before any work, and each names the argument and quotes the bad value.
 """
 
-import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -187,11 +186,6 @@ class ConvProblem:
             padding_mode="zeros",
         )
 
-    def describe(self):
-        return (f"N={self.n} C={self.c} H={self.h} W={self.w} K={self.k} R={self.r} S={self.s} "
-                f"stride=({self.stride_h},{self.stride_w}) pad={self.padding} "
-                f"dil=({self.dil_h},{self.dil_w}) groups={self.groups} {self.layout} {self.dtype}")
-
     # -- parsing ------------------------------------------------------------------------
     @classmethod
     def from_args(cls, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
@@ -256,6 +250,3 @@ class ConvProblem:
             if a is not None and np.may_share_memory(out, a):
                 raise ValueError(f"out must not share memory with {name} (inputs are never modified)")
 
-
-def gflops(problem, seconds):
-    return problem.flops / seconds / 1e9 if seconds > 0 else math.inf

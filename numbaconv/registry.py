@@ -22,7 +22,7 @@ benchmarked as soon as it is registered here.
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Algorithm", "REGISTRY", "algorithms", "register"]
+__all__ = ["Algorithm", "REGISTRY", "algorithms", "register", "usable"]
 
 
 def _always():
@@ -51,6 +51,11 @@ def register(algorithm):
     return algorithm
 
 
+def usable(name):
+    """Whether algorithm ``name`` is registered and can run here (probes only that one)."""
+    return name in REGISTRY and REGISTRY[name].available()
+
+
 def algorithms():
     """Names of the algorithms usable on this machine, in registration order."""
-    return tuple(name for name, algo in REGISTRY.items() if algo.available())
+    return tuple(name for name in REGISTRY if usable(name))

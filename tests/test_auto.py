@@ -60,7 +60,7 @@ def test_padded_or_dilated_1x1_is_not_treated_as_a_plain_gemm():
 
 
 def test_without_tiled_falls_back(monkeypatch):
-    monkeypatch.setattr(auto, "_usable", lambda name: name in ("naive", "im2col"))
+    monkeypatch.setattr(auto, "usable", lambda name: name in ("naive", "im2col"))
     assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "im2col"
     assert auto.choose(prob(1, 1, 50, 3, 3)) == "naive"  # a 9-term reduction: memory-bound
 
