@@ -286,54 +286,109 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @pjit
-def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hp, wp):
-    """``hp > 0``: small 3x3 stride-1 planes go through an (L1-resident) zero-padded copy
-    of ``hp x wp``, allocated once per chunk of planes (see :func:`_plane_padded`)."""
+def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq):
+    """``hq > 0``: 3x3 planes go through (L1/L2-resident) zero-padded stride-phase copies of
+    ``sh*sw`` planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`)."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
     for t in prange(chunks):
-        xp = np.zeros((max(hp, 1), max(wp, 1)), dtype=x.dtype)
-        op = np.empty(max(hp, 1) * max(wp, 1), dtype=out.dtype)
+        # zeroed once: the padding positions are the same for every plane, the rest is overwritten
+        buf = np.zeros(max(sh * sw * hq * wq, 1), dtype=x.dtype)
+        op = np.empty(max(hq * wq, 1), dtype=out.dtype)
+        filled = -1  # input plane (n * C + c) now in buf
         for q in range(t * planes // chunks, (t + 1) * planes // chunks):
-            if hp > 0:
-                _plane_padded(x, w_krs, bias, out, q // k_, q % k_, pt, pl, dh, dw, m, xp, op)
+            n = q // k_
+            k = q % k_
+            if hq > 0:
+                src = n * x.shape[1] + k // m
+                if src != filled:
+                    _fill_phases(x, n, k // m, buf, sh, sw, hq, wq, pt, pl)
+                    filled = src
+                _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op)
             else:
-                _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
+                _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m)
 
 
 @jit
-def _plane_padded(x, w_krs, bias, out, n, k, pt, pl, dh, dw, m, xp, op):
-    """Stride-1 3x3 plane via a zero-padded copy ``xp`` (its zero border written once by
-    the caller): one flat 9-tap sweep over rows of the padded width, no border cases --
-    on small planes (MobileNet's 14x14) the scalar border loop cost more than the sweep."""
+def _fill_phases(x, n, c, buf, sh, sw, hq, wq, pt, pl):
+    """``buf[a, b, u, v] = x_pad[n, c, u*sh + a, v*sw + b]`` for every position that holds
+    real input (the padding positions keep their zeros): the plane split into its stride
+    phases, so every tap of a strided convolution reads one unit-stride run."""
     h_, w_ = x.shape[2], x.shape[3]
-    ho_, wo_ = out.shape[2], out.shape[3]
-    wp = xp.shape[1]
-    c = k // m
-    xs = xp.ravel()
     xf = x.ravel()
-    uw = np.uintp(w_)
-    for r in range(h_):  # flat copies: slice assignment costs more than these 14 values
-        src = np.uintp(((n * x.shape[1] + c) * h_ + r) * w_)
-        dst = np.uintp((pt + r) * wp + pl)
-        for j in range(uw):
-            xs[dst + j] = xf[src + j]
+    base = (n * x.shape[1] + c) * h_ * w_
+    for a in range(sh):
+        u_lo, u_hi = valid_range(a - pt, sh, h_, hq)
+        if sw == 2:
+            # both column phases in one loop over contiguous pairs: LLVM deinterleaves them
+            # with shuffles (one phase at a time compiles to gathers, several times slower)
+            c0 = pl % 2  # first column of phase 0
+            v0 = (c0 + pl) // 2
+            npair = max(0, min((w_ - c0) // 2, wq - v0))
+            p0 = (2 * a * hq) * wq + v0
+            p1 = p0 + hq * wq
+            for u in range(u_lo, u_hi):
+                row = base + (u * sh + a - pt) * w_
+                src = np.uintp(row + c0)
+                d0 = np.uintp(p0 + u * wq)
+                d1 = np.uintp(p1 + u * wq)
+                for t in range(np.uintp(npair)):
+                    buf[d0 + t] = xf[src + t * np.uintp(2)]
+                    buf[d1 + t] = xf[src + t * np.uintp(2) + np.uintp(1)]
+                for t in range(w_ - 2 * npair):  # the columns outside the pairs
+                    col = t if t < c0 else t + 2 * npair
+                    v = (col + pl) // 2
+                    if v < wq:
+                        buf[((2 * a + (col + pl) % 2) * hq + u) * wq + v] = xf[row + col]
+            continue
+        for b in range(sw):
+            v_lo, v_hi = valid_range(b - pl, sw, w_, wq)
+            if v_hi <= v_lo:
+                continue
+            nv = np.uintp(v_hi - v_lo)
+            pb = (a * sw + b) * hq * wq + v_lo
+            for u in range(u_lo, u_hi):
+                src = np.uintp(base + (u * sh + a - pt) * w_ + v_lo * sw + b - pl)
+                dst = np.uintp(pb + u * wq)
+                if sw == 1:
+                    for j in range(nv):
+                        buf[dst + j] = xf[src + j]
+                else:
+                    us = np.uintp(sw)
+                    for j in range(nv):
+                        buf[dst + j] = xf[src + j * us]
+
+
+@jit
+def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
+    """3x3 output plane ``out[n, k]`` from the phase planes in ``buf`` (:func:`_fill_phases`).
+
+    With the output laid out at the phase width ``wq``, tap ``(r, s)`` reads ``buf`` at a
+    fixed flat shift from the output pixel, whatever the stride or dilation: one flat 9-tap
+    sweep, no border cases, then the ``Wo`` real columns of each row are copied out (the
+    ``wq - Wo`` extra ones read wrapped data and are dropped).  On small or strided planes
+    the scalar border loops and stride-2 loads of :func:`_plane3x3` cost more than the sweep.
+    """
+    ho_, wo_ = out.shape[2], out.shape[3]
     wk = w_krs[k].ravel()
     b = bias[k]
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
-    d1 = np.uintp(dw)
-    d2 = np.uintp(2 * dw)
-    r1 = np.uintp(dh) * np.uintp(wp)
-    r2 = r1 + r1
-    for q in range(np.uintp((ho_ - 1) * wp + wo_)):
-        op[q] = (b + w0 * xs[q] + w1 * xs[q + d1] + w2 * xs[q + d2]
-                 + w3 * xs[q + r1] + w4 * xs[q + r1 + d1] + w5 * xs[q + r1 + d2]
-                 + w6 * xs[q + r2] + w7 * xs[q + r2 + d1] + w8 * xs[q + r2 + d2])
+    o = np.empty(9, dtype=np.uintp)
+    for r in range(3):
+        for s in range(3):
+            a = (r * dh) % sh
+            bb = (s * dw) % sw
+            o[3 * r + s] = ((a * sw + bb) * hq + (r * dh) // sh) * wq + (s * dw) // sw
+    o0, o1, o2, o3, o4, o5, o6, o7, o8 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]
+    for q in range(np.uintp((ho_ - 1) * wq + wo_)):
+        op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
+                 + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
+                 + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
     of = out.ravel()
     uo = np.uintp(wo_)
     for i in range(ho_):
         dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
-        src = np.uintp(i * wp)
+        src = np.uintp(i * wq)
         for j in range(uo):
             of[dst + j] = op[src + j]
 
@@ -528,15 +583,64 @@ def _nhwc_block4r(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, pt, pl):
-    """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, stride-1, dilation-1,
-    multiplier-1 NHWC depthwise problem.  Input rows are copied once into a ring of three
-    zero-padded rows (``(W + pl + pr) * C`` each; rows in the padding are zero), so every
-    output pixel -- borders included -- goes through the 4-pixel block
-    :func:`_nhwc_block4r` (the last block of a row overlaps the previous one)."""
+def _nhwc_block2r_s2(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
+    """Two output pixels, stride 2 (pixel ``p``'s tap ``s`` reads column ``2p + s``): 5 columns
+    of each input row, 24 vector loads per 18 FMAs.  (A 4-pixel block needs 27 input vectors
+    live at once: LLVM leaves that loop scalar.)"""
+    w1 = uk
+    w2 = w1 + uk
+    w3 = w2 + uk
+    w4 = w3 + uk
+    w5 = w4 + uk
+    w6 = w5 + uk
+    w7 = w6 + uk
+    w8 = w7 + uk
+    o1 = ob + uk
+    c1 = ucs
+    c2 = c1 + ucs
+    c3 = c2 + ucs
+    c4 = c3 + ucs
+    for k in range(uk):
+        b = bias[k]
+        v0 = wf[k]
+        v1 = wf[w1 + k]
+        v2 = wf[w2 + k]
+        v3 = wf[w3 + k]
+        v4 = wf[w4 + k]
+        v5 = wf[w5 + k]
+        v6 = wf[w6 + k]
+        v7 = wf[w7 + k]
+        v8 = wf[w8 + k]
+        x00 = xf[xb + k]
+        x01 = xf[xb + c1 + k]
+        x02 = xf[xb + c2 + k]
+        x03 = xf[xb + c3 + k]
+        x04 = xf[xb + c4 + k]
+        x10 = xf[r1 + k]
+        x11 = xf[r1 + c1 + k]
+        x12 = xf[r1 + c2 + k]
+        x13 = xf[r1 + c3 + k]
+        x14 = xf[r1 + c4 + k]
+        x20 = xf[r2 + k]
+        x21 = xf[r2 + c1 + k]
+        x22 = xf[r2 + c2 + k]
+        x23 = xf[r2 + c3 + k]
+        x24 = xf[r2 + c4 + k]
+        of[ob + k] = b + x00 * v0 + x01 * v1 + x02 * v2 + x10 * v3 + x11 * v4 + x12 * v5 + x20 * v6 + x21 * v7 + x22 * v8
+        of[o1 + k] = b + x02 * v0 + x03 * v1 + x04 * v2 + x12 * v3 + x13 * v4 + x14 * v5 + x22 * v6 + x23 * v7 + x24 * v8
+
+
+@jit
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
+    """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
+    depthwise problem with column stride 1 or 2 (any row stride).  Input rows are copied once
+    into a ring of three zero-padded rows (``(Wo - 1) * sw + 3`` pixels each; rows in the
+    padding are zero), so every output pixel -- borders included -- goes through a 4-pixel
+    (stride 1, :func:`_nhwc_block4r`) or 2-pixel (stride 2, :func:`_nhwc_block2r_s2`) block;
+    the last block of a row overlaps the previous one."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
-    wp = wo_ + 2
+    wp = (wo_ - 1) * sw + 3
     rowlen = wp * k_
     ring = np.zeros(3 * rowlen, dtype=x.dtype)
     key = np.full(3, -1, dtype=np.int64)  # which (image, row) each slot holds
@@ -545,12 +649,14 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, pt, pl):
     of = out.ravel()
     uk = np.uintp(k_)
     ucs = np.uintp(k_)
-    uw = np.uintp(w_ * k_)
+    ncopy = min(w_, wp - pl)  # input pixels any tap reads
+    uw = np.uintp(max(ncopy, 0) * k_)
     for t in range(t0, t1):
         n = t // ho_
         i = t % ho_
+        top = i * sh - pt
         for r in range(3):
-            hi = i - pt + r
+            hi = top + r
             slot = (hi + 3) % 3
             kk = n * 4294967296 + hi + 1048576
             if key[slot] != kk:
@@ -563,24 +669,28 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, pt, pl):
                 else:
                     for q in range(uw):
                         ring[dst + q] = 0
-        b0 = np.uintp(((i - pt + 3) % 3) * rowlen)
-        b1 = np.uintp(((i - pt + 4) % 3) * rowlen)
-        b2 = np.uintp(((i - pt + 5) % 3) * rowlen)
+        b0 = np.uintp(((top + 3) % 3) * rowlen)
+        b1 = np.uintp(((top + 4) % 3) * rowlen)
+        b2 = np.uintp(((top + 5) % 3) * rowlen)
         orow = (n * ho_ + i) * wo_
+        pb = 4 if sw == 1 else 2  # pixels per block
         j = 0
         while j < wo_:
-            if j + 4 > wo_:
-                j = wo_ - 4  # overlap the previous block: same values rewritten
-            jo = np.uintp(j * k_)
-            _nhwc_block4r(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
-            j += 4
+            if j + pb > wo_:
+                j = wo_ - pb  # overlap the previous block: same values rewritten
+            jo = np.uintp(j * sw * k_)
+            if sw == 1:
+                _nhwc_block4r(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            else:
+                _nhwc_block2r_s2(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            j += pb
 
 
 @pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, pt, pl, chunks):
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
-        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, pt, pl)
+        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl)
 
 
 @pjit
@@ -590,9 +700,9 @@ def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
         _row_nhwc(x, w_rsk, bias, out, t // ho_, t % ho_, sh, sw, pt, pl, dh, dw, m, wt, pix)
 
 
-#: stride-1 3x3 NCHW planes up to this output width go through the zero-padded copy
-#: (:func:`_plane_padded`); wider ones through :func:`_plane3x3` (flat sweep + scalar borders)
-_PADDED_MAX_W = 256
+#: 3x3 NCHW planes up to this output width go through zero-padded stride-phase copies
+#: (:func:`_plane_phases`); wider ones through :func:`_plane3x3` (flat sweep + scalar borders)
+_PHASES_MAX_W = 256
 
 _ZERO_BIAS = {}
 
@@ -616,10 +726,10 @@ def run(p, x, w_oihw, bias, out):
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, m)
     if p.layout == "NHWC":
         w_rsk = np.ascontiguousarray(w_oihw[:, 0].transpose(1, 2, 0))
-        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.dil_h == 1
+        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w in (1, 2) and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
             chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
-            _dw_nhwc_ring(x, w_rsk, b, out, p.pad_top, p.pad_left, chunks)
+            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
             return
         # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
         # (dilation 1 takes the 4-pixel register block instead)
@@ -635,11 +745,13 @@ def run(p, x, w_oihw, bias, out):
             wt = np.zeros(1, dtype=p.dtype)
         _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
     else:
-        hp = wp = 0
-        if p.r == 3 and p.s == 3 and p.stride_h == 1 and p.stride_w == 1 and p.wo <= _PADDED_MAX_W:
-            hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
+        hq = wq = 0
+        if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
+            # phase planes reach every tap of every output pixel (see _plane_phases)
+            hq = p.ho + 2 * p.dil_h // p.stride_h
+            wq = p.wo + 2 * p.dil_w // p.stride_w
         chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
-        _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry, chunks, hp, wp)
+        _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry, chunks, hq, wq)
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------

@@ -60,11 +60,13 @@ def check_inputs(x, weight, bias, layout, weight_layout, allow_device=False):
 
 
 def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
 def int_pair(name, value, minimum):
     """``value`` as ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
+    if type(value) is int and value >= minimum:  # the common case, without the ABC checks
+        return value, value
     pair = (value, value) if _is_int(value) else value
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")

@@ -1,9 +1,9 @@
 """The depthwise and streaming kernels' fast paths against torch float64.
 
 Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
-the NCHW flat whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without
-dilation) and its zero-padded copy for small planes, the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
-the NHWC ring of zero-padded rows with 4-pixel blocks (stride 1), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
+the NCHW zero-padded stride-phase planes (any stride and dilation, small planes), the flat
+whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without dilation), the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
+the NHWC ring of zero-padded rows with 4-pixel blocks (column stride 1 or 2), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
 per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, asymmetric
 padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
 """
@@ -35,6 +35,10 @@ DEPTHWISE = [
     (1, 8, 7, 90, 8, 3, 3, dict(padding=2, dilation=(1, 2))),          # NHWC: dilated contiguous runs
     (2, 16, 6, 11, 16, 3, 3, dict(padding=(1, 0))),                    # NHWC: 4-pixel blocks, no w padding
     (3, 8, 5, 6, 8, 3, 3, dict(padding=((4, 5), (2, 0)))),             # NHWC ring: padding > 3 rows, batch 3
+    (2, 3, 13, 14, 6, 3, 3, dict(stride=2, padding=2, dilation=2)),    # NCHW phases: dilated, multiplier 2
+    (1, 4, 10, 17, 4, 3, 3, dict(stride=(2, 1), padding=(0, 1))),      # NCHW phases: mixed strides
+    (2, 16, 9, 12, 16, 3, 3, dict(stride=2, padding=((1, 0), (0, 1)))),  # NHWC ring, stride 2
+    (1, 24, 11, 16, 24, 3, 3, dict(stride=(3, 2))),                    # NHWC ring, stride 2: unread last column
 ]
 
 
@@ -87,9 +91,9 @@ def test_nan_propagates():
         assert np.isinf(o[0, 2, 4:7, 4:7]).all() and np.isfinite(o[0, 0]).all()
 
 
-@pytest.mark.parametrize("case", [c for c in DEPTHWISE if c[7].get("stride", 1) == 1 and c[5] == c[6] == 3],
+@pytest.mark.parametrize("case", [c for c in DEPTHWISE if c[5] == c[6] == 3],
                          ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
-def test_nchw_flat_plane_without_padded_copy(case, monkeypatch):
-    """Stride-1 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
-    monkeypatch.setattr(depthwise, "_PADDED_MAX_W", 0)
+def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
+    """3x3 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
+    monkeypatch.setattr(depthwise, "_PHASES_MAX_W", 0)
     test_depthwise_fast_paths(case, "NCHW", np.float64)
