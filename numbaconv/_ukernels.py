@@ -19,7 +19,7 @@ _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
 
 @_ukjit
 def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """4 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -47,9 +47,9 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 8)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(8)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -137,10 +137,12 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 @_ukjit
 def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 8); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -155,18 +157,26 @@ def tile4_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k
                 for kb in range(kb_lo, kb_hi):
                     nk = min(8, kg - kb * 8)
                     kb0 = g * kg + kb * 8
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                        ws_c = 8
+                        ws_t = cl * 8
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk4_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv4_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -180,12 +190,12 @@ def conv4_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         i0 = rb * rows
         kr = gk % nkr
         tile4_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """4 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -225,9 +235,9 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(16)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -363,10 +373,12 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -381,18 +393,26 @@ def tile4_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(16, kg - kb * 16)
                     kb0 = g * kg + kb * 16
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                        ws_c = 16
+                        ws_t = cl * 16
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk4_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(4, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv4_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -406,12 +426,12 @@ def conv4_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile4_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """5 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -441,9 +461,9 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 8)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(8)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -542,10 +562,12 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 @_ukjit
 def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 8); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -560,18 +582,26 @@ def tile5_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k
                 for kb in range(kb_lo, kb_hi):
                     nk = min(8, kg - kb * 8)
                     kb0 = g * kg + kb * 8
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                        ws_c = 8
+                        ws_t = cl * 8
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk5_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv5_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -585,12 +615,12 @@ def conv5_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         i0 = rb * rows
         kr = gk % nkr
         tile5_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """5 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -633,9 +663,9 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(16)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -792,10 +822,12 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -810,18 +842,26 @@ def tile5_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(16, kg - kb * 16)
                     kb0 = g * kg + kb * 16
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                        ws_c = 16
+                        ws_t = cl * 16
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk5_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(5, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv5_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -835,12 +875,12 @@ def conv5_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile5_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """6 pixels x 8 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -872,9 +912,9 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 8)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(8)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -984,10 +1024,12 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
 
 @_ukjit
 def tile6_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 8); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -1002,18 +1044,26 @@ def tile6_8(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k
                 for kb in range(kb_lo, kb_hi):
                     nk = min(8, kg - kb * 8)
                     kb0 = g * kg + kb * 8
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                        ws_c = 8
+                        ws_t = cl * 8
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk6_8(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv6_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -1027,12 +1077,12 @@ def conv6_8(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg,
         i0 = rb * rows
         kr = gk % nkr
         tile6_8(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """6 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -1078,9 +1128,9 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(16)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -1258,10 +1308,12 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile6_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -1276,18 +1328,26 @@ def tile6_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(16, kg - kb * 16)
                     kb0 = g * kg + kb * 16
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                        ws_c = 16
+                        ws_t = cl * 16
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk6_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv6_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -1301,12 +1361,12 @@ def conv6_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile6_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """6 pixels x 32 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -1380,9 +1440,9 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 32)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(32)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -1696,10 +1756,12 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile6_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 32); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -1714,18 +1776,26 @@ def tile6_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(32, kg - kb * 32)
                     kb0 = g * kg + kb * 32
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                        ws_c = 32
+                        ws_t = cl * 32
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk6_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(6, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv6_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -1739,12 +1809,12 @@ def conv6_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile6_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """7 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -1793,9 +1863,9 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(16)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -1994,10 +2064,12 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -2012,18 +2084,26 @@ def tile7_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(16, kg - kb * 16)
                     kb0 = g * kg + kb * 16
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                        ws_c = 16
+                        ws_t = cl * 16
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk7_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv7_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -2037,12 +2117,12 @@ def conv7_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile7_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """7 pixels x 32 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -2121,9 +2201,9 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 32)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(32)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -2478,10 +2558,12 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 32); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -2496,18 +2578,26 @@ def tile7_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(32, kg - kb * 32)
                     kb0 = g * kg + kb * 32
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                        ws_c = 32
+                        ws_t = cl * 32
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk7_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(7, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv7_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -2521,12 +2611,12 @@ def conv7_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile7_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """8 pixels x 16 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -2578,9 +2668,9 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 16)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(16)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -2800,10 +2890,12 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -2818,18 +2910,26 @@ def tile8_16(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(16, kg - kb * 16)
                     kb0 = g * kg + kb * 16
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                        ws_c = 16
+                        ws_t = cl * 16
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk8_16(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv8_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -2843,12 +2943,12 @@ def conv8_16(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile8_16(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
 
 
 @_ukjit
 def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
-           first, zero, tmp):
+           first, zero, tmp, ws_c, ws_t):
     """8 pixels x 32 channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
     u1 = np.uintp(1)
     u2 = np.uintp(2)
@@ -2932,9 +3032,9 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     for r in range(r_):
         for s in range(s_):
             xo = np.uintp(xb + r * xs_r + s * xs_s)
-            wo = np.uintp(wb + (r * s_ + s) * cin * 32)
+            wo = np.uintp(wb + (r * s_ + s) * ws_t)
             for c in range(np.uintp(cin)):
-                wc = wo + c * np.uintp(32)
+                wc = wo + c * np.uintp(ws_c)
                 xc = xo + c
                 w0 = wf[wc]
                 w1 = wf[wc + u1]
@@ -3330,10 +3430,12 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n.
 
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block."""
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 32); otherwise the packed blocks of :func:`numbaconv.tiled.packed_weights`."""
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
@@ -3348,18 +3450,26 @@ def tile8_32(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, 
                 for kb in range(kb_lo, kb_hi):
                     nk = min(32, kg - kb * 32)
                     kb0 = g * kg + kb * 32
-                    wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                    if hwio:
+                        wb = c0 * k_ + kb0
+                        ws_c = k_
+                        ws_t = cg * k_
+                    else:
+                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                        ws_c = 32
+                        ws_t = cl * 32
                     if nchw:
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
                     uk8_32(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp)
+                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min(8, wo_ - j0), c0 == 0, zero, tmp,
+                            ws_c, ws_t)
 
 
 @pjit
 def conv8_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero):
+            cb, rows, kbs, nchw, zero, hwio):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -3373,4 +3483,4 @@ def conv8_32(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg
         i0 = rb * rows
         kr = gk % nkr
         tile8_32(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)

@@ -31,6 +31,8 @@ DENSE = [
     (1, 12, 9, 11, 20, 1, 1, dict(stride=2)),                        # strided 1x1: subsampled copy
     (2, 10, 9, 10, 20, 1, 1, dict(stride=(3, 2), groups=2)),
     (2, 10, 4, 8, 40, 1, 1, {}),                                      # NHWC 1x1: input used in place
+    (1, 9, 6, 9, 64, 3, 3, dict(padding=1)),                          # NHWC: K a multiple of V, HWIO in place
+    (2, 12, 7, 8, 64, 3, 3, dict(groups=2, stride=2, padding=1)),     # ... grouped, 32 per group
 ]
 DEPTHWISE = [
     (2, 6, 9, 11, 6, 3, 3, dict(groups=6, padding=1)),
@@ -65,9 +67,11 @@ def test_tiled_depthwise(case, layout, dtype):
     _check(case, layout, dtype)
 
 
+@pytest.mark.parametrize("extra_k", [19, 0], ids=["packed", "whole_blocks"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_tiled_channel_blocks_no_bias(layout, monkeypatch):
-    """More input channels than one cache block: later blocks add into the output."""
+def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
+    """More input channels than one cache block: later blocks add into the output (NHWC
+    with whole output-channel blocks reads the HWIO weights in place)."""
     real_plan = tiled.plan
 
     def small_blocks(p):
@@ -78,7 +82,7 @@ def test_tiled_channel_blocks_no_bias(layout, monkeypatch):
         return b
 
     monkeypatch.setattr(tiled, "plan", small_blocks)
-    _check((1, 20, 6, 9, 19 + 2 * tiled.block_width(np.float32), 3, 3, dict(padding=1)), layout, np.float32,
+    _check((1, 20, 6, 9, extra_k + 2 * tiled.block_width(np.float32), 3, 3, dict(padding=1)), layout, np.float32,
            bias=False)
 
 
