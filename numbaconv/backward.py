@@ -33,6 +33,7 @@ from numba import prange
 
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .api import conv2d
+from .backward_depthwise import depthwise_backward
 from .im2col import _fill_nchw, _fill_nhwc, workspace_bytes
 from .layout import to_layout
 from .padding import _MODE_CODE, _index_map, pad_input
@@ -307,179 +308,6 @@ def _dw_shifted(p, x, dy, w_shape):
     return dwt
 
 
-# --- depthwise NCHW: whole (polyphase) planes, one contiguous loop per tap -------------------
-# The zero-padded input plane is split into its sh x sw stride phases,
-# phase[a, b][u, v] = x_pad[u*sh + a, v*sw + b], each Wq wide.  Tap (r, s) then reads phase
-# (r*dh % sh, s*dw % sw) at offset (r*dh // sh, s*dw // sw) from the output pixel, so with dY
-# laid out at width Wq (zero-extended) every tap is ONE unit-stride loop over the plane:
-# vectorised, whatever the stride or image width; the only waste is Wq / Wo zero columns.
-@pjit
-def _dwp_dx_nchw(w, dyq, dxph, sh, sw, dh, dw):
-    n_, c_, hq, wq = dxph.shape[0], dxph.shape[1], dxph.shape[4], dxph.shape[5]
-    k_, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
-    m_ = dyq.shape[2] * dyq.shape[3]
-    kg = k_ // c_
-    block = sh * sw * hq * wq
-    dxf = dxph.ravel()
-    dyf = dyq.ravel()
-    for job in prange(n_ * c_):
-        c = job % c_
-        n = job // c_
-        for k in range(c * kg, (c + 1) * kg):
-            y0 = np.uintp((n * k_ + k) * m_)
-            for r in range(r_):
-                for s in range(s_):
-                    wv = w[k, 0, r, s]
-                    ph = (r * dh % sh) * sw + s * dw % sw
-                    d0 = np.uintp(job * block + (ph * hq + r * dh // sh) * wq + s * dw // sw)
-                    for m in range(np.uintp(m_)):
-                        dxf[d0 + m] += dyf[y0 + m] * wv
-
-
-@pjit
-def _dwp_dw_nchw(xph, dyq, dwt, sh, sw, dh, dw):
-    n_, c_, hq, wq = xph.shape[0], xph.shape[1], xph.shape[4], xph.shape[5]
-    k_, r_, s_ = dwt.shape[0], dwt.shape[2], dwt.shape[3]
-    m_ = dyq.shape[2] * dyq.shape[3]
-    kg = k_ // c_
-    block = sh * sw * hq * wq
-    xf = xph.ravel()
-    dyf = dyq.ravel()
-    for k in prange(k_):
-        c = k // kg
-        acc = np.zeros(r_ * s_, dtype=dwt.dtype)
-        for n in range(n_):
-            y0 = np.uintp((n * k_ + k) * m_)
-            for r in range(r_):
-                for s in range(s_):
-                    ph = (r * dh % sh) * sw + s * dw % sw
-                    x0 = np.uintp((n * c_ + c) * block + (ph * hq + r * dh // sh) * wq + s * dw // sw)
-                    t = acc[r * s_ + s]
-                    for m in range(np.uintp(m_)):
-                        t += dyf[y0 + m] * xf[x0 + m]
-                    acc[r * s_ + s] = t
-        for rs in range(r_ * s_):
-            dwt[k, 0, rs // s_, rs % s_] = acc[rs]
-
-
-@pjit
-def _phase_merge_nchw(dxph, dx, pt, pl):
-    """dx[n, c, y, x] = phase[(y+pt) % sh, (x+pl) % sw][(y+pt) // sh, (x+pl) // sw]."""
-    n_, c_, h_, w_ = dx.shape
-    sh, sw, wq = dxph.shape[2], dxph.shape[3], dxph.shape[5]
-    for job in prange(n_ * c_):
-        n = job // c_
-        c = job % c_
-        for y in range(h_):
-            a = (y + pt) % sh
-            u = (y + pt) // sh
-            for b in range(sw):
-                lo, hi = valid_range(b - pl, sw, w_, wq)
-                for v in range(lo, hi):
-                    dx[n, c, y, v * sw + b - pl] = dxph[n, c, a, b, u, v]
-
-
-def _depthwise_nchw(p, x, w_k, dy, want_dx, want_dw):
-    sh, sw = p.stride_h, p.stride_w
-    hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
-    # phase planes: cover the padded input, and every tap's reach from every output pixel,
-    # plus one slack row so the flat loops never leave the array
-    hq = max(-(-hp // sh), p.ho + p.dil_h * (p.r - 1) // sh) + 1
-    wq = max(-(-wp // sw), p.wo + p.dil_w * (p.s - 1) // sw)
-    dyq = _scratch("dy_spread", (p.n, p.k, p.ho, wq), p.dtype, zero=True)
-    dyq[:, :, :, :p.wo] = dy
-    rows, cols = slice(p.pad_top, p.pad_top + p.h), slice(p.pad_left, p.pad_left + p.w)
-    dx = dwt = None
-    if want_dx:
-        dxph = _scratch("dx_pad", (p.n, p.c, sh, sw, hq, wq), p.dtype, zero=True)
-        _dwp_dx_nchw(w_k, dyq, dxph, sh, sw, p.dil_h, p.dil_w)
-        dx = np.empty(p.in_shape, dtype=p.dtype)  # never a scratch view
-        _phase_merge_nchw(dxph, dx, p.pad_top, p.pad_left)
-    if want_dw:
-        xpad = _scratch("x_pad", (p.n, p.c, hq * sh, wq * sw), p.dtype, zero=True)
-        xpad[:, :, rows, cols] = x
-        if sh * sw > 1:
-            xph = xpad.reshape(p.n, p.c, hq, sh, wq, sw).transpose(0, 1, 3, 5, 2, 4)
-            xph = np.ascontiguousarray(xph)
-        else:
-            xph = xpad.reshape(p.n, p.c, 1, 1, hq, wq)
-        dwt = np.empty(w_k.shape, dtype=p.dtype)
-        _dwp_dw_nchw(xph, dyq, dwt, sh, sw, p.dil_h, p.dil_w)
-    return dx, dwt
-
-
-# --- depthwise NHWC: direct loops ------------------------------------------------------------
-# Flat arrays indexed with unsigned offsets: no negative-index wraparound checks, so LLVM
-# vectorises the unit-stride loops over channels.
-@pjit
-def _dw_dx_nhwc(w_hwio, dy, dx, sh, sw, pt, pl, dh, dw):
-    n_, h_, w_, c_ = dx.shape
-    r_, s_, k_ = w_hwio.shape[0], w_hwio.shape[1], w_hwio.shape[3]
-    ho_, wo_ = dy.shape[1], dy.shape[2]
-    kg = k_ // c_
-    wf = w_hwio.ravel()
-    dyf = dy.ravel()
-    dxf = dx.ravel()
-    for job in prange(n_ * h_):
-        n = job // h_
-        hi = job % h_
-        for r in range(r_):
-            num = hi + pt - r * dh
-            if num < 0 or num % sh != 0 or num // sh >= ho_:
-                continue
-            i = num // sh
-            for s in range(s_):
-                off = s * dw - pl
-                lo, hi_j = valid_range(off, sw, w_, wo_)
-                w0 = np.uintp((r * s_ + s) * k_)
-                for j in range(lo, hi_j):
-                    d0 = np.uintp((job * w_ + j * sw + off) * c_)
-                    y0 = np.uintp(((n * ho_ + i) * wo_ + j) * k_)
-                    if kg == 1:
-                        for c in range(np.uintp(c_)):
-                            dxf[d0 + c] += dyf[y0 + c] * wf[w0 + c]
-                    else:
-                        for k in range(np.uintp(k_)):
-                            dxf[d0 + k // np.uintp(kg)] += dyf[y0 + k] * wf[w0 + k]
-
-
-@pjit
-def _dw_dw_nhwc(x, dy, partial, sh, sw, pt, pl, dh, dw):
-    """partial[chunk, r, s, k] = sum over the chunk's output rows; the caller sums chunks."""
-    n_, h_, w_, c_ = x.shape
-    chunks, r_, s_, k_ = partial.shape
-    ho_, wo_ = dy.shape[1], dy.shape[2]
-    kg = k_ // c_
-    total = n_ * ho_
-    xf = x.ravel()
-    dyf = dy.ravel()
-    for ch in prange(chunks):
-        t_lo = ch * total // chunks
-        t_hi = (ch + 1) * total // chunks
-        acc = partial[ch].ravel()
-        acc[:] = 0
-        for t in range(t_lo, t_hi):
-            n = t // ho_
-            i = t % ho_
-            for r in range(r_):
-                hi = i * sh + r * dh - pt
-                if hi < 0 or hi >= h_:
-                    continue
-                for s in range(s_):
-                    off = s * dw - pl
-                    lo, hi_j = valid_range(off, sw, w_, wo_)
-                    a0 = np.uintp((r * s_ + s) * k_)
-                    for j in range(lo, hi_j):
-                        x0 = np.uintp(((n * h_ + hi) * w_ + j * sw + off) * c_)
-                        y0 = np.uintp((t * wo_ + j) * k_)
-                        if kg == 1:
-                            for k in range(np.uintp(k_)):
-                                acc[a0 + k] += dyf[y0 + k] * xf[x0 + k]
-                        else:
-                            for k in range(np.uintp(k_)):
-                                acc[a0 + k] += dyf[y0 + k] * xf[x0 + k // np.uintp(kg)]
-
-
 # --- folding the gradient of a materialised padding back -------------------------------------
 @pjit
 def _unpad_nchw(dxp, rows, cols, dx):
@@ -536,29 +364,17 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
     if p.n == 0 or not (want_dx or want_dw):
         return (dx if want_dx else None), dwt
-    if p.cg == 1 and p.groups > 1:
-        if p.layout == "NCHW":
-            return _depthwise_nchw(p, x, w_k, dy, want_dx, want_dw)
-        else:
-            if want_dx:
-                _dw_dx_nhwc(w_k, dy, dx, *geometry)
-            if want_dw:
-                chunks = int(min(p.n * p.ho, 16))
-                partial = np.empty((chunks, p.r, p.s, p.k), dtype=dtype)
-                _dw_dw_nhwc(x, dy, partial, *geometry)
-                dwt = partial.sum(axis=0).reshape(w_k.shape)
-    else:
-        if want_dw and _dw_by_shifts(p):
-            dwt = _dw_shifted(p, x, dy, w_k.shape)
-            want_dw = False
-            if not want_dx:
-                return None, dwt
-        total = p.ho if p.layout == "NCHW" else p.n * p.ho
-        rows = _rows_per_chunk(p, total)
-        cols = _scratch("cols", (rows * p.wo * p.c * p.r * p.s,), dtype)
-        kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
-        dw_buf = dwt if want_dw else np.zeros((1, 1, 1, 1), dtype=dtype)
-        kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw, numba.get_num_threads())
+    if want_dw and _dw_by_shifts(p):
+        dwt = _dw_shifted(p, x, dy, w_k.shape)
+        want_dw = False
+        if not want_dx:
+            return None, dwt
+    total = p.ho if p.layout == "NCHW" else p.n * p.ho
+    rows = _rows_per_chunk(p, total)
+    cols = _scratch("cols", (rows * p.wo * p.c * p.r * p.s,), dtype)
+    kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
+    dw_buf = dwt if want_dw else np.zeros((1, 1, 1, 1), dtype=dtype)
+    kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw, numba.get_num_threads())
     return (dx if want_dx else None), dwt
 
 
@@ -625,6 +441,14 @@ def _placeholder(shape, dtype):
 
 
 def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
+    """``(p, dx, dW)`` (used by :mod:`numbaconv.transpose` too)."""
+    p, dx, dwt, _ = _backward_all(grad_output, x, weight, geometry, want_dx, want_dw)
+    return p, dx, dwt
+
+
+def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=False):
+    """``(p, dx, dW, db)``; ``db`` is ``None`` unless the path computed it on the way
+    (depthwise layers sum ``dY`` while they copy it)."""
     p = ConvProblem.from_args(x, weight, None, **geometry)
     _check_grad_output(grad_output, p)
     dy = np.ascontiguousarray(grad_output)
@@ -638,17 +462,20 @@ def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
         if padded:
             xk = pad_input(xk, p)
     kp = p.materialised() if padded else p
-    dx = None
-    if want_dx and _dx_as_convolution(kp):
-        dx = _dx_by_convolution(kp, w_k, dy)
-        want_dx = False
-    dx_gemm, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
-    dx = dx_gemm if dx is None else dx
+    dx = db = None
+    if kp.cg == 1 and kp.groups > 1 and kp.n > 0 and (want_dx or want_dw):
+        dx, dwt, db = depthwise_backward(kp, xk, w_k, dy, want_dx, want_dw, want_db)
+    else:
+        if want_dx and _dx_as_convolution(kp):
+            dx = _dx_by_convolution(kp, w_k, dy)
+            want_dx = False
+        dx_gemm, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
+        dx = dx_gemm if dx is None else dx
     if dx is not None and padded:
         dx = _fold_padding(dx, p)
-    if dwt is not None:
+    if dwt is not None and wl != p.weight_layout:
         dwt = to_layout(dwt, wl, p.weight_layout)
-    return p, dx, dwt
+    return p, dx, dwt, db
 
 
 @pjit
@@ -708,8 +535,10 @@ def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, 
     """
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
                     padding_mode=padding_mode, layout=layout, weight_layout=weight_layout)
-    p, dx, dwt = _backward(grad_output, x, weight, geometry, bool(input_grad), bool(weight_grad))
-    db = _bias_grad(grad_output, p.layout) if bias_grad else None
+    p, dx, dwt, db = _backward_all(grad_output, x, weight, geometry, bool(input_grad), bool(weight_grad),
+                               bool(bias_grad))
+    if bias_grad and db is None:
+        db = _bias_grad(grad_output, p.layout)
     return dx, dwt, db
 
 

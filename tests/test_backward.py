@@ -99,6 +99,60 @@ def test_backward_matches_torch(case_id, shape, kwargs, layout, dtype):
     assert_close(db, eb, dtype, pixels)
 
 
+# Depthwise layers run their own fused kernels (numbaconv/backward_depthwise.py): NCHW
+# stride-phase planes with 9-tap sweeps (3x3) or per-tap sweeps, row copies 8 values at a
+# time with an overlapping tail (rows < 8, = 8, and 8 < W not a multiple of 8); NHWC
+# contiguous pixel runs (stride 1, m = 1) or per-pixel channel loops, grad-input by the
+# forward depthwise kernel on the flipped filter where the padding allows.
+DEPTHWISE_CASES = [
+    ("dw_s1_wide", (3, 5, 9, 21, 5, 3, 3), {"groups": 5, "padding": 1}),
+    ("dw_s1_narrow", (2, 3, 5, 5, 3, 3, 3), {"groups": 3, "padding": 1}),
+    ("dw_s1_w8", (1, 4, 8, 8, 4, 3, 3), {"groups": 4, "padding": 1}),
+    ("dw_nopad", (2, 4, 7, 10, 4, 3, 3), {"groups": 4}),
+    ("dw_pad_beyond_reach", (1, 3, 6, 7, 3, 3, 3), {"groups": 3, "padding": ((3, 0), (0, 4))}),
+    ("dw_s2_even", (2, 6, 12, 12, 6, 3, 3), {"groups": 6, "padding": 1, "stride": 2}),
+    ("dw_s2_odd", (1, 5, 11, 13, 5, 3, 3), {"groups": 5, "padding": 1, "stride": 2}),
+    ("dw_stride_2_1", (1, 4, 9, 10, 4, 3, 3), {"groups": 4, "padding": 1, "stride": (2, 1)}),
+    ("dw_stride_1_3", (1, 4, 9, 10, 4, 3, 3), {"groups": 4, "padding": (0, 2), "stride": (1, 3)}),
+    ("dw_dilated_s1", (2, 4, 11, 12, 4, 3, 3), {"groups": 4, "padding": 2, "dilation": 2}),
+    ("dw_dilated_pair", (1, 3, 12, 11, 3, 3, 3), {"groups": 3, "padding": (1, 2), "dilation": (1, 2)}),
+    ("dw_5x5", (1, 4, 10, 9, 4, 5, 5), {"groups": 4, "padding": 2}),
+    ("dw_2x4_s2", (2, 3, 9, 12, 3, 2, 4), {"groups": 3, "padding": (1, 1), "stride": 2}),
+    ("dw_1x1_s2", (1, 4, 7, 9, 4, 1, 1), {"groups": 4, "stride": 2}),
+    ("dw_m2_s1", (2, 3, 8, 9, 6, 3, 3), {"groups": 3, "padding": 1}),
+    ("dw_m3_dilated", (1, 2, 9, 9, 6, 3, 3), {"groups": 2, "padding": 2, "dilation": 2}),
+    ("dw_replicate", (1, 4, 6, 9, 4, 3, 3), {"groups": 4, "padding": 1, "padding_mode": "replicate"}),
+    ("dw_circular_s2", (1, 3, 8, 7, 3, 3, 3), {"groups": 3, "padding": 1, "stride": 2, "padding_mode": "circular"}),
+    ("dw_many_channels", (1, 40, 5, 6, 40, 3, 3), {"groups": 40, "padding": 1}),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case_id,shape,kwargs", DEPTHWISE_CASES, ids=[c[0] for c in DEPTHWISE_CASES])
+def test_depthwise_backward_matches_torch(case_id, shape, kwargs, layout):
+    test_backward_matches_torch(case_id, shape, kwargs, layout, np.float64)
+    test_backward_matches_torch(case_id, shape, kwargs, layout, np.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("flags", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, False, True), (False, True, True)], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_partial_gradients(layout, flags, stride):
+    """Each subset of the three gradients from the fused depthwise kernels."""
+    kwargs = {"groups": 4, "padding": 1, "stride": stride}
+    x, wt, b, gy = _setup((2, 4, 9, 11, 4, 3, 3), kwargs, np.float64, seed=3)
+    ex, ew, eb = torch_grads(x, wt, b, gy, **kwargs)
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    got = numbaconv.conv2d_backward(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl), layout=layout,
+                                    input_grad=flags[0], weight_grad=flags[1], bias_grad=flags[2], **kwargs)
+    for want, g, e in zip(flags, got, (to_act(ex, layout), to_weight(ew, wl), eb)):
+        if want:
+            assert_close(g, e, np.float64, 200)
+        else:
+            assert g is None
+
+
 DX_METHOD_CASES = [c for c in CASES if pair(c[2].get("stride", 1)) == (1, 1)]
 
 
