@@ -66,6 +66,8 @@ def test_streaming_rows_across_images(layout, monkeypatch):
     """Row chunks that straddle two images and more chunks than rows of one image."""
     rng = np.random.default_rng(7)
     for n, c, h, w, k, kw in [(3, 3, 7, 30, 3, {}), (2, 3, 6, 9, 3, dict(padding=1, stride=(2, 1))),
+                              (1, 3, 8, 37, 3, dict(padding=1)),  # the seed's shape: K = C = 3, one sweep
+                              (2, 3, 9, 18, 3, dict(padding=(2, 1), dilation=(2, 1))),
                               (2, 2, 9, 8, 1, dict(padding=((2, 0), (1, 1)), dilation=2))]:
         x, wt, b = make_problem(rng, n, c, h, w, k, 3, 3, dtype=np.float32)
         expected = to_act(torch_conv2d(x, wt, b, **kw), layout)
