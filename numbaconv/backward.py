@@ -34,6 +34,7 @@ from numba import prange
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .api import conv2d
 from .backward_depthwise import depthwise_backward
+from .backward_stream import stream_dw_db, use_streaming_dw
 from .im2col import _fill_nchw, _fill_nhwc, workspace_bytes
 from .layout import to_layout
 from .padding import _MODE_CODE, _index_map, pad_input
@@ -270,7 +271,8 @@ def _dw_shifts_nhwc(xp, dyp, dwt, r_, s_, dh, dw, groups, parts):
                               1.0, wf, (r * s_ + s) * cg * k_ + g * kg, k_)
 
 
-#: "auto", "shifts" or "im2col": how grad-weight is computed for stride 1 (benchmarks/tests).
+#: "auto", "stream", "shifts" or "im2col": how grad-weight is computed (benchmarks/tests;
+#: "shifts" applies to stride 1 only, "stream" to any geometry).
 _DW_METHOD = "auto"
 
 
@@ -403,7 +405,11 @@ def _dx_as_convolution(p):
     # with few output channels (a short GEMM reduction costs little beside the fold); the
     # forward kernel wins on large images with many channels.  Depthwise layers have their
     # own direct kernels.
-    if p.ho * p.wo < 1024 or p.kg < 32 or (p.cg == 1 and p.groups > 1):
+    if p.cg == 1 and p.groups > 1:
+        return False
+    if p.cg <= 4 and p.kg <= 16:  # few channels: the forward's streaming kernel (seed: 70 -> 16 ms)
+        return _dx_conv_possible(p)
+    if p.ho * p.wo < 1024 or p.kg < 32:
         return False
     return _dx_conv_possible(p)
 
@@ -469,8 +475,13 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
         if want_dx and _dx_as_convolution(kp):
             dx = _dx_by_convolution(kp, w_k, dy)
             want_dx = False
-        dx_gemm, dwt = _grads(kp, xk, w_k, dy, want_dx, want_dw)
+        dwt = None
+        if want_dw and kp.n > 0 and (_DW_METHOD == "stream" or (_DW_METHOD == "auto" and use_streaming_dw(kp))):
+            dwt, db = stream_dw_db(kp, xk, dy, True, want_db)
+            want_dw = False
+        dx_gemm, dwt_gemm = _grads(kp, xk, w_k, dy, want_dx, want_dw)
         dx = dx_gemm if dx is None else dx
+        dwt = dwt_gemm if dwt is None else dwt
     if dx is not None and padded:
         dx = _fold_padding(dx, p)
     if dwt is not None and wl != p.weight_layout:
@@ -494,17 +505,21 @@ def _bias_grad_nchw(dy, db):
 
 
 @pjit
-def _bias_grad_nhwc(dy, partial):
-    chunks, k_ = partial.shape
+def _bias_grad_nhwc(dy, partial, pix):
+    """partial[chunk, p*K + k]: the chunk's sum of channel k over pixels ``p (mod pix)``:
+    runs of ``pix * K`` contiguous values (~256) keep the loops long when K is small."""
+    chunks, pk = partial.shape
+    k_ = pk // pix
     pixels = dy.size // k_
     f = dy.ravel()
     for ch in prange(chunks):
         acc = partial[ch]
         acc[:] = 0
-        for pix in range(ch * pixels // chunks, (ch + 1) * pixels // chunks):
-            base = np.uintp(pix * k_)
-            for k in range(np.uintp(k_)):
-                acc[k] += f[base + k]
+        p1 = (ch + 1) * pixels // chunks
+        for p0 in range(ch * pixels // chunks, p1, pix):
+            base = np.uintp(p0 * k_)
+            for q in range(np.uintp(min(pix, p1 - p0) * k_)):
+                acc[q] += f[base + q]
 
 
 def _bias_grad(dy, layout):
@@ -516,9 +531,10 @@ def _bias_grad(dy, layout):
         db = np.empty(k, dtype=dy.dtype)
         _bias_grad_nchw(dy, db)
         return db
-    partial = np.empty((int(min(dy.size // k, 64)), k), dtype=dy.dtype)
-    _bias_grad_nhwc(dy, partial)
-    return partial.sum(axis=0)
+    pix = max(1, 256 // k)
+    partial = np.empty((int(min(dy.size // k // pix + 1, 4 * numba.get_num_threads())), pix * k), dtype=dy.dtype)
+    _bias_grad_nhwc(dy, partial, pix)
+    return partial.reshape(-1, k).sum(axis=0)
 
 
 def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, groups=1,

@@ -177,11 +177,12 @@ def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeyp
     assert_close(dx, to_act(ex, layout), np.float64, 1000)
 
 
-@pytest.mark.parametrize("method", ["shifts", "im2col"])
+@pytest.mark.parametrize("method", ["shifts", "im2col", "stream"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case_id,shape,kwargs", DX_METHOD_CASES, ids=[c[0] for c in DX_METHOD_CASES])
+@pytest.mark.parametrize("case_id,shape,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_grad_weight_both_methods(case_id, shape, kwargs, layout, method, monkeypatch):
-    """grad-weight by shifted GEMMs (stride 1, no im2col) and by im2col GEMM."""
+    """grad-weight by shifted GEMMs (stride 1, else im2col), by im2col GEMM and by the
+    streaming row kernel (any geometry, auto's choice for few channels)."""
     import numbaconv.backward as backward
 
     monkeypatch.setattr(backward, "_DW_METHOD", method)
