@@ -380,11 +380,52 @@ def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
             bb = (s * dw) % sw
             o[3 * r + s] = ((a * sw + bb) * hq + (r * dh) // sh) * wq + (s * dw) // sw
     o0, o1, o2, o3, o4, o5, o6, o7, o8 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]
+    of = out.ravel()
+    if sh <= 2 and dh == 1 and wo_ >= _ROW_PAIRS_MIN_W:
+        # wide planes, row stride 1 or 2: two output rows per sweep, straight into ``out``.
+        # Stride 1: row i + 1's taps of kernel row r are row i's of kernel row r + 1 (12 loads
+        # serve 18 FMAs); stride 2: its kernel row 0 is row i's kernel row 2 (15 loads).  And
+        # no copy-out pass.
+        uq = np.uintp(wq)
+        uo = np.uintp(wo_)
+        for i in range(0, ho_, 2):
+            dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
+            xs = np.uintp(i * wq)
+            if i + 1 == ho_:  # odd last row
+                for j in range(uo):
+                    q = xs + j
+                    of[dst + j] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
+                                   + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
+                                   + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
+                break
+            if sh == 1:
+                for j in range(uo):
+                    q = xs + j
+                    a0, a1, a2 = buf[q + o0], buf[q + o1], buf[q + o2]  # input row i
+                    c0, c1, c2 = buf[q + o3], buf[q + o4], buf[q + o5]  # i + 1
+                    e0, e1, e2 = buf[q + o6], buf[q + o7], buf[q + o8]  # i + 2
+                    g0, g1, g2 = buf[q + o6 + uq], buf[q + o7 + uq], buf[q + o8 + uq]  # i + 3
+                    of[dst + j] = (b + w0 * a0 + w1 * a1 + w2 * a2 + w3 * c0 + w4 * c1 + w5 * c2
+                                   + w6 * e0 + w7 * e1 + w8 * e2)
+                    of[dst + uo + j] = (b + w0 * c0 + w1 * c1 + w2 * c2 + w3 * e0 + w4 * e1 + w5 * e2
+                                        + w6 * g0 + w7 * g1 + w8 * g2)
+            else:
+                for j in range(uo):
+                    q = xs + j
+                    a0, a1, a2 = buf[q + o0], buf[q + o1], buf[q + o2]  # even phase, row i
+                    c0, c1, c2 = buf[q + o3], buf[q + o4], buf[q + o5]  # odd phase, row i
+                    e0, e1, e2 = buf[q + o6], buf[q + o7], buf[q + o8]  # even phase, row i + 1
+                    f0, f1, f2 = buf[q + o3 + uq], buf[q + o4 + uq], buf[q + o5 + uq]  # odd, i + 1
+                    g0, g1, g2 = buf[q + o6 + uq], buf[q + o7 + uq], buf[q + o8 + uq]  # even, i + 2
+                    of[dst + j] = (b + w0 * a0 + w1 * a1 + w2 * a2 + w3 * c0 + w4 * c1 + w5 * c2
+                                   + w6 * e0 + w7 * e1 + w8 * e2)
+                    of[dst + uo + j] = (b + w0 * e0 + w1 * e1 + w2 * e2 + w3 * f0 + w4 * f1 + w5 * f2
+                                        + w6 * g0 + w7 * g1 + w8 * g2)
+        return
     for q in range(np.uintp((ho_ - 1) * wq + wo_)):
         op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
                  + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
                  + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
-    of = out.ravel()
     uo = np.uintp(wo_)
     for i in range(ho_):
         dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
@@ -703,6 +744,8 @@ def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
 #: 3x3 NCHW planes up to this output width go through zero-padded stride-phase copies
 #: (:func:`_plane_phases`); wider ones through :func:`_plane3x3` (flat sweep + scalar borders)
 _PHASES_MAX_W = 256
+#: ... and from this width on, stride-1 rows are swept in pairs straight into the output
+_ROW_PAIRS_MIN_W = 32
 
 _ZERO_BIAS = {}
 

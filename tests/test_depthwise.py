@@ -39,6 +39,8 @@ DEPTHWISE = [
     (1, 4, 10, 17, 4, 3, 3, dict(stride=(2, 1), padding=(0, 1))),      # NCHW phases: mixed strides
     (2, 16, 9, 12, 16, 3, 3, dict(stride=2, padding=((1, 0), (0, 1)))),  # NHWC ring, stride 2
     (1, 24, 11, 16, 24, 3, 3, dict(stride=(3, 2))),                    # NHWC ring, stride 2: unread last column
+    (2, 2, 7, 70, 4, 3, 3, dict(stride=(1, 2), padding=(1, 0))),      # NCHW row pairs: column phases, m = 2
+    (1, 3, 13, 68, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW row pairs, stride 2, odd last row
 ]
 
 
