@@ -95,11 +95,11 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a3_5 += x3 * w5
                 a3_6 += x3 * w6
                 a3_7 += x3 * w7
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+    tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+    tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
     if nk == 8 and np_ == 4:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
         bb = bias[kb0:kb0 + 8]
         if os_k == 1:
             for p in range(4):
@@ -122,10 +122,6 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                     for p in range(4):
                         dst[p] += tmp[p * 8 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -323,15 +319,15 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a3_13 += x3 * w13
                 a3_14 += x3 * w14
                 a3_15 += x3 * w15
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+    tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+    tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+    tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+    tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+    tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
     if nk == 16 and np_ == 4:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
         bb = bias[kb0:kb0 + 16]
         if os_k == 1:
             for p in range(4):
@@ -354,14 +350,6 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(4):
                         dst[p] += tmp[p * 16 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -518,12 +506,12 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a4_5 += x4 * w5
                 a4_6 += x4 * w6
                 a4_7 += x4 * w7
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+    tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+    tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+    tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
     if nk == 8 and np_ == 5:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
-        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
         bb = bias[kb0:kb0 + 8]
         if os_k == 1:
             for p in range(5):
@@ -546,11 +534,6 @@ def uk5_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                     for p in range(5):
                         dst[p] += tmp[p * 8 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
-        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -768,17 +751,17 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a4_13 += x4 * w13
                 a4_14 += x4 * w14
                 a4_15 += x4 * w15
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+    tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+    tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+    tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+    tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+    tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+    tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+    tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
     if nk == 16 and np_ == 5:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
         bb = bias[kb0:kb0 + 16]
         if os_k == 1:
             for p in range(5):
@@ -801,16 +784,6 @@ def uk5_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(5):
                         dst[p] += tmp[p * 16 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -978,13 +951,13 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                 a5_5 += x5 * w5
                 a5_6 += x5 * w6
                 a5_7 += x5 * w7
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
+    tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
+    tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
+    tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
+    tmp[40] = a5_0; tmp[41] = a5_1; tmp[42] = a5_2; tmp[43] = a5_3; tmp[44] = a5_4; tmp[45] = a5_5; tmp[46] = a5_6; tmp[47] = a5_7
     if nk == 8 and np_ == 6:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
-        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
-        tmp[40] = a5_0; tmp[41] = a5_1; tmp[42] = a5_2; tmp[43] = a5_3; tmp[44] = a5_4; tmp[45] = a5_5; tmp[46] = a5_6; tmp[47] = a5_7
         bb = bias[kb0:kb0 + 8]
         if os_k == 1:
             for p in range(6):
@@ -1007,12 +980,6 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
                     for p in range(6):
                         dst[p] += tmp[p * 8 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a1_0; tmp[9] = a1_1; tmp[10] = a1_2; tmp[11] = a1_3; tmp[12] = a1_4; tmp[13] = a1_5; tmp[14] = a1_6; tmp[15] = a1_7
-        tmp[16] = a2_0; tmp[17] = a2_1; tmp[18] = a2_2; tmp[19] = a2_3; tmp[20] = a2_4; tmp[21] = a2_5; tmp[22] = a2_6; tmp[23] = a2_7
-        tmp[24] = a3_0; tmp[25] = a3_1; tmp[26] = a3_2; tmp[27] = a3_3; tmp[28] = a3_4; tmp[29] = a3_5; tmp[30] = a3_6; tmp[31] = a3_7
-        tmp[32] = a4_0; tmp[33] = a4_1; tmp[34] = a4_2; tmp[35] = a4_3; tmp[36] = a4_4; tmp[37] = a4_5; tmp[38] = a4_6; tmp[39] = a4_7
-        tmp[40] = a5_0; tmp[41] = a5_1; tmp[42] = a5_2; tmp[43] = a5_3; tmp[44] = a5_4; tmp[45] = a5_5; tmp[46] = a5_6; tmp[47] = a5_7
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -1250,19 +1217,19 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a5_13 += x5 * w13
                 a5_14 += x5 * w14
                 a5_15 += x5 * w15
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+    tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+    tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+    tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+    tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+    tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+    tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+    tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+    tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+    tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
     if nk == 16 and np_ == 6:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
         bb = bias[kb0:kb0 + 16]
         if os_k == 1:
             for p in range(6):
@@ -1285,18 +1252,6 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(6):
                         dst[p] += tmp[p * 16 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -1674,31 +1629,31 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a5_29 += x5 * w29
                 a5_30 += x5 * w30
                 a5_31 += x5 * w31
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+    tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+    tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+    tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+    tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+    tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+    tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+    tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+    tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+    tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+    tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+    tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+    tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+    tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+    tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+    tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+    tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+    tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+    tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+    tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+    tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+    tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
     if nk == 32 and np_ == 6:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
         bb = bias[kb0:kb0 + 32]
         if os_k == 1:
             for p in range(6):
@@ -1721,30 +1676,6 @@ def uk6_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(6):
                         dst[p] += tmp[p * 32 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -2002,21 +1933,21 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a6_13 += x6 * w13
                 a6_14 += x6 * w14
                 a6_15 += x6 * w15
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+    tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+    tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+    tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+    tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+    tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+    tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+    tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+    tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+    tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+    tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+    tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
     if nk == 16 and np_ == 7:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
-        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
-        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
         bb = bias[kb0:kb0 + 16]
         if os_k == 1:
             for p in range(7):
@@ -2039,20 +1970,6 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(7):
                         dst[p] += tmp[p * 16 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
-        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
-        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -2468,35 +2385,35 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a6_29 += x6 * w29
                 a6_30 += x6 * w30
                 a6_31 += x6 * w31
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+    tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+    tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+    tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+    tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+    tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+    tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+    tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+    tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+    tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+    tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+    tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+    tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+    tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+    tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+    tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+    tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+    tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+    tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+    tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+    tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+    tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+    tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+    tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+    tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+    tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
     if nk == 32 and np_ == 7:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
-        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
-        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
-        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
-        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
         bb = bias[kb0:kb0 + 32]
         if os_k == 1:
             for p in range(7):
@@ -2519,34 +2436,6 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(7):
                         dst[p] += tmp[p * 32 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
-        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
-        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
-        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
-        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -2824,23 +2713,23 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a7_13 += x7 * w13
                 a7_14 += x7 * w14
                 a7_15 += x7 * w15
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
+    tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
+    tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
+    tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
+    tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
+    tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
+    tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
+    tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
+    tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
+    tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
+    tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
+    tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
+    tmp[112] = a7_0; tmp[113] = a7_1; tmp[114] = a7_2; tmp[115] = a7_3; tmp[116] = a7_4; tmp[117] = a7_5; tmp[118] = a7_6; tmp[119] = a7_7
+    tmp[120] = a7_8; tmp[121] = a7_9; tmp[122] = a7_10; tmp[123] = a7_11; tmp[124] = a7_12; tmp[125] = a7_13; tmp[126] = a7_14; tmp[127] = a7_15
     if nk == 16 and np_ == 8:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
-        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
-        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
-        tmp[112] = a7_0; tmp[113] = a7_1; tmp[114] = a7_2; tmp[115] = a7_3; tmp[116] = a7_4; tmp[117] = a7_5; tmp[118] = a7_6; tmp[119] = a7_7
-        tmp[120] = a7_8; tmp[121] = a7_9; tmp[122] = a7_10; tmp[123] = a7_11; tmp[124] = a7_12; tmp[125] = a7_13; tmp[126] = a7_14; tmp[127] = a7_15
         bb = bias[kb0:kb0 + 16]
         if os_k == 1:
             for p in range(8):
@@ -2863,22 +2752,6 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(8):
                         dst[p] += tmp[p * 16 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a1_0; tmp[17] = a1_1; tmp[18] = a1_2; tmp[19] = a1_3; tmp[20] = a1_4; tmp[21] = a1_5; tmp[22] = a1_6; tmp[23] = a1_7
-        tmp[24] = a1_8; tmp[25] = a1_9; tmp[26] = a1_10; tmp[27] = a1_11; tmp[28] = a1_12; tmp[29] = a1_13; tmp[30] = a1_14; tmp[31] = a1_15
-        tmp[32] = a2_0; tmp[33] = a2_1; tmp[34] = a2_2; tmp[35] = a2_3; tmp[36] = a2_4; tmp[37] = a2_5; tmp[38] = a2_6; tmp[39] = a2_7
-        tmp[40] = a2_8; tmp[41] = a2_9; tmp[42] = a2_10; tmp[43] = a2_11; tmp[44] = a2_12; tmp[45] = a2_13; tmp[46] = a2_14; tmp[47] = a2_15
-        tmp[48] = a3_0; tmp[49] = a3_1; tmp[50] = a3_2; tmp[51] = a3_3; tmp[52] = a3_4; tmp[53] = a3_5; tmp[54] = a3_6; tmp[55] = a3_7
-        tmp[56] = a3_8; tmp[57] = a3_9; tmp[58] = a3_10; tmp[59] = a3_11; tmp[60] = a3_12; tmp[61] = a3_13; tmp[62] = a3_14; tmp[63] = a3_15
-        tmp[64] = a4_0; tmp[65] = a4_1; tmp[66] = a4_2; tmp[67] = a4_3; tmp[68] = a4_4; tmp[69] = a4_5; tmp[70] = a4_6; tmp[71] = a4_7
-        tmp[72] = a4_8; tmp[73] = a4_9; tmp[74] = a4_10; tmp[75] = a4_11; tmp[76] = a4_12; tmp[77] = a4_13; tmp[78] = a4_14; tmp[79] = a4_15
-        tmp[80] = a5_0; tmp[81] = a5_1; tmp[82] = a5_2; tmp[83] = a5_3; tmp[84] = a5_4; tmp[85] = a5_5; tmp[86] = a5_6; tmp[87] = a5_7
-        tmp[88] = a5_8; tmp[89] = a5_9; tmp[90] = a5_10; tmp[91] = a5_11; tmp[92] = a5_12; tmp[93] = a5_13; tmp[94] = a5_14; tmp[95] = a5_15
-        tmp[96] = a6_0; tmp[97] = a6_1; tmp[98] = a6_2; tmp[99] = a6_3; tmp[100] = a6_4; tmp[101] = a6_5; tmp[102] = a6_6; tmp[103] = a6_7
-        tmp[104] = a6_8; tmp[105] = a6_9; tmp[106] = a6_10; tmp[107] = a6_11; tmp[108] = a6_12; tmp[109] = a6_13; tmp[110] = a6_14; tmp[111] = a6_15
-        tmp[112] = a7_0; tmp[113] = a7_1; tmp[114] = a7_2; tmp[115] = a7_3; tmp[116] = a7_4; tmp[117] = a7_5; tmp[118] = a7_6; tmp[119] = a7_7
-        tmp[120] = a7_8; tmp[121] = a7_9; tmp[122] = a7_10; tmp[123] = a7_11; tmp[124] = a7_12; tmp[125] = a7_13; tmp[126] = a7_14; tmp[127] = a7_15
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k
@@ -3332,39 +3205,39 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                 a7_29 += x7 * w29
                 a7_30 += x7 * w30
                 a7_31 += x7 * w31
+    tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
+    tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
+    tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
+    tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
+    tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
+    tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
+    tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
+    tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
+    tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
+    tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
+    tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
+    tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
+    tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
+    tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
+    tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
+    tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
+    tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
+    tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
+    tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
+    tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
+    tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
+    tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
+    tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
+    tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
+    tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
+    tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
+    tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
+    tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
+    tmp[224] = a7_0; tmp[225] = a7_1; tmp[226] = a7_2; tmp[227] = a7_3; tmp[228] = a7_4; tmp[229] = a7_5; tmp[230] = a7_6; tmp[231] = a7_7
+    tmp[232] = a7_8; tmp[233] = a7_9; tmp[234] = a7_10; tmp[235] = a7_11; tmp[236] = a7_12; tmp[237] = a7_13; tmp[238] = a7_14; tmp[239] = a7_15
+    tmp[240] = a7_16; tmp[241] = a7_17; tmp[242] = a7_18; tmp[243] = a7_19; tmp[244] = a7_20; tmp[245] = a7_21; tmp[246] = a7_22; tmp[247] = a7_23
+    tmp[248] = a7_24; tmp[249] = a7_25; tmp[250] = a7_26; tmp[251] = a7_27; tmp[252] = a7_28; tmp[253] = a7_29; tmp[254] = a7_30; tmp[255] = a7_31
     if nk == 32 and np_ == 8:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
-        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
-        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
-        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
-        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
-        tmp[224] = a7_0; tmp[225] = a7_1; tmp[226] = a7_2; tmp[227] = a7_3; tmp[228] = a7_4; tmp[229] = a7_5; tmp[230] = a7_6; tmp[231] = a7_7
-        tmp[232] = a7_8; tmp[233] = a7_9; tmp[234] = a7_10; tmp[235] = a7_11; tmp[236] = a7_12; tmp[237] = a7_13; tmp[238] = a7_14; tmp[239] = a7_15
-        tmp[240] = a7_16; tmp[241] = a7_17; tmp[242] = a7_18; tmp[243] = a7_19; tmp[244] = a7_20; tmp[245] = a7_21; tmp[246] = a7_22; tmp[247] = a7_23
-        tmp[248] = a7_24; tmp[249] = a7_25; tmp[250] = a7_26; tmp[251] = a7_27; tmp[252] = a7_28; tmp[253] = a7_29; tmp[254] = a7_30; tmp[255] = a7_31
         bb = bias[kb0:kb0 + 32]
         if os_k == 1:
             for p in range(8):
@@ -3387,38 +3260,6 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                     for p in range(8):
                         dst[p] += tmp[p * 32 + v]
     else:
-        tmp[0] = a0_0; tmp[1] = a0_1; tmp[2] = a0_2; tmp[3] = a0_3; tmp[4] = a0_4; tmp[5] = a0_5; tmp[6] = a0_6; tmp[7] = a0_7
-        tmp[8] = a0_8; tmp[9] = a0_9; tmp[10] = a0_10; tmp[11] = a0_11; tmp[12] = a0_12; tmp[13] = a0_13; tmp[14] = a0_14; tmp[15] = a0_15
-        tmp[16] = a0_16; tmp[17] = a0_17; tmp[18] = a0_18; tmp[19] = a0_19; tmp[20] = a0_20; tmp[21] = a0_21; tmp[22] = a0_22; tmp[23] = a0_23
-        tmp[24] = a0_24; tmp[25] = a0_25; tmp[26] = a0_26; tmp[27] = a0_27; tmp[28] = a0_28; tmp[29] = a0_29; tmp[30] = a0_30; tmp[31] = a0_31
-        tmp[32] = a1_0; tmp[33] = a1_1; tmp[34] = a1_2; tmp[35] = a1_3; tmp[36] = a1_4; tmp[37] = a1_5; tmp[38] = a1_6; tmp[39] = a1_7
-        tmp[40] = a1_8; tmp[41] = a1_9; tmp[42] = a1_10; tmp[43] = a1_11; tmp[44] = a1_12; tmp[45] = a1_13; tmp[46] = a1_14; tmp[47] = a1_15
-        tmp[48] = a1_16; tmp[49] = a1_17; tmp[50] = a1_18; tmp[51] = a1_19; tmp[52] = a1_20; tmp[53] = a1_21; tmp[54] = a1_22; tmp[55] = a1_23
-        tmp[56] = a1_24; tmp[57] = a1_25; tmp[58] = a1_26; tmp[59] = a1_27; tmp[60] = a1_28; tmp[61] = a1_29; tmp[62] = a1_30; tmp[63] = a1_31
-        tmp[64] = a2_0; tmp[65] = a2_1; tmp[66] = a2_2; tmp[67] = a2_3; tmp[68] = a2_4; tmp[69] = a2_5; tmp[70] = a2_6; tmp[71] = a2_7
-        tmp[72] = a2_8; tmp[73] = a2_9; tmp[74] = a2_10; tmp[75] = a2_11; tmp[76] = a2_12; tmp[77] = a2_13; tmp[78] = a2_14; tmp[79] = a2_15
-        tmp[80] = a2_16; tmp[81] = a2_17; tmp[82] = a2_18; tmp[83] = a2_19; tmp[84] = a2_20; tmp[85] = a2_21; tmp[86] = a2_22; tmp[87] = a2_23
-        tmp[88] = a2_24; tmp[89] = a2_25; tmp[90] = a2_26; tmp[91] = a2_27; tmp[92] = a2_28; tmp[93] = a2_29; tmp[94] = a2_30; tmp[95] = a2_31
-        tmp[96] = a3_0; tmp[97] = a3_1; tmp[98] = a3_2; tmp[99] = a3_3; tmp[100] = a3_4; tmp[101] = a3_5; tmp[102] = a3_6; tmp[103] = a3_7
-        tmp[104] = a3_8; tmp[105] = a3_9; tmp[106] = a3_10; tmp[107] = a3_11; tmp[108] = a3_12; tmp[109] = a3_13; tmp[110] = a3_14; tmp[111] = a3_15
-        tmp[112] = a3_16; tmp[113] = a3_17; tmp[114] = a3_18; tmp[115] = a3_19; tmp[116] = a3_20; tmp[117] = a3_21; tmp[118] = a3_22; tmp[119] = a3_23
-        tmp[120] = a3_24; tmp[121] = a3_25; tmp[122] = a3_26; tmp[123] = a3_27; tmp[124] = a3_28; tmp[125] = a3_29; tmp[126] = a3_30; tmp[127] = a3_31
-        tmp[128] = a4_0; tmp[129] = a4_1; tmp[130] = a4_2; tmp[131] = a4_3; tmp[132] = a4_4; tmp[133] = a4_5; tmp[134] = a4_6; tmp[135] = a4_7
-        tmp[136] = a4_8; tmp[137] = a4_9; tmp[138] = a4_10; tmp[139] = a4_11; tmp[140] = a4_12; tmp[141] = a4_13; tmp[142] = a4_14; tmp[143] = a4_15
-        tmp[144] = a4_16; tmp[145] = a4_17; tmp[146] = a4_18; tmp[147] = a4_19; tmp[148] = a4_20; tmp[149] = a4_21; tmp[150] = a4_22; tmp[151] = a4_23
-        tmp[152] = a4_24; tmp[153] = a4_25; tmp[154] = a4_26; tmp[155] = a4_27; tmp[156] = a4_28; tmp[157] = a4_29; tmp[158] = a4_30; tmp[159] = a4_31
-        tmp[160] = a5_0; tmp[161] = a5_1; tmp[162] = a5_2; tmp[163] = a5_3; tmp[164] = a5_4; tmp[165] = a5_5; tmp[166] = a5_6; tmp[167] = a5_7
-        tmp[168] = a5_8; tmp[169] = a5_9; tmp[170] = a5_10; tmp[171] = a5_11; tmp[172] = a5_12; tmp[173] = a5_13; tmp[174] = a5_14; tmp[175] = a5_15
-        tmp[176] = a5_16; tmp[177] = a5_17; tmp[178] = a5_18; tmp[179] = a5_19; tmp[180] = a5_20; tmp[181] = a5_21; tmp[182] = a5_22; tmp[183] = a5_23
-        tmp[184] = a5_24; tmp[185] = a5_25; tmp[186] = a5_26; tmp[187] = a5_27; tmp[188] = a5_28; tmp[189] = a5_29; tmp[190] = a5_30; tmp[191] = a5_31
-        tmp[192] = a6_0; tmp[193] = a6_1; tmp[194] = a6_2; tmp[195] = a6_3; tmp[196] = a6_4; tmp[197] = a6_5; tmp[198] = a6_6; tmp[199] = a6_7
-        tmp[200] = a6_8; tmp[201] = a6_9; tmp[202] = a6_10; tmp[203] = a6_11; tmp[204] = a6_12; tmp[205] = a6_13; tmp[206] = a6_14; tmp[207] = a6_15
-        tmp[208] = a6_16; tmp[209] = a6_17; tmp[210] = a6_18; tmp[211] = a6_19; tmp[212] = a6_20; tmp[213] = a6_21; tmp[214] = a6_22; tmp[215] = a6_23
-        tmp[216] = a6_24; tmp[217] = a6_25; tmp[218] = a6_26; tmp[219] = a6_27; tmp[220] = a6_28; tmp[221] = a6_29; tmp[222] = a6_30; tmp[223] = a6_31
-        tmp[224] = a7_0; tmp[225] = a7_1; tmp[226] = a7_2; tmp[227] = a7_3; tmp[228] = a7_4; tmp[229] = a7_5; tmp[230] = a7_6; tmp[231] = a7_7
-        tmp[232] = a7_8; tmp[233] = a7_9; tmp[234] = a7_10; tmp[235] = a7_11; tmp[236] = a7_12; tmp[237] = a7_13; tmp[238] = a7_14; tmp[239] = a7_15
-        tmp[240] = a7_16; tmp[241] = a7_17; tmp[242] = a7_18; tmp[243] = a7_19; tmp[244] = a7_20; tmp[245] = a7_21; tmp[246] = a7_22; tmp[247] = a7_23
-        tmp[248] = a7_24; tmp[249] = a7_25; tmp[250] = a7_26; tmp[251] = a7_27; tmp[252] = a7_28; tmp[253] = a7_29; tmp[254] = a7_30; tmp[255] = a7_31
         for p in range(np_):
             for v in range(nk):
                 o = ob + p * os_p + v * os_k

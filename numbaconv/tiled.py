@@ -514,10 +514,10 @@ def _gen_ukernel(p_, v_):
     # the SLP vectoriser keeps the loop's channel-vector grouping -- and are copied out with
     # zero-based loops over slices (vectorisable, no negative-index wraparound checks):
     # along channels in NHWC (os_k == 1), along pixels in NCHW (os_p == 1).
-    L.append(f"    if nk == {v_} and np_ == {p_}:")
     for p in range(p_):
         for v0 in range(0, v_, 8):
-            L.append("        " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
+            L.append("    " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
+    L.append(f"    if nk == {v_} and np_ == {p_}:")
     L.append(f"        bb = bias[kb0:kb0 + {v_}]")
     L.append("        if os_k == 1:")
     L.append(f"            for p in range({p_}):")
@@ -540,9 +540,6 @@ def _gen_ukernel(p_, v_):
     L.append(f"                    for p in range({p_}):")
     L.append(f"                        dst[p] += tmp[p * {v_} + v]")
     L.append("    else:")
-    for p in range(p_):
-        for v0 in range(0, v_, 8):
-            L.append("        " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
     L.append("        for p in range(np_):")
     L.append("            for v in range(nk):")
     L.append("                o = ob + p * os_p + v * os_k")
