@@ -61,7 +61,16 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         problem = problem.materialised()
     if bias is not None:
         bias = np.ascontiguousarray(bias)
-    algo = REGISTRY[auto.choose(problem) if algorithm == "auto" else algorithm]
+    if algorithm == "auto":
+        algorithm = auto.choose(problem)
+        if auto.benchmark:
+            algorithm = auto.choose_measured(problem, lambda name: _run(name, problem, x, weight, bias, out))
+    _run(algorithm, problem, x, weight, bias, out)
+    return out
+
+
+def _run(name, problem, x, weight, bias, out):
+    """Algorithm ``name`` on the planned arrays: weights brought to the layout it takes."""
+    algo = REGISTRY[name]
     w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
     algo.run(problem, x, w, bias, out)
-    return out

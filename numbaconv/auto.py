@@ -26,11 +26,65 @@ no taps to reuse inputs across: it is a plain GEMM, and when no im2col fill is n
 (stride 1, no padding: the input already is the matrix) or the fill is a cheap
 contiguous gather (NHWC), BLAS's packed GEMM beats ``tiled``'s per-block overhead.
 ``naive`` is never chosen: it is the correctness baseline.
+
+Opt-in measured choice (like ``torch.backends.cudnn.benchmark``): with
+``numbaconv.auto.benchmark = True`` (or ``NUMBACONV_AUTOTUNE=1`` in the environment) the
+first ``auto`` call for each problem geometry times every candidate on the call's own
+arrays -- a warm-up run (compilation, first touch) and then the best of
+:data:`BENCHMARK_REPEATS` -- and later calls with the same geometry run the winner
+(:data:`measured` holds the choices; :func:`forget_measurements` clears them).
 """
+
+import os
+import time
 
 from .registry import usable
 
-__all__ = ["choose"]
+__all__ = ["choose", "benchmark", "measured", "forget_measurements", "BENCHMARK_REPEATS"]
+
+#: time the candidates on the first call per problem geometry instead of the heuristic
+benchmark = os.environ.get("NUMBACONV_AUTOTUNE", "") not in ("", "0")
+#: timed runs per candidate (after one untimed warm-up run)
+BENCHMARK_REPEATS = 3
+#: ConvProblem -> algorithm name, filled when ``benchmark`` is on
+measured = {}
+
+
+def forget_measurements():
+    """Drop every measured choice (the next ``auto`` call per geometry measures again)."""
+    measured.clear()
+
+
+def candidates(p):
+    """Host algorithms worth timing for ``p``: ``naive`` only for small problems (it is
+    10-100x slower on real layers, and measuring it would cost more than it can save)."""
+    names = [name for name in ("im2col", "tiled") if usable(name)]
+    if p.flops < 2e7 or not names:
+        names.append("naive")
+    return names
+
+
+def choose_measured(p, run_with):
+    """The fastest of :func:`candidates` for ``p``, measured once per geometry.
+
+    ``run_with(name)`` runs the convolution with algorithm ``name`` (into the caller's
+    output).  The choice is cached in :data:`measured`.
+    """
+    name = measured.get(p)
+    if name is not None:
+        return name
+    best, best_t = None, float("inf")
+    for name in candidates(p):
+        run_with(name)  # warm-up: compilation or cache load, first-touch allocations
+        t = float("inf")
+        for _ in range(BENCHMARK_REPEATS):
+            t0 = time.perf_counter()
+            run_with(name)
+            t = min(t, time.perf_counter() - t0)
+        if t < best_t:
+            best, best_t = name, t
+    measured[p] = best
+    return best
 
 
 def choose(p):

@@ -79,3 +79,34 @@ def test_auto_result_matches_torch(layout):
     else:
         got = numbaconv.conv2d(x, w, b, padding=1)
     assert_close(got, expected, np.float32, 40 * 9)
+
+
+def test_measured_choice_is_opt_in_cached_and_correct(monkeypatch):
+    """``auto.benchmark = True``: the first call per geometry times the candidates on its
+    own arrays, later calls run the cached winner; results stay torch's."""
+    from numbaconv import api
+    monkeypatch.setattr(auto, "benchmark", True)
+    auto.forget_measurements()
+    runs = []
+    real_run = api._run
+    monkeypatch.setattr(api, "_run", lambda name, *a: runs.append(name) or real_run(name, *a))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 5, 9, 8))
+    w = rng.standard_normal((6, 5, 3, 3))
+    b = rng.standard_normal(6)
+    got = numbaconv.conv2d(x, w, b, padding=1)
+    assert_close(got, torch_conv2d(x, w, b, padding=1), np.float64, 45)
+    (p, choice), = auto.measured.items()
+    assert choice in auto.candidates(p) and set(auto.candidates(p)) == {"naive", "im2col", "tiled"}
+    assert len(runs) == len(auto.candidates(p)) * (1 + auto.BENCHMARK_REPEATS) + 1 and runs[-1] == choice
+    runs.clear()
+    assert_close(numbaconv.conv2d(x, w, b, padding=1), torch_conv2d(x, w, b, padding=1), np.float64, 45)
+    assert runs == [choice]  # measured once per geometry
+    numbaconv.conv2d(x[..., :7], w, b, padding=1)  # another geometry: measured again
+    assert len(auto.measured) == 2
+    auto.forget_measurements()
+    assert not auto.measured
+
+
+def test_measured_choice_skips_naive_on_real_layers():
+    assert "naive" not in auto.candidates(prob(1, 64, 56, 64, 3, 1, 1))
