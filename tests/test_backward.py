@@ -177,7 +177,7 @@ def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeyp
     assert_close(dx, to_act(ex, layout), np.float64, 1000)
 
 
-@pytest.mark.parametrize("method", ["shifts", "im2col", "stream"])
+@pytest.mark.parametrize("method", ["shifts", "im2col", "stream", "tiles"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case_id,shape,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_grad_weight_both_methods(case_id, shape, kwargs, layout, method, monkeypatch):
