@@ -479,7 +479,8 @@ def _signatures(dtype_name):
 
 
 def ptx_targets():
-    """``(name, python function, signature)`` for every kernel the host glue launches."""
+    """``(name, python function, signature)`` for every kernel the host glue launches
+    (the backward kernels of :mod:`numbaconv.cuda_backward` included)."""
     targets = []
     for dtype_name in ("float32", "float64"):
         direct_sig, gemm_sig, pack_sig = _signatures(dtype_name)
@@ -490,7 +491,9 @@ def ptx_targets():
             for name in GEMM_CONFIGS:
                 targets.append((f"{name}_{layout}_{dtype_name}", funcs[name], gemm_sig))
         targets.append((f"pack_{dtype_name}", _pack_py(), pack_sig))
-    return targets
+    from .cuda_backward import ptx_targets as backward_targets  # noqa: PLC0415 -- it imports this module
+
+    return targets + backward_targets()
 
 
 def compile_ptx(func, sig, cc=(9, 0)):

@@ -17,9 +17,8 @@ no copy; a channels-last weight as ``weight_layout="OHWI"``), and the result and
 input gradient come back channels-last too, as torch's own convolution does.
 
 CUDA tensors: when ``"cuda"`` is in :func:`numbaconv.algorithms`, the forward runs
-``algorithm="cuda"`` on the device tensors (no host copy).  numbaconv has no CUDA backward
-kernels, so the backward of a CUDA convolution uses ``torch.nn.grad.conv2d_input`` /
-``conv2d_weight`` (torch's kernels).  Without numbaconv's CUDA algorithm -- and for
+``algorithm="cuda"`` on the device tensors (no host copy) and the backward numbaconv's
+CUDA backward kernels (:mod:`numbaconv.cuda_backward`).  Without numbaconv's CUDA algorithm -- and for
 dtypes numbaconv does not support (float16, bfloat16, ...) -- :class:`Conv2d` falls back
 to torch's own convolution, so a model keeps working wherever it is moved;
 :func:`conv2d` instead raises numbaconv's ``TypeError`` for such dtypes on the CPU.
@@ -73,8 +72,8 @@ def _geometry(stride, padding, dilation, groups, padding_mode):
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x, weight, bias)`` with numbaconv forward and backward (CPU), or the CUDA
-    forward with torch's backward kernels (CUDA tensors)."""
+    """``y = conv2d(x, weight, bias)`` with numbaconv's forward and backward: the CPU kernels
+    for CPU tensors, the CUDA kernels for CUDA tensors."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry):
@@ -118,32 +117,14 @@ def _cuda_forward(x, weight, bias, geometry):
     return torch.as_tensor(y, device=x.device)
 
 
-def _explicit_padding(x, weight, geometry):
-    """(top, bottom, left, right) of numbaconv's parse of ``padding`` (for torch's kernels)."""
-    from .problem import int_pair, parse_padding
-
-    stride = int_pair("stride", geometry["stride"], 1)
-    dilation = int_pair("dilation", geometry["dilation"], 1)
-    return parse_padding(geometry["padding"], tuple(weight.shape[2:]), stride, dilation, tuple(x.shape[2:]))
-
-
 def _cuda_backward(ctx, x, weight, gy, need_x, need_w, need_b):
-    """torch's backward kernels for the CUDA forward (numbaconv has no CUDA backward)."""
-    import torch.nn.functional as F
+    """numbaconv's CUDA backward kernels (:mod:`numbaconv.cuda_backward`) on the device
+    tensors, on torch's current stream; torch tensors out."""
+    from .cuda_backward import conv2d_backward_cuda
 
-    geometry = ctx.geometry
-    top, bottom, left, right = _explicit_padding(x, weight, geometry)
-    with torch.enable_grad():
-        xd = x.detach().requires_grad_(need_x)
-        wd = weight.detach().requires_grad_(need_w)
-        mode = "constant" if geometry["padding_mode"] == "zeros" else geometry["padding_mode"]
-        y = F.conv2d(F.pad(xd, (left, right, top, bottom), mode=mode), wd, None, geometry["stride"], 0,
-                     geometry["dilation"], geometry["groups"])
-        inputs = [t for t, need in ((xd, need_x), (wd, need_w)) if need]
-        grads = list(torch.autograd.grad(y, inputs, gy)) if inputs else []
-    dx = grads.pop(0) if need_x else None
-    dw = grads.pop(0) if need_w else None
-    db = gy.sum(dim=(0, 2, 3)) if need_b and ctx.has_bias else None
+    need_b = need_b and ctx.has_bias
+    dx, dw, db = conv2d_backward_cuda(gy.detach(), x.detach(), weight.detach(), need=(need_x, need_w, need_b),
+                                      **ctx.geometry)
     return dx, dw, db
 
 
@@ -174,8 +155,8 @@ class Conv2d(torch.nn.Conv2d):
     * CPU, float32/float64: numbaconv forward and backward (:func:`conv2d`), every
       ``padding`` form and ``padding_mode`` (the padding is handed to numbaconv, whose
       backward folds the gradient of reflect/replicate/circular padding back);
-    * CUDA, when ``"cuda"`` is in :func:`numbaconv.algorithms`: numbaconv's CUDA forward,
-      torch's backward kernels (numbaconv has no CUDA backward yet);
+    * CUDA, when ``"cuda"`` is in :func:`numbaconv.algorithms`: numbaconv's CUDA forward and
+      backward kernels;
     * anything else -- CUDA without numbaconv's CUDA algorithm, other devices, dtypes
       numbaconv does not support (float16, bfloat16): torch's own convolution, because
       numbaconv has no kernel for them; results are then exactly ``torch.nn.Conv2d``'s.

@@ -81,3 +81,16 @@ def make_problem(rng, n, c, h, w, k, r, s, groups=1, dtype=np.float32, bias=True
     wt = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
     b = rng.standard_normal(k).astype(dtype) if bias else None
     return x, wt, b
+
+
+def torch_grads(x, w, b, gy, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """float64 NCHW / OIHW gradients ``(dx, dw, db)`` of torch's conv2d (numpy in, numpy out)."""
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    wt = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
+    bt = torch.tensor(np.asarray(b, np.float64), requires_grad=True)
+    stride, dilation = pair(stride), pair(dilation)
+    t, bo, l, r = explicit_padding(padding, x.shape[2:], w.shape[2:], stride, dilation)
+    y = F.conv2d(F.pad(xt, (l, r, t, bo), mode=TORCH_MODE[padding_mode]), wt, bt, stride, 0, dilation, groups)
+    assert y.shape == gy.shape
+    y.backward(torch.from_numpy(np.asarray(gy, np.float64)))
+    return xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()

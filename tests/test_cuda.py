@@ -44,7 +44,7 @@ finally:
         os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
     _reload_numba_config()
 
-from reference import assert_close, make_problem, to_act, to_weight, torch_conv2d  # noqa: E402
+from reference import assert_close, make_problem, to_act, to_weight, torch_conv2d, torch_grads  # noqa: E402
 
 REASON = ("numba-cuda is not installed (pip install -e '.[test]')" if not HAVE_NUMBA_CUDA else
           "numba.cuda was imported in hardware mode before this module and there is no GPU")
@@ -351,6 +351,66 @@ def test_not_listed_without_numba_cuda():
     assert res.stdout.split() == ["False"]
 
 
+# --- backward kernels (numbaconv.cuda_backward) -------------------------------------------
+BACKWARD_CASES = ["basic", "stride_pair", "dilation_pair_stride", "asymmetric_padding", "replicate",
+                  "circular_same_stride2", "depthwise_multiplier2", "no_bias_pointwise_stride2"]
+
+
+def _check_backward(name, layout, dtype, weight_layout=None, block=4):
+    from numbaconv import cuda_backward
+
+    _, shape, kwargs = CASES[IDS.index(name)]
+    kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+    x, wt, b, kwargs, expected, red = _case(shape, kwargs, dtype)
+    b = np.zeros(wt.shape[0], dtype) if b is None else b
+    gy = np.random.default_rng(1).standard_normal(expected.shape).astype(dtype)
+    dx, dw, db = torch_grads(x, wt, b, gy, **kwargs)
+    wl = weight_layout or ("OIHW" if layout == "NCHW" else "HWIO")
+    gx, gw, gb = cuda_backward.conv2d_backward_cuda(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl),
+                                                    layout=layout, weight_layout=wl, block=block, **kwargs)
+    assert all(isinstance(g, np.ndarray) and g.dtype == dtype for g in (gx, gw, gb))
+    n, k, ho, wo = gy.shape
+    assert_close(gx, to_act(dx, layout), dtype, k * shape[5] * shape[6])
+    assert_close(gw, to_weight(dw, wl), dtype, n * ho * wo)
+    assert_close(gb, db, dtype, n * ho * wo)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", BACKWARD_CASES)
+def test_backward_kernels_float32(name, layout):
+    _check_backward(name, layout, np.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", ["reflect", "groups3_stride"])
+def test_backward_kernels_float64_and_weight_layouts(name, layout):
+    _check_backward(name, layout, np.float64, weight_layout="OHWI", block=8)
+
+
+@needs_cuda
+def test_backward_device_arrays_partial_and_errors():
+    from numbaconv import cuda_backward
+
+    x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"padding": 1, "stride": 2}, np.float32)
+    gy = np.random.default_rng(2).standard_normal(expected.shape).astype(np.float32)
+    dx, dw, db = torch_grads(x, wt, b, gy, **kwargs)
+    xd, wd, gd = cuda.to_device(x), cuda.to_device(wt), cuda.to_device(gy)
+    gx, gw, gb = cuda_backward.conv2d_backward_cuda(gd, xd, wd, need=(True, False, True), block=4, **kwargs)
+    assert gw is None and cuda_conv.is_device_array(gx) and cuda_conv.is_device_array(gb)
+    assert_close(gx.copy_to_host(), dx, np.float32, 36)
+    assert_close(gb.copy_to_host(), db, np.float32, 9)
+    np.testing.assert_array_equal(xd.copy_to_host(), x)  # inputs untouched
+    np.testing.assert_array_equal(gd.copy_to_host(), gy)
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        cuda_backward.conv2d_backward_cuda(gd, xd, wd, padding=1)
+    with pytest.raises(TypeError, match="grad_output has dtype float64"):
+        cuda_backward.conv2d_backward_cuda(gy.astype(np.float64), x, wt, **kwargs)
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        cuda_backward.conv2d_backward_cuda(gy, x, wt, block=6, **kwargs)
+
+
 # --- PTX: real compilation for sm_90, in a process without the simulator ----------------
 @pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason=REASON)
 def test_ptx_sm90():
@@ -411,3 +471,26 @@ def test_torch_channels_last_views_and_requires_grad():
     torch.cuda.synchronize()
     expected_nb = torch_conv2d(x, wt, None, padding=1)
     assert_close(got.cpu().numpy(), expected_nb, np.float32, red)
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_torch_conv2d_module_backward_on_cuda(padding_mode):
+    """numbaconv.torch.Conv2d on CUDA tensors: forward and backward through numbaconv's CUDA
+    kernels match torch.nn.Conv2d's gradients."""
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch has no CUDA here")
+    from numbaconv.torch import Conv2d
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode).double().cuda()
+    ours = Conv2d(6, 8, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode).double().cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64, device="cuda")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).square().sum().backward()
+    ours(xb).square().sum().backward()
+    torch.cuda.synchronize()
+    for a, b in ((xa.grad, xb.grad), (ref.weight.grad, ours.weight.grad), (ref.bias.grad, ours.bias.grad)):
+        np.testing.assert_allclose(b.cpu().numpy(), a.cpu().numpy(), rtol=1e-10, atol=1e-10)
