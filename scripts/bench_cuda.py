@@ -17,6 +17,11 @@ is measured, including gaps when the host cannot keep up.  Columns:
 * ``% cudnn``: cuDNN time / kernel time (100 % = as fast as cuDNN).
 
 The issue's target: kernel >= 50 % of cuDNN on the ResNet 3x3 layers at batch 32.
+
+``--backward`` times the backward pass instead (grad input + weight + bias):
+``torch.ops.aten.convolution_backward`` (cuDNN) against
+``numbaconv.cuda_backward.conv2d_backward_cuda`` on the same tensors, with each result's
+largest relative difference from cuDNN's.
 """
 
 import argparse
@@ -59,6 +64,7 @@ def main(argv=None):
     parser.add_argument("--kernel", default="auto", help="auto, direct, gemm, gemm64, gemm128")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--backward", action="store_true", help="time the backward pass instead of the forward")
     args = parser.parse_args(argv)
 
     import torch
@@ -86,6 +92,9 @@ def main(argv=None):
     layouts = args.layouts.split(",")
     print(f"device: {device}; torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()}), "
           f"numba-cuda {getattr(cuda, '__version__', '?')}; float32, TF32 off", flush=True)
+
+    if args.backward:
+        return _backward(torch, names, batches, layouts)
 
     rows = []
     header = (f"{'shape':20s} {'N':>3s} {'layout':6s} {'kernel':8s} {'cudnn ms':>9s} {'e2e ms':>9s} "
@@ -152,6 +161,46 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "python": platform.python_version(),
                        "results": rows, "resnet_3x3_batch32_pct_cudnn": summary}, f, indent=1)
+    return 0
+
+
+def _backward(torch, names, batches, layouts):
+    from numbaconv.bench import SUITE
+    from numbaconv.cuda_backward import conv2d_backward_cuda
+
+    print(f"{'shape':20s} {'N':>3s} {'layout':6s} {'cudnn ms':>9s} {'ours ms':>9s} {'ours/cudnn':>10s} {'max err':>9s}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in names:
+        shape = SUITE[name]
+        for n in batches:
+            for layout in layouts:
+                c, hw, k, rs, st, pad, groups = shape.c, shape.hw, shape.k, shape.rs, shape.stride, shape.pad, shape.groups
+                fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+                x = torch.randn((n, c, hw, hw), device="cuda", generator=gen).to(memory_format=fmt)
+                w = torch.randn((k, c // groups, rs, rs), device="cuda", generator=gen).to(memory_format=fmt)
+                oh = shape.out_hw
+                gy = torch.randn((n, k, oh, oh), device="cuda", generator=gen).to(memory_format=fmt)
+                nhwc = layout == "NHWC"
+                x_nc, w_nc, gy_nc = ((x.permute(0, 2, 3, 1), w.permute(2, 3, 1, 0), gy.permute(0, 2, 3, 1)) if nhwc
+                                     else (x, w, gy))
+
+                def cudnn():
+                    return torch.ops.aten.convolution_backward(gy, x, w, [k], [st, st], [pad, pad], [1, 1], False,
+                                                               [0, 0], groups, [True, True, True])
+
+                def ours():
+                    return conv2d_backward_cuda(gy_nc, x_nc, w_nc, stride=st, padding=pad, groups=groups,
+                                                layout=layout, weight_layout="HWIO" if nhwc else "OIHW")
+
+                ref, got = cudnn(), ours()
+                ref = (ref[0].permute(0, 2, 3, 1), ref[1].permute(2, 3, 1, 0), ref[2]) if nhwc else ref
+                err = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(got, ref))
+                t_cudnn = _time_ms(torch, cudnn, _repeat_for(torch, cudnn))
+                t_ours = _time_ms(torch, ours, _repeat_for(torch, ours))
+                print(f"{name:20s} {n:3d} {layout:6s} {t_cudnn:9.4f} {t_ours:9.4f} {t_ours / t_cudnn:10.2f} {err:9.2e}",
+                      flush=True)
+                del x, w, gy, x_nc, w_nc, gy_nc, ref, got
+                torch.cuda.empty_cache()
     return 0
 
 
