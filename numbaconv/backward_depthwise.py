@@ -94,6 +94,32 @@ def _plane_sum(dy, n, k, s):
 
 
 @jit
+def _deinterleave2(dst, d_even, d_odd, src, s0, n):
+    """dst[d_even + t] = src[s0 + 2t], dst[d_odd + t] = src[s0 + 2t + 1] for t < n."""
+    de = dst[d_even:]
+    do = dst[d_odd:]
+    s = src[s0:]
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    for t in range(np.uintp(n)):
+        de[t] = s[t * u2]
+        do[t] = s[t * u2 + u1]
+
+
+@jit
+def _interleave2(dst, d0, src, s_even, s_odd, n):
+    """dst[d0 + 2t] = src[s_even + t], dst[d0 + 2t + 1] = src[s_odd + t] for t < n."""
+    d = dst[d0:]
+    se = src[s_even:]
+    so = src[s_odd:]
+    u1 = np.uintp(1)
+    u2 = np.uintp(2)
+    for t in range(np.uintp(n)):
+        d[t * u2] = se[t]
+        d[t * u2 + u1] = so[t]
+
+
+@jit
 def _fill_phases(x, n, c, xs, sh, sw, pt, pl, hq, pq):
     """xs[(a*sw + b), u, v] = x[n, c, u*sh + a - pt, v*sw + b - pl] for real pixels (u < hq, v < pq)."""
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
@@ -104,6 +130,23 @@ def _fill_phases(x, n, c, xs, sh, sw, pt, pl, hq, pq):
         if u >= hq:
             break
         src = ((n * c_ + c) * h_ + y) * w_
+        if sw == 2:  # both column phases in one loop: vector loads split by shuffles
+            p0 = (a * 2 * hq + u) * pq
+            xe = pl % 2  # first pixel of phase 0
+            v0 = (xe + pl) // 2
+            pairs = max(0, min((w_ - xe) // 2, pq - v0))
+            _deinterleave2(xs, np.uintp(p0 + v0), np.uintp(p0 + hq * pq + v0), xf, np.uintp(src + xe), pairs)
+            x = 0
+            while x < w_:  # the (at most one) pixel before the pairs, and those after
+                if x >= xe:
+                    x = max(x, xe + 2 * pairs)
+                    if x >= w_:
+                        break
+                v = (x + pl) // 2
+                if v < pq:
+                    xs[p0 + (x + pl) % 2 * hq * pq + v] = xf[src + x]
+                x += 1
+            continue
         for b in range(sw):
             lo, hi = valid_range(b - pl, sw, w_, pq)
             if hi <= lo:
@@ -180,6 +223,35 @@ def _dx_sweep9(d, e, wk, out, q0, length, add):
 
 
 @jit
+def _dx_sweep4(d, e0, e1, e2, e3, w0, w1, w2, w3, out, q0, length, add):
+    """out[q0 + q] (+)= sum of four taps w_t * d[e_t + q], q < length."""
+    os_ = out[q0:]
+    d0 = d[e0:]
+    d1 = d[e1:]
+    d2 = d[e2:]
+    d3 = d[e3:]
+    if add:
+        for q in range(np.uintp(length)):
+            os_[q] += w0 * d0[q] + w1 * d1[q] + w2 * d2[q] + w3 * d3[q]
+    else:
+        for q in range(np.uintp(length)):
+            os_[q] = w0 * d0[q] + w1 * d1[q] + w2 * d2[q] + w3 * d3[q]
+
+
+@jit
+def _dx_sweep2(d, e0, e1, w0, w1, out, q0, length, add):
+    os_ = out[q0:]
+    d0 = d[e0:]
+    d1 = d[e1:]
+    if add:
+        for q in range(np.uintp(length)):
+            os_[q] += w0 * d0[q] + w1 * d1[q]
+    else:
+        for q in range(np.uintp(length)):
+            os_[q] = w0 * d0[q] + w1 * d1[q]
+
+
+@jit
 def _dx_sweep1(d, e, wv, out, q0, length, add):
     os_ = out[q0:]
     ds = d[e:]
@@ -203,6 +275,22 @@ def _merge_phases(xs, dx, n, c, sh, sw, pt, pl, hq, pq):
         if u >= hq:
             for x in range(np.uintp(w_)):
                 df[np.uintp(row) + x] = 0
+            continue
+        if sw == 2:  # both column phases in one loop: vector stores merged by shuffles
+            p0 = (a * 2 * hq + u) * pq
+            xe = pl % 2
+            v0 = (xe + pl) // 2
+            pairs = max(0, min((w_ - xe) // 2, pq - v0))
+            _interleave2(df, np.uintp(row + xe), xs, np.uintp(p0 + v0), np.uintp(p0 + hq * pq + v0), pairs)
+            x = 0
+            while x < w_:  # the (at most one) pixel before the pairs, and those after
+                if x >= xe:
+                    x = max(x, xe + 2 * pairs)
+                    if x >= w_:
+                        break
+                v = (x + pl) // 2
+                df[row + x] = xs[p0 + (x + pl) % 2 * hq * pq + v] if v < pq else 0
+                x += 1
             continue
         for b in range(sw):
             lo, hi = valid_range(b - pl, sw, w_, pq)
@@ -253,6 +341,7 @@ def _nchw(x, w, dy, dx, dwp, dbp, dwt, db, c_, h_, w_, sh, sw, pt, pl, dh, dw, w
         d = np.zeros(hd * pq, dtype=dy.dtype)
         dxs = np.zeros(phases * hq * pq if want_dx else 1, dtype=dy.dtype)
         wk = np.empty(rs_, dtype=dy.dtype)
+        sel = np.empty(rs_, dtype=np.intp)
         pw = dwp[t].ravel()
         pw[:] = 0
         pb = dbp[t]
@@ -283,13 +372,33 @@ def _nchw(x, w, dy, dx, dwp, dbp, dwt, db, c_, h_, w_, sh, sw, pt, pl, dh, dw, w
                             _dx_sweep9(d, de + u_lo * pq, wk, dxs, u_lo * pq, (u_hi - u_lo) * pq, kk > 0)
                     else:
                         for ph in range(phases):
-                            first = kk == 0
+                            # the phase's taps, up to four per pass over its plane
+                            nt = 0
                             for tap in range(rs_):
                                 if tph[tap] == ph:
-                                    _dx_sweep1(d, de[tap], wk[tap], dxs, ph * hq * pq, hq * pq, not first)
-                                    first = False
-                            if first:  # no tap lands in this phase
+                                    sel[nt] = tap
+                                    nt += 1
+                            first = kk == 0
+                            if nt == 0 and first:  # no tap lands in this phase
                                 dxs[ph * hq * pq:(ph + 1) * hq * pq] = 0
+                            q0 = ph * hq * pq
+                            done = 0
+                            while done < nt:
+                                left = nt - done
+                                t0 = sel[done]
+                                if left >= 4:
+                                    t1, t2, t3 = sel[done + 1], sel[done + 2], sel[done + 3]
+                                    _dx_sweep4(d, de[t0], de[t1], de[t2], de[t3], wk[t0], wk[t1], wk[t2], wk[t3],
+                                               dxs, q0, hq * pq, not first)
+                                    done += 4
+                                elif left >= 2:
+                                    t1 = sel[done + 1]
+                                    _dx_sweep2(d, de[t0], de[t1], wk[t0], wk[t1], dxs, q0, hq * pq, not first)
+                                    done += 2
+                                else:
+                                    _dx_sweep1(d, de[t0], wk[t0], dxs, q0, hq * pq, not first)
+                                    done += 1
+                                first = False
             if want_dx:
                 _merge_phases(dxs, dx, n, c, sh, sw, pt, pl, hq, pq)
     if want_dw:
