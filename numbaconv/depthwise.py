@@ -27,7 +27,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit, valid_range
+from ._dw_blocks import block4_s1, block4_s2
+from ._jit import jit, pjit, slp, valid_range
 
 __all__ = ["run", "run_streaming"]
 
@@ -465,7 +466,7 @@ def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
         while j + 4 <= wo_ and j + 3 - pl + 2 < w_:
             ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
             xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
-            _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr)
+            block4_s1(xf, wf, bias, of, xb, xb + dr, xb + dr + dr, ob, uk, ucs)
             j += 4
         _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, 0, max(0, pl), rows_ok)
     elif pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
@@ -558,127 +559,13 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
 
 
 @jit
-def _nhwc_block4(xf, wf, bias, of, xb, ob, uk, ucs, dr):
-    """:func:`_nhwc_block4r` on three input rows ``dr`` apart."""
-    _nhwc_block4r(xf, wf, bias, of, xb, xb + dr, xb + dr + dr, ob, uk, ucs)
-
-
-@jit
-def _nhwc_block4r(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
-    """Four output pixels ``of[ob + p*K + k]`` (channels vectorised): 3x3, multiplier 1.
-
-    ``xb``, ``r1``, ``r2``: flat x offsets of pixel 0's taps (0, 0), (1, 0), (2, 0);
-    ``ucs``: x offset between pixels; stride 1 and dilation 1 (so pixel ``p``'s tap ``s`` reads
-    column ``p + s``).  Each weight vector is loaded once for the 4 pixels and each input
-    vector once for the up to 3 pixels that read it: 28 loads per 36 FMAs instead of 76.
-    """
-    w1 = uk
-    w2 = w1 + uk
-    w3 = w2 + uk
-    w4 = w3 + uk
-    w5 = w4 + uk
-    w6 = w5 + uk
-    w7 = w6 + uk
-    w8 = w7 + uk
-    o1 = ob + uk
-    o2 = o1 + uk
-    o3 = o2 + uk
-    c1 = ucs
-    c2 = c1 + ucs
-    c3 = c2 + ucs
-    c4 = c3 + ucs
-    c5 = c4 + ucs
-    for k in range(uk):
-        b = bias[k]
-        v0 = wf[k]
-        v1 = wf[w1 + k]
-        v2 = wf[w2 + k]
-        v3 = wf[w3 + k]
-        v4 = wf[w4 + k]
-        v5 = wf[w5 + k]
-        v6 = wf[w6 + k]
-        v7 = wf[w7 + k]
-        v8 = wf[w8 + k]
-        x00 = xf[xb + k]
-        x01 = xf[xb + c1 + k]
-        x02 = xf[xb + c2 + k]
-        x03 = xf[xb + c3 + k]
-        x04 = xf[xb + c4 + k]
-        x05 = xf[xb + c5 + k]
-        x10 = xf[r1 + k]
-        x11 = xf[r1 + c1 + k]
-        x12 = xf[r1 + c2 + k]
-        x13 = xf[r1 + c3 + k]
-        x14 = xf[r1 + c4 + k]
-        x15 = xf[r1 + c5 + k]
-        x20 = xf[r2 + k]
-        x21 = xf[r2 + c1 + k]
-        x22 = xf[r2 + c2 + k]
-        x23 = xf[r2 + c3 + k]
-        x24 = xf[r2 + c4 + k]
-        x25 = xf[r2 + c5 + k]
-        of[ob + k] = b + x00 * v0 + x01 * v1 + x02 * v2 + x10 * v3 + x11 * v4 + x12 * v5 + x20 * v6 + x21 * v7 + x22 * v8
-        of[o1 + k] = b + x01 * v0 + x02 * v1 + x03 * v2 + x11 * v3 + x12 * v4 + x13 * v5 + x21 * v6 + x22 * v7 + x23 * v8
-        of[o2 + k] = b + x02 * v0 + x03 * v1 + x04 * v2 + x12 * v3 + x13 * v4 + x14 * v5 + x22 * v6 + x23 * v7 + x24 * v8
-        of[o3 + k] = b + x03 * v0 + x04 * v1 + x05 * v2 + x13 * v3 + x14 * v4 + x15 * v5 + x23 * v6 + x24 * v7 + x25 * v8
-
-
-@jit
-def _nhwc_block2r_s2(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
-    """Two output pixels, stride 2 (pixel ``p``'s tap ``s`` reads column ``2p + s``): 5 columns
-    of each input row, 24 vector loads per 18 FMAs.  (A 4-pixel block needs 27 input vectors
-    live at once: LLVM leaves that loop scalar.)"""
-    w1 = uk
-    w2 = w1 + uk
-    w3 = w2 + uk
-    w4 = w3 + uk
-    w5 = w4 + uk
-    w6 = w5 + uk
-    w7 = w6 + uk
-    w8 = w7 + uk
-    o1 = ob + uk
-    c1 = ucs
-    c2 = c1 + ucs
-    c3 = c2 + ucs
-    c4 = c3 + ucs
-    for k in range(uk):
-        b = bias[k]
-        v0 = wf[k]
-        v1 = wf[w1 + k]
-        v2 = wf[w2 + k]
-        v3 = wf[w3 + k]
-        v4 = wf[w4 + k]
-        v5 = wf[w5 + k]
-        v6 = wf[w6 + k]
-        v7 = wf[w7 + k]
-        v8 = wf[w8 + k]
-        x00 = xf[xb + k]
-        x01 = xf[xb + c1 + k]
-        x02 = xf[xb + c2 + k]
-        x03 = xf[xb + c3 + k]
-        x04 = xf[xb + c4 + k]
-        x10 = xf[r1 + k]
-        x11 = xf[r1 + c1 + k]
-        x12 = xf[r1 + c2 + k]
-        x13 = xf[r1 + c3 + k]
-        x14 = xf[r1 + c4 + k]
-        x20 = xf[r2 + k]
-        x21 = xf[r2 + c1 + k]
-        x22 = xf[r2 + c2 + k]
-        x23 = xf[r2 + c3 + k]
-        x24 = xf[r2 + c4 + k]
-        of[ob + k] = b + x00 * v0 + x01 * v1 + x02 * v2 + x10 * v3 + x11 * v4 + x12 * v5 + x20 * v6 + x21 * v7 + x22 * v8
-        of[o1 + k] = b + x02 * v0 + x03 * v1 + x04 * v2 + x12 * v3 + x13 * v4 + x14 * v5 + x22 * v6 + x23 * v7 + x24 * v8
-
-
-@jit
 def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
     depthwise problem with column stride 1 or 2 (any row stride).  Input rows are copied once
     into a ring of three zero-padded rows (``(Wo - 1) * sw + 3`` pixels each; rows in the
     padding are zero), so every output pixel -- borders included -- goes through a 4-pixel
-    (stride 1, :func:`_nhwc_block4r`) or 2-pixel (stride 2, :func:`_nhwc_block2r_s2`) block;
-    the last block of a row overlaps the previous one."""
+    register block of :mod:`numbaconv._dw_blocks`; the last block of a row overlaps the
+    previous one."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
     wp = (wo_ - 1) * sw + 3
@@ -714,17 +601,16 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
         b1 = np.uintp(((top + 4) % 3) * rowlen)
         b2 = np.uintp(((top + 5) % 3) * rowlen)
         orow = (n * ho_ + i) * wo_
-        pb = 4 if sw == 1 else 2  # pixels per block
         j = 0
         while j < wo_:
-            if j + pb > wo_:
-                j = wo_ - pb  # overlap the previous block: same values rewritten
+            if j + 4 > wo_:
+                j = wo_ - 4  # overlap the previous block: same values rewritten
             jo = np.uintp(j * sw * k_)
             if sw == 1:
-                _nhwc_block4r(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+                block4_s1(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
             else:
-                _nhwc_block2r_s2(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
-            j += pb
+                block4_s2(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            j += 4
 
 
 @pjit
@@ -772,7 +658,8 @@ def run(p, x, w_oihw, bias, out):
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w in (1, 2) and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
             chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
-            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
+            with slp():  # the generated blocks are SLP-vectorised (see _dw_blocks)
+                _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
             return
         # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
         # (dilation 1 takes the 4-pixel register block instead)
@@ -786,7 +673,8 @@ def run(p, x, w_oihw, bias, out):
             wt = wt.ravel()
         else:
             wt = np.zeros(1, dtype=p.dtype)
-        _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
+        with slp():
+            _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
     else:
         hq = wq = 0
         if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
@@ -1023,3 +911,72 @@ def run_streaming(p, x, w_oihw, bias, out):
         chunks = max(1, min(p.n * p.ho, 4 * numba.get_num_threads()))
         _stream_nhwc(x, w, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w,
                      p.groups, chunks)
+
+
+# --- generated NHWC register blocks ------------------------------------------------------------
+#: (pixels, column stride) of the generated NHWC blocks, and the channels per SLP group
+BLOCKS = ((4, 1), (4, 2))
+LANES = 8
+
+_BLOCKS_HEADER = '''"""GENERATED by ``python -m numbaconv.depthwise`` -- do not edit (see numbaconv/depthwise.py).
+
+NHWC depthwise 3x3 register blocks (multiplier 1, dilation 1): ``blockP_sS`` computes ``P``
+neighbouring output pixels at column stride ``S`` for all ``K`` channels,
+``of[ob + p*K + k] = bias[k] + sum_{r,s} xf[x_r + (p*S + s)*ucs + k] * wf[(3r + s)*K + k]``
+(``x_r``: the flat offset of input row ``r``'s first tap).  Channels go in groups of
+``LANES`` scalars, every load of a group before any store, which LLVM's SLP vectoriser packs
+into vector registers with no runtime alias checks (the loop vectoriser's ~100 pointer
+checks per call cost as much as the arithmetic for 32 channels); the last ``K % LANES``
+channels take a plain loop.  Compile these with SLP on (``numbaconv._jit.slp``).
+"""
+
+import numba
+import numpy as np
+
+# contract only: FMA, no reassociation (keeps the SLP groups in channel order)
+_blockjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
+'''
+
+
+def _gen_block(p_, sw, lanes=LANES):
+    ncol = (p_ - 1) * sw + 3
+    L = ["", "", "@_blockjit", f"def block{p_}_s{sw}(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):",
+         f'    """{p_} output pixels at column stride {sw}, all ``uk`` channels (see the module docstring)."""',
+         "    rows = (xb, r1, r2)",
+         f"    for k0 in range(0, uk - uk % {lanes}, {lanes}):",
+         "        kk = np.uintp(k0)"]
+    for l in range(lanes):
+        L.append(f"        b{l} = bias[kk + np.uintp({l})]")
+    for t in range(9):
+        for l in range(lanes):
+            L.append(f"        v{t}_{l} = wf[np.uintp({t}) * uk + kk + np.uintp({l})]")
+    for r in range(3):
+        for c in range(ncol):
+            for l in range(lanes):
+                L.append(f"        x{r}{c}_{l} = xf[rows[{r}] + np.uintp({c}) * ucs + kk + np.uintp({l})]")
+    for p in range(p_):
+        for l in range(lanes):
+            terms = " + ".join(f"x{r}{p * sw + s}_{l} * v{3 * r + s}_{l}" for r in range(3) for s in range(3))
+            L.append(f"        a{p}_{l} = b{l} + {terms}")
+    for p in range(p_):
+        for l in range(lanes):
+            L.append(f"        of[ob + np.uintp({p}) * uk + kk + np.uintp({l})] = a{p}_{l}")
+    L.append(f"    for k in range(uk - uk % {lanes}, uk):  # the last K % {lanes} channels")
+    L.append("        k = np.uintp(k)")
+    for p in range(p_):
+        terms = " + ".join(f"xf[rows[{r}] + np.uintp({p * sw + s}) * ucs + k] * wf[np.uintp({3 * r + s}) * uk + k]"
+                           for r in range(3) for s in range(3))
+        L.append(f"        of[ob + np.uintp({p}) * uk + k] = (bias[k] + {terms})")
+    return "\n".join(L) + "\n"
+
+
+def generate_source():
+    """The text of :mod:`numbaconv._dw_blocks`."""
+    return _BLOCKS_HEADER + "".join(_gen_block(p_, sw) for p_, sw in BLOCKS)
+
+
+if __name__ == "__main__":
+    import pathlib
+    path = pathlib.Path(__file__).with_name("_dw_blocks.py")
+    path.write_text(generate_source())
+    print(f"wrote {path}")

@@ -38,7 +38,6 @@ memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels
 Regenerate :mod:`numbaconv._ukernels` with ``python -m numbaconv.tiled``.
 """
 
-import contextlib
 import dataclasses
 import functools
 import threading
@@ -52,7 +51,7 @@ from numba.core import cgutils
 from numba.core import config as _numba_config
 from numba.core.extending import intrinsic
 
-from ._jit import jit, pjit
+from ._jit import jit, pjit, slp as _slp
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
 
@@ -62,22 +61,6 @@ P_CHOICES = {32: (4, 5, 6), 64: (6, 7, 8)}
 P = 6  # the default (and the one asm-checked)
 _UK_SHAPES = tuple(sorted({(p_, 2 * vb // item) for vb, ps in P_CHOICES.items() for p_ in ps
                            for item in (4, 8)}))
-
-
-# --- compiling with SLP vectorisation -----------------------------------------------------
-_slp_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def _slp():
-    """Compile (if a call compiles) with LLVM's SLP vectoriser on; restores Numba's setting."""
-    with _slp_lock:
-        old = _numba_config.SLP_VECTORIZE
-        _numba_config.SLP_VECTORIZE = 1
-        try:
-            yield
-        finally:
-            _numba_config.SLP_VECTORIZE = old
 
 
 @functools.lru_cache(maxsize=None)

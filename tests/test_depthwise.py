@@ -8,10 +8,15 @@ per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, as
 padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
 """
 
+import pathlib
+import re
+
+import numba
 import numpy as np
 import pytest
 
-from numbaconv import depthwise
+from numbaconv import _dw_blocks, depthwise
+from numbaconv._jit import slp
 from numbaconv.problem import ConvProblem
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -41,6 +46,8 @@ DEPTHWISE = [
     (1, 24, 11, 16, 24, 3, 3, dict(stride=(3, 2))),                    # NHWC ring, stride 2: unread last column
     (2, 2, 7, 70, 4, 3, 3, dict(stride=(1, 2), padding=(1, 0))),      # NCHW row pairs: column phases, m = 2
     (1, 3, 13, 68, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW row pairs, stride 2, odd last row
+    (1, 13, 6, 9, 13, 3, 3, dict(padding=1)),                         # NHWC blocks: 8-channel groups + 5 left over
+    (1, 16, 9, 14, 16, 3, 3, dict(padding=(2, 1), dilation=(2, 1))),  # NHWC rows: blocks read x in place (row dilation)
 ]
 
 
@@ -101,3 +108,20 @@ def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
     """3x3 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
     monkeypatch.setattr(depthwise, "_PHASES_MAX_W", 0)
     test_depthwise_fast_paths(case, "NCHW", np.float64)
+
+
+def test_generated_blocks_are_up_to_date():
+    path = pathlib.Path(depthwise.__file__).with_name("_dw_blocks.py")
+    assert path.read_text() == depthwise.generate_source(), "run: python -m numbaconv.depthwise"
+
+
+def test_nhwc_block_uses_packed_fma():
+    """The generated NHWC block compiles (with SLP) to packed FMAs, no scalar ones in its channel groups."""
+    blk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(_dw_blocks.block4_s1.py_func)
+    a = numba.float32[::1]
+    u = numba.uintp
+    sig = (a, a, a, a, u, u, u, u, u, u)
+    with slp():
+        blk.compile(sig)
+    asm = blk.inspect_asm(sig)
+    assert re.search(r"vfmadd\w*ps\s+[^\n]*%[yz]mm", asm), "no packed FMA in block4_s1"
