@@ -33,7 +33,7 @@ from numba import prange
 
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .api import conv2d
-from .backward_depthwise import depthwise_backward
+from .backward_depthwise import _copy_row, depthwise_backward
 from .backward_stream import stream_dw_db, use_streaming_dw
 from .im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from .layout import to_layout
@@ -331,15 +331,53 @@ def _dw_tiles_nhwc(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw,
             t0 = item * tile_rows
             t1 = min(t0 + tile_rows, total)
             length = (t1 - t0) * wo_
-            for g in range(groups):
-                for row in range(t0, t1):
-                    _fill_row_nhwc(x, row, t0, t1, g, buf, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+            if groups == 1:
+                _fill_tile_nhwc(x, t0, t1, buf, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_)
+            else:
+                for g in range(groups):
+                    for row in range(t0, t1):
+                        _fill_row_nhwc(x, row, t0, t1, g, buf, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
             for g in range(groups):
                 # dW_g (P x Kg, HWIO) += cols_g^T (P x L) @ dY_g (L x Kg)
                 gemm(False, True, kg, patch, length, yf, t0 * wo_ * k_ + g * kg, k_,
                      buf, g * length * patch, patch, 1.0, pf, g * kg, k_)
         blas_threads_local(previous)
     _sum_partials(partial, dwt)
+
+
+@jit
+def _fill_tile_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_):
+    """cols[(t - t0) * wo_ + j, (r, s, c)] = x[n, hi, wi, c] (one group): a kernel row's
+    S pixels are ONE contiguous run of x when dilation is 1 and they are all inside
+    (copied 8 values at a time: 0.69 -> ~0.3 ms for res2's 7 MB of columns)."""
+    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    patch = r_ * s_ * c_
+    xf = x.ravel()
+    for t in range(t0, t1):
+        n = t // ho_
+        i = t % ho_
+        for j in range(wo_):
+            dst = ((t - t0) * wo_ + j) * patch
+            wi0 = j * sw - pl
+            inside = dw == 1 and wi0 >= 0 and wi0 + s_ <= w_
+            for r in range(r_):
+                hi = i * sh + r * dh - pt
+                d = dst + r * s_ * c_
+                if hi < 0 or hi >= h_:
+                    for q in range(np.uintp(s_ * c_)):
+                        cols[np.uintp(d) + q] = 0
+                    continue
+                src = ((n * h_ + hi) * w_ + wi0) * c_
+                if inside:
+                    _copy_row(cols, np.uintp(d), xf, np.uintp(src), s_ * c_)
+                    continue
+                for s in range(s_):
+                    wi = wi0 + s * dw
+                    if wi < 0 or wi >= w_:
+                        for q in range(np.uintp(c_)):
+                            cols[np.uintp(d + s * c_) + q] = 0
+                    else:
+                        _copy_row(cols, np.uintp(d + s * c_), xf, np.uintp(src + s * dw * c_), c_)
 
 
 @jit
