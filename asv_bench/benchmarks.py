@@ -8,6 +8,9 @@ Parametrised over algorithm x layout x SPEC.md's public suite, from the one tabl
 * ``Throughput.track_gflops`` -- GFLOP/s (median of adaptive repeats, in-process);
 * ``SpeedupVsTorch.track_speedup_vs_torch`` -- torch's time / numbaconv's time, both measured
   in this process with the same thread count (a ratio that survives machine drift);
+* ``Backward.time_conv2d_backward`` / ``track_backward_ratio_vs_torch`` -- the training
+  step: ``conv2d_backward`` (grad input + weight + bias), and its time over torch's
+  ``convolution_backward`` on the same arrays (< 1: numbaconv is faster);
 * ``Im2colMemory.peakmem_im2col_large`` -- peak memory of im2col on a problem whose full
   im2col matrix is 144 MiB, far over the 32 MiB workspace budget;
 * ``FirstCall.timeraw_import_and_first_call`` -- ``import numbaconv`` + the first call in a
@@ -154,6 +157,59 @@ class SpeedupVsTorch:
         return t_torch / t_ours
 
     track_speedup_vs_torch.unit = "x torch"
+
+
+class Backward:
+    """The backward pass (grad input + weight + bias) of each suite layer."""
+
+    params = (LAYOUTS, SHAPES)
+    param_names = ("layout", "shape")
+    timeout = 300
+
+    def setup(self, layout, shape):
+        import numpy as np
+
+        import numbaconv
+
+        if not hasattr(numbaconv, "conv2d_backward"):
+            raise NotImplementedError("conv2d_backward is not available at this commit")
+        self.threads = _set_threads()
+        s = bench.SUITE[shape]
+        x, w = bench.make_inputs(s, layout)
+        kwargs = bench.conv_kwargs(s, layout)
+        gy = np.random.default_rng(1).standard_normal(numbaconv.conv2d(x, w, **kwargs).shape).astype(x.dtype)
+        self.args = (s, layout, x, w, gy)
+
+        def run():
+            return numbaconv.conv2d_backward(gy, x, w, **kwargs)
+
+        self.run = run
+        run()
+
+    def time_conv2d_backward(self, layout, shape):
+        self.run()
+
+    def track_backward_ratio_vs_torch(self, layout, shape):
+        try:
+            import torch
+        except ImportError as exc:
+            raise NotImplementedError("torch is not installed") from exc
+        torch.set_num_threads(self.threads)
+        s, layout, x, w, gy = self.args
+        to_t = (lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)) if layout == "NHWC" else torch.from_numpy
+        xt, gyt = to_t(x), to_t(gy)
+        wt = torch.from_numpy(w).permute(3, 2, 0, 1) if layout == "NHWC" else torch.from_numpy(w)
+
+        def torch_run():
+            return torch.ops.aten.convolution_backward(gyt, xt, wt, [s.k], [s.stride] * 2, [s.pad] * 2, [1, 1],
+                                                       False, [0, 0], s.groups, [True, True, True])
+
+        torch_run()
+        t_torch, _ = bench.time_callable(torch_run, budget_s=TRACK_BUDGET_S, warmup=False)
+        t_ours, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
+        return t_ours / t_torch
+
+    track_backward_ratio_vs_torch.unit = "x torch time"
 
 
 class Im2colMemory:
