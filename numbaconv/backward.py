@@ -2,15 +2,22 @@
 
 Everything runs on the library's own kernels (no torch):
 
-* **grad-weight** is one GEMM per group and chunk, ``dW += dY @ im2col(x)^T``, on the same
-  bounded-workspace column buffer and fill kernels as the ``im2col`` forward algorithm
-  (:mod:`numbaconv.im2col`), accumulated with ``beta = 1`` across chunks and images.
-* **grad-input** is the transposed convolution: ``cols = W^T @ dY`` into the same buffer,
-  then a ``col2im`` fold that adds every column back onto the input pixel it was read from.
-  NCHW folds in parallel over channels, NHWC over input rows (a gather), so no two threads
-  ever write one element.
+* **grad-weight** of dense and grouped layers (``auto``, :func:`_dw_tiles`): each thread
+  fills its own im2col tiles and multiplies them into its own copy of ``dW`` (one
+  full-size GEMM per tile, ``dW += dY @ im2col(x)^T``), the copies summed at the end.  With
+  few channels per group (``Cg * Kg <= 16``: the seed notebook) it streams instead
+  (:mod:`numbaconv.backward_stream`: nine register accumulators per channel pair and row,
+  grad-bias on the way).  ``_DW_METHOD`` selects the older shifted-GEMM (stride 1) and
+  chunked im2col variants for tests and benchmarks.
+* **grad-input** is the transposed convolution: a forward convolution of ``dY`` with the
+  flipped, channel-transposed weights where that is possible and pays (stride 1; large
+  images with many channels, or few channels: the forward's streaming kernel), else
+  ``cols = W^T @ dY`` then a ``col2im`` fold that adds every column back onto the input
+  pixel it was read from.  NCHW folds in parallel over channels, NHWC over input rows (a
+  gather), so no two threads ever write one element.
 * **depthwise** layers (one input channel per group) skip the GEMMs, whose matrices would
-  be 1 x 9: direct loop kernels, parallel over channels (NCHW) or rows (NHWC).
+  be 1 x 9: :mod:`numbaconv.backward_depthwise` computes all three gradients in one
+  parallel region per layout.
 * **grad-bias** is the sum of ``dY`` over batch and space.
 
 Non-zero ``padding_mode``: the forward pass reads a materialised padded copy of ``x``; the
@@ -422,7 +429,8 @@ def _dw_by_shifts(p):
         return False
     if _DW_METHOD == "shifts":
         return True
-    # Measured on the suite's 3x3 layers (scripts/bench_backward.py): shifts win when the
+    # (``auto`` now takes per-thread tiles first; this rule is the fallback order of the
+    # older chunked paths.)  Measured on the suite's 3x3 layers: shifts won when the
     # zero columns are few (padded width within 10 % of the output's) and the GEMMs per tap
     # are not too lopsided (<= 64 output channels per group); in NCHW the shifted view is a
     # transposed operand with a plane-sized stride, which only pays off with many channels.
