@@ -15,9 +15,8 @@ and NHWC, float32 and float64; activations and ``grad_output`` may have any stri
   tree reduction adds them up; the result is written in the weight's own layout.
 * **grad-bias** -- one block per output channel, the same reduction over ``dy``.
 
-Padding modes are inlined index maps, as in :mod:`numbaconv.cuda_conv` (a device function
-would need a current device to compile, which PTX compilation without a GPU has not).
-The host glue (device arrays of numba, CuPy or torch used in place on their current
+Padding modes are the forward's index map (:func:`numbaconv.cuda_conv._src_py`, an inlined
+device function).  The host glue (device arrays of numba, CuPy or torch used in place on their current
 stream, NumPy copied in and out) is :mod:`numbaconv.cuda_conv`'s.
 """
 
@@ -34,8 +33,10 @@ __all__ = ["conv2d_backward_cuda", "REDUCE_BLOCK", "ptx_targets"]
 #: threads per block of the grad-weight / grad-bias reductions (a power of two)
 REDUCE_BLOCK = 128
 
-#: module global so kernels resolve ``cuda.xxx`` (bound lazily, simulator or hardware)
+#: module globals the kernels resolve: ``cuda`` and the padding index map ``_src`` (the
+#: inlined device function of :func:`numbaconv.cuda_conv._src_py`), bound lazily
 cuda = None
+_src = None
 
 
 def _grad_input_py(np_dtype, nhwc):
@@ -59,26 +60,10 @@ def _grad_input_py(np_dtype, nhwc):
             t = t // hp
             c = t % c_
             n = t // c_
-        hi = yq - pt  # the input pixel this padded position holds (see cuda_conv._src_py)
-        if hi < 0 or hi >= h_:
-            if mode == 0:
-                return
-            elif mode == 1:
-                hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
-            elif mode == 2:
-                hi = 0 if hi < 0 else h_ - 1
-            else:
-                hi = hi + h_ if hi < 0 else hi - h_
-        wi = xq - pl
-        if wi < 0 or wi >= w_:
-            if mode == 0:
-                return
-            elif mode == 1:
-                wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
-            elif mode == 2:
-                wi = 0 if wi < 0 else w_ - 1
-            else:
-                wi = wi + w_ if wi < 0 else wi - w_
+        hi = _src(yq - pt, h_, mode)  # the input pixel this padded position holds
+        wi = _src(xq - pl, w_, mode)
+        if hi < 0 or wi < 0:  # zero padding: no input pixel
+            return
         g = c // cg
         cl = c - g * cg
         acc = zero
@@ -125,26 +110,10 @@ def _grad_weight_py(np_dtype, nb_dtype, nhwc, block):
             t = q // wo_
             oh = t % ho_
             n = t // ho_
-            hi = oh * sh - pt + r * dh
-            if hi < 0 or hi >= h_:
-                if mode == 0:
-                    continue
-                elif mode == 1:
-                    hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
-                elif mode == 2:
-                    hi = 0 if hi < 0 else h_ - 1
-                else:
-                    hi = hi + h_ if hi < 0 else hi - h_
-            wi = ow * sw - pl + s * dw
-            if wi < 0 or wi >= w_:
-                if mode == 0:
-                    continue
-                elif mode == 1:
-                    wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
-                elif mode == 2:
-                    wi = 0 if wi < 0 else w_ - 1
-                else:
-                    wi = wi + w_ if wi < 0 else wi - w_
+            hi = _src(oh * sh - pt + r * dh, h_, mode)
+            wi = _src(ow * sw - pl + s * dw, w_, mode)
+            if hi < 0 or wi < 0:
+                continue
             if nhwc:
                 acc += dy[n, oh, ow, k] * x[n, hi, wi, ci]
             else:
@@ -203,8 +172,9 @@ def _grad_bias_py(np_dtype, nb_dtype, nhwc, block):
 @functools.lru_cache(maxsize=None)
 def _pyfuncs(dtype_name, nhwc, block):
     """Plain Python kernel functions (closures over compile-time constants) for one variant."""
-    global cuda
+    global cuda, _src
     cuda = cc._import_cuda()
+    _src = cc._src
     from numba import types  # noqa: PLC0415
 
     np_dtype = np.dtype(dtype_name)

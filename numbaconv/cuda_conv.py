@@ -51,6 +51,8 @@ __all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_
 
 #: module global so kernels resolve ``cuda.xxx`` (and the simulator can swap it); set lazily
 cuda = None
+#: :func:`_src_py` as an inlined device function (bound with ``cuda``)
+_src = None
 
 _MODE_CODE = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 _WEIGHT_CODE = {"OIHW": 0, "HWIO": 1, "OHWI": 2}
@@ -100,6 +102,8 @@ def _import_cuda():
             from numba.core import config  # noqa: PLC0415 -- numba caches env vars: re-read them
             config.reload_config()
         from numba import cuda as module  # noqa: PLC0415
+        global _src
+        _src = module.jit(device=True, inline="always")(_src_py)
         cuda = module
     return cuda
 
@@ -147,8 +151,7 @@ def real_gpu():
 def _src_py(i, size, mode):
     """Input coordinate read by padded coordinate ``i``; -1 for a zero-padding tap.
 
-    The reference for the index map the kernels inline (a device function would need a
-    current device to compile, which ``compile_ptx`` without a GPU has not).
+    Every kernel (forward and backward) calls it as the device function ``_src``, inlined.
     """
     if i >= 0 and i < size:
         return i
@@ -194,27 +197,13 @@ def _direct_py(np_dtype, nhwc):
         c0 = g * cg
         acc = zero
         for r in range(r_):
-            hi = oh * sh - pt + r * dh
-            if hi < 0 or hi >= h_:  # padding: the mode's index map (see _src_py)
-                if mode == 0:
-                    continue
-                elif mode == 1:
-                    hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
-                elif mode == 2:
-                    hi = 0 if hi < 0 else h_ - 1
-                else:
-                    hi = hi + h_ if hi < 0 else hi - h_
+            hi = _src(oh * sh - pt + r * dh, h_, mode)  # the padding mode's index map
+            if hi < 0:
+                continue
             for s in range(s_):
-                wi = ow * sw - pl + s * dw
-                if wi < 0 or wi >= w_:
-                    if mode == 0:
-                        continue
-                    elif mode == 1:
-                        wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
-                    elif mode == 2:
-                        wi = 0 if wi < 0 else w_ - 1
-                    else:
-                        wi = wi + w_ if wi < 0 else wi - w_
+                wi = _src(ow * sw - pl + s * dw, w_, mode)
+                if wi < 0:
+                    continue
                 for c in range(cg):  # unsigned indices (all >= 0): no wraparound code
                     if nhwc:
                         acc += (x[uint64(n), uint64(hi), uint64(wi), uint64(c0 + c)]
@@ -324,24 +313,9 @@ def _gemm_py(np_dtype, nb_dtype, nhwc, config, int_type):
                     hi = a_h[i] + tab_r[kk]
                     wi = a_w[i] + tab_s[kk]
                     ok = n >= 0 and k0 + kk < kred
-                    if hi < 0 or hi >= h_:  # padding: the mode's index map (see _src_py)
-                        if mode == 0:
-                            ok = False
-                        elif mode == 1:
-                            hi = -hi if hi < 0 else 2 * (h_ - 1) - hi
-                        elif mode == 2:
-                            hi = 0 if hi < 0 else h_ - 1
-                        else:
-                            hi = hi + h_ if hi < 0 else hi - h_
-                    if wi < 0 or wi >= w_:
-                        if mode == 0:
-                            ok = False
-                        elif mode == 1:
-                            wi = -wi if wi < 0 else 2 * (w_ - 1) - wi
-                        elif mode == 2:
-                            wi = 0 if wi < 0 else w_ - 1
-                        else:
-                            wi = wi + w_ if wi < 0 else wi - w_
+                    hi = _src(hi, h_, mode)  # the padding mode's index map (-1: zero padding)
+                    wi = _src(wi, w_, mode)
+                    ok = ok and hi >= 0 and wi >= 0
                     if ok:  # every index is >= 0 here: unsigned, so no wraparound code
                         if nhwc:
                             a_pf[i] = x[uint64(n), uint64(hi), uint64(wi), uint64(c0 + tab_c[kk])]
