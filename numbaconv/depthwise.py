@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._dw_blocks import block4_s1, block4_s2
+from ._dw_blocks import block4_s1
 from ._jit import jit, pjit, slp, valid_range
 
 __all__ = ["run", "run_streaming"]
@@ -287,27 +287,35 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @pjit
-def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq):
-    """``hq > 0``: 3x3 planes go through (L1/L2-resident) zero-padded stride-phase copies of
-    ``sh*sw`` planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`)."""
+def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq):
+    """3x3 planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw``
+    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`)."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
     for t in prange(chunks):
         # zeroed once: the padding positions are the same for every plane, the rest is overwritten
-        buf = np.zeros(max(sh * sw * hq * wq, 1), dtype=x.dtype)
-        op = np.empty(max(hq * wq, 1), dtype=out.dtype)
+        buf = np.zeros(sh * sw * hq * wq, dtype=x.dtype)
+        op = np.empty(hq * wq, dtype=out.dtype)
         filled = -1  # input plane (n * C + c) now in buf
         for q in range(t * planes // chunks, (t + 1) * planes // chunks):
             n = q // k_
             k = q % k_
-            if hq > 0:
-                src = n * x.shape[1] + k // m
-                if src != filled:
-                    _fill_phases(x, n, k // m, buf, sh, sw, hq, wq, pt, pl)
-                    filled = src
-                _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op)
-            else:
-                _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m)
+            src = n * x.shape[1] + k // m
+            if src != filled:
+                _fill_phases(x, n, k // m, buf, sh, sw, hq, wq, pt, pl)
+                filled = src
+            _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op)
+
+
+@pjit
+def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks):
+    """Any kernel size, plane by plane (:func:`_plane_nchw`): its own entry point, so the common
+    3x3 case compiles only :func:`_dw_nchw_phases` (first-call latency)."""
+    n_, k_ = out.shape[0], out.shape[1]
+    planes = n_ * k_
+    for t in prange(chunks):
+        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
+            _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
 
 
 @jit
@@ -438,11 +446,13 @@ def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
 # --- NHWC depthwise ----------------------------------------------------------------------------
 @jit
 def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
-    """Output row ``out[n, i, :, :]``, vectorised across channels.
+    """Output row ``out[n, i, :, :]``, vectorised across channels (the cases the ring of
+    :func:`_dw_nhwc_ring_rows` does not take: strided, dilated, few channels, m > 1).
 
-    Multiplier 1, 3x3, interior pixel: one loop over the channels with all 9 taps (18
-    loads, 9 FMAs, 1 store per vector).  Other pixels (borders, other kernels, m > 1):
-    tap by tap into the output pixel, which stays in L1.
+    Multiplier 1, 3x3, stride 1: runs of ``pix`` pixels as one contiguous loop.  Multiplier
+    1, 3x3, interior pixel: one loop over the channels with all 9 taps (18 loads, 9 FMAs, 1
+    store per vector).  Other pixels (borders, other kernels, m > 1): tap by tap into the
+    output pixel, which stays in L1.
     """
     h_, w_ = x.shape[1], x.shape[2]
     r_, s_, k_ = w_rsk.shape
@@ -459,17 +469,7 @@ def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
             rows_ok = False
     h0 = i * sh - pt
     j = 0
-    if m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1 and dw == 1 and k_ >= 8:
-        j = max(0, pl)  # first pixel whose taps all read real input
-        ucs = np.uintp(c_)
-        dr = np.uintp(dh * w_ * c_)
-        while j + 4 <= wo_ and j + 3 - pl + 2 < w_:
-            ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
-            xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
-            block4_s1(xf, wf, bias, of, xb, xb + dr, xb + dr + dr, ob, uk, ucs)
-            j += 4
-        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, 0, max(0, pl), rows_ok)
-    elif pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
+    if pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
         # stride 1: ``pix`` consecutive pixels x all channels are one contiguous run in x
         # and out, so one long vectorised loop covers them (weights and bias tiled ``pix``
         # times in ``wt``): no per-pixel loop overhead for few channels.
@@ -559,16 +559,16 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, pt, pl):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
-    depthwise problem with column stride 1 or 2 (any row stride).  Input rows are copied once
-    into a ring of three zero-padded rows (``(Wo - 1) * sw + 3`` pixels each; rows in the
+    depthwise problem with column stride 1 (any row stride).  Input rows are copied once
+    into a ring of three zero-padded rows (``Wo + 2`` pixels each; rows in the
     padding are zero), so every output pixel -- borders included -- goes through a 4-pixel
     register block of :mod:`numbaconv._dw_blocks`; the last block of a row overlaps the
     previous one."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
-    wp = (wo_ - 1) * sw + 3
+    wp = wo_ + 2
     rowlen = wp * k_
     ring = np.zeros(3 * rowlen, dtype=x.dtype)
     key = np.full(3, -1, dtype=np.int64)  # which (image, row) each slot holds
@@ -605,19 +605,16 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
         while j < wo_:
             if j + 4 > wo_:
                 j = wo_ - 4  # overlap the previous block: same values rewritten
-            jo = np.uintp(j * sw * k_)
-            if sw == 1:
-                block4_s1(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
-            else:
-                block4_s2(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            jo = np.uintp(j * k_)
+            block4_s1(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
             j += 4
 
 
 @pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks):
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, pt, pl, chunks):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
-        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl)
+        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, pt, pl)
 
 
 @pjit
@@ -655,16 +652,15 @@ def run(p, x, w_oihw, bias, out):
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, m)
     if p.layout == "NHWC":
         w_rsk = np.ascontiguousarray(w_oihw[:, 0].transpose(1, 2, 0))
-        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w in (1, 2) and p.dil_h == 1
+        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w == 1 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
             chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
             with slp():  # the generated blocks are SLP-vectorised (see _dw_blocks)
-                _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
+                _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.pad_top, p.pad_left, chunks)
             return
-        # pixels per contiguous run of the stride-1 fast path: ~256 values per vector loop
-        # (dilation 1 takes the 4-pixel register block instead)
+        # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
-        if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3 and (p.dil_w != 1 or p.k < 8):
+        if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3:
             pix = max(1, min(p.wo, 256 // p.k))
         if pix > 1:
             wt = np.empty((10, pix, p.k), dtype=p.dtype)
@@ -673,16 +669,17 @@ def run(p, x, w_oihw, bias, out):
             wt = wt.ravel()
         else:
             wt = np.zeros(1, dtype=p.dtype)
-        with slp():
-            _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
+        _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
     else:
-        hq = wq = 0
+        chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
+        w_krs = np.ascontiguousarray(w_oihw[:, 0])
         if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
             # phase planes reach every tap of every output pixel (see _plane_phases)
             hq = p.ho + 2 * p.dil_h // p.stride_h
             wq = p.wo + 2 * p.dil_w // p.stride_w
-        chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
-        _dw_nchw(x, np.ascontiguousarray(w_oihw[:, 0]), b, out, *geometry, chunks, hq, wq)
+            _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq)
+        else:
+            _dw_nchw(x, w_krs, b, out, *geometry, chunks)
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------
@@ -915,7 +912,7 @@ def run_streaming(p, x, w_oihw, bias, out):
 
 # --- generated NHWC register blocks ------------------------------------------------------------
 #: (pixels, column stride) of the generated NHWC blocks, and the channels per SLP group
-BLOCKS = ((4, 1), (4, 2))
+BLOCKS = ((4, 1),)
 LANES = 8
 
 _BLOCKS_HEADER = '''"""GENERATED by ``python -m numbaconv.depthwise`` -- do not edit (see numbaconv/depthwise.py).

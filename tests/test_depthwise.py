@@ -3,7 +3,7 @@
 Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
 the NCHW zero-padded stride-phase planes (any stride and dilation, small planes), the flat
 whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without dilation), the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
-the NHWC ring of zero-padded rows with 4-pixel blocks (column stride 1 or 2), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
+the NHWC ring of zero-padded rows with 4-pixel blocks (column stride 1), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
 per-pixel path (stride 2, many channels), channel multipliers > 1, batch > 1, asymmetric
 padding; and the streaming kernel's ring of planar rows in NHWC (row chunks across images).
 """
@@ -42,12 +42,12 @@ DEPTHWISE = [
     (3, 8, 5, 6, 8, 3, 3, dict(padding=((4, 5), (2, 0)))),             # NHWC ring: padding > 3 rows, batch 3
     (2, 3, 13, 14, 6, 3, 3, dict(stride=2, padding=2, dilation=2)),    # NCHW phases: dilated, multiplier 2
     (1, 4, 10, 17, 4, 3, 3, dict(stride=(2, 1), padding=(0, 1))),      # NCHW phases: mixed strides
-    (2, 16, 9, 12, 16, 3, 3, dict(stride=2, padding=((1, 0), (0, 1)))),  # NHWC ring, stride 2
-    (1, 24, 11, 16, 24, 3, 3, dict(stride=(3, 2))),                    # NHWC ring, stride 2: unread last column
+    (2, 16, 9, 12, 16, 3, 3, dict(stride=2, padding=((1, 0), (0, 1)))),  # NHWC stride 2: per-pixel path
+    (1, 24, 11, 16, 24, 3, 3, dict(stride=(3, 2))),                    # NHWC stride (3, 2): per-pixel path
     (2, 2, 7, 70, 4, 3, 3, dict(stride=(1, 2), padding=(1, 0))),      # NCHW row pairs: column phases, m = 2
     (1, 3, 13, 68, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW row pairs, stride 2, odd last row
     (1, 13, 6, 9, 13, 3, 3, dict(padding=1)),                         # NHWC blocks: 8-channel groups + 5 left over
-    (1, 16, 9, 14, 16, 3, 3, dict(padding=(2, 1), dilation=(2, 1))),  # NHWC rows: blocks read x in place (row dilation)
+    (1, 16, 9, 14, 16, 3, 3, dict(padding=(2, 1), dilation=(2, 1))),  # NHWC rows: contiguous runs (row dilation)
 ]
 
 
