@@ -401,15 +401,32 @@ def _sum_partials(partial, out):
             of[q] += ps[q]
 
 
+#: per-thread tiles (grad-weight) need at least this many output pixels per thread: each
+#: tile's GEMM reads and writes the whole dW copy, which dominates with a short reduction
+#: (res5: 512 x 4608 weights, 49 pixels; res4: 196 pixels)
+_TILE_MIN_PIXELS = 256
+#: column bytes per tile (per thread)
+_TILE_BYTES = 2 << 20
+
+
+def _dw_by_tiles(p):
+    if _DW_METHOD != "auto":
+        return _DW_METHOD == "tiles"
+    return p.n * p.ho * p.wo >= _TILE_MIN_PIXELS * numba.get_num_threads()
+
+
 def _dw_tiles(p, x, dy, w_shape):
     """Grad-weight (kernel weight layout) by per-thread im2col tiles and partial sums."""
     nthreads = max(1, min(numba.get_num_threads(), p.n * p.ho))
     row_bytes = p.c * p.r * p.s * p.wo * p.dtype.itemsize
-    total = p.ho if p.layout == "NCHW" else p.n * p.ho
-    # ~2 MiB of columns per thread (L2-sized), and at least two tiles per thread to balance
-    tile_rows = max(1, min(total, (2 << 20) // max(row_bytes, 1)))
-    tile_rows = max(1, min(tile_rows, -(-(p.n * p.ho) // (2 * nthreads)) if p.layout == "NHWC"
-                          else -(-p.ho // max(1, (2 * nthreads) // p.n))))
+    # one run of rows per thread, in tiles of ~2 MiB of columns (L2-sized) -- but each tile
+    # re-reads and re-writes the thread's dW copy, so never shorter than ~256 pixels
+    per_thread = -(-(p.n * p.ho) // nthreads)
+    tile_rows = max(1, min(per_thread, max(_TILE_BYTES // max(row_bytes, 1), -(-_TILE_MIN_PIXELS // p.wo))))
+    if p.layout == "NCHW":
+        tile_rows = min(tile_rows, p.ho)
+        per_thread = min(per_thread, p.ho)
+    tile_rows = -(-per_thread // -(-per_thread // tile_rows))  # equal tiles: threads stay balanced
     cols = _scratch("cols_tiles", (nthreads * tile_rows * p.wo * p.c * p.r * p.s,), p.dtype)
     partial = np.empty((nthreads,) + tuple(w_shape), dtype=p.dtype)
     dwt = np.empty(w_shape, dtype=p.dtype)
@@ -515,7 +532,7 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
     if p.n == 0 or not (want_dx or want_dw):
         return (dx if want_dx else None), dwt
-    if want_dw and _DW_METHOD in ("auto", "tiles"):
+    if want_dw and _dw_by_tiles(p):
         dwt = _dw_tiles(p, x, dy, w_k.shape)
         want_dw = False
         if not want_dx:

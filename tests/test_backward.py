@@ -211,6 +211,24 @@ def test_backward_weight_layouts_and_strided_inputs(layout, weight_layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kwargs", [{"padding": 1}, {"padding": 1, "stride": 2, "groups": 2}, {"dilation": 2}],
+                         ids=["pad", "stride2_groups", "dilated"])
+def test_grad_weight_tiles_several_per_thread(layout, kwargs, monkeypatch):
+    """Per-thread im2col tiles: tiny tiles, so each thread runs several, across images."""
+    import numbaconv.backward as backward
+
+    monkeypatch.setattr(backward, "_DW_METHOD", "tiles")
+    monkeypatch.setattr(backward, "_TILE_BYTES", 1)
+    monkeypatch.setattr(backward, "_TILE_MIN_PIXELS", 1)
+    x, wt, b, gy = _setup((3, 4, 11, 9, 6, 3, 3), kwargs, np.float64, seed=11)
+    ew = torch_grads(x, wt, b, gy, **kwargs)[1]
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    dw = numbaconv.conv2d_backward_weight(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl).shape,
+                                          layout=layout, **kwargs)
+    assert_close(dw, to_weight(ew, wl), np.float64, 1000)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_separate_gradient_functions(layout):
     kwargs = {"stride": (1, 2), "padding": ((1, 0), (2, 1)), "dilation": (2, 1), "padding_mode": "reflect"}
     x, wt, b, gy = _setup((2, 3, 8, 9, 4, 3, 3), kwargs, np.float64, seed=5)
