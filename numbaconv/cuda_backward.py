@@ -254,8 +254,7 @@ def conv2d_backward_cuda(grad_output, x, weight, *, stride=1, padding=0, dilatio
         want_dx, want_dw, want_db = need
         outs = []
         dy = device(gv)
-        geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, cc._MODE_CODE[p.padding_mode])
-        mode = geometry[-1]
+        mode = cc._MODE_CODE[p.padding_mode]
         if want_dx:
             obj, dx = result(p.in_shape, x)
             if p.n and p.c and p.h and p.w:
