@@ -437,8 +437,15 @@ def _run1(acc, a0, yf, y0, xf, x0, n):
 
 
 @jit
-def _pair3(acc, a0, pk, yf, ya, yb, xf, xa, xb, e1, e2, n):
-    """Three taps (columns 0, e1, e2 apart) of one tap row for two output rows a, b:
+def _phase_row2(xf, src, w_, c_, ph, dst, vq):
+    """ph[dst + (b*vq + v)*C + c] = x row at ``src``, pixel 2v + b, channel c."""
+    for x in range(w_):
+        _copy_row(ph, np.uintp(dst + ((x % 2) * vq + x // 2) * c_), xf, np.uintp(src + x * c_), c_)
+
+
+@jit
+def _pair3(acc, a0, pk, yf, ya, yb, xf, xa, xb, e0, e1, e2, n):
+    """Three taps (at offsets e0, e1, e2) of one tap row for two output rows a, b:
     acc[a0 + s*pk + q] += dy_a[q] * x_a[q + e_s] + dy_b[q] * x_b[q + e_s], q < n."""
     a_0 = acc[a0:]
     a_1 = acc[a0 + pk:]
@@ -447,12 +454,13 @@ def _pair3(acc, a0, pk, yf, ya, yb, xf, xa, xb, e1, e2, n):
     y_b = yf[yb:]
     x_a = xf[xa:]
     x_b = xf[xb:]
+    u0 = np.uintp(e0)
     u1 = np.uintp(e1)
     u2 = np.uintp(e2)
     for q in range(np.uintp(n)):
         u = y_a[q]
         v = y_b[q]
-        a_0[q] += u * x_a[q] + v * x_b[q]
+        a_0[q] += u * x_a[q + u0] + v * x_b[q + u0]
         a_1[q] += u * x_a[q + u1] + v * x_b[q + u1]
         a_2[q] += u * x_a[q + u2] + v * x_b[q + u2]
 
@@ -493,6 +501,7 @@ def _nhwc_dw_db(x, dy, dwp, dbp, dwt, db, h_, w_, sh, sw, pt, pl, dh, dw, r_, s_
     m = k_ // c_
     rows = n_ * ho_
     pk = pix * k_
+    vq = (w_ + 1) // 2 + 1  # stride 2: pixels per column phase (+1: the offsets' slack)
     uk = np.uintp(k_)
     um = np.uintp(m)
     xf = x.ravel()
@@ -502,6 +511,8 @@ def _nhwc_dw_db(x, dy, dwp, dbp, dwt, db, h_, w_, sh, sw, pt, pl, dh, dw, r_, s_
         acc[:] = 0
         bacc = dbp[t]
         bacc[:] = 0
+        ph = np.zeros(4 * vq * c_ if sw == 2 and m == 1 and want_dw else 1, dtype=dy.dtype)
+        eo = np.empty(3, dtype=np.intp)
         row = t * rows // chunks
         row_end = (t + 1) * rows // chunks
         while row < row_end:
@@ -528,12 +539,28 @@ def _nhwc_dw_db(x, dy, dwp, dbp, dwt, db, h_, w_, sh, sw, pt, pl, dh, dw, r_, s_
                     va = 0 <= ha < h_
                     vb = 0 <= hb < h_
                     ex_lo, ex_hi = 0, 0
-                    if va and vb and hi > lo:
+                    if va and vb and hi > lo and sw == 2:
+                        # stride 2: both x rows split into column phases (ph[row, b, v] =
+                        # x[h, 2v + b]), where a tap's pixels are one contiguous run again
+                        _phase_row2(xf, (n * h_ + ha) * w_ * c_, w_, c_, ph, 0, vq)
+                        _phase_row2(xf, (n * h_ + hb) * w_ * c_, w_, c_, ph, 2 * vq * c_, vq)
+                        for s in range(3):
+                            col = s * dw - pl
+                            b = col % 2
+                            eo[s] = (b * vq + (col - b) // 2) * c_
+                        emin = min(eo[0], min(eo[1], eo[2]))
+                        for j0 in range(lo, hi, pix):
+                            _pair3(acc, r * 3 * pk, pk, yf, ya + j0 * k_, yb + j0 * k_, ph, emin + j0 * c_,
+                                   2 * vq * c_ + emin + j0 * c_, eo[0] - emin, eo[1] - emin, eo[2] - emin,
+                                   min(pix, hi - j0) * k_)
+                        ex_lo, ex_hi = lo, hi
+                    elif va and vb and hi > lo:
                         xa = ((n * h_ + ha) * w_ - pl) * c_
                         xb = ((n * h_ + hb) * w_ - pl) * c_
-                        for j0 in range(lo, hi, pix):
+                        step = pix if sw == 1 else 1  # runs only where pixels are contiguous
+                        for j0 in range(lo, hi, step):
                             _pair3(acc, r * 3 * pk, pk, yf, ya + j0 * k_, yb + j0 * k_, xf, xa + j0 * sw * k_,
-                                   xb + j0 * sw * k_, dw * c_, 2 * dw * c_, min(pix, hi - j0) * k_)
+                                   xb + j0 * sw * k_, 0, dw * c_, 2 * dw * c_, min(step, hi - j0) * k_)
                         ex_lo, ex_hi = lo, hi
                     if va:
                         _taps_runs(acc, r, pk, yf, ya, xf, (n * h_ + ha) * w_, c_, k_, w_, wo_, sw, pl, dw, s_,
@@ -690,8 +717,7 @@ def depthwise_backward(p, x, w_k, dy, want_dx, want_dw, want_db):
             dx = np.empty(p.in_shape, dtype=dtype)
             _nhwc_dx(w_k, dy, dx, *geometry)
     if want_dw or want_db:
-        runs = p.stride_w == 1 and p.k == p.c
-        pix = max(1, min(p.wo, 512 // p.k)) if runs else 1
+        pix = max(1, min(p.wo, 512 // p.k)) if p.k == p.c else 1
         chunks = max(1, min(threads, p.n * p.ho))
         dwt = np.empty(w_k.shape, dtype=dtype) if want_dw else None
         db = np.empty(p.k, dtype=dtype) if want_db else None
