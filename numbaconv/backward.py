@@ -31,6 +31,7 @@ shape and dtype; errors follow the contract's style (``TypeError`` for types and
 ``ValueError`` for shapes and values, each naming the argument and quoting the value).
 """
 
+import dataclasses
 import numbers
 import threading
 
@@ -518,11 +519,12 @@ def _kernel_weight_layout(layout):
     return "OIHW" if layout == "NCHW" else "HWIO"
 
 
-def _grads(p, x, w_k, dy, want_dx, want_dw):
+def _grads(p, x, w_k, dy, want_dx, want_dw, exact=False):
     """(dx, dW) on the zero-padded problem ``p``; ``w_k`` in the kernel's weight layout.
 
     ``x`` is C-contiguous (ignored unless ``want_dw``); results are C-contiguous, the
     weight gradient in the kernel's weight layout (OIHW for NCHW, HWIO for NHWC).
+    ``exact``: never the shifted GEMMs (see :func:`_exact_dw`).
     """
     dtype = p.dtype
     dx = np.zeros(p.in_shape, dtype=dtype) if want_dx else np.zeros((1, 1, 1, 1), dtype=dtype)
@@ -537,7 +539,7 @@ def _grads(p, x, w_k, dy, want_dx, want_dw):
         want_dw = False
         if not want_dx:
             return None, dwt
-    if want_dw and _dw_by_shifts(p):
+    if want_dw and not exact and _dw_by_shifts(p):
         dwt = _dw_shifted(p, x, dy, w_k.shape)
         want_dw = False
         if not want_dx:
@@ -623,6 +625,29 @@ def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
     return p, dx, dwt
 
 
+def _exact_dw(p, x, w_k, dy):
+    """dW by paths that multiply only the (x, dY) pairs torch does.
+
+    The fast grad-weight paths (shifted GEMMs, the NCHW depthwise flat sweeps) run whole
+    input rows against dY rows zero-extended to the input's width: an Inf or NaN in ``x``
+    that no valid output reads still meets a 0 there, and 0 * inf = nan where torch's sum
+    stays finite.  Such a pair can only make dW non-finite, so :func:`_backward_all`
+    checks dW (K*C*R*S values: free) and, only when some entry is not finite, computes it
+    again here: im2col GEMMs, or, for NCHW depthwise, the NHWC depthwise kernel on
+    transposed copies.
+    """
+    if p.cg == 1 and p.groups > 1:
+        if p.layout == "NHWC":
+            return depthwise_backward(p, x, w_k, dy, False, True, False)[1]
+        q = dataclasses.replace(p, layout="NHWC", weight_layout="HWIO")
+        xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        dyt = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
+        w_hwio = np.ascontiguousarray(w_k.transpose(2, 3, 1, 0))
+        dw_hwio = depthwise_backward(q, xt, w_hwio, dyt, False, True, False)[1]
+        return np.ascontiguousarray(dw_hwio.transpose(3, 2, 0, 1))
+    return _grads(p, x, w_k, dy, False, True, exact=True)[1]
+
+
 def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=False):
     """``(p, dx, dW, db)``; ``db`` is ``None`` unless the path computed it on the way
     (depthwise layers sum ``dY`` while they copy it)."""
@@ -653,6 +678,8 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
         dx_gemm, dwt_gemm = _grads(kp, xk, w_k, dy, want_dx, want_dw)
         dx = dx_gemm if dx is None else dx
         dwt = dwt_gemm if dwt is None else dwt
+    if dwt is not None and not np.isfinite(dwt).all():
+        dwt = _exact_dw(kp, xk, w_k, dy)
     if dx is not None and padded:
         dx = _fold_padding(dx, p)
     if dwt is not None and wl != p.weight_layout:

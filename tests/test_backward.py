@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import numbaconv
-from reference import TORCH_MODE, assert_close, explicit_padding, make_problem, pair, to_act, to_weight
+from reference import assert_close, explicit_padding, make_problem, pair, to_act, to_weight, torch_grads
 
 LAYOUTS = ["NCHW", "NHWC"]
 DTYPES = [np.float32, np.float64]
@@ -45,19 +45,6 @@ CASES = [
     ("single_channel", (1, 1, 10, 10, 1, 3, 3), {}),
     ("batch0", (0, 3, 6, 6, 2, 3, 3), {"padding": 1}),
 ]
-
-
-def torch_grads(x, w, b, gy, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
-    """float64 NCHW / OIHW gradients of torch's conv2d (numpy in, numpy out)."""
-    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
-    wt = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
-    bt = torch.tensor(np.asarray(b, np.float64), requires_grad=True)
-    stride, dilation = pair(stride), pair(dilation)
-    t, bo, l, r = explicit_padding(padding, x.shape[2:], w.shape[2:], stride, dilation)
-    y = F.conv2d(F.pad(xt, (l, r, t, bo), mode=TORCH_MODE[padding_mode]), wt, bt, stride, 0, dilation, groups)
-    assert y.shape == gy.shape
-    y.backward(torch.from_numpy(np.asarray(gy, np.float64)))
-    return xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()
 
 
 def _setup(shape, kwargs, dtype, seed=0):
@@ -269,6 +256,37 @@ def test_nan_propagates():
     gy[0, 0, 1, 1] = np.nan
     dx, dw, db = numbaconv.conv2d_backward(gy, x, wt)
     assert np.isnan(dx).any() and np.isnan(dw).any() and np.isnan(db[0])
+
+
+INF_CASES = [
+    ("dense", (1, 4, 6, 7, 5, 3, 3), {}),
+    ("dense_padded", (1, 40, 6, 7, 8, 3, 3), {"padding": 1}),          # shifted GEMMs (NHWC, C >= 32)
+    ("few_channels", (2, 3, 8, 9, 3, 3, 3), {"padding": (0, 1)}),
+    ("depthwise", (1, 8, 6, 7, 8, 3, 3), {"groups": 8}),
+    ("depthwise_dilated", (1, 8, 9, 9, 16, 3, 3), {"groups": 8, "padding": 1, "dilation": 2}),
+    ("depthwise_stride2", (1, 8, 9, 10, 8, 3, 3), {"groups": 8, "padding": 1, "stride": 2}),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case_id,shape,kwargs", INF_CASES, ids=[c[0] for c in INF_CASES])
+def test_inf_in_x_gives_torchs_weight_gradient(case_id, shape, kwargs, layout):
+    """Inf and NaN in x, at edges some taps never read: dW is inf/nan exactly where torch's is
+    (the fast paths' zero-extended dY rows would otherwise turn 0 * inf into nan)."""
+    x, wt, b, gy = _setup(shape, kwargs, np.float64)
+    x[0, 0, 2, -1] = np.inf
+    x[0, -1, -1, 0] = -np.inf
+    x[-1, 1, 0, 1] = np.nan
+    dx, dw, db = torch_grads(x, wt, b, gy, **kwargs)
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    gx, gw, gb = numbaconv.conv2d_backward(to_act(gy, layout), to_act(x, layout), to_weight(wt, wl), layout=layout,
+                                           weight_layout=wl, **kwargs)
+    expected = to_weight(dw, wl)
+    np.testing.assert_array_equal(np.isnan(gw), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(gw), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(gw[finite], expected[finite], rtol=1e-9, atol=1e-9)
 
 
 def test_inputs_not_modified():
