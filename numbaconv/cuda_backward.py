@@ -37,6 +37,19 @@ REDUCE_BLOCK = 128
 #: inlined device function of :func:`numbaconv.cuda_conv._src_py`), bound lazily
 cuda = None
 _src = None
+_tree_sum = None
+
+
+def _tree_sum_py(sm, tid, block):
+    """``sm[0] = sum(sm[:block])`` by the block's threads (``block`` a power of two); a
+    device function, inlined."""
+    cuda.syncthreads()
+    half = block // 2
+    while half > 0:
+        if tid < half:
+            sm[tid] += sm[tid + half]
+        cuda.syncthreads()
+        half //= 2
 
 
 def _grad_input_py(np_dtype, nhwc):
@@ -118,15 +131,9 @@ def _grad_weight_py(np_dtype, nb_dtype, nhwc, block):
                 acc += dy[n, oh, ow, k] * x[n, hi, wi, ci]
             else:
                 acc += dy[n, k, oh, ow] * x[n, ci, hi, wi]
-        sm = cuda.shared.array(block, nb_dtype)  # the block's tree sum
+        sm = cuda.shared.array(block, nb_dtype)
         sm[tid] = acc
-        cuda.syncthreads()
-        half = block // 2
-        while half > 0:
-            if tid < half:
-                sm[tid] += sm[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        _tree_sum(sm, tid, block)
         if tid == 0:
             if code == 0:
                 dwt[k, c, r, s] = sm[0]
@@ -154,15 +161,9 @@ def _grad_bias_py(np_dtype, nb_dtype, nhwc, block):
                 acc += dy[n, oh, ow, k]
             else:
                 acc += dy[n, k, oh, ow]
-        sm = cuda.shared.array(block, nb_dtype)  # the block's tree sum
+        sm = cuda.shared.array(block, nb_dtype)
         sm[tid] = acc
-        cuda.syncthreads()
-        half = block // 2
-        while half > 0:
-            if tid < half:
-                sm[tid] += sm[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        _tree_sum(sm, tid, block)
         if tid == 0:
             db[k] = sm[0]
 
@@ -172,9 +173,11 @@ def _grad_bias_py(np_dtype, nb_dtype, nhwc, block):
 @functools.lru_cache(maxsize=None)
 def _pyfuncs(dtype_name, nhwc, block):
     """Plain Python kernel functions (closures over compile-time constants) for one variant."""
-    global cuda, _src
+    global cuda, _src, _tree_sum
     cuda = cc._import_cuda()
     _src = cc._src
+    if _tree_sum is None:
+        _tree_sum = cuda.jit(device=True, inline="always")(_tree_sum_py)
     from numba import types  # noqa: PLC0415
 
     np_dtype = np.dtype(dtype_name)
