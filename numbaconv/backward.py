@@ -43,10 +43,12 @@ from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from .api import conv2d
 from .backward_depthwise import _copy_row, depthwise_backward
 from .backward_stream import stream_dw_db, use_streaming_dw
+from .cuda_conv import is_device_array
 from .im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from .layout import to_layout
 from .padding import _MODE_CODE, _index_map, pad_input
 from .problem import ConvProblem, check_array
+from .registry import algorithms
 
 __all__ = ["conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias"]
 
@@ -746,9 +748,21 @@ def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, 
     ``layout``), ``grad_weight`` like ``weight`` (in ``weight_layout``), ``grad_bias`` of
     shape ``(K,)``.  A gradient whose flag (``input_grad``, ``weight_grad``, ``bias_grad``)
     is false is not computed and returned as ``None``.
+
+    Device arrays (numba, CuPy, torch CUDA tensors) run numbaconv's CUDA backward kernels
+    (:func:`numbaconv.cuda_backward.conv2d_backward_cuda`) and come back as device arrays of
+    the same library, as :func:`numbaconv.conv2d` routes them to ``algorithm="cuda"``.
     """
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
                     padding_mode=padding_mode, layout=layout, weight_layout=weight_layout)
+    if any(is_device_array(a) for a in (grad_output, x, weight)):
+        if "cuda" not in algorithms():
+            raise ValueError("grad_output, x or weight is a device array but the 'cuda' algorithm is not available "
+                             "here (install numbaconv[cuda] on a machine with a GPU)")
+        from .cuda_backward import conv2d_backward_cuda  # noqa: PLC0415 -- numba.cuda only when needed
+
+        return conv2d_backward_cuda(grad_output, x, weight, need=(bool(input_grad), bool(weight_grad),
+                                                                  bool(bias_grad)), **geometry)
     p, dx, dwt, db = _backward_all(grad_output, x, weight, geometry, bool(input_grad), bool(weight_grad),
                                bool(bias_grad))
     if bias_grad and db is None:

@@ -411,6 +411,23 @@ def test_backward_device_arrays_partial_and_errors():
         cuda_backward.conv2d_backward_cuda(gy, x, wt, block=6, **kwargs)
 
 
+@needs_cuda
+def test_conv2d_backward_routes_device_arrays_to_cuda():
+    """``numbaconv.conv2d_backward`` on device arrays runs the CUDA kernels (device arrays out)."""
+    x, wt, b, kwargs, expected, red = _case((1, 3, 5, 6, 4, 3, 3), {"padding": 1, "padding_mode": "reflect"},
+                                            np.float32)
+    gy = np.random.default_rng(4).standard_normal(expected.shape).astype(np.float32)
+    dx, dw, db = torch_grads(x, wt, b, gy, **kwargs)
+    gx, gw, gb = numbaconv.conv2d_backward(cuda.to_device(gy), cuda.to_device(x), cuda.to_device(wt), **kwargs)
+    assert all(cuda_conv.is_device_array(g) for g in (gx, gw, gb))
+    assert_close(gx.copy_to_host(), dx, np.float32, 36)
+    assert_close(gw.copy_to_host(), dw, np.float32, 30)
+    assert_close(gb.copy_to_host(), db, np.float32, 30)
+    gx, gw, gb = numbaconv.conv2d_backward(cuda.to_device(gy), cuda.to_device(x), cuda.to_device(wt),
+                                           weight_grad=False, bias_grad=False, **kwargs)
+    assert gw is None and gb is None and cuda_conv.is_device_array(gx)
+
+
 # --- PTX: real compilation for sm_90, in a process without the simulator ----------------
 @pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason=REASON)
 def test_ptx_sm90():
