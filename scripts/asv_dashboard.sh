@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark the last N commits of main with asv, publish the dashboard, and screenshot it.
 #
-#   scripts/asv_dashboard.sh            # N=5, a small subset of the suite (~2 min per commit here)
+#   scripts/asv_dashboard.sh            # N=5, a small subset of the suite (~3 min per commit here)
 #   N=10 BENCH_ALL=1 scripts/asv_dashboard.sh   # every benchmark (hours on 2 cores)
+#   RANGE=e2ffb89..main STEPS=4 scripts/asv_dashboard.sh   # 4 commits spread over a range
 #
 # asv builds its own virtualenv (numba, numpy, scipy, torch==2.13.0 CPU) under .asv/env and
 # installs each commit with pip; results go to .asv/results and the site to .asv/html
@@ -10,19 +11,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-5}
+RANGE=${RANGE:-main~$N..main}
+STEPS_ARG=(); [ -n "${STEPS:-}" ] && STEPS_ARG=(--steps "$STEPS")
 SHOTS=${SHOTS:-docs}
 PORT=${PORT:-8123}
 
 if [ -n "${BENCH_ALL:-}" ]; then
   BENCH=()
 else
-  # one shape of the public suite x every algorithm x both layouts, im2col's memory, first call
-  BENCH=(-b "resnet_res2_3x3'\\)" -b "Im2colMemory" -b "timeraw_import_and_first_call\\('auto'")
+  # one dense and one depthwise shape of the public suite x every algorithm x both layouts,
+  # the dense one's backward, im2col's memory, first call
+  BENCH=(-b "resnet_res2_3x3'\\)" -b "mobilenet_dw_s1'\\)" -b "Im2colMemory" -b "timeraw_import_and_first_call\\('auto'")
 fi
 
 [ -f "${ASV_MACHINE_FILE:-$HOME/.asv-machine.json}" ] || asv machine --yes
 # timing jobs on this shared 2-core machine take turns through one lock
-flock /tmp/numbaconv-bench.lock asv run -e -a processes=1 "${BENCH[@]}" "main~$N..main"
+flock /tmp/numbaconv-bench.lock asv run -e -a processes=1 "${STEPS_ARG[@]}" "${BENCH[@]}" "$RANGE"
 asv publish
 
 command -v chromium >/dev/null || { echo "chromium not installed: skipping screenshots" >&2; exit 0; }
