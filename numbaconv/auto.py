@@ -2,22 +2,24 @@
 
 The heuristic is a pure function of :class:`~numbaconv.problem.ConvProblem`, so tests can
 check its choices without timing anything (``tests/test_auto.py``).  The rules come from
-``numbaconv bench --algorithms naive,im2col,tiled --budget 0.3`` on the public suite
-(float32, 2 threads, a quiet 2-core Zen 4 VM, commit 50d3139).  Milliseconds:
+``numbaconv bench --budget 0.4`` on the public suite (float32, 2 threads, a quiet 2-core
+Zen 4 VM, commit 967257f).  Milliseconds:
 
 ==================  ======  ======  ======  ======  ==========================
 problem             layout  naive   im2col  tiled   choice
 ==================  ======  ======  ======  ======  ==========================
-resnet_res2_1x1     NCHW     6.95    0.71    1.06   im2col (1x1, stride 1)
-resnet_res2_1x1     NHWC     2.09    0.65    0.90   im2col (1x1, stride 1)
-resnet_res3_1x1_s2  NCHW    12.4     0.73    0.60   tiled
-resnet_res3_1x1_s2  NHWC     0.82    0.41    0.53   im2col (1x1, NHWC)
-resnet_conv1        both    6.8-34  2.9-6.3  1.7    tiled
-resnet_res4_3x3     both    4.3-51  2.7-3.0  1.6-1.8 tiled
-resnet_res5_3x3     both    4.2-68  5.4-7.3  2.0-2.1 tiled
-mobilenet_dw_s1     both    0.35-5.3  1.6-13  0.14-0.20 tiled (depthwise kernel)
-mobilenet_dw_14     both    0.35-1.2  1.0-3.7 0.06-0.09 tiled (depthwise kernel)
-seed_notebook       both    15-165  51-155  9.0-9.5 tiled (streaming kernel)
+resnet_res2_1x1     NCHW     4.48    0.58    0.76   im2col (1x1, stride 1)
+resnet_res2_1x1     NHWC     1.20    0.54    0.66   im2col (1x1, stride 1)
+resnet_res3_1x1_s2  NCHW     8.90    0.37    0.39   tiled (within 5 %)
+resnet_res3_1x1_s2  NHWC     0.76    0.31    0.31   im2col (1x1, NHWC)
+resnet_conv1        both    5.4-23  1.7-3.8 1.35-1.38 tiled
+resnet_res2_3x3     both    4.5-11  1.6-1.7 1.16-1.24 tiled
+resnet_res4_3x3     both    3.0-36  1.4-1.5 1.16-1.17 tiled
+resnet_res5_3x3     both    3.2-57  2.3-3.8 1.57-1.68 tiled
+vgg_3x3 / batch8    both    24-94   11-15   9.5-9.9 tiled
+mobilenet_dw_s1     both    0.25-5.3 0.38-13 0.10-0.11 tiled (depthwise kernel)
+mobilenet_dw_14     both    0.34-2.0 0.58-5.0 0.06-0.12 tiled (depthwise kernel)
+seed_notebook       both    14-142  27-121  7.0-8.2 tiled (streaming kernel)
 ==================  ======  ======  ======  ======  ==========================
 
 Why: ``tiled`` (register-blocked direct convolution, with its depthwise and streaming
