@@ -21,6 +21,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit, valid_range
+from .depthwise import _to_planar
 
 __all__ = ["stream_dw_db", "use_streaming_dw"]
 
@@ -152,31 +153,6 @@ def _nchw(x, dy, dwp, dbp, kcrs, db, h_, w_, sh, sw, pt, pl, dh, dw, groups, wan
                     xoff[c, r] = ((n * c_ + c) * h_ + hi) * w_ if 0 <= hi < h_ else -1
             _row(yf, yoff, xf, xoff, acc, bacc, w_, wo_, sw, pl, dw, r_, s_, kg, cg, want_dw, want_db)
     _reduce(dwp, dbp, kcrs, db, want_dw, want_db)
-
-
-@jit
-def _to_planar(src, s0, n, c_, dst, d0, pitch):
-    """dst[d0 + c*pitch + j] = src[s0 + j*c_ + c] for j < n (an NHWC row to planar)."""
-    if c_ == 3:
-        a = dst[d0:]
-        b = dst[d0 + pitch:]
-        e = dst[d0 + 2 * pitch:]
-        s = src[s0:]
-        u1 = np.uintp(1)
-        u2 = np.uintp(2)
-        u3 = np.uintp(3)
-        for j in range(np.uintp(n)):
-            q = j * u3
-            a[j] = s[q]
-            b[j] = s[q + u1]
-            e[j] = s[q + u2]
-    else:
-        uc = np.uintp(c_)
-        for c in range(c_):
-            dc = dst[d0 + c * pitch:]
-            sc = src[s0 + c:]
-            for j in range(np.uintp(n)):
-                dc[j] = sc[j * uc]
 
 
 @pjit

@@ -577,8 +577,7 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, pt, pl):
     of = out.ravel()
     uk = np.uintp(k_)
     ucs = np.uintp(k_)
-    ncopy = min(w_, wp - pl)  # input pixels any tap reads
-    uw = np.uintp(max(ncopy, 0) * k_)
+    uw = np.uintp(w_ * k_)  # stride 1: Wo + 2 = W + pl + pr, so every input pixel is read
     for t in range(t0, t1):
         n = t // ho_
         i = t % ho_
@@ -784,29 +783,29 @@ def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
 
 
 @jit
-def _load_row_planar(x, n, hi, ring, slot):
-    """``ring[c, slot, :] = x[n, hi, :, c]`` (NHWC row to planar), 3 channels unrolled."""
-    w_, c_ = x.shape[2], x.shape[3]
-    xr = x[n, hi].ravel()
+def _to_planar(src, s0, n, c_, dst, d0, pitch):
+    """dst[d0 + c*pitch + j] = src[s0 + j*c_ + c] for j < n (an NHWC row to planar rows);
+    3 channels unrolled.  The streaming kernels' row transposition, forward and backward."""
     if c_ == 3:
-        r0 = ring[0, slot]
-        r1 = ring[1, slot]
-        r2 = ring[2, slot]
+        a = dst[d0:]
+        b = dst[d0 + pitch:]
+        e = dst[d0 + 2 * pitch:]
+        s = src[s0:]
         u1 = np.uintp(1)
         u2 = np.uintp(2)
         u3 = np.uintp(3)
-        for j in range(np.uintp(w_)):
+        for j in range(np.uintp(n)):
             q = j * u3
-            r0[j] = xr[q]
-            r1[j] = xr[q + u1]
-            r2[j] = xr[q + u2]
+            a[j] = s[q]
+            b[j] = s[q + u1]
+            e[j] = s[q + u2]
     else:
         uc = np.uintp(c_)
         for c in range(c_):
-            rc = ring[c, slot]
-            xs = xr[c:]
-            for j in range(np.uintp(w_)):
-                rc[j] = xs[j * uc]
+            dc = dst[d0 + c * pitch:]
+            sc = src[s0 + c:]
+            for j in range(np.uintp(n)):
+                dc[j] = sc[j * uc]
 
 
 @jit
@@ -845,6 +844,8 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
     k3 = k_ == 3 and groups == 1 and r_ == 3 and s_ == 3 and sw == 1 and dw == 1
     rb = (r_ - 1) * dh + 1
     ring = np.empty((c_, rb, w_), dtype=x.dtype)
+    ringf = ring.ravel()
+    xf = x.ravel()
     acc = np.empty((k_, wo_), dtype=out.dtype)
     loaded_n = -1
     loaded_to = 0  # rows [.., loaded_to) of image loaded_n are in the ring
@@ -857,7 +858,7 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
             loaded_to = top
         start = max(loaded_to, top)
         for hi in range(max(start, 0), min(top + rb, h_)):
-            _load_row_planar(x, n, hi, ring, hi % rb)
+            _to_planar(xf, (n * h_ + hi) * w_ * c_, w_, c_, ringf, (hi % rb) * w_, rb * w_)
         loaded_to = max(loaded_to, top + rb)
         if k3 and top >= 0 and top + 2 * dh < h_:
             for cc in range(cg):
