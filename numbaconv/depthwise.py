@@ -289,22 +289,33 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 @pjit
 def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq):
     """3x3 planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw``
-    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`)."""
+    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`).
+    Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
+    xf, wf, of = x.ravel(), w_krs.ravel(), out.ravel()
+    cx, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
+    ho_, wo_ = out.shape[2], out.shape[3]
+    # each tap's flat offset from its output pixel, computed once (36 integer divisions per
+    # plane cost as much as a 14x14 plane's arithmetic)
+    offs = np.empty(9, dtype=np.uintp)
+    for r in range(3):
+        for s in range(3):
+            offs[3 * r + s] = ((((r * dh) % sh) * sw + (s * dw) % sw) * hq + (r * dh) // sh) * wq + (s * dw) // sw
     for t in prange(chunks):
-        # zeroed once: the padding positions are the same for every plane, the rest is overwritten
-        buf = np.zeros(sh * sw * hq * wq, dtype=x.dtype)
-        op = np.empty(hq * wq, dtype=out.dtype)
+        # zeroed once: the padding positions are the same for every plane, the rest is
+        # overwritten; the slack past the end covers the sweep's last, partly used, block
+        buf = np.zeros(sh * sw * hq * wq + 2 * _LANES, dtype=x.dtype)
+        op = np.empty(hq * wq + _LANES, dtype=out.dtype)
         filled = -1  # input plane (n * C + c) now in buf
         for q in range(t * planes // chunks, (t + 1) * planes // chunks):
             n = q // k_
             k = q % k_
-            src = n * x.shape[1] + k // m
+            src = n * cx + k // m
             if src != filled:
-                _fill_phases(x, n, k // m, buf, sh, sw, hq, wq, pt, pl)
+                _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
                 filled = src
-            _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op)
+            _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
 
 
 @pjit
@@ -319,13 +330,11 @@ def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks):
 
 
 @jit
-def _fill_phases(x, n, c, buf, sh, sw, hq, wq, pt, pl):
-    """``buf[a, b, u, v] = x_pad[n, c, u*sh + a, v*sw + b]`` for every position that holds
-    real input (the padding positions keep their zeros): the plane split into its stride
-    phases, so every tap of a strided convolution reads one unit-stride run."""
-    h_, w_ = x.shape[2], x.shape[3]
-    xf = x.ravel()
-    base = (n * x.shape[1] + c) * h_ * w_
+def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
+    """``buf[a, b, u, v] = x_pad[u*sh + a, v*sw + b]`` (the ``h_ x w_`` plane at ``xf[base:]``)
+    for every position that holds real input (the padding positions keep their zeros): the
+    plane split into its stride phases, so every tap of a strided convolution reads one
+    unit-stride run."""
     for a in range(sh):
         u_lo, u_hi = valid_range(a - pt, sh, h_, hq)
         if sw == 2:
@@ -369,8 +378,9 @@ def _fill_phases(x, n, c, buf, sh, sw, hq, wq, pt, pl):
 
 
 @jit
-def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
-    """3x3 output plane ``out[n, k]`` from the phase planes in ``buf`` (:func:`_fill_phases`).
+def _plane_phases(wf, bias, of, base, ho_, wo_, k, sh, dh, wq, offs, buf, op):
+    """3x3 output plane ``of[base:base + Ho*Wo]`` (channel ``k``) from the phase planes in
+    ``buf`` (:func:`_fill_phases`).
 
     With the output laid out at the phase width ``wq``, tap ``(r, s)`` reads ``buf`` at a
     fixed flat shift from the output pixel, whatever the stride or dilation: one flat 9-tap
@@ -378,18 +388,11 @@ def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
     ``wq - Wo`` extra ones read wrapped data and are dropped).  On small or strided planes
     the scalar border loops and stride-2 loads of :func:`_plane3x3` cost more than the sweep.
     """
-    ho_, wo_ = out.shape[2], out.shape[3]
-    wk = w_krs[k].ravel()
+    kk = 9 * k
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = (wf[kk], wf[kk + 1], wf[kk + 2], wf[kk + 3], wf[kk + 4],
+                                          wf[kk + 5], wf[kk + 6], wf[kk + 7], wf[kk + 8])
     b = bias[k]
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
-    o = np.empty(9, dtype=np.uintp)
-    for r in range(3):
-        for s in range(3):
-            a = (r * dh) % sh
-            bb = (s * dw) % sw
-            o[3 * r + s] = ((a * sw + bb) * hq + (r * dh) // sh) * wq + (s * dw) // sw
-    o0, o1, o2, o3, o4, o5, o6, o7, o8 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]
-    of = out.ravel()
+    o0, o1, o2, o3, o4, o5, o6, o7, o8 = offs[0], offs[1], offs[2], offs[3], offs[4], offs[5], offs[6], offs[7], offs[8]
     if sh <= 2 and dh == 1 and wo_ >= _ROW_PAIRS_MIN_W:
         # wide planes, row stride 1 or 2: two output rows per sweep, straight into ``out``.
         # Stride 1: row i + 1's taps of kernel row r are row i's of kernel row r + 1 (12 loads
@@ -398,7 +401,7 @@ def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
         uq = np.uintp(wq)
         uo = np.uintp(wo_)
         for i in range(0, ho_, 2):
-            dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
+            dst = np.uintp(base + i * wo_)
             xs = np.uintp(i * wq)
             if i + 1 == ho_:  # odd last row
                 for j in range(uo):
@@ -431,14 +434,23 @@ def _plane_phases(w_krs, bias, out, n, k, sh, sw, dh, dw, hq, wq, buf, op):
                     of[dst + uo + j] = (b + w0 * e0 + w1 * e1 + w2 * e2 + w3 * f0 + w4 * f1 + w5 * f2
                                         + w6 * g0 + w7 * g1 + w8 * g2)
         return
-    for q in range(np.uintp((ho_ - 1) * wq + wo_)):
-        op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
-                 + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
-                 + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
+    # Narrow planes: one flat sweep over the rows at the phase width, in blocks of _LANES (a
+    # fixed trip count: whole vectors, no scalar remainder loop), then the Wo real columns
+    # of each row are copied out.
+    nb = np.uintp(((ho_ - 1) * wq + wo_ + _LANES - 1) // _LANES)
+    ul = np.uintp(_LANES)
+    for qb in range(nb):
+        q0 = qb * ul
+        for l in range(ul):
+            q = q0 + l
+            op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
+                     + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
+                     + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
     uo = np.uintp(wo_)
-    for i in range(ho_):
-        dst = np.uintp(((n * out.shape[1] + k) * ho_ + i) * wo_)
-        src = np.uintp(i * wq)
+    uq = np.uintp(wq)
+    for i in range(np.uintp(ho_)):
+        dst = np.uintp(base) + i * uo
+        src = i * uq
         for j in range(uo):
             of[dst + j] = op[src + j]
 
@@ -628,6 +640,8 @@ def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
 _PHASES_MAX_W = 256
 #: ... and from this width on, stride-1 rows are swept in pairs straight into the output
 _ROW_PAIRS_MIN_W = 32
+#: the narrow planes' block of output columns (16 float32 = one zmm, two ymm)
+_LANES = 16
 
 _ZERO_BIAS = {}
 

@@ -48,6 +48,9 @@ DEPTHWISE = [
     (1, 3, 13, 68, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW row pairs, stride 2, odd last row
     (1, 13, 6, 9, 13, 3, 3, dict(padding=1)),                         # NHWC blocks: 8-channel groups + 5 left over
     (1, 16, 9, 14, 16, 3, 3, dict(padding=(2, 1), dilation=(2, 1))),  # NHWC rows: contiguous runs (row dilation)
+    (2, 6, 14, 14, 6, 3, 3, dict(padding=1)),                         # NCHW narrow planes: 16-lane blocks, batch 2
+    (1, 3, 16, 16, 3, 3, 3, dict(padding=1)),                         # ... rows of exactly one block
+    (1, 2, 3, 3, 2, 3, 3, dict()),                                    # ... a single output pixel
 ]
 
 
