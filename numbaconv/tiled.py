@@ -33,7 +33,9 @@ into a gather-based reduction instead.  ``tests/test_tiled.py`` checks the machi
 for packed FMAs.
 
 Depthwise convolutions (``groups == C``) go to :mod:`numbaconv.depthwise`; few-channel,
-memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels there too.
+memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels there too;
+deep NCHW layers with few output pixels and large weights (ResNet's res5) to
+:mod:`numbaconv.dot`, which reads the OIHW weights in place instead of packing them.
 
 Regenerate :mod:`numbaconv._ukernels` with ``python -m numbaconv.tiled``.
 """
@@ -341,13 +343,15 @@ WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 
 def run(p, x, w, bias, out):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
-    from . import depthwise
+    from . import depthwise, dot
     wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
     if p.is_depthwise or uses_streaming(p):
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
         if p.is_depthwise:
             return depthwise.run(p, x, w_oihw, bias, out)
         return depthwise.run_streaming(p, x, w_oihw, bias, out)
+    if dot.applies(p):
+        return dot.run(p, x, w, bias, out)  # deep NCHW layer: its OIHW weights read in place
     nchw = p.layout == "NCHW"
     ssh = ssw = 1
     if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import numbaconv
-from numbaconv import depthwise, tiled
+from numbaconv import depthwise, dot, tiled
 from numbaconv.problem import ConvProblem
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -86,6 +86,37 @@ def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
            bias=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c for c in DENSE if c[7].get("groups", 1) == 1 and c[4] > 8],
+                         ids=lambda c: "x".join(map(str, c[:7])))
+def test_dot_path_for_deep_nchw_layers(case, dtype, monkeypatch):
+    """The dense cases with enough output channels not to stream (every remainder of its
+    6 x 4 blocks, stride, dilation, padding, 1x1, batch 2) through :mod:`numbaconv.dot`,
+    its size thresholds lifted."""
+    monkeypatch.setattr(dot, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(dot, "MAX_PIXELS", 10**6)
+    called = []
+    real = dot.run
+    monkeypatch.setattr(dot, "run", lambda *a: called.append(1) or real(*a))
+    _check(case, "NCHW", dtype)
+    _check(case, "NCHW", dtype, bias=False)
+    assert called
+
+
+def test_dot_path_is_taken_for_res5_like_layers():
+    """A 1.2 MB OIHW weight on a 5x5 image goes to :mod:`numbaconv.dot` unpatched (its
+    choice rules: NCHW, dense, few pixels, large weights); NHWC and big images do not."""
+    def applies(n, c, hw, k, layout="NCHW", groups=1):
+        return dot.applies(ConvProblem(n=n, c=c, h=hw, w=hw, k=k, r=3, s=3, pad_top=1, pad_bottom=1,
+                                       pad_left=1, pad_right=1, groups=groups, layout=layout))
+    assert applies(1, 256, 5, 128) and applies(1, 512, 7, 512) and applies(2, 512, 7, 512)
+    assert not applies(1, 512, 7, 512, layout="NHWC")
+    assert not applies(1, 256, 14, 256)  # 196 pixels: packed weights pay off
+    assert not applies(1, 16, 5, 16)  # small weights pack cheaply
+    assert not applies(1, 512, 7, 512, groups=2)
+    _check((1, 256, 5, 5, 128, 3, 3, dict(padding=1)), "NCHW", np.float32)
+
+
 def test_plan_blocks_cover_the_problem():
     p = ConvProblem(n=1, c=512, h=7, w=7, k=512, r=3, s=3, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
     b = tiled.plan(p)
@@ -118,6 +149,18 @@ def test_microkernel_uses_packed_fma(dtype):
     scalar = re.findall(r"vfmadd\d+s[sd]\s", asm)
     assert len(packed) >= 12, f"expected >= 12 packed FMAs on {reg}, found {len(packed)}"
     assert len(packed) > len(scalar)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_microkernel_uses_packed_fma(dtype):
+    """:mod:`numbaconv.dot`'s 6 x 4 block is vectorised along the reduction: its 24
+    accumulators become vector registers of partial sums (packed FMAs, no scalar ones)."""
+    if tiled.vector_bytes() < 32:
+        pytest.skip("no AVX2/AVX-512 on this machine")
+    asm = dot.microkernel_asm(dtype)
+    suffix = "ps" if dtype == np.float32 else "pd"
+    packed = re.findall(rf"vfmadd\d+{suffix}\s+[^\n]*%[yz]mm", asm)
+    assert len(packed) >= 24, f"expected >= 24 packed FMAs, found {len(packed)}"
 
 
 def test_generated_microkernels_are_up_to_date():
