@@ -40,6 +40,9 @@ def _parser():
                    help="machine peak in GFLOP/s for the %% column (default: %(default)s, this 2-core AVX2 machine)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="target time per cell for the adaptive repeat count (default 0.5, 0.1 with --quick)")
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="sweep the suite R times and keep each cell's best round median (a shared "
+                        "machine's bursts of load spoil single blocks); default 1")
     p.add_argument("--no-torch", action="store_true", help="do not time torch even if it is installed")
     p.add_argument("--json", metavar="FILE", help="write every measurement and the machine's description as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GFLOP/s per shape (needs matplotlib)")
@@ -116,6 +119,8 @@ def cmd_bench(args, out=None):
     if args.plot:
         from . import plot
         plot.require_matplotlib()  # fail now, not after minutes of measuring
+    if args.rounds < 1:
+        raise SystemExit(f"numbaconv bench: --rounds must be >= 1, got {args.rounds}")
     bench.set_threads(args.threads)
     with_torch = not args.no_torch and bench._import_torch() is not None
     budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
@@ -130,7 +135,7 @@ def cmd_bench(args, out=None):
         shapes = [suite[name] for name in shape_names]
         results = bench.run_suite(shapes, layouts, algorithms, budget_s=budget, min_repeats=min_repeats,
                                   peak_gflops=args.peak, with_torch=with_torch,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, rounds=args.rounds)
         print(format_table(results, with_torch), file=out)
         geo = bench.geomean_speedups(results)
         if geo:
@@ -148,6 +153,7 @@ def cmd_bench(args, out=None):
                    config=dict(suite=bench.suite_name(args.suite),
                                shapes=shape_names, layouts=layouts, algorithms=algorithms,
                                quick=args.quick, budget_s=budget, min_repeats=min_repeats, dtype="float32",
+                               rounds=args.rounds,
                                shape_table={n: suite[n]._asdict() for n in shape_names}),
                    results=results, geomean_speedup_vs_torch=bench.geomean_speedups(results),
                    first_call=first_call)

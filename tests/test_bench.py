@@ -114,6 +114,33 @@ def test_cli_selection_threads_and_peak(tmp_path, capsys):
     bench.set_threads(bench.DEFAULT_THREADS)
 
 
+def test_rounds_keep_each_cells_best_round(monkeypatch):
+    """``rounds=3``: every cell timed three times; each keeps its lowest round median, and the
+    speedup is computed from the kept medians (a slow round of torch's or ours is dropped)."""
+    shape = bench.TINY_SUITE["tiny_dw"]
+    calls = []
+    # the medians each call of time_samples returns, in call order: round r, impl i
+    medians = {("torch", 0): 4.0, ("naive", 0): 9.0,
+               ("torch", 1): 2.0, ("naive", 1): 5.0,
+               ("torch", 2): 3.0, ("naive", 2): 1.0}
+
+    def fake_samples(fn, budget_s, min_repeats):
+        impl = "torch" if len(calls) % 2 == 0 else "naive"
+        m = medians[(impl, len(calls) // 2)]
+        calls.append(impl)
+        return [m * 1e-3, m * 1e-3 * 0.5, m * 1e-3 * 2]  # median m ms, fastest m/2
+    monkeypatch.setattr(bench, "time_samples", fake_samples)
+    monkeypatch.setattr(bench, "torch_runner", lambda *a: None)
+    monkeypatch.setattr(bench, "_import_torch", lambda: object())
+    rows = bench.run_suite([shape], ["NCHW"], ["naive"], rounds=3, progress=False)
+    assert calls == ["torch", "naive"] * 3
+    t, n = rows
+    assert (t["algorithm"], t["ms"], t["min_ms"]) == ("torch", pytest.approx(2.0), pytest.approx(1.0))
+    assert (n["algorithm"], n["ms"], n["min_ms"]) == ("naive", pytest.approx(1.0), pytest.approx(0.5))
+    assert n["speedup_vs_torch"] == pytest.approx(2.0)
+    assert n["gflops"] == pytest.approx(shape.flops / 1e-3 / 1e9)
+
+
 @pytest.mark.parametrize("args", [["--algorithms", "nope"], ["--layouts", "NCWH"], ["--shapes", "resnet_res2_3x3"]])
 def test_cli_rejects_unknown_names(args, capsys):
     with pytest.raises(SystemExit) as info:
