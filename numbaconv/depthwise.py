@@ -338,26 +338,32 @@ def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
     for a in range(sh):
         u_lo, u_hi = valid_range(a - pt, sh, h_, hq)
         if sw == 2:
-            # both column phases in one loop over contiguous pairs: LLVM deinterleaves them
-            # with shuffles (one phase at a time compiles to gathers, several times slower)
-            c0 = pl % 2  # first column of phase 0
-            v0 = (c0 + pl) // 2
-            npair = max(0, min((w_ - c0) // 2, wq - v0))
-            p0 = (2 * a * hq) * wq + v0
-            p1 = p0 + hq * wq
+            # both column phases in one loop over the even-aligned column pairs (2t, 2t+1):
+            # LLVM deinterleaves them with shuffles (one phase at a time compiles to gathers,
+            # several times slower).  Column c goes to phase (c + pl) % 2 at v = (c + pl) // 2,
+            # so a pair's members land at v = t + pl // 2 and t + (pl + 1) // 2.
+            pe = pl % 2  # the phase of even columns
+            ve = pl // 2
+            vo = (pl + 1) // 2
+            npair = max(0, min(w_ // 2, wq - vo))
+            de0 = (2 * a + pe) * hq * wq + ve
+            do0 = (2 * a + 1 - pe) * hq * wq + vo
             for u in range(u_lo, u_hi):
                 row = base + (u * sh + a - pt) * w_
-                src = np.uintp(row + c0)
-                d0 = np.uintp(p0 + u * wq)
-                d1 = np.uintp(p1 + u * wq)
+                src = np.uintp(row)
+                de = np.uintp(de0 + u * wq)
+                do = np.uintp(do0 + u * wq)
                 for t in range(np.uintp(npair)):
-                    buf[d0 + t] = xf[src + t * np.uintp(2)]
-                    buf[d1 + t] = xf[src + t * np.uintp(2) + np.uintp(1)]
-                for t in range(w_ - 2 * npair):  # the columns outside the pairs
-                    col = t if t < c0 else t + 2 * npair
-                    v = (col + pl) // 2
-                    if v < wq:
-                        buf[((2 * a + (col + pl) % 2) * hq + u) * wq + v] = xf[row + col]
+                    buf[de + t] = xf[src + t * np.uintp(2)]
+                    buf[do + t] = xf[src + t * np.uintp(2) + np.uintp(1)]
+            # columns past the pairs (an odd width's last one; at most a few): each lands in
+            # the plane only while its v < wq
+            for col in range(2 * npair, w_):
+                v = (col + pl) // 2
+                if v < wq:
+                    d = ((2 * a + (col + pl) % 2) * hq) * wq + v
+                    for u in range(u_lo, u_hi):
+                        buf[d + u * wq] = xf[base + (u * sh + a - pt) * w_ + col]
             continue
         for b in range(sw):
             v_lo, v_hi = valid_range(b - pl, sw, w_, wq)

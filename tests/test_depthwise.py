@@ -51,6 +51,9 @@ DEPTHWISE = [
     (2, 6, 14, 14, 6, 3, 3, dict(padding=1)),                         # NCHW narrow planes: 16-lane blocks, batch 2
     (1, 3, 16, 16, 3, 3, 3, dict(padding=1)),                         # ... rows of exactly one block
     (1, 2, 3, 3, 2, 3, 3, dict()),                                    # ... a single output pixel
+    (1, 3, 11, 15, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW column phases: odd width
+    (2, 2, 9, 13, 4, 3, 3, dict(stride=2, padding=((0, 1), (2, 0)))), # ... odd width, left pad 2, m = 2
+    (1, 2, 8, 9, 2, 3, 3, dict(stride=2)),                            # ... odd width, no padding
 ]
 
 
