@@ -1,7 +1,7 @@
 """The front door: validate -> plan -> dispatch.
 
 1. :meth:`ConvProblem.from_args` parses and validates every argument (the only place
-   that raises the contract's errors);
+   that raises the contract's errors; ``from_args_cached`` remembers accepted ones);
 2. the plan: make ``x`` C-contiguous in its layout (a copy only for views with other
    strides), materialise non-zero padding modes, pick the algorithm, bring the weights
    to the layout it asks for (no copy when they already are);
@@ -46,9 +46,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         return REGISTRY["cuda"].run(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
                                     groups=groups, padding_mode=padding_mode, layout=layout,
                                     weight_layout=weight_layout, out=out)
-    problem = ConvProblem.from_args(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
-                                    groups=groups, padding_mode=padding_mode, layout=layout,
-                                    weight_layout=weight_layout)
+    problem = ConvProblem.from_args_cached(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                           groups=groups, padding_mode=padding_mode, layout=layout,
+                                           weight_layout=weight_layout)
     problem.check_out(out, ("x", x), ("weight", weight), ("bias", bias))
     if out is None:
         out = np.empty(problem.out_shape, dtype=problem.dtype)

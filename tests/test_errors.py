@@ -118,3 +118,34 @@ def test_convert_layout_errors():
         numbaconv.convert_layout(a, "HWO", "OHW")
     with pytest.raises(ValueError, match=re.escape("src='NNHW' repeats an axis letter")):
         numbaconv.convert_layout(a, "NNHW", "NHWN")
+
+
+@pytest.mark.parametrize("valid,invalid,pattern", [
+    (dict(stride=2), dict(stride=2.0), r"stride must be an int or a pair of ints, got 2.0"),
+    (dict(groups=1), dict(groups=1.0), r"groups must be an int >= 1, got 1.0"),
+    (dict(padding=(1, 1)), dict(padding=(1.0, 1)), r"padding must be an int or a pair of ints, got \(1.0, 1\)"),
+    (dict(dilation=1), dict(dilation=True), r"dilation must be an int or a pair of ints, got True"),
+])
+def test_errors_still_raised_after_an_equal_valid_call(valid, invalid, pattern):
+    """The front door remembers accepted arguments (``ConvProblem.from_args_cached``); values
+    equal to accepted ones but of another type (1.0 == 1 == True) must still be refused."""
+    call(**valid)
+    call(**valid)
+    with pytest.raises(ValueError, match=pattern):
+        call(**invalid)
+
+
+def test_accepted_arguments_are_parsed_once(monkeypatch):
+    from numbaconv import problem
+    from numbaconv.problem import ConvProblem
+    monkeypatch.setattr(problem, "_ACCEPTED", {})
+    real = ConvProblem.from_args.__func__
+    parsed = []
+    monkeypatch.setattr(ConvProblem, "from_args", classmethod(lambda cls, *a, **k: parsed.append(1) or real(cls, *a, **k)))
+    x = np.zeros((1, 4, 7, 7), np.float32)
+    numbaconv.conv2d(x, W, padding=(1, 2))
+    numbaconv.conv2d(x + 1, W, padding=(1, 2))  # same shapes and arguments: no parse
+    numbaconv.conv2d(x, W, padding=[1, 2])  # a list is not keyed: parsed every time
+    numbaconv.conv2d(x, W, padding=[1, 2])
+    assert len(parsed) == 3
+    assert numbaconv.conv2d(x, W, padding=(1, 2)).shape == (1, 2, 7, 9)
