@@ -346,9 +346,9 @@ def run(p, x, w, bias, out):
     from . import depthwise, dot
     wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
     if p.is_depthwise or uses_streaming(p):
-        w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
         if p.is_depthwise:
-            return depthwise.run(p, x, w_oihw, bias, out)
+            return depthwise.run(p, x, w, bias, out, wlayout)
+        w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
         return depthwise.run_streaming(p, x, w_oihw, bias, out)
     if dot.applies(p):
         return dot.run(p, x, w, bias, out)  # deep NCHW layer: its OIHW weights read in place

@@ -108,6 +108,22 @@ def test_nan_propagates():
         assert np.isinf(o[0, 2, 4:7, 4:7]).all() and np.isfinite(o[0, 0]).all()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [DEPTHWISE[i] for i in (0, 5, 7, 13, 15, 23)],
+                         ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
+def test_depthwise_takes_hwio_weights(case, layout):
+    """``depthwise.run`` with HWIO weights (what ``tiled`` passes for NHWC): a view for NHWC,
+    a transposing copy for NCHW -- the same result as with OIHW."""
+    n, c, h, w, k, r, s, kw = case
+    rng = np.random.default_rng(7)
+    x, wt, b = make_problem(rng, n, c, h, w, k, r, s, groups=c, dtype=np.float64)
+    xa = to_act(x, layout)
+    p = ConvProblem.from_args(xa, wt, b, layout=layout, weight_layout="OIHW", groups=c, **kw)
+    out = np.full(p.out_shape, np.nan)
+    depthwise.run(p, xa, np.ascontiguousarray(wt.transpose(2, 3, 1, 0)), b, out, "HWIO")
+    assert_close(out, to_act(torch_conv2d(x, wt, b, groups=c, **kw), layout), np.float64, r * s)
+
+
 @pytest.mark.parametrize("case", [c for c in DEPTHWISE if c[5] == c[6] == 3],
                          ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
 def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
