@@ -656,7 +656,7 @@ def _bias(p, bias):
     """``bias`` or a cached read-only zero vector (no allocation per call)."""
     if bias is not None:
         return bias
-    key = (p.k, np.dtype(p.dtype).str)
+    key = (p.k, p.dtype)
     b = _ZERO_BIAS.get(key)
     if b is None:
         b = np.zeros(p.k, dtype=p.dtype)

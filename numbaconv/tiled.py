@@ -53,6 +53,7 @@ from numba.core import cgutils
 from numba.core import config as _numba_config
 from numba.core.extending import intrinsic
 
+from . import depthwise, dot
 from ._jit import jit, pjit, slp as _slp
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
@@ -339,12 +340,12 @@ def uses_streaming(p):
 
 #: weight layout :func:`run` takes per activation layout (the front door converts to it)
 WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
+_WEIGHT_LAYOUT = dict(WEIGHT_LAYOUTS)
 
 
 def run(p, x, w, bias, out):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
-    from . import depthwise, dot
-    wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
+    wlayout = _WEIGHT_LAYOUT[p.layout]
     if p.is_depthwise or uses_streaming(p):
         if p.is_depthwise:
             return depthwise.run(p, x, w, bias, out, wlayout)
