@@ -40,6 +40,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, pjit, valid_range
+from .depthwise import _fill_phases
 from .problem import ConvProblem
 
 __all__ = ["depthwise_backward"]
@@ -94,19 +95,6 @@ def _plane_sum(dy, n, k, s):
 
 
 @jit
-def _deinterleave2(dst, d_even, d_odd, src, s0, n):
-    """dst[d_even + t] = src[s0 + 2t], dst[d_odd + t] = src[s0 + 2t + 1] for t < n."""
-    de = dst[d_even:]
-    do = dst[d_odd:]
-    s = src[s0:]
-    u1 = np.uintp(1)
-    u2 = np.uintp(2)
-    for t in range(np.uintp(n)):
-        de[t] = s[t * u2]
-        do[t] = s[t * u2 + u1]
-
-
-@jit
 def _interleave2(dst, d0, src, s_even, s_odd, n):
     """dst[d0 + 2t] = src[s_even + t], dst[d0 + 2t + 1] = src[s_odd + t] for t < n."""
     d = dst[d0:]
@@ -117,46 +105,6 @@ def _interleave2(dst, d0, src, s_even, s_odd, n):
     for t in range(np.uintp(n)):
         d[t * u2] = se[t]
         d[t * u2 + u1] = so[t]
-
-
-@jit
-def _fill_phases(x, n, c, xs, sh, sw, pt, pl, hq, pq):
-    """xs[(a*sw + b), u, v] = x[n, c, u*sh + a - pt, v*sw + b - pl] for real pixels (u < hq, v < pq)."""
-    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
-    xf = x.ravel()
-    for y in range(h_):
-        a = (y + pt) % sh
-        u = (y + pt) // sh
-        if u >= hq:
-            break
-        src = ((n * c_ + c) * h_ + y) * w_
-        if sw == 2:  # both column phases in one loop: vector loads split by shuffles
-            p0 = (a * 2 * hq + u) * pq
-            xe = pl % 2  # first pixel of phase 0
-            v0 = (xe + pl) // 2
-            pairs = max(0, min((w_ - xe) // 2, pq - v0))
-            _deinterleave2(xs, np.uintp(p0 + v0), np.uintp(p0 + hq * pq + v0), xf, np.uintp(src + xe), pairs)
-            x = 0
-            while x < w_:  # the (at most one) pixel before the pairs, and those after
-                if x >= xe:
-                    x = max(x, xe + 2 * pairs)
-                    if x >= w_:
-                        break
-                v = (x + pl) // 2
-                if v < pq:
-                    xs[p0 + (x + pl) % 2 * hq * pq + v] = xf[src + x]
-                x += 1
-            continue
-        for b in range(sw):
-            lo, hi = valid_range(b - pl, sw, w_, pq)
-            if hi <= lo:
-                continue
-            dst = np.uintp(((a * sw + b) * hq + u) * pq + lo)
-            s0 = np.uintp(src + lo * sw + b - pl)
-            if sw == 1:
-                _copy_row(xs, dst, xf, s0, hi - lo)
-            else:
-                _copy_strided(xs, dst, np.uintp(1), xf, s0, np.uintp(sw), hi - lo)
 
 
 @jit
@@ -332,6 +280,7 @@ def _nchw(x, w, dy, dx, dwp, dbp, dwt, db, c_, h_, w_, sh, sw, pt, pl, dh, dw, w
             tph[r * s_ + s] = ph
             xo[r * s_ + s] = (ph * hq + offr) * pq + offs
             de[r * s_ + s] = (oy - offr) * pq + ox - offs
+    xf = x.ravel()
     # stride 1, 3x3: grad-input is one 9-tap sweep over the rows holding real pixels
     u_lo = min(pt, hq)
     u_hi = min(hq, pt + h_)
@@ -350,7 +299,7 @@ def _nchw(x, w, dy, dx, dwp, dbp, dwt, db, c_, h_, w_, sh, sw, pt, pl, dh, dw, w
             c = job // n_
             n = job % n_
             if want_dw:
-                _fill_phases(x, n, c, xs, sh, sw, pt, pl, hq, pq)
+                _fill_phases(xf, (n * c_ + c) * h_ * w_, h_, w_, xs, sh, sw, hq, pq, pt, pl)
             for kk in range(m):
                 k = c * m + kk
                 if want_db:
