@@ -27,8 +27,8 @@ from ._jit import FASTMATH, jit, pjit
 
 __all__ = ["applies", "run", "microkernel_asm", "KB", "PB", "MAX_COLS_BYTES"]
 
-KB = 5  # output channels per micro-kernel call
-PB = 5  # output pixels per micro-kernel call
+KB = 5  # output channels per micro-kernel call (the block of _dot5x5)
+PB = 5  # output pixels per micro-kernel call (the block of _dot5x5 / _dot1x5)
 #: the im2col rows' size limit (the classic im2col blow-up stays bounded)
 MAX_COLS_BYTES = 4 << 20
 #: at most this many output pixels (all images): beyond it every weight is reused enough
@@ -144,22 +144,22 @@ def _dot1x5(w0, cols, acc, p0, zero):
 
 @pjit
 def _dot_conv(wm, cols, bias, out, pixels, zero):
-    """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of 5 channels."""
+    """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels."""
     k_ = wm.shape[0]
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
-    nkb = (k_ + 4) // 5
+    nkb = (k_ + KB - 1) // KB
     for kb in prange(nkb):
-        acc = np.empty((5, 5), dtype=out.dtype)
-        k0 = kb * 5
-        kn = min(5, k_ - k0)
-        for p0 in range(0, pixels, 5):
-            if kn == 5:
+        acc = np.empty((KB, PB), dtype=out.dtype)
+        k0 = kb * KB
+        kn = min(KB, k_ - k0)
+        for p0 in range(0, pixels, PB):
+            if kn == KB:
                 _dot5x5(wm, cols, acc, k0, p0, zero)
             else:
                 for a in range(kn):
                     _dot1x5(wm[k0 + a], cols, acc[a:], p0, zero)
-            for b in range(min(5, pixels - p0)):
+            for b in range(min(PB, pixels - p0)):
                 n = (p0 + b) // hw
                 q = (p0 + b) % hw
                 for a in range(kn):
