@@ -1,7 +1,7 @@
 """airspeed velocity (asv) benchmarks for numbaconv.
 
 Parametrised over algorithm x layout x SPEC.md's public suite, from the one table in
-:mod:`numbaconv.bench` (shared with ``numbaconv bench`` and the tests):
+:mod:`numbaconv.bench.suite` (shared with ``numbaconv bench`` and the tests):
 
 * ``Conv2d.time_conv2d`` -- one ``conv2d`` call; ``setup`` builds the arrays and calls once,
   so JIT compilation (or loading from Numba's cache) is never timed;
@@ -36,14 +36,14 @@ def _load_bench():
 
     asv discovers the benchmarks once and then runs them against every commit of a range,
     so parameters must not depend on the installed commit.  Use the installed
-    ``numbaconv.bench`` when it *is* this checkout's file (an editable install, the tests);
+    ``numbaconv.bench.suite`` when it *is* this checkout's file (an editable install, the tests);
     otherwise load this checkout's copy, which needs only ``numbaconv.conv2d`` and
     ``numbaconv.algorithms()`` from the installed commit (so commits older than
-    ``numbaconv/bench.py`` are benchmarked too).
+    ``numbaconv/bench/suite.py`` are benchmarked too).
     """
-    path = Path(__file__).resolve().parents[1] / "numbaconv" / "bench.py"
+    path = Path(__file__).resolve().parents[1] / "numbaconv" / "bench" / "suite.py"
     try:
-        from numbaconv import bench
+        from numbaconv.bench import suite as bench
         if not path.exists() or Path(bench.__file__).resolve() == path:
             return bench
     except ImportError:

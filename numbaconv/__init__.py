@@ -1,30 +1,74 @@
 """numbaconv: fast 2-D convolution on NumPy arrays, compiled with Numba.
 
 Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
-:func:`col2im`, :func:`convert_layout`.  ``import numbaconv`` never imports torch.
+:func:`col2im`, :func:`convert_layout`, the backward passes and :func:`conv_transpose2d`,
+and :func:`clear_caches`.  ``import numbaconv`` never imports torch.
+
+The package, top to bottom (``tests/test_architecture.py`` checks the import rules):
+
+* the core, here: ``api`` (the front door: validate -> plan -> dispatch), ``problem``
+  (argument parsing and every error), ``layout``, ``padding``, ``registry`` (algorithm
+  name -> implementing module) and ``auto``;
+* ``cpu/`` -- the host kernels, one module per algorithm, and the shared Numba settings;
+* ``grad/`` -- the backward passes and ``conv_transpose2d``;
+* ``cuda/`` -- the ``@cuda.jit`` kernels, forward and backward, with their host glue;
+* ``bench/`` -- ``numbaconv bench``: the suite, the CLI, plots;
+* ``torch`` -- the PyTorch integration (imports torch; nothing else here does).
+
+The training functions load on first use (PEP 562), so ``import numbaconv`` stays cheap.
 """
 
-from . import cuda_conv as _cuda_algo
-from . import im2col as _im2col_algo
-from . import naive as _naive_algo
-from . import tiled as _tiled_algo
+import importlib
+import sys
+
 from .api import conv2d
-from .backward import conv2d_backward, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight
-from .im2col import col2im, im2col
 from .layout import convert_layout
-from .registry import Algorithm, algorithms, register
-from .transpose import conv_transpose2d
+from .registry import algorithms
 
 __version__ = "0.1.0"
 __all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
-           "conv_transpose2d"]
+           "conv_transpose2d", "clear_caches"]
 
-register(Algorithm("naive", _naive_algo.run, "direct loop nest; the correctness baseline",
-                   weight_layouts=_naive_algo.WEIGHT_LAYOUTS))
-register(Algorithm("im2col", _im2col_algo.run, "bounded-workspace im2col + BLAS GEMM",
-                   weight_layouts=_im2col_algo.WEIGHT_LAYOUTS))
-register(Algorithm("tiled", _tiled_algo.run, "cache- and register-blocked direct convolution (the fast path)",
-                   weight_layouts=_tiled_algo.WEIGHT_LAYOUTS))
-register(Algorithm("cuda", _cuda_algo.run, "@cuda.jit implicit GEMM / direct kernels (numbaconv[cuda]; GPU or simulator)",
-                   available=_cuda_algo.available, host=False))
+#: public name -> the module that defines it, imported when the name is first used
+_LAZY = {
+    "im2col": "numbaconv.cpu.im2col",
+    "col2im": "numbaconv.cpu.im2col",
+    "conv2d_backward": "numbaconv.grad.backward",
+    "conv2d_backward_input": "numbaconv.grad.backward",
+    "conv2d_backward_weight": "numbaconv.grad.backward",
+    "conv2d_backward_bias": "numbaconv.grad.backward",
+    "conv_transpose2d": "numbaconv.grad.transpose",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'numbaconv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def clear_caches():
+    """Free the memory numbaconv keeps between calls.
+
+    That is: ``tiled``'s packed copies of large weights, the backward's reusable scratch
+    buffers (of the calling thread), the memo of accepted ``conv2d`` arguments and
+    ``auto``'s measured choices.  Numba's compiled kernels (on disk, ``NUMBA_CACHE_DIR``)
+    are not touched.  Modules not yet imported hold nothing and are left unimported.
+    """
+    from . import auto, problem
+
+    problem._ACCEPTED.clear()
+    auto.forget_measurements()
+    for module, function in (("numbaconv.cpu.tiled", "clear_cache"),
+                             ("numbaconv.grad.backward", "release_workspace")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            getattr(loaded, function)()

@@ -11,10 +11,9 @@
 import numpy as np
 
 from . import auto
-from .cuda_conv import is_device_array
 from .layout import to_layout
 from .padding import pad_input
-from .problem import ConvProblem
+from .problem import ConvProblem, is_device_array
 from .registry import REGISTRY, algorithms, usable
 
 __all__ = ["conv2d"]

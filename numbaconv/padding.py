@@ -8,7 +8,7 @@ image with :func:`source_index`, so no read ever leaves the input.
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit
+from .cpu._jit import jit, pjit
 
 __all__ = ["pad_input", "source_index"]
 

@@ -12,10 +12,40 @@ import numpy as np
 
 from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
 
-__all__ = ["ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES"]
+__all__ = ["ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES", "check_array", "is_device_array"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --- device arrays (recognised without importing numba.cuda) ------------------------------
+def _library(a):
+    """``"torch"`` / ``"cupy"`` for tensors of those libraries, else ``None``."""
+    module = type(a).__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else None
+
+
+def _has_cai(a):
+    try:  # torch raises RuntimeError (not AttributeError) for tensors that require grad
+        return hasattr(a, "__cuda_array_interface__")
+    except Exception:  # noqa: BLE001
+        return _library(a) == "torch" and bool(getattr(a, "is_cuda", False))
+
+
+def is_device_array(a):
+    """True for GPU arrays (CAI, numba/simulator device arrays, CUDA DLPack); never raises."""
+    return a is not None and not isinstance(a, np.ndarray) and (
+        _has_cai(a) or getattr(a, "__cuda_ndarray__", False) or _is_dlpack_cuda(a))
+
+
+def _is_dlpack_cuda(a):
+    device = getattr(a, "__dlpack_device__", None)
+    if device is None or _has_cai(a):
+        return False
+    try:
+        return device()[0] in (2, 13)  # kDLCUDA, kDLCUDAManaged
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def check_array(name, a, ndim=None, allow_device=False):

@@ -18,7 +18,7 @@ input gradient come back channels-last too, as torch's own convolution does.
 
 CUDA tensors: when ``"cuda"`` is in :func:`numbaconv.algorithms`, the forward runs
 ``algorithm="cuda"`` on the device tensors (no host copy) and the backward numbaconv's
-CUDA backward kernels (:mod:`numbaconv.cuda_backward`).  Without numbaconv's CUDA algorithm -- and for
+CUDA backward kernels (:mod:`numbaconv.cuda.backward`).  Without numbaconv's CUDA algorithm -- and for
 dtypes numbaconv does not support (float16, bfloat16, ...) -- :class:`Conv2d` falls back
 to torch's own convolution, so a model keeps working wherever it is moved;
 :func:`conv2d` instead raises numbaconv's ``TypeError`` for such dtypes on the CPU.
@@ -118,9 +118,9 @@ def _cuda_forward(x, weight, bias, geometry):
 
 
 def _cuda_backward(ctx, x, weight, gy, need_x, need_w, need_b):
-    """numbaconv's CUDA backward kernels (:mod:`numbaconv.cuda_backward`) on the device
+    """numbaconv's CUDA backward kernels (:mod:`numbaconv.cuda.backward`) on the device
     tensors, on torch's current stream; torch tensors out."""
-    from .cuda_backward import conv2d_backward_cuda
+    from .cuda.backward import conv2d_backward_cuda
 
     need_b = need_b and ctx.has_bias
     dx, dw, db = conv2d_backward_cuda(gy.detach(), x.detach(), weight.detach(), need=(need_x, need_w, need_b),

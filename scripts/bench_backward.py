@@ -42,7 +42,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads_arg(sys.argv[1:]))
 
 import numpy as np  # noqa: E402
 
-from numbaconv.bench import SUITE, make_inputs, set_threads, time_callable, time_samples  # noqa: E402
+from numbaconv.bench.suite import SUITE, make_inputs, set_threads, time_callable, time_samples  # noqa: E402
 
 SHAPES_3X3 = [name for name, s in SUITE.items() if s.rs == 3]
 

@@ -20,7 +20,7 @@ The issue's target: kernel >= 50 % of cuDNN on the ResNet 3x3 layers at batch 32
 
 ``--backward`` times the backward pass instead (grad input + weight + bias):
 ``torch.ops.aten.convolution_backward`` (cuDNN) against
-``numbaconv.cuda_backward.conv2d_backward_cuda`` on the same tensors, with each result's
+``numbaconv.cuda.backward.conv2d_backward_cuda`` on the same tensors, with each result's
 largest relative difference from cuDNN's.
 """
 
@@ -78,8 +78,8 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
 
     import numbaconv
-    from numbaconv import cuda_conv
-    from numbaconv.bench import SUITE
+    from numbaconv.cuda import conv as cuda_conv
+    from numbaconv.bench.suite import SUITE
 
     if "cuda" not in numbaconv.algorithms():
         print("numbaconv's 'cuda' algorithm is not available (numba-cuda installed? driver?)", file=sys.stderr)
@@ -165,8 +165,8 @@ def main(argv=None):
 
 
 def _backward(torch, names, batches, layouts):
-    from numbaconv.bench import SUITE
-    from numbaconv.cuda_backward import conv2d_backward_cuda
+    from numbaconv.bench.suite import SUITE
+    from numbaconv.cuda.backward import conv2d_backward_cuda
 
     print(f"{'shape':20s} {'N':>3s} {'layout':6s} {'cudnn ms':>9s} {'ours ms':>9s} {'ours/cudnn':>10s} {'max err':>9s}")
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compile every ``numbaconv.cuda_conv`` kernel to PTX with the real CUDA target -- no GPU needed.
+"""Compile every ``numbaconv.cuda.conv`` kernel to PTX with the real CUDA target -- no GPU needed.
 
 The CUDA simulator type-checks nothing, so this is what proves the kernels compile:
 ``python scripts/check_ptx.py [--cc 9.0] [--dump DIR]``.  Needs numba-cuda with NVVM and
@@ -29,14 +29,14 @@ def main(argv=None):
         return 2
     cc = tuple(int(v) for v in args.cc.split("."))
 
-    from numbaconv import cuda_conv
+    from numbaconv.cuda import ptx as cuda_ptx
 
     failures = []
     start = time.perf_counter()
-    for name, func, sig in cuda_conv.ptx_targets():
+    for name, func, sig in cuda_ptx.ptx_targets():
         t0 = time.perf_counter()
         try:
-            ptx = cuda_conv.compile_ptx(func, sig, cc)
+            ptx = cuda_ptx.compile_ptx(func, sig, cc)
         except Exception as exc:  # noqa: BLE001 -- report every kernel, then fail
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -1,6 +1,6 @@
 """Every asv benchmark method runs once on tiny shapes, so the asv suite cannot rot (numbagg style).
 
-The shape table is monkeypatched to :data:`numbaconv.bench.TINY_SUITE`; the benchmarks look
+The shape table is monkeypatched to :data:`numbaconv.bench.suite.TINY_SUITE`; the benchmarks look
 shapes up at ``setup`` time, so they run exactly the code asv runs, only smaller.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from numbaconv import bench
+from numbaconv.bench import suite as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIXES = ("time_", "track_", "peakmem_", "mem_", "timeraw_")
@@ -110,9 +110,9 @@ def test_benchmark_runs_once(tiny, cls, name):
 
 
 def test_bench_module_loads_standalone():
-    """asv loads numbaconv/bench.py by path next to older installed commits: no relative imports."""
+    """asv loads numbaconv/bench/suite.py by path next to older installed commits: no relative imports."""
     code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('standalone_bench', {str(ROOT / 'numbaconv' / 'bench.py')!r})\n"
+            f"spec = importlib.util.spec_from_file_location('standalone_bench', {str(ROOT / 'numbaconv' / 'bench' / 'suite.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "assert 'auto' in m.bench_algorithms() and m.SUITE\n"
             "assert 'torch' not in sys.modules\n")

@@ -86,7 +86,7 @@ def test_backward_matches_torch(case_id, shape, kwargs, layout, dtype):
     assert_close(db, eb, dtype, pixels)
 
 
-# Depthwise layers run their own fused kernels (numbaconv/backward_depthwise.py): NCHW
+# Depthwise layers run their own fused kernels (numbaconv/grad/depthwise.py): NCHW
 # stride-phase planes with 9-tap sweeps (3x3) or per-tap sweeps, row copies 8 values at a
 # time with an overlapping tail (rows < 8, = 8, and 8 < W not a multiple of 8); NHWC
 # contiguous pixel runs (stride 1, m = 1) or per-pixel channel loops, grad-input by the
@@ -150,7 +150,7 @@ def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeyp
     """grad-input as a forward convolution of dY with flipped weights (stride 1, where the
     padding allows it) and as GEMM + col2im fold: both must match torch, whichever the
     size heuristic would pick."""
-    import numbaconv.backward as backward
+    import numbaconv.grad.backward as backward
 
     monkeypatch.setattr(backward, "_DX_METHOD", method)
     x, wt, b, gy = _setup(shape, kwargs, np.float64, seed=4)
@@ -170,7 +170,7 @@ def test_grad_input_both_methods(case_id, shape, kwargs, layout, method, monkeyp
 def test_grad_weight_both_methods(case_id, shape, kwargs, layout, method, monkeypatch):
     """grad-weight by shifted GEMMs (stride 1, else im2col), by im2col GEMM and by the
     streaming row kernel (any geometry, auto's choice for few channels)."""
-    import numbaconv.backward as backward
+    import numbaconv.grad.backward as backward
 
     monkeypatch.setattr(backward, "_DW_METHOD", method)
     x, wt, b, gy = _setup(shape, kwargs, np.float64, seed=6)
@@ -202,7 +202,7 @@ def test_backward_weight_layouts_and_strided_inputs(layout, weight_layout):
                          ids=["pad", "stride2_groups", "dilated"])
 def test_grad_weight_tiles_several_per_thread(layout, kwargs, monkeypatch):
     """Per-thread im2col tiles: tiny tiles, so each thread runs several, across images."""
-    import numbaconv.backward as backward
+    import numbaconv.grad.backward as backward
 
     monkeypatch.setattr(backward, "_DW_METHOD", "tiles")
     monkeypatch.setattr(backward, "_TILE_BYTES", 1)
@@ -235,7 +235,7 @@ def test_separate_gradient_functions(layout):
 
 def test_backward_small_workspace_chunks():
     """A tiny im2col workspace forces many chunks (one output row each)."""
-    from numbaconv.im2col import set_workspace_bytes
+    from numbaconv.cpu.im2col import set_workspace_bytes
 
     kwargs = {"padding": 1, "stride": (2, 1)}
     x, wt, b, gy = _setup((3, 5, 9, 7, 6, 3, 3), kwargs, np.float64, seed=7)
@@ -409,7 +409,7 @@ def test_results_are_not_reused_scratch(layout, kwargs):
 @pytest.mark.parametrize("m,n", [(70, 33), (33, 70), (5, 3)], ids=["split_m", "split_n", "tiny"])
 def test_split_gemm_matches_numpy(transa, transb, m, n):
     """The thread-split GEMM behind the backward passes, on strided sub-matrices with offsets."""
-    from numbaconv.backward import _gemm_par
+    from numbaconv.grad.backward import _gemm_par
 
     rng = np.random.default_rng(0)
     k, lda, ldb, ldc = 19, 80, 90, 75

@@ -31,7 +31,7 @@ if HAVE_NUMBA_CUDA and "numba.cuda" not in sys.modules and _PRIOR is None:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 try:
     import numbaconv
-    from numbaconv import cuda_conv
+    from numbaconv.cuda import conv as cuda_conv
 
     if HAVE_NUMBA_CUDA:
         cuda = cuda_conv._import_cuda()  # binds numba.cuda now: the simulator unless told otherwise
@@ -314,7 +314,7 @@ def test_device_errors_name_the_argument():
 def test_cuda_tests_are_not_locked_out():
     """Not a skip but a failure: numba-cuda is installed, yet something imported numba.cuda in
     hardware mode before this module (on a machine with no GPU), so the simulator cannot start.
-    Check for a GPU with ``numbaconv.cuda_conv.real_gpu()`` / ``available()`` instead: they
+    Check for a GPU with ``numbaconv.cuda.conv.real_gpu()`` / ``available()`` instead: they
     never import numba.cuda without a CUDA driver."""
     pytest.fail(REASON + ": some module imported numba.cuda early; use cuda_conv.real_gpu() instead")
 
@@ -351,13 +351,13 @@ def test_not_listed_without_numba_cuda():
     assert res.stdout.split() == ["False"]
 
 
-# --- backward kernels (numbaconv.cuda_backward) -------------------------------------------
+# --- backward kernels (numbaconv.cuda.backward) -------------------------------------------
 BACKWARD_CASES = ["basic", "stride_pair", "dilation_pair_stride", "asymmetric_padding", "replicate",
                   "circular_same_stride2", "depthwise_multiplier2", "no_bias_pointwise_stride2"]
 
 
 def _check_backward(name, layout, dtype, weight_layout=None, block=4):
-    from numbaconv import cuda_backward
+    from numbaconv.cuda import backward as cuda_backward
 
     _, shape, kwargs = CASES[IDS.index(name)]
     kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
@@ -391,7 +391,7 @@ def test_backward_kernels_float64_and_weight_layouts(name, layout):
 
 @needs_cuda
 def test_backward_device_arrays_partial_and_errors():
-    from numbaconv import cuda_backward
+    from numbaconv.cuda import backward as cuda_backward
 
     x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"padding": 1, "stride": 2}, np.float32)
     gy = np.random.default_rng(2).standard_normal(expected.shape).astype(np.float32)

@@ -1,6 +1,6 @@
 """The depthwise and streaming kernels' fast paths against torch float64.
 
-Shapes are small but large enough to reach each fast path of :mod:`numbaconv.depthwise`:
+Shapes are small but large enough to reach each fast path of :mod:`numbaconv.cpu.depthwise`:
 the NCHW zero-padded stride-phase planes (any stride and dilation, small planes), the flat
 whole-plane sweep (stride 1, ``Wo == W``: "same" padding, with and without dilation), the NCHW single-sweep 3x3 rows (stride 1 without padding, stride 2, stride 3),
 the NHWC ring of zero-padded rows with 4-pixel blocks (column stride 1), contiguous pixel runs (stride 1, few channels, rows wider than a run) and the
@@ -15,8 +15,8 @@ import numba
 import numpy as np
 import pytest
 
-from numbaconv import _dw_blocks, depthwise
-from numbaconv._jit import slp
+from numbaconv.cpu import _dw_blocks, depthwise
+from numbaconv.cpu._jit import slp
 from numbaconv.problem import ConvProblem
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -134,7 +134,7 @@ def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
 
 def test_generated_blocks_are_up_to_date():
     path = pathlib.Path(depthwise.__file__).with_name("_dw_blocks.py")
-    assert path.read_text() == depthwise.generate_source(), "run: python -m numbaconv.depthwise"
+    assert path.read_text() == depthwise.generate_source(), "run: python -m numbaconv.cpu.depthwise"
 
 
 def test_nhwc_block_uses_packed_fma():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import numbaconv
-from numbaconv import depthwise, dot, tiled
+from numbaconv.cpu import depthwise, dot, tiled
 from numbaconv.problem import ConvProblem
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -91,7 +91,7 @@ def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
                          ids=lambda c: "x".join(map(str, c[:7])))
 def test_dot_path_for_deep_nchw_layers(case, dtype, monkeypatch):
     """The dense cases with enough output channels not to stream (every remainder of its
-    5 x 5 blocks, stride, dilation, padding, 1x1, batch 2) through :mod:`numbaconv.dot`,
+    5 x 5 blocks, stride, dilation, padding, 1x1, batch 2) through :mod:`numbaconv.cpu.dot`,
     its size thresholds lifted."""
     monkeypatch.setattr(dot, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(dot, "MAX_PIXELS", 10**6)
@@ -104,7 +104,7 @@ def test_dot_path_for_deep_nchw_layers(case, dtype, monkeypatch):
 
 
 def test_dot_path_is_taken_for_res5_like_layers():
-    """A 1.2 MB OIHW weight on a 5x5 image goes to :mod:`numbaconv.dot` unpatched (its
+    """A 1.2 MB OIHW weight on a 5x5 image goes to :mod:`numbaconv.cpu.dot` unpatched (its
     choice rules: NCHW, dense, few pixels, large weights); NHWC and big images do not."""
     def applies(n, c, hw, k, layout="NCHW", groups=1):
         return dot.applies(ConvProblem(n=n, c=c, h=hw, w=hw, k=k, r=3, s=3, pad_top=1, pad_bottom=1,
@@ -153,7 +153,7 @@ def test_microkernel_uses_packed_fma(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dot_microkernel_uses_packed_fma(dtype):
-    """:mod:`numbaconv.dot`'s 5 x 5 block is vectorised along the reduction: its 25
+    """:mod:`numbaconv.cpu.dot`'s 5 x 5 block is vectorised along the reduction: its 25
     accumulators become vector registers of partial sums (packed FMAs, no scalar ones)."""
     if tiled.vector_bytes() < 32:
         pytest.skip("no AVX2/AVX-512 on this machine")
@@ -166,7 +166,7 @@ def test_dot_microkernel_uses_packed_fma(dtype):
 def test_generated_microkernels_are_up_to_date():
     import pathlib
     path = pathlib.Path(tiled.__file__).with_name("_ukernels.py")
-    assert path.read_text() == tiled.generate_source(), "run: python -m numbaconv.tiled"
+    assert path.read_text() == tiled.generate_source(), "run: python -m numbaconv.cpu.tiled"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -21,8 +21,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from ..problem import check_array, int_pair
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
-from .problem import check_array, int_pair
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
 

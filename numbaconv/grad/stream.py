@@ -2,7 +2,7 @@
 
 The seed notebook's layer (C = K = 3, 1000 x 1000) does ``C*R*S = 27`` multiply-adds per
 output value: an im2col GEMM with a 27-long reduction spends its time filling the column
-buffer, not in the GEMM.  Like the forward streaming kernel (:func:`numbaconv.depthwise.
+buffer, not in the GEMM.  Like the forward streaming kernel (:func:`numbaconv.cpu.depthwise.
 run_streaming`), this one streams the output rows once, in per-thread chunks:
 
 * per output row and (output channel, input channel) pair, the ``R*S`` weight-gradient
@@ -20,8 +20,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit, valid_range
-from .depthwise import _to_planar
+from ..cpu._jit import jit, pjit, valid_range
+from ..cpu.depthwise import _to_planar
 
 __all__ = ["stream_dw_db", "use_streaming_dw"]
 

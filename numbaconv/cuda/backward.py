@@ -1,5 +1,5 @@
 """``conv2d`` backward on the GPU: ``@cuda.jit`` kernels for the gradients w.r.t. the input,
-the weight and the bias (the CUDA sibling of :mod:`numbaconv.backward`).
+the weight and the bias (the CUDA sibling of :mod:`numbaconv.grad.backward`).
 
 Every geometry of the contract (stride, dilation, groups, every padding form and mode), NCHW
 and NHWC, float32 and float64; activations and ``grad_output`` may have any strides.
@@ -15,9 +15,9 @@ and NHWC, float32 and float64; activations and ``grad_output`` may have any stri
   tree reduction adds them up; the result is written in the weight's own layout.
 * **grad-bias** -- one block per output channel, the same reduction over ``dy``.
 
-Padding modes are the forward's index map (:func:`numbaconv.cuda_conv._src_py`, an inlined
+Padding modes are the forward's index map (:func:`numbaconv.cuda.conv._src_py`, an inlined
 device function).  The host glue (device arrays of numba, CuPy or torch used in place on their current
-stream, NumPy copied in and out) is :mod:`numbaconv.cuda_conv`'s.
+stream, NumPy copied in and out) is :mod:`numbaconv.cuda.conv`'s.
 """
 
 import functools
@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from . import cuda_conv as cc
-from .problem import ConvProblem, check_array
+from . import conv as cc
+from ..problem import ConvProblem, check_array
 
 __all__ = ["conv2d_backward_cuda", "REDUCE_BLOCK", "ptx_targets"]
 
@@ -34,7 +34,7 @@ __all__ = ["conv2d_backward_cuda", "REDUCE_BLOCK", "ptx_targets"]
 REDUCE_BLOCK = 128
 
 #: module globals the kernels resolve: ``cuda`` and the padding index map ``_src`` (the
-#: inlined device function of :func:`numbaconv.cuda_conv._src_py`), bound lazily
+#: inlined device function of :func:`numbaconv.cuda.conv._src_py`), bound lazily
 cuda = None
 _src = None
 _tree_sum = None

@@ -21,7 +21,7 @@ def require_matplotlib():
 
 
 def plot_results(results, path, peak_gflops=None, title=None):
-    """Write a bar chart of ``results`` (from :func:`numbaconv.bench.run_suite`) to ``path``.
+    """Write a bar chart of ``results`` (from :func:`numbaconv.bench.suite.run_suite`) to ``path``.
 
     One panel per layout; groups of bars per shape; one bar per implementation (torch
     included); a dashed line at ``peak_gflops``.  The y axis is logarithmic: the direct

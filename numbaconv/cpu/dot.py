@@ -1,7 +1,7 @@
 """``tiled``'s path for deep NCHW layers: few output pixels, large OIHW weights read in place.
 
 ResNet's res5 3x3 (7x7 pixels, 512 -> 512 channels) uses each of its 9.4 MB of weights for
-only 49 output pixels.  The register-blocked micro-kernel of :mod:`numbaconv.tiled` wants
+only 49 output pixels.  The register-blocked micro-kernel of :mod:`numbaconv.cpu.tiled` wants
 the weights packed ``V`` output channels at a time; packing them per call, or checking a
 cached packed copy bit for bit (which reads 2 x 9.4 MB), costs a third of the arithmetic.
 

@@ -6,7 +6,7 @@ Everything runs on the library's own kernels (no torch):
   fills its own im2col tiles and multiplies them into its own copy of ``dW`` (one
   full-size GEMM per tile, ``dW += dY @ im2col(x)^T``), the copies summed at the end.  With
   few channels per group (``Cg * Kg <= 16``: the seed notebook) it streams instead
-  (:mod:`numbaconv.backward_stream`: nine register accumulators per channel pair and row,
+  (:mod:`numbaconv.grad.stream`: nine register accumulators per channel pair and row,
   grad-bias on the way).  ``_DW_METHOD`` selects the older shifted-GEMM (stride 1) and
   chunked im2col variants for tests and benchmarks.
 * **grad-input** is the transposed convolution: a forward convolution of ``dY`` with the
@@ -16,7 +16,7 @@ Everything runs on the library's own kernels (no torch):
   pixel it was read from.  NCHW folds in parallel over channels, NHWC over input rows (a
   gather), so no two threads ever write one element.
 * **depthwise** layers (one input channel per group) skip the GEMMs, whose matrices would
-  be 1 x 9: :mod:`numbaconv.backward_depthwise` computes all three gradients in one
+  be 1 x 9: :mod:`numbaconv.grad.depthwise` computes all three gradients in one
   parallel region per layout.
 * **grad-bias** is the sum of ``dY`` over batch and space.
 
@@ -39,16 +39,15 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
-from .api import conv2d
-from .backward_depthwise import _copy_row, depthwise_backward
-from .backward_stream import stream_dw_db, use_streaming_dw
-from .cuda_conv import is_device_array
-from .im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
-from .layout import to_layout
-from .padding import _MODE_CODE, _index_map, pad_input
-from .problem import ConvProblem, check_array
-from .registry import algorithms
+from ..api import conv2d
+from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
+from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
+from ..layout import to_layout
+from ..padding import _MODE_CODE, _index_map, pad_input
+from ..problem import ConvProblem, check_array, is_device_array
+from ..registry import algorithms
+from .depthwise import _copy_row, depthwise_backward
+from .stream import stream_dw_db, use_streaming_dw
 
 __all__ = ["conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias"]
 
@@ -622,7 +621,7 @@ def _placeholder(shape, dtype):
 
 
 def _backward(grad_output, x, weight, geometry, want_dx, want_dw):
-    """``(p, dx, dW)`` (used by :mod:`numbaconv.transpose` too)."""
+    """``(p, dx, dW)`` (used by :mod:`numbaconv.grad.transpose` too)."""
     p, dx, dwt, _ = _backward_all(grad_output, x, weight, geometry, want_dx, want_dw)
     return p, dx, dwt
 
@@ -750,7 +749,7 @@ def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, 
     is false is not computed and returned as ``None``.
 
     Device arrays (numba, CuPy, torch CUDA tensors) run numbaconv's CUDA backward kernels
-    (:func:`numbaconv.cuda_backward.conv2d_backward_cuda`) and come back as device arrays of
+    (:func:`numbaconv.cuda.backward.conv2d_backward_cuda`) and come back as device arrays of
     the same library, as :func:`numbaconv.conv2d` routes them to ``algorithm="cuda"``.
     """
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -759,7 +758,7 @@ def conv2d_backward(grad_output, x, weight, *, stride=1, padding=0, dilation=1, 
         if "cuda" not in algorithms():
             raise ValueError("grad_output, x or weight is a device array but the 'cuda' algorithm is not available "
                              "here (install numbaconv[cuda] on a machine with a GPU)")
-        from .cuda_backward import conv2d_backward_cuda  # noqa: PLC0415 -- numba.cuda only when needed
+        from ..cuda.backward import conv2d_backward_cuda  # noqa: PLC0415 -- numba.cuda only when needed
 
         return conv2d_backward_cuda(grad_output, x, weight, need=(bool(input_grad), bool(weight_grad),
                                                                   bool(bias_grad)), **geometry)

@@ -3,14 +3,14 @@
 Runs SPEC.md's public benchmark suite (float32) for every algorithm in
 ``numbaconv.algorithms()`` plus ``auto``, in NCHW (OIHW weights) and NHWC (HWIO weights),
 and prints ms, GFLOP/s, % of the machine's peak and the speedup over torch measured in the
-same process with the same thread count.  See :mod:`numbaconv.bench` for the method.
+same process with the same thread count.  See :mod:`numbaconv.bench.suite` for the method.
 """
 
 import argparse
 import json
 import sys
 
-from . import bench
+from . import suite as bench
 
 __all__ = ["main"]
 

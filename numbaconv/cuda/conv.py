@@ -44,10 +44,10 @@ import sys
 import numpy as np
 from numba import uint64
 
-from .layout import DEFAULT_WEIGHT_LAYOUT, permutation
-from .problem import ConvProblem, SUPPORTED_DTYPES
+from ..layout import DEFAULT_WEIGHT_LAYOUT, permutation
+from ..problem import SUPPORTED_DTYPES, ConvProblem, _has_cai, _is_dlpack_cuda, _library, is_device_array
 
-__all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets", "compile_all_ptx"]
+__all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets"]
 
 #: module global so kernels resolve ``cuda.xxx`` (and the simulator can swap it); set lazily
 cuda = None
@@ -453,8 +453,8 @@ def _signatures(dtype_name):
 
 
 def ptx_targets():
-    """``(name, python function, signature)`` for every kernel the host glue launches
-    (the backward kernels of :mod:`numbaconv.cuda_backward` included)."""
+    """``(name, python function, signature)`` for every forward kernel the host glue launches
+    (:mod:`numbaconv.cuda.ptx` adds the backward's)."""
     targets = []
     for dtype_name in ("float32", "float64"):
         direct_sig, gemm_sig, pack_sig = _signatures(dtype_name)
@@ -465,54 +465,10 @@ def ptx_targets():
             for name in GEMM_CONFIGS:
                 targets.append((f"{name}_{layout}_{dtype_name}", funcs[name], gemm_sig))
         targets.append((f"pack_{dtype_name}", _pack_py(), pack_sig))
-    from .cuda_backward import ptx_targets as backward_targets  # noqa: PLC0415 -- it imports this module
-
-    return targets + backward_targets()
-
-
-def compile_ptx(func, sig, cc=(9, 0)):
-    """PTX of one kernel for compute capability ``cc`` (needs numba-cuda's NVVM, no GPU)."""
-    cu = _import_cuda()
-    if _sim_loaded():
-        raise RuntimeError("PTX needs the real numba.cuda target; unset NUMBA_ENABLE_CUDASIM")
-    return cu.compile_ptx(func, sig, cc=cc)[0]
-
-
-def compile_all_ptx(cc=(9, 0)):
-    """Every kernel compiled to PTX for ``cc``: name -> PTX (see scripts/check_ptx.py)."""
-    return {name: compile_ptx(func, sig, cc) for name, func, sig in ptx_targets()}
+    return targets
 
 
 # --- host glue -----------------------------------------------------------------------------
-def _library(a):
-    """``"torch"`` / ``"cupy"`` for tensors of those libraries, else ``None``."""
-    module = type(a).__module__.split(".")[0]
-    return module if module in ("torch", "cupy") else None
-
-
-def _has_cai(a):
-    try:  # torch raises RuntimeError (not AttributeError) for tensors that require grad
-        return hasattr(a, "__cuda_array_interface__")
-    except Exception:  # noqa: BLE001
-        return _library(a) == "torch" and bool(getattr(a, "is_cuda", False))
-
-
-def is_device_array(a):
-    """True for GPU arrays (CAI, numba/simulator device arrays, CUDA DLPack); never raises."""
-    return a is not None and not isinstance(a, np.ndarray) and (
-        _has_cai(a) or getattr(a, "__cuda_ndarray__", False) or _is_dlpack_cuda(a))
-
-
-def _is_dlpack_cuda(a):
-    device = getattr(a, "__dlpack_device__", None)
-    if device is None or _has_cai(a):
-        return False
-    try:
-        return device()[0] in (2, 13)  # kDLCUDA, kDLCUDAManaged
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _view(a):
     """A numba device-array view of device array ``a`` (zero-copy); other objects unchanged."""
     if a is None or isinstance(a, np.ndarray) or getattr(a, "__cuda_ndarray__", False):

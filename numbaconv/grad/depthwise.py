@@ -32,16 +32,16 @@ columns, output rows go in pairs and a tap row's three taps in one loop
 (:func:`_pair3`): 2 FMAs per accumulator load/store instead of 1 (dw_s1 grad-weight
 0.40 -> 0.22 ms single-threaded).  Grad-input with stride 1
 and ``m = 1`` is the forward depthwise convolution of ``dy`` with the flipped filter
-(:func:`numbaconv.depthwise.run`), otherwise a direct gather per input row.
+(:func:`numbaconv.cpu.depthwise.run`), otherwise a direct gather per input row.
 """
 
 import numba
 import numpy as np
 from numba import prange
 
-from ._jit import jit, pjit, valid_range
-from .depthwise import _fill_phases
-from .problem import ConvProblem
+from ..cpu._jit import jit, pjit, valid_range
+from ..cpu.depthwise import _fill_phases
+from ..problem import ConvProblem
 
 __all__ = ["depthwise_backward"]
 
@@ -607,7 +607,7 @@ def _dx_by_forward(p):
 
 
 def _dx_forward(p, w_k, dy):
-    from .depthwise import run
+    from ..cpu.depthwise import run
 
     reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
     w_oihw = w_k if p.layout == "NCHW" else w_k.transpose(3, 2, 0, 1)

@@ -1,7 +1,7 @@
 """``conv_transpose2d``: the transposed ("fractionally strided") convolution, as torch's.
 
 A transposed convolution is the gradient w.r.t. the input of a forward convolution, so it
-runs on the grad-input kernels of :mod:`numbaconv.backward` (``cols = W^T @ x`` GEMM +
+runs on the grad-input kernels of :mod:`numbaconv.grad.backward` (``cols = W^T @ x`` GEMM +
 ``col2im`` fold, or the direct depthwise kernels): ``conv_transpose2d(x, w)`` equals
 ``conv2d_backward_input(x, output_shape, w)`` for the forward convolution that maps a tensor
 of the output's shape back to ``x``'s shape.
@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from .backward import _backward, _placeholder
-from .problem import check_inputs, int_pair
+from ..problem import check_inputs, int_pair
 
 __all__ = ["conv_transpose2d"]
 

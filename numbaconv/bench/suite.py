@@ -1,6 +1,6 @@
 """The public benchmark suite (SPEC.md) as data, and the measurements behind ``numbaconv bench``.
 
-One table of shapes and implementations is shared by the CLI (:mod:`numbaconv.cli`), the
+One table of shapes and implementations is shared by the CLI (:mod:`numbaconv.bench.cli`), the
 asv suite (``asv_bench/``) and the tests, so a shape or an algorithm is benchmarked
 everywhere as soon as it is added here or registered in :mod:`numbaconv.registry`.
 
@@ -137,9 +137,12 @@ def _real_gpu():
     # simulator out for the rest of the process.  Absolute import, no relative ones in this
     # module: asv loads this file on its own next to older commits (without cuda_conv).
     try:
-        from numbaconv.cuda_conv import real_gpu
+        from numbaconv.cuda.conv import real_gpu
     except ImportError:
-        return False
+        try:  # commits before the package layout
+            from numbaconv.cuda_conv import real_gpu
+        except ImportError:
+            return False
     return real_gpu()
 
 

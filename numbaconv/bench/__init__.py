@@ -1,0 +1,11 @@
+"""``numbaconv bench``: the benchmark suite and its command line.
+
+* ``suite`` -- SPEC.md's shape table, timing helpers shared with asv (``asv_bench/``) and the
+  tests, torch (lazily imported) in the same process;
+* ``cli``   -- the ``numbaconv`` console script (``python -m numbaconv``);
+* ``plot``  -- the bar chart of ``--plot`` (matplotlib, lazily imported).
+
+May import: the public ``numbaconv`` API (``suite`` only through absolute imports: asv loads
+that file on its own next to older commits) and ``numbaconv.cuda.conv.real_gpu``.  Nothing
+in the library imports ``bench``.
+"""

@@ -1,0 +1,19 @@
+"""The host (CPU) kernels: one module per algorithm, plus what they share.
+
+* ``_jit``      -- the shared Numba settings (``jit`` / ``pjit``, ``FASTMATH``, SLP), small
+  helpers callable from ``@njit`` (``valid_range``, ``prefetchw``, BLAS ``gemm``);
+* ``naive``     -- the direct loop nest (the correctness baseline, a plain-Python twin beside it);
+* ``im2col``    -- im2col + BLAS with a bounded workspace, and the public ``im2col`` / ``col2im``;
+* ``tiled``     -- the cache- and register-blocked direct convolution (the fast path), and
+  ``_ukernels`` its generated micro-kernels (``python -m numbaconv.cpu.tiled``);
+* ``dot``       -- tiled's path for deep NCHW layers (OIHW weights read in place);
+* ``depthwise`` -- depthwise and few-channel streaming kernels, and ``_dw_blocks`` their
+  generated NHWC register blocks (``python -m numbaconv.cpu.depthwise``).
+
+An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
+(the protocol of :mod:`numbaconv.registry`, which names it).
+
+May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
+types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
+``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` imports nothing of numbaconv.
+"""
