@@ -57,7 +57,8 @@ def valid_range(offset, stride, size, out_size):
     """
     lo = 0
     if offset < 0:
-        lo = (-offset + stride - 1) // stride
+        # clipped to out_size: callers zero-fill [0, lo), which must stay inside the row
+        lo = min(out_size, (-offset + stride - 1) // stride)
     hi = out_size
     last = size - 1 - offset  # largest o * stride allowed
     if last < 0:

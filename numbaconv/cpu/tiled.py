@@ -333,7 +333,7 @@ def run(p, x, w, bias, out):
         p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
     b = plan(p)
     v_ = b["V"]
-    if not nchw and ssh == 1 and b["hp"] == p.h and b["wp"] == p.w:
+    if not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w:
         xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
     else:
         xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
