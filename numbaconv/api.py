@@ -12,11 +12,11 @@ import numpy as np
 
 from . import auto
 from .layout import to_layout
-from .padding import pad_input
+from .padding import gather_compacted, pad_input, padding_products
 from .problem import ConvProblem, is_device_array
 from .registry import REGISTRY, algorithms, usable
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "convolve"]
 
 
 def _check_algorithm(algorithm):
@@ -49,23 +49,42 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                                            groups=groups, padding_mode=padding_mode, layout=layout,
                                            weight_layout=weight_layout)
     problem.check_out(out, ("x", x), ("weight", weight), ("bias", bias))
+    return convolve(problem, x, weight, bias, algorithm, out)
+
+
+def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_products=True):
+    """The convolution ``problem`` describes, on validated arguments (steps 2-3 above).
+
+    ``with_padding_products``: give torch's NaN where zero padding meets a non-finite weight
+    (``conv2d``'s contract); the backward's grad-input convolutions, whose padding stands
+    for outputs that do not exist, turn it off.
+    """
     if out is None:
         out = np.empty(problem.out_shape, dtype=problem.dtype)
     if out.size == 0:
         return out
 
     x = np.ascontiguousarray(x)
-    if problem.padding_mode != "zeros" and problem.has_padding:
-        x = pad_input(x, problem)
-        problem = problem.materialised()
     if bias is not None:
         bias = np.ascontiguousarray(bias)
+    compaction = problem.compaction
+    if compaction is not None:
+        _run_compacted(algorithm, problem, compaction, x, weight, bias, out)
+    elif problem.padding_mode != "zeros" and problem.has_padding:
+        _dispatch(algorithm, problem.materialised(), pad_input(x, problem), weight, bias, out)
+    else:
+        _dispatch(algorithm, problem, x, weight, bias, out)
+    if with_padding_products:
+        padding_products(problem, weight, out)
+    return out
+
+
+def _dispatch(algorithm, problem, x, weight, bias, out):
     if algorithm == "auto":
         algorithm = auto.choose(problem)
         if auto.benchmark:
             algorithm = auto.choose_measured(problem, lambda name: _run(name, problem, x, weight, bias, out))
     _run(algorithm, problem, x, weight, bias, out)
-    return out
 
 
 def _run(name, problem, x, weight, bias, out):
@@ -73,3 +92,28 @@ def _run(name, problem, x, weight, bias, out):
     algo = REGISTRY[name]
     w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
     algo.run(problem, x, w, bias, out)
+
+
+def _run_compacted(algorithm, problem, c, x, weight, bias, out):
+    """A wasteful geometry on its :class:`~numbaconv.problem.Compaction`: the gathered input
+    (padding mode applied), the live taps' weights, the live outputs; the other outputs meet
+    only zero padding and get the bias."""
+    nchw = c.problem.layout == "NCHW"
+    o = out if nchw else out.transpose(0, 3, 1, 2)  # NCHW view
+    rows, cols = slice(c.rows.out_lo, c.rows.out_hi), slice(c.cols.out_lo, c.cols.out_hi)
+    region = o[:, :, rows, cols]
+    whole = region.shape == o.shape
+    if not whole:
+        o[...] = 0 if bias is None else bias.reshape(1, -1, 1, 1)
+    if region.size == 0:
+        return
+    xs = gather_compacted(x, problem, c)
+    wl = c.problem.weight_layout
+    taps = [slice(None)] * 4
+    taps[wl.index("H")] = slice(c.rows.tap_lo, c.rows.tap_hi)
+    taps[wl.index("W")] = slice(c.cols.tap_lo, c.cols.tap_hi)
+    ws = np.ascontiguousarray(weight[tuple(taps)])
+    target = out if whole else np.empty(c.problem.out_shape, dtype=out.dtype)
+    _dispatch(algorithm, c.problem, xs, ws, bias, target)
+    if not whole:
+        region[...] = target if nchw else target.transpose(0, 3, 1, 2)

@@ -10,7 +10,7 @@ from numba import prange
 
 from .cpu._jit import jit, pjit
 
-__all__ = ["pad_input", "source_index"]
+__all__ = ["pad_input", "source_index", "gather", "gather_compacted", "source_indices"]
 
 _MODE_CODE = {"reflect": 0, "replicate": 1, "circular": 2}
 
@@ -39,34 +39,171 @@ def _index_map(before, size, after, mode):
 
 @pjit
 def _gather_nchw(x, rows, cols, out):
+    """``out[n, c, i, j] = x[n, c, rows[i], cols[j]]``, or 0 where either index is -1."""
     n_, c_ = x.shape[0], x.shape[1]
+    zero = out.dtype.type(0)
     for job in prange(n_ * c_):
         n = job // c_
         c = job % c_
         for i in range(rows.size):
+            if rows[i] < 0:
+                out[n, c, i, :] = zero
+                continue
             for j in range(cols.size):
-                out[n, c, i, j] = x[n, c, rows[i], cols[j]]
+                out[n, c, i, j] = x[n, c, rows[i], cols[j]] if cols[j] >= 0 else zero
 
 
 @pjit
 def _gather_nhwc(x, rows, cols, out):
+    """``out[n, i, j, :] = x[n, rows[i], cols[j], :]``, or 0 where either index is -1."""
     n_ = x.shape[0]
     for job in prange(n_ * rows.size):
         n = job // rows.size
         i = job % rows.size
         for j in range(cols.size):
-            out[n, i, j, :] = x[n, rows[i], cols[j], :]
+            if rows[i] < 0 or cols[j] < 0:
+                out[n, i, j, :] = 0
+            else:
+                out[n, i, j, :] = x[n, rows[i], cols[j], :]
+
+
+def gather(x, layout, rows, cols):
+    """``x`` (C-contiguous, in ``layout``) at input rows ``rows`` and columns ``cols``
+    (index arrays; -1 gives a zero): a new C-contiguous array."""
+    n, c = x.shape[0], x.shape[1 if layout == "NCHW" else 3]
+    if layout == "NCHW":
+        out = np.empty((n, c, rows.size, cols.size), dtype=x.dtype)
+        _gather_nchw(x, rows, cols, out)
+    else:
+        out = np.empty((n, rows.size, cols.size, c), dtype=x.dtype)
+        _gather_nhwc(x, rows, cols, out)
+    return out
+
+
+def source_indices(coords, size, padding_mode):
+    """Input indices that the (unpadded-frame) coordinates ``coords`` read: the padding mode's
+    map (as :func:`source_index`), or -1 for zero padding outside ``[0, size)``."""
+    coords = np.asarray(coords, dtype=np.int64)
+    if padding_mode == "zeros":
+        return np.where((coords >= 0) & (coords < size), coords, -1).astype(np.intp)
+    if padding_mode == "reflect":
+        i = np.where(coords < 0, -coords, coords)
+        return np.where(i >= size, 2 * (size - 1) - i, i).astype(np.intp)
+    if padding_mode == "replicate":
+        return np.clip(coords, 0, size - 1).astype(np.intp)
+    return np.mod(coords, size).astype(np.intp)  # circular
+
+
+def gather_compacted(x, p, c):
+    """The input of a :class:`~numbaconv.problem.Compaction` ``c`` of problem ``p``."""
+    rows = np.arange(p.h, dtype=np.intp) if c.rows.coords is None else source_indices(c.rows.coords, p.h, p.padding_mode)
+    cols = np.arange(p.w, dtype=np.intp) if c.cols.coords is None else source_indices(c.cols.coords, p.w, p.padding_mode)
+    return gather(x, p.layout, rows, cols)
 
 
 def pad_input(x, p):
     """``x`` (C-contiguous, in ``p.layout``) padded by ``p.padding`` in ``p.padding_mode``."""
     mode = _MODE_CODE[p.padding_mode]
-    rows = _index_map(p.pad_top, p.h, p.pad_bottom, mode)
-    cols = _index_map(p.pad_left, p.w, p.pad_right, mode)
-    if p.layout == "NCHW":
-        out = np.empty((p.n, p.c, rows.size, cols.size), dtype=x.dtype)
-        _gather_nchw(x, rows, cols, out)
+    return gather(x, p.layout, _index_map(p.pad_top, p.h, p.pad_bottom, mode),
+                  _index_map(p.pad_left, p.w, p.pad_right, mode))
+
+
+# --- zero padding meets non-finite weights ---------------------------------------------------
+# torch multiplies the zero padding by the weights, so 0 * inf = NaN reaches every output
+# whose window covers the padding with a non-finite weight.  The kernels skip padding taps
+# (no branch, no out-of-bounds read); the front door restores torch's NaNs afterwards.
+@jit
+def _max_exponent(bits, exponent):
+    """``max(bits & exponent)``: equals ``exponent`` exactly when some value is Inf or NaN
+    (a max reduction over unsigned ints: vectorised, no branch)."""
+    m = bits[0] & exponent
+    for i in range(bits.size):
+        m = max(m, bits[i] & exponent)
+    return m
+
+
+@pjit
+def _any_nonfinite(bits, exponent):
+    """Any element of the float's bit view ``bits`` with an all-ones exponent (Inf or NaN)."""
+    n = bits.size
+    parts = min(n, 16)
+    chunk = (n + parts - 1) // parts
+    flags = np.zeros(parts, dtype=np.bool_)
+    for t in prange(parts):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if lo < hi:
+            flags[t] = _max_exponent(bits[lo:hi], exponent) == exponent
+    return flags.any()
+
+
+_PARALLEL_SCAN_BYTES = 1 << 20
+
+
+def any_nonfinite(a):
+    """Whether ``a`` holds an Inf or a NaN (one vectorised pass over its bits, no temporaries)."""
+    if a.size == 0:
+        return False
+    a = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype.itemsize == 4:
+        bits, exponent = a.view(np.uint32), np.uint32(0x7F800000)
     else:
-        out = np.empty((p.n, rows.size, cols.size, p.c), dtype=x.dtype)
-        _gather_nhwc(x, rows, cols, out)
-    return out
+        bits, exponent = a.view(np.uint64), np.uint64(0x7FF0000000000000)
+    if a.nbytes < _PARALLEL_SCAN_BYTES:  # a parallel region costs more than the scan
+        return _max_exponent(bits, exponent) == exponent
+    return bool(_any_nonfinite(bits, exponent))
+
+
+def padding_products(p, weight, out):
+    """Give ``out`` (``p.out_shape``, in ``p.layout``) torch's NaNs where zero padding met a
+    non-finite weight of ``weight`` (in ``p.weight_layout``).
+
+    Cheap when every weight is finite: it scans the smaller of the weights and the output.
+    A non-finite weight at a tap that reads real input somewhere makes that output
+    non-finite, so a finite output leaves only the taps that never meet the image to check.
+    """
+    if not p.has_padding or p.padding_mode != "zeros" or out.size == 0:
+        return
+    w = np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])  # (K, C/G, R, S) view
+    rows, cols = p.tap_reads
+    if weight.size <= out.size:
+        if not any_nonfinite(weight):
+            return
+    elif not any_nonfinite(out):
+        dead = ~rows.any(axis=0)[:, None] | ~cols.any(axis=0)[None, :]  # (R, S): never meets the image
+        if not dead.any() or np.isfinite(w[:, :, dead]).all():
+            return
+    nf = ~np.isfinite(w).all(axis=1)  # (K, R, S): a non-finite weight at that tap
+    o = out if p.layout == "NCHW" else out.transpose(0, 3, 1, 2)
+    for r, s in zip(*np.nonzero(nf.any(axis=0))):
+        pad = ~rows[:, r][:, None] | ~cols[:, s][None, :]  # (Ho, Wo): the tap reads padding there
+        if pad.any():
+            for k in np.nonzero(nf[:, r, s])[0]:
+                o[:, k][:, pad] = np.nan
+
+
+def padding_products_grad_weight(p, dy, dw):
+    """Give ``dw`` (in ``p.weight_layout``) torch's NaNs where zero padding met a non-finite
+    ``dy`` (in ``p.layout``): torch's grad-weight sums ``dy * x`` over the padding too.
+
+    Free when ``dw`` is finite and every output pixel reads some real input (a non-finite
+    ``dy`` there would have made ``dw`` non-finite); only outputs whose whole window is
+    padding are checked then.
+    """
+    if not p.has_padding or p.padding_mode != "zeros" or dy.size == 0:
+        return
+    rows, cols = p.tap_reads
+    d = dy if p.layout == "NCHW" else dy.transpose(0, 3, 1, 2)
+    if np.isfinite(dw).all():
+        dead_rows, dead_cols = ~rows.any(axis=1), ~cols.any(axis=1)
+        if not (dead_rows.any() or dead_cols.any()):
+            return
+        if np.isfinite(d[:, :, dead_rows]).all() and np.isfinite(d[:, :, :, dead_cols]).all():
+            return
+    nfk = ~np.isfinite(d).all(axis=0)  # (K, Ho, Wo)
+    w = np.transpose(dw, [p.weight_layout.index(a) for a in "OIHW"])  # a writable view
+    for r in range(p.r):
+        for s in range(p.s):
+            pad = ~rows[:, r][:, None] | ~cols[:, s][None, :]
+            hit = (nfk & pad).any(axis=(1, 2))
+            w[hit, :, r, s] = np.nan

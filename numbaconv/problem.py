@@ -6,7 +6,9 @@ here, before any work, and each names the argument and quotes the bad value.
 """
 
 import numbers
+import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -93,16 +95,53 @@ def _is_int(v):
     return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
+#: the largest stride, dilation, padding or padded extent accepted: the kernels index in
+#: 64-bit integers, and sums of two such coordinates must not overflow
+MAX_EXTENT = 2**61
+
+
 def int_pair(name, value, minimum):
-    """``value`` as ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
-    if type(value) is int and value >= minimum:  # the common case, without the ABC checks
+    """``value`` as ``(h, w)`` from an int or a pair of ints, each in ``[minimum, 2**61]``."""
+    if type(value) is int and minimum <= value <= MAX_EXTENT:  # the common case, without the ABC checks
         return value, value
     pair = (value, value) if _is_int(value) else value
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > MAX_EXTENT:
+        raise ValueError(f"{name} must be at most 2**61 (the kernels index in 64-bit integers), got {value!r}")
     return int(pair[0]), int(pair[1])
+
+
+def check_padded_extent(name, value, padded_hw):
+    """The padded input must stay within :data:`MAX_EXTENT` too (``"same"`` derives its
+    padding from the dilation)."""
+    if max(padded_hw) > MAX_EXTENT:
+        raise ValueError(f"{name}={value!r} makes the padded input {tuple(padded_hw)}, larger than 2**61 "
+                         "(the kernels index in 64-bit integers)")
+
+
+def _memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows): numpy's own limit
+        return 2**63 - 1
+
+
+#: the largest result numbaconv allocates: this machine's physical memory
+MAX_RESULT_BYTES = _memory_bytes()
+
+
+def check_result_size(shape, dtype, cause):
+    """A result of ``shape`` must fit in memory; ``cause`` names the arguments that made it
+    (a result beyond it could only fail later, in numpy, without saying why)."""
+    nbytes = np.dtype(dtype).itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes > MAX_RESULT_BYTES:
+        raise ValueError(f"the result would have shape {tuple(shape)} ({nbytes} bytes), more than this "
+                         f"machine's memory ({MAX_RESULT_BYTES} bytes); check {cause}")
 
 
 def same_padding(size, kernel, stride, dilation):
@@ -208,8 +247,30 @@ class ConvProblem:
     def has_padding(self):
         return any(self.padding)
 
+    @cached_property
+    def tap_reads(self):
+        """``(rows, cols)``: ``rows[i, r]`` -- output row ``i`` reads real input (not zero
+        padding) with kernel row ``r``; ``cols[j, s]`` the same for columns.  Output pixel
+        ``(i, j)`` meets the padding with tap ``(r, s)`` unless ``rows[i, r] & cols[j, s]``."""
+        def reads(size, taps, stride, dil, before, out):
+            src = (np.arange(out, dtype=np.int64)[:, None] * stride
+                   + np.arange(taps, dtype=np.int64)[None, :] * dil - before)  # each term <= 2**61
+            return (src >= 0) & (src < size)
+        return (reads(self.h, self.r, self.stride_h, self.dil_h, self.pad_top, self.ho),
+                reads(self.w, self.s, self.stride_w, self.dil_w, self.pad_left, self.wo))
+
+    @cached_property
+    def compaction(self):
+        """How to shrink a wasteful geometry, or ``None`` (see :class:`Compaction`)."""
+        return Compaction.of(self)
+
     def materialised(self):
-        """The problem after the front door padded the input by ``padding_mode``."""
+        """The problem after the front door padded the input by ``padding_mode`` (made once
+        per problem: the memo of :meth:`from_args_cached` keeps it, and its compaction)."""
+        return self._materialised
+
+    @cached_property
+    def _materialised(self):
         return replace(
             self,
             h=self.h + self.pad_top + self.pad_bottom,
@@ -234,6 +295,9 @@ class ConvProblem:
         n, c, h, w = dims["N"], dims["C"], dims["H"], dims["W"]
         wdims = dict(zip(weight_layout, weight.shape))
         k, cg, r, s = wdims["O"], wdims["I"], wdims["H"], wdims["W"]
+        if h == 0 or w == 0:
+            raise ValueError(f"x shape {x.shape} ({layout}) has an empty spatial axis; only the batch may be "
+                             "empty (as torch)")
         if c == 0 or k == 0 or r == 0 or s == 0:
             raise ValueError(f"x shape {x.shape} ({layout}) and weight shape {weight.shape} "
                              f"({weight_layout}) must have non-zero channels and kernel size")
@@ -248,6 +312,7 @@ class ConvProblem:
         sh, sw = int_pair("stride", stride, 1)
         dh, dw = int_pair("dilation", dilation, 1)
         top, bottom, left, right = parse_padding(padding, (r, s), (sh, sw), (dh, dw), (h, w))
+        check_padded_extent("padding", padding, (h + top + bottom, w + left + right))
         if padding_mode == "reflect" and (max(top, bottom) >= h or max(left, right) >= w):
             raise ValueError(f"padding={padding!r} with padding_mode='reflect' must be smaller than the "
                              f"input's spatial size {(h, w)}")
@@ -262,6 +327,8 @@ class ConvProblem:
         if eff_r > h + top + bottom or eff_s > w + left + right:
             raise ValueError(f"kernel of size {(r, s)} with dilation {(dh, dw)} spans {(eff_r, eff_s)}, larger "
                              f"than the padded input {(h + top + bottom, w + left + right)}")
+        check_result_size(problem.out_shape, problem.dtype,
+                          f"padding={padding!r}, stride={stride!r}, dilation={dilation!r}")
         return problem
 
     @classmethod
@@ -322,3 +389,123 @@ def _typed(v):
     if type(v) is tuple:
         return tuple(map(_typed, v))
     return (type(v), v)
+
+
+# --- compaction of wasteful geometry -----------------------------------------------------------
+def _live_axis(size, taps, stride, dil, before, out):
+    """``(o_lo, o_hi, t_lo, t_hi)`` along one axis: the taps that read real input for some
+    output, and the outputs that have such a tap (everything else meets zero padding only)."""
+    t_lo = t_hi = None
+    o_lo, o_hi = out, 0
+    for t in range(taps):
+        off = t * dil - before  # output o reads input o * stride + off
+        lo = max(0, -(off // stride)) if off < 0 else 0
+        hi = min(out, (size - 1 - off) // stride + 1) if size - 1 - off >= 0 else 0
+        if lo < hi:
+            t_lo = t if t_lo is None else t_lo
+            t_hi = t + 1
+            o_lo, o_hi = min(o_lo, lo), max(o_hi, hi)
+    if t_lo is None:  # no tap ever meets the image
+        return 0, 0, 0, 0
+    return o_lo, o_hi, t_lo, t_hi
+
+
+@dataclass(frozen=True)
+class AxisCompaction:
+    """One axis of a :class:`Compaction`: compute outputs ``[out_lo, out_hi)`` with the taps
+    ``[tap_lo, tap_hi)`` at ``stride`` / ``dilation`` on the input gathered at ``coords``
+    (coordinates of the unpadded input; outside it the padding mode decides, zeros: 0).
+    ``coords`` is ``None`` for an axis left as it is (its padding applied by the kernel)."""
+    out_lo: int
+    out_hi: int
+    tap_lo: int
+    tap_hi: int
+    stride: int
+    dilation: int
+    coords: object  # np.ndarray of int64, or None
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A geometry whose padded input is mostly what the kernel never needs: a stride far
+    beyond the kernel's span, a dilation far beyond the image, taps that only ever meet
+    zero padding, or outputs whose whole window is zero padding.
+
+    Shrunk along each such axis: the dead taps are dropped, the dead outputs are left to the
+    bias, and only the input coordinates the rest reads are gathered -- the padding
+    materialised on the way (by the padding mode) -- at the kernel's span per output when
+    the windows do not overlap, or tap by tap when even a window is mostly gaps.  Memory
+    then scales with the image and the output, never with stride, dilation or padding.
+    ``problem`` is the shrunk convolution (zero padding left only on untouched axes of a
+    zero-padded problem); the front door gathers its input, slices the weights and writes
+    its result into ``out[..., rows.out_lo:rows.out_hi, cols.out_lo:cols.out_hi]``.
+    """
+    problem: "ConvProblem"
+    rows: AxisCompaction
+    cols: AxisCompaction
+
+    @classmethod
+    def of(cls, p):
+        zeros = p.padding_mode == "zeros"
+        geo = ((p.h, p.r, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom, p.ho),
+               (p.w, p.s, p.stride_w, p.dil_w, p.pad_left, p.pad_right, p.wo))
+        axes = [cls._axis(*g, zeros) for g in geo]
+        if axes[0] is None and axes[1] is None:
+            return None
+        dims = []
+        for i, (size, taps, stride, dil, before, after, out) in enumerate(geo):
+            if axes[i] is not None:
+                ax = axes[i]
+            elif zeros:  # untouched: the kernel clips this axis' padding itself
+                ax = axes[i] = AxisCompaction(0, out, 0, taps, stride, dil, None)
+            else:  # untouched, but the padding mode is materialised with the other axis
+                ax = axes[i] = AxisCompaction(0, out, 0, taps, stride, dil,
+                                              np.arange(-before, size + after, dtype=np.int64))
+            if ax.coords is None:
+                dims.append((size, taps, stride, dil, before, after))
+            else:
+                dims.append((len(ax.coords), ax.tap_hi - ax.tap_lo, ax.stride, ax.dilation, 0, 0))
+        (h, r, sh, dh, pt, pb), (w, s, sw, dw, pl, pr) = dims
+        shrunk = replace(p, h=h, w=w, r=r, s=s, stride_h=sh, stride_w=sw, dil_h=dh, dil_w=dw, pad_top=pt,
+                         pad_bottom=pb, pad_left=pl, pad_right=pr, padding_mode="zeros")
+        return cls(shrunk, axes[0], axes[1])
+
+    @staticmethod
+    def _axis(size, taps, stride, dil, before, after, out, zeros):
+        if zeros:
+            o_lo, o_hi, t_lo, t_hi = _live_axis(size, taps, stride, dil, before, out)
+            if o_hi <= o_lo:  # no tap ever meets the image: every output is the bias
+                return AxisCompaction(0, 0, 0, 0, 1, 1, np.zeros(0, dtype=np.int64))
+        else:  # every tap reads the image (through the padding mode)
+            o_lo, o_hi, t_lo, t_hi = 0, out, 0, taps
+        n_out, n_taps = o_hi - o_lo, t_hi - t_lo
+        span = (n_taps - 1) * dil + 1
+        padded = (n_out - 1) * stride + span  # the padded extent those outputs read
+        # the cheapest input that serves them: as it is, a window per output, or taps only
+        layouts = [(padded, "as is"), (n_out * n_taps, "taps")]
+        if stride > span:
+            layouts.append((n_out * span, "windows"))
+        length, how = min(layouts)
+        wasteful = length * 4 < padded and padded - length > 64
+        if zeros:
+            wasteful |= t_lo > 0 or t_hi < taps or out - n_out > max(16, out // 4)
+        else:
+            full = size + before + after
+            wasteful |= full > 2 * padded + 64
+        if stride > span and stride > 4:  # tiled's pixel blocks would run over the gaps
+            wasteful = True
+            if how == "as is":
+                length, how = n_out * span, "windows"
+        if not wasteful:
+            return None
+        start = o_lo * stride + t_lo * dil - before  # input coordinate of the first tap of the first output
+        o = np.arange(n_out, dtype=np.int64)
+        if how == "as is":
+            coords, new_stride, new_dil = start + np.arange(padded, dtype=np.int64), stride, dil
+        elif how == "windows":
+            coords = (start + o[:, None] * stride + np.arange(span, dtype=np.int64)[None, :]).reshape(-1)
+            new_stride, new_dil = span, dil
+        else:
+            coords = (start + o[:, None] * stride + np.arange(n_taps, dtype=np.int64)[None, :] * dil).reshape(-1)
+            new_stride, new_dil = n_taps, 1
+        return AxisCompaction(o_lo, o_hi, t_lo, t_hi, new_stride, new_dil, coords)

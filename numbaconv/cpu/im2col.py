@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..problem import check_array, int_pair
+from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -275,6 +275,7 @@ def _unfold_geometry(kernel_size, stride, padding, dilation):
 
 
 def _blocks(size, k, stride, pad, dil, name):
+    check_padded_extent("padding", pad, (size + 2 * pad,))
     count = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
     if count < 1:
         raise ValueError(f"kernel_size {k} with dilation {dil} does not fit the padded {name} "
@@ -289,6 +290,8 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     n_, c_, h_, w_ = x.shape
     ho = _blocks(h_, r, sh, ph, dh, "height")
     wo = _blocks(w_, s, sw, pw, dw, "width")
+    check_result_size((n_, c_ * r * s, ho * wo), x.dtype, f"kernel_size={kernel_size!r}, padding={padding!r}, "
+                      f"stride={stride!r}, dilation={dilation!r}")
     out = np.empty((n_, c_ * r * s, ho * wo), dtype=x.dtype)
     if out.size:
         xc = np.ascontiguousarray(x)
@@ -330,6 +333,7 @@ def col2im(cols, output_size, kernel_size, *, stride=1, padding=0, dilation=1):
     if length != ho * wo:
         raise ValueError(f"cols has {length} blocks but output_size {(h_, w_)} with this geometry "
                          f"gives {ho}x{wo}={ho * wo}")
+    check_result_size((n_, rows // (r * s), h_, w_), cols.dtype, f"output_size={output_size!r}")
     out = np.empty((n_, rows // (r * s), h_, w_), dtype=cols.dtype)
     if out.size:
         _fold(np.ascontiguousarray(cols), out, r, s, sh, sw, ph, pw, dh, dw, ho, wo)

@@ -39,11 +39,11 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..api import conv2d
+from ..api import convolve
 from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from ..layout import to_layout
-from ..padding import _MODE_CODE, _index_map, pad_input
+from ..padding import _MODE_CODE, _index_map, pad_input, padding_products_grad_weight
 from ..problem import ConvProblem, check_array, is_device_array
 from ..registry import algorithms
 from .depthwise import _copy_row, depthwise_backward
@@ -595,8 +595,10 @@ def _dx_by_convolution(p, w_k, dy):
     w_t = np.ascontiguousarray(w_t).reshape(p.c, p.kg, p.r, p.s)
     reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
     padding = ((reach_h - p.pad_top, reach_h - p.pad_bottom), (reach_w - p.pad_left, reach_w - p.pad_right))
-    return conv2d(dy, w_t, padding=padding, dilation=(p.dil_h, p.dil_w), groups=p.groups,
-                  layout=p.layout, weight_layout="OIHW")
+    q = ConvProblem.from_args_cached(dy, w_t, padding=padding, dilation=(p.dil_h, p.dil_w), groups=p.groups,
+                                     layout=p.layout, weight_layout="OIHW")
+    # torch's grad-input has no products with the padding (it stands for outputs that do not exist)
+    return convolve(q, dy, w_t, None, with_padding_products=False)
 
 
 def _check_grad_output(grad_output, p):
@@ -685,6 +687,8 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
         dx = _fold_padding(dx, p)
     if dwt is not None and wl != p.weight_layout:
         dwt = to_layout(dwt, wl, p.weight_layout)
+    if dwt is not None:
+        padding_products_grad_weight(p, dy, dwt)
     return p, dx, dwt, db
 
 

@@ -625,6 +625,20 @@ def _dx_forward(p, w_k, dy):
     return dx
 
 
+def _exact_dx(p, w_k, dy):
+    """Grad-input by the direct gather of :func:`_nhwc_dx`, which multiplies only the
+    (dy, w) pairs torch does (NCHW through transposed copies)."""
+    geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
+    if p.layout == "NHWC":
+        dx = np.empty(p.in_shape, dtype=p.dtype)
+        _nhwc_dx(w_k, dy, dx, *geometry)
+        return dx
+    dx = np.empty((p.n, p.h, p.w, p.c), dtype=p.dtype)
+    _nhwc_dx(np.ascontiguousarray(w_k.transpose(2, 3, 1, 0)), np.ascontiguousarray(dy.transpose(0, 2, 3, 1)), dx,
+             *geometry)
+    return np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+
+
 _DUMMY = {}
 
 
@@ -648,9 +662,17 @@ def depthwise_backward(p, x, w_k, dy, want_dx, want_dw, want_db):
     dummy = _dummy(dtype)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
     dx = dwt = db = None
+    if want_dx and not np.isfinite(w_k).all():  # C*R*S values: free
+        # the fast grad-input sweeps run the filter over zero borders (0 * inf = NaN where
+        # torch has no product at all): the exact gather instead
+        dx = _exact_dx(p, w_k, dy)
+        want_dx = False
+        if not (want_dw or want_db):
+            return dx, None, None
     if p.layout == "NCHW":
         chunks = max(1, min(threads, p.n * p.c))
-        dx = np.empty(p.in_shape, dtype=dtype) if want_dx else None
+        if want_dx:
+            dx = np.empty(p.in_shape, dtype=dtype)
         dwt = np.empty(w_k.shape, dtype=dtype) if want_dw else None
         db = np.empty(p.k, dtype=dtype) if want_db else None
         dwp = np.empty((chunks, p.k, p.r * p.s), dtype=dtype)

@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from .backward import _backward, _placeholder
-from ..problem import check_inputs, int_pair
+from ..problem import check_inputs, check_result_size, int_pair
 
 __all__ = ["conv_transpose2d"]
 
@@ -79,6 +79,8 @@ def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_paddin
 
     out_nchw = (n, c_out, h_out, w_out)
     out_shape = out_nchw if layout == "NCHW" else (n, h_out, w_out, c_out)
+    check_result_size(out_shape, x.dtype, f"stride={stride!r}, dilation={dilation!r}, padding={padding!r}, "
+                      f"output_padding={output_padding!r}")
     # The forward convolution out_shape -> x.  With output_padding >= stride (allowed when it
     # is < dilation) that convolution yields more rows than x has: they get zero gradient.
     ho = (h_out + 2 * ph - dh * (r - 1) - 1) // sh + 1
