@@ -94,3 +94,57 @@ def torch_grads(x, w, b, gy, stride=1, padding=0, dilation=1, groups=1, padding_
     assert y.shape == gy.shape
     y.backward(torch.from_numpy(np.asarray(gy, np.float64)))
     return xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()
+
+
+def conv_out_size(size, kernel, stride, before, after, dilation):
+    return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _mode_index(i, size, mode):
+    """torch's padding modes as index maps (``F.pad``'s definitions), on Python ints."""
+    if mode == "reflect":  # edge excluded
+        return -i if i < 0 else (2 * (size - 1) - i if i >= size else i)
+    if mode == "replicate":
+        return min(max(i, 0), size - 1)
+    return i % size  # circular
+
+
+def direct_conv2d(x_nchw, w_oihw, bias, stride, pads, dilation, groups, out_rows=None, out_cols=None,
+                  padding_mode="zeros"):
+    """Zero-padded conv2d (NCHW / OIHW, float64) without materialising the padding: each
+    output pixel gathers its taps by index, so padding, stride and dilation may be far
+    larger than the image (torch's F.pad would allocate them).  Padding zeros are
+    multiplied by the weights as in torch (``0 * inf`` is NaN).  ``out_rows`` /
+    ``out_cols``: compute only those output rows / columns (default: all).  Other padding
+    modes map each tap's coordinate into the image (no zeros then)."""
+    x = np.asarray(x_nchw, np.float64)
+    w = np.asarray(w_oihw, np.float64)
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    top, bottom, left, right = pads
+    if out_rows is None:
+        out_rows = range(conv_out_size(h, r, sh, top, bottom, dh))
+    if out_cols is None:
+        out_cols = range(conv_out_size(wd, s, sw, left, right, dw))
+    ho, wo = len(out_rows), len(out_cols)
+    rows = np.array([[i * sh + t * dh - top for t in range(r)] for i in out_rows], dtype=object).reshape(ho, r)
+    cols = np.array([[j * sw + t * dw - left for t in range(s)] for j in out_cols], dtype=object).reshape(wo, s)
+    if padding_mode != "zeros":
+        rows = np.vectorize(lambda i: _mode_index(i, h, padding_mode), otypes=[object])(rows)
+        cols = np.vectorize(lambda j: _mode_index(j, wd, padding_mode), otypes=[object])(cols)
+    row_ok = (rows >= 0) & (rows < h)
+    col_ok = (cols >= 0) & (cols < wd)
+    ri = np.where(row_ok, rows, 0).astype(np.int64)
+    ci = np.where(col_ok, cols, 0).astype(np.int64)
+    # patches[n, c, i, j, r, s]
+    patches = x[:, :, ri[:, None, :, None], ci[None, :, None, :]]
+    patches = np.where((row_ok[:, None, :, None] & col_ok[None, :, None, :]), patches, 0.0)
+    kg = k // groups
+    out = np.empty((n, k, ho, wo))
+    for g in range(groups):
+        pg = patches[:, g * cg:(g + 1) * cg]
+        out[:, g * kg:(g + 1) * kg] = np.einsum("ncijrs,kcrs->nkij", pg, w[g * kg:(g + 1) * kg])
+    if bias is not None:
+        out += np.asarray(bias, np.float64).reshape(1, k, 1, 1)
+    return out
