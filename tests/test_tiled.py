@@ -135,23 +135,6 @@ def test_depthwise_is_dispatched(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_microkernel_uses_packed_fma(dtype):
-    """The register-blocked micro-kernel must compile to packed FMAs on vector registers.
-
-    ``ymm`` on AVX2 machines; on AVX-512 machines LLVM packs the same block into ``zmm``.
-    """
-    if tiled.vector_bytes() < 32:
-        pytest.skip("no AVX2/AVX-512 on this machine")
-    asm = tiled.microkernel_asm(dtype)
-    suffix = "ps" if dtype == np.float32 else "pd"
-    reg = "zmm" if tiled.vector_bytes() == 64 else "ymm"
-    packed = re.findall(rf"vfmadd\d+{suffix}\s+[^\n]*%{reg}", asm)
-    scalar = re.findall(r"vfmadd\d+s[sd]\s", asm)
-    assert len(packed) >= 12, f"expected >= 12 packed FMAs on {reg}, found {len(packed)}"
-    assert len(packed) > len(scalar)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_dot_microkernel_uses_packed_fma(dtype):
     """:mod:`numbaconv.cpu.dot`'s 5 x 5 block is vectorised along the reduction: its 25
     accumulators become vector registers of partial sums (packed FMAs, no scalar ones)."""

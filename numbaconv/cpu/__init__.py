@@ -2,6 +2,9 @@
 
 * ``_jit``      -- the shared Numba settings (``jit`` / ``pjit``, ``FASTMATH``, SLP), small
   helpers callable from ``@njit`` (``valid_range``, ``prefetchw``, BLAS ``gemm``);
+* ``_vec``      -- explicit-vector register blocks (LLVM vector IR from ``@intrinsic``) and the
+  compile target's vector width; ``asm`` reads their machine code (the codegen tests);
+  ``peak`` measures this machine's FMA peak (for ``numbaconv bench``);
 * ``naive``     -- the direct loop nest (the correctness baseline, a plain-Python twin beside it);
 * ``im2col``    -- im2col + BLAS with a bounded workspace, and the public ``im2col`` / ``col2im``;
 * ``tiled``     -- the cache- and register-blocked direct convolution (the fast path), and
@@ -15,5 +18,6 @@ An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_
 
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
-``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` imports nothing of numbaconv.
+``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` and ``_vec`` import nothing of
+numbaconv.
 """

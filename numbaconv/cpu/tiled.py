@@ -14,23 +14,23 @@ Data layout (built inside :func:`run`, counted in its time):
 * output -> written in place in the caller's layout, bias fused into the first store.
 
 Register blocking: the micro-kernel ``ukP_V`` (generated, in :mod:`numbaconv.cpu._ukernels`)
-keeps ``P = 6`` output pixels x ``V`` output channels in registers -- ``V = 2`` vectors:
-16 float32 / 8 float64 on AVX2 (12 ymm accumulators, like oneDNN's avx2 kernel) and
-32 / 16 on AVX-512 machines (12 zmm accumulators).  For every input channel and tap it
-loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2P FMAs per
+keeps ``P`` output pixels x ``V`` output channels in registers -- ``V = 2`` vectors of the
+target's width: 16 float32 / 8 float64 on AVX2 (P = 4-6: 2P ymm accumulators, like
+oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 6-8, zmm).  For every input channel and
+tap it loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2P FMAs per
 ``2 + P`` loads.  Cache blocking: input channels in blocks of ``cb`` so the packed
 weights of one block (``R*S*cb*V`` values) stay in L2 while a band of output rows is
 swept; partial sums of later channel blocks are added into the output.  Work is split
 with ``prange`` over (batch x output-row bands x groups x output-channel blocks), so
 batch 1 uses every core.
 
-Why generated scalar code: Numba has no vector type.  ``P*V`` scalar accumulators with
-unit-stride weight loads are packed into vector registers by LLVM's SLP vectoriser --
-which Numba leaves off by default (``NUMBA_SLP_VECTORIZE=0``), so :func:`_slp` turns it
-on while these kernels compile.  The kernels use ``fastmath={"contract"}`` only: FMA
-contraction, but no reassociation, so the loop vectoriser cannot turn the channel loop
-into a gather-based reduction instead.  ``tests/test_tiled.py`` checks the machine code
-for packed FMAs.
+The register block is written as explicit LLVM vectors (:func:`numbaconv.cpu._vec.conv_block`:
+``<W x float>`` loads, broadcasts, ``llvm.fmuladd``): it compiles in a fraction of a second
+to the same registers on every x86-64 family, whatever width LLVM's vectorisers prefer
+there (Intel's server models prefer 256 bits, which split the former scalar-accumulator
+kernels, packed by the SLP vectoriser, into ymm halves).  The width is the compile
+target's (:func:`vector_bytes`).  ``tests/test_codegen.py`` reads the hot loop's machine
+code for Zen 3, Zen 4, Skylake-SP, Sapphire Rapids and the host.
 
 Depthwise convolutions (``groups == C``) go to :mod:`numbaconv.cpu.depthwise`; few-channel,
 memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels there too;
@@ -41,45 +41,47 @@ Regenerate :mod:`numbaconv.cpu._ukernels` with ``python -m numbaconv.cpu.tiled``
 """
 
 import dataclasses
-import functools
 import threading
 
-import llvmlite.binding as ll
 import numba
 import numpy as np
 from numba import prange
-from numba.core import config as _numba_config
 
 from . import depthwise, dot
-from ._jit import jit, pjit, slp as _slp
+from ._jit import jit, pjit
+from ._vec import target_vector_bytes
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
 
 #: output pixels per micro-kernel call that fit the register file: 2P accumulators +
 #: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
-P_CHOICES = {32: (4, 5, 6), 64: (6, 7, 8)}
-P = 6  # the default (and the one asm-checked)
-_UK_SHAPES = tuple(sorted({(p_, 2 * vb // item) for vb, ps in P_CHOICES.items() for p_ in ps
-                           for item in (4, 8)}))
+P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
+P = 6  # the default
 
 
-@functools.lru_cache(maxsize=None)
+def _width(vb, item):
+    return max(8, min(32, 2 * vb // item))
+
+
+#: one parallel driver per (V, pixel-block choices): the pixel block is a runtime argument
+#: of the driver, so a new layer compiles nothing a layer of the same dtype compiled before
+_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in P_CHOICES.items() for item in (4, 8)}))
+_UK_SHAPES = tuple(sorted({(p_, v_) for v_, ps in _DRIVERS for p_ in ps}))
+
+
+def driver_tag(ps):
+    return f"p{min(ps)}{max(ps)}"
+
+
 def vector_bytes():
-    """SIMD register width Numba compiles for on this machine: 64 (AVX-512), 32 (AVX2) or 16."""
-    name = _numba_config.CPU_NAME or ll.get_host_cpu_name()
-    if name in ("generic", "host") and _numba_config.CPU_NAME:
-        return 16
-    feats = ll.get_host_cpu_features()
-    if feats.get("avx512f", False):
-        return 64
-    if feats.get("avx", False) and feats.get("fma", False):
-        return 32
-    return 16
+    """SIMD register width of the target Numba compiles for: 64 (AVX-512), 32 (AVX2) or 16
+    (honours ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``, see :mod:`numbaconv.cpu._vec`)."""
+    return target_vector_bytes()
 
 
 def block_width(dtype):
     """``V``: output channels per micro-kernel (two SIMD registers' worth, at least 8)."""
-    return max(8, min(32, 2 * vector_bytes() // np.dtype(dtype).itemsize))
+    return _width(vector_bytes(), np.dtype(dtype).itemsize)
 
 
 def microkernel(dtype, p_=P):
@@ -87,29 +89,28 @@ def microkernel(dtype, p_=P):
     return getattr(_ukernels, f"uk{p_}_{block_width(dtype)}")
 
 
-def _driver(dtype, p_):
+def _driver(dtype):
     from . import _ukernels
-    return getattr(_ukernels, f"conv{p_}_{block_width(dtype)}")
+    return getattr(_ukernels, f"conv_{block_width(dtype)}_{driver_tag(P_CHOICES[vector_bytes()])}")
 
 
 def pixel_block(wo):
     """``P`` for output rows of ``wo`` pixels: least padded work, ~1.5 pixels' worth of
     fixed cost (weight loads, loop and store overhead) per micro-kernel call."""
-    choices = P_CHOICES.get(vector_bytes(), (P,))
+    choices = P_CHOICES[vector_bytes()]
     return min(choices, key=lambda p_: (-(-wo // p_) * (p_ + 1.5), -p_))
 
 
 def microkernel_asm(dtype=np.float32, p_=P):
-    """Machine code of the ``p_``-pixel micro-kernel for ``dtype`` on this machine (compiled
-    with SLP).  Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
+    """Machine code of the ``p_``-pixel micro-kernel for ``dtype`` on the compile target.
+    Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
     """
     uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_).py_func)
     t = numba.from_dtype(np.dtype(dtype))
     a = t[::1]
     i = numba.intp
     sig = (a, a, a, i, i, i, i, i, i, i, i, i, i, i, a, i, i, i, numba.boolean, t, a, i, i)
-    with _slp():
-        uk.compile(sig)
+    uk.compile(sig)
     return uk.inspect_asm(sig)
 
 
@@ -348,19 +349,19 @@ def run(p, x, w, bias, out):
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
-    with _slp():
-        _driver(p.dtype, b["P"])(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c,
-                         p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
-                         p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio)
+    _driver(p.dtype)(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups,
+                     p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"],
+                     b["kbs"], nchw, p.dtype.type(0), hwio, b["P"])
 
 
 # --- code generation -----------------------------------------------------------------------
 _HEADER = '''"""GENERATED by ``python -m numbaconv.cpu.tiled`` -- do not edit (see numbaconv/cpu/tiled.py).
 
 Register-blocked micro-kernels of the ``tiled`` algorithm and their parallel drivers.
-``ukP_V`` computes a block of ``P`` output pixels x ``V`` output channels held in ``P*V``
-scalar locals that LLVM's SLP vectoriser packs into vector registers, while it streams
-input channels and kernel taps.  ``convP_V`` sweeps the whole convolution with it.
+``ukP_V`` computes a block of ``P`` output pixels x ``V`` output channels in explicit vector
+registers (``_blockP_V``, see numbaconv/cpu/_vec.py) while it streams input channels and
+kernel taps, then stores it (bias on the first channel block).  ``convP_V`` sweeps the
+whole convolution with it.
 """
 
 import numba
@@ -368,17 +369,19 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit, prefetchw
+from ._vec import conv_block
 
-# contract only: FMA, but no reassociation (see numbaconv/cpu/tiled.py)
+# contract only: FMA in the stores, no reassociation
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
 '''
 
 _DRIVER = '''
 
 @_ukjit
-def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n.
+def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n, in
+    blocks of ``p_`` pixels (one of {PS}: a runtime choice, so every layer shares this code).
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -393,7 +396,7 @@ def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
         cl = min(cb, cg - c0)
         for i in range(i0, i1):
             xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, {P}):
+            for j0 in range(0, wo_, p_):
                 for kb in range(kb_lo, kb_hi):
                     nk = min({V}, kg - kb * {V})
                     kb0 = g * kg + kb * {V}
@@ -409,45 +412,53 @@ def tile{P}_{V}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                         orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                     else:
                         orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    uk{P}_{V}(xf, wf, of, xrow + j0 * sw * c_, wb, orow + j0 * os_p, cl, r_, s_, dh * wp * c_,
-                            dw * c_, sw * c_, os_p, os_k, bias, kb0, nk, min({P}, wo_ - j0), c0 == 0, zero, tmp,
-                            ws_c, ws_t)
+                    xb = xrow + j0 * sw * c_
+                    ob = orow + j0 * os_p
+                    np_ = min(p_, wo_ - j0)
+{CALLS}
 
 
 @pjit
-def conv{P}_{V}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio):
+def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, kbs, nchw, zero, hwio, p_):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
     for t in prange(n_ * nrb * inner):
-        tmp = np.empty({P} * {V}, dtype=of.dtype)
+        tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
         rb = rest // inner
         gk = rest % inner
         i0 = rb * rows
         kr = gk % nkr
-        tile{P}_{V}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio)
+        tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
 '''
 
 
+def _gen_driver(v_, ps):
+    calls = []
+    for i, p_ in enumerate(sorted(ps, reverse=True)):
+        head = "if" if i == 0 else "elif"
+        if i == len(ps) - 1:
+            calls.append("                    else:")
+        else:
+            calls.append(f"                    {head} p_ == {p_}:")
+        calls.append(f"                        uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, "
+                     "sw * c_, os_p, os_k,")
+        calls.append("                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)")
+    if len(ps) == 1:
+        calls = [c[4:] for c in calls[1:]]
+    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), CALLS="\n".join(calls))
+
+
 def _gen_ukernel(p_, v_):
-    a = lambda p, v: f"a{p}_{v}"  # noqa: E731
-    L = ["", "", "@_ukjit",
+    L = ["", "", f"_block{p_}_{v_} = conv_block({p_}, 2, {v_ // 2})", "", "", "@_ukjit",
          f"def uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
          "           first, zero, tmp, ws_c, ws_t):",
          f'    """{p_} pixels x {v_} channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
-    for v in range(1, v_):
-        L.append(f"    u{v} = np.uintp({v})")
-    L.append("    xsp = np.uintp(xs_p)")
-    for p in range(1, p_):
-        L.append(f"    xp{p} = np.uintp({p}) * xsp")
-    for p in range(p_):
-        for v0 in range(0, v_, 8):
-            L.append("    " + " = ".join(a(p, v) for v in range(v0, min(v_, v0 + 8))) + " = zero")
     L.append("    if os_k == 1:")
     L.append("        for p in range(np_):")
     L.append("            prefetchw(of, ob + p * os_p)")
@@ -456,62 +467,42 @@ def _gen_ukernel(p_, v_):
     L.append("        for v in range(nk):")
     L.append("            prefetchw(of, ob + v * os_k)")
     L.append("            prefetchw(of, ob + v * os_k + np_ - 1)")
-    L.append("    for r in range(r_):")
-    L.append("        for s in range(s_):")
-    L.append("            xo = np.uintp(xb + r * xs_r + s * xs_s)")
-    L.append("            wo = np.uintp(wb + (r * s_ + s) * ws_t)")
-    L.append("            for c in range(np.uintp(cin)):")
-    L.append("                wc = wo + c * np.uintp(ws_c)")
-    L.append("                xc = xo + c")
-    for v in range(v_):
-        L.append(f"                w{v} = wf[wc + u{v}]" if v else f"                w{v} = wf[wc]")
-    for p in range(p_):
-        L.append(f"                x{p} = xf[xc + xp{p}]" if p else f"                x{p} = xf[xc]")
-        for v in range(v_):
-            L.append(f"                {a(p, v)} += x{p} * w{v}")
-    # Full block: the accumulators go to ``tmp`` in their own (pixel, channel) order -- so
-    # the SLP vectoriser keeps the loop's channel-vector grouping -- and are copied out with
-    # zero-based loops over slices (vectorisable, no negative-index wraparound checks):
-    # along channels in NHWC (os_k == 1), along pixels in NCHW (os_p == 1).
-    for p in range(p_):
-        for v0 in range(0, v_, 8):
-            L.append("    " + "; ".join(f"tmp[{p * v_ + v}] = {a(p, v)}" for v in range(v0, min(v_, v0 + 8))))
+    # A whole channels-last block is stored by the block itself (vector adds, bias on the
+    # first channel block); otherwise the sums come back in ``tmp`` in (pixel, channel)
+    # order: NCHW's transposed store and partial blocks are plain loops (os_p == 1 in NCHW:
+    # each channel's pixels are contiguous).
+    L.append("    mode = 0")
+    L.append(f"    if os_k == 1 and nk == {v_} and np_ == {p_}:")
+    L.append(f"        mode = 1 if first else 2")
+    L.append(f"    _block{p_}_{v_}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
+    L.append("                  mode)")
+    L.append("    if mode != 0:")
+    L.append("        return")
     L.append(f"    if nk == {v_} and np_ == {p_}:")
-    L.append(f"        bb = bias[kb0:kb0 + {v_}]")
-    L.append("        if os_k == 1:")
-    L.append(f"            for p in range({p_}):")
-    L.append(f"                dst = of[ob + p * os_p:ob + p * os_p + {v_}]")
-    L.append(f"                src = tmp[p * {v_}:p * {v_} + {v_}]")
-    L.append("                if first:")
-    L.append(f"                    for v in range({v_}):")
-    L.append("                        dst[v] = src[v] + bb[v]")
-    L.append("                else:")
-    L.append(f"                    for v in range({v_}):")
-    L.append("                        dst[v] += src[v]")
-    L.append("        else:")
-    L.append(f"            for v in range({v_}):")
-    L.append(f"                dst = of[ob + v * os_k:ob + v * os_k + {p_}]")
-    L.append("                if first:")
-    L.append("                    bv = bb[v]")
-    L.append(f"                    for p in range({p_}):")
-    L.append(f"                        dst[p] = tmp[p * {v_} + v] + bv")
-    L.append("                else:")
-    L.append(f"                    for p in range({p_}):")
-    L.append(f"                        dst[p] += tmp[p * {v_} + v]")
-    L.append("    else:")
-    L.append("        for p in range(np_):")
-    L.append("            for v in range(nk):")
-    L.append("                o = ob + p * os_p + v * os_k")
-    L.append("                if first:")
-    L.append(f"                    of[o] = tmp[p * {v_} + v] + bias[kb0 + v]")
-    L.append("                else:")
-    L.append(f"                    of[o] += tmp[p * {v_} + v]")
-    return "\n".join(L) + "\n" + _DRIVER.format(P=p_, V=v_)
+    L.append(f"        for v in range({v_}):")
+    L.append("            o = ob + v * os_k")
+    L.append("            if first:")
+    L.append("                bv = bias[kb0 + v]")
+    L.append(f"                for p in range({p_}):")
+    L.append(f"                    of[o + p] = tmp[p * {v_} + v] + bv")
+    L.append("            else:")
+    L.append(f"                for p in range({p_}):")
+    L.append(f"                    of[o + p] += tmp[p * {v_} + v]")
+    L.append("        return")
+    L.append("    for p in range(np_):")
+    L.append("        for v in range(nk):")
+    L.append("            o = ob + p * os_p + v * os_k")
+    L.append("            if first:")
+    L.append(f"                of[o] = tmp[p * {v_} + v] + bias[kb0 + v]")
+    L.append("            else:")
+    L.append(f"                of[o] += tmp[p * {v_} + v]")
+    return "\n".join(L) + "\n"
 
 
 def generate_source():
     """The text of :mod:`numbaconv.cpu._ukernels`."""
-    return _HEADER + "".join(_gen_ukernel(p_, v_) for p_, v_ in _UK_SHAPES)
+    return (_HEADER + "".join(_gen_ukernel(p_, v_) for p_, v_ in _UK_SHAPES)
+            + "".join(_gen_driver(v_, ps) for v_, ps in _DRIVERS))
 
 
 if __name__ == "__main__":

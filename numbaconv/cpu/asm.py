@@ -1,0 +1,76 @@
+"""Reading x86-64 assembly of numbaconv's kernels: the hot loop's FMAs and spills.
+
+Used by the codegen tests (``tests/test_codegen.py``), which compile the kernels for named
+CPU families in subprocesses (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) and assert the
+register plan from the machine code: compiling for a CPU needs no such CPU.
+
+``python -m numbaconv.cpu.asm`` prints the report for the target Numba compiles for.
+"""
+
+import json
+import re
+
+__all__ = ["hot_loop", "loop_stats", "report"]
+
+_LABEL = re.compile(r"^(\.?L\w+|\w[\w.$]*):", re.M)
+_FMA = re.compile(r"^\s*vfn?m(?:add|sub)\w*?(p[sd]|s[sd])\s+(.*)$", re.M)
+
+
+def _blocks(asm):
+    """``{label: text}`` for every labelled block of ``asm`` (text up to the next label)."""
+    marks = [(m.group(1), m.start(), m.end()) for m in _LABEL.finditer(asm)]
+    return {name: asm[end:(marks[i + 1][1] if i + 1 < len(marks) else len(asm))]
+            for i, (name, _, end) in enumerate(marks)}
+
+
+def hot_loop(asm):
+    """The text of the loop with the most FMAs: a block that jumps back to its own label
+    (LLVM's innermost loops are single blocks), or, failing that, the block with most FMAs."""
+    blocks = _blocks(asm)
+    loops = {}
+    for name, text in blocks.items():
+        back = re.search(rf"^\s*j\w+\s+{re.escape(name)}\s*$", text, re.M)
+        if back:
+            loops[name] = text[:back.end()]  # the loop body ends at its backward jump
+    pool = loops or blocks
+    return max(pool.values(), key=lambda text: len(_FMA.findall(text)), default="")
+
+
+def loop_stats(asm):
+    """FMAs of the hot loop by kind and register class, and its stack traffic.
+
+    ``{"packed": {"zmm": n, "ymm": n, "xmm": n}, "scalar": n, "stack": n, "instructions": n}``;
+    ``stack`` counts instructions that touch ``(%rsp)`` / ``(%rbp)`` (spills and reloads).
+    """
+    loop = hot_loop(asm)
+    packed = {"zmm": 0, "ymm": 0, "xmm": 0}
+    scalar = 0
+    for kind, operands in _FMA.findall(loop):
+        if kind.startswith("s"):
+            scalar += 1
+            continue
+        for reg in packed:
+            if f"%{reg}" in operands:
+                packed[reg] += 1
+                break
+    lines = [ln for ln in loop.splitlines() if ln.strip() and not ln.strip().startswith((".", "#"))]
+    stack = sum(1 for ln in lines if re.search(r"\(%r[sb]p\)", ln))
+    return {"packed": packed, "scalar": scalar, "stack": stack, "instructions": len(lines)}
+
+
+def report():
+    """Codegen of the tiled micro-kernels on the target Numba compiles for (JSON-able)."""
+    import numpy as np
+
+    from . import tiled
+    from ._vec import target_description, target_vector_bytes
+    out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {}}
+    for dtype in (np.float32, np.float64):
+        for p_ in tiled.P_CHOICES[target_vector_bytes()]:
+            stats = loop_stats(tiled.microkernel_asm(dtype, p_))
+            out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype)}"] = stats
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(report(), indent=1))

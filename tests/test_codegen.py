@@ -1,0 +1,111 @@
+"""Codegen on every x86-64 family, from any x86-64 machine.
+
+Each case compiles numbaconv's register-blocked kernels for a named CPU in a subprocess
+(``NUMBA_CPU_NAME`` with ``NUMBA_CPU_FEATURES=""``: LLVM's own feature set and tuning for
+that CPU, as a user on it would get) and reads the hot loop of the machine code: packed
+FMAs on the register class the plan assumes, exactly one plan step (``2P`` FMAs per
+input channel; the loop is not unrolled), none on narrower registers, no scalar FMA, no stack
+traffic (spill or reload).  Compiling for a CPU needs no such CPU; running it does, so the
+Intel tuning (``prefer-256-bit``, which once made LLVM split the AVX-512 plan into ymm
+halves and spill) is also *run* here on AVX-512 hosts, with the host's own features.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from numbaconv.cpu import _vec
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 codegen")
+
+#: family -> (NUMBA_CPU_NAME, vector bytes the plan assumes)
+FAMILIES = {
+    "zen3 (AVX2)": ("znver3", 32),
+    "zen4 (AVX-512)": ("znver4", 64),
+    "skylake-sp (AVX-512, prefers 256-bit)": ("skylake-avx512", 64),
+    "sapphire/emerald rapids (AVX-512, prefers 256-bit)": ("sapphirerapids", 64),
+    "haswell (AVX2)": ("haswell", 32),
+}
+REGISTER = {64: "zmm", 32: "ymm", 16: "xmm"}
+
+
+def _run(code, tmp_path, **env):
+    full = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _report(tmp_path, **env):
+    return json.loads(_run("from numbaconv.cpu import asm; import json; print(json.dumps(asm.report()))",
+                           tmp_path, **env))
+
+
+def _check_plan(report, vector_bytes):
+    assert report["vector_bytes"] == vector_bytes, report["target"]
+    reg = REGISTER[vector_bytes]
+    assert report["tiled"], "no micro-kernel was reported"
+    for name, stats in report["tiled"].items():
+        p_ = int(name.split("/P")[1].split("/")[0])
+        fmas = stats["packed"][reg]
+        assert fmas == 2 * p_, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg} per step)"
+        others = {r: n for r, n in stats["packed"].items() if r != reg and n}
+        assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
+        assert stats["stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_microkernel_plan_for_family(family, tmp_path):
+    cpu, vector_bytes = FAMILIES[family]
+    _check_plan(_report(tmp_path, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=""), vector_bytes)
+
+
+def test_microkernel_plan_on_this_host(tmp_path):
+    """The host's own default target (what a user here gets)."""
+    _check_plan(_report(tmp_path), _vec.target_vector_bytes())
+
+
+@pytest.mark.skipif(_vec.target_vector_bytes() < 64, reason="running AVX-512 code needs an AVX-512 host")
+def test_intel_tuned_code_runs_correctly_on_this_host(tmp_path):
+    """Sapphire Rapids' tuning (``prefer-256-bit``) with this host's features: the plan keeps
+    zmm, and the convolution it computes equals torch in float64."""
+    code = """
+        import json
+        import numpy as np, torch
+        import numbaconv
+        from numbaconv.cpu import asm
+        rng = np.random.default_rng(0)
+        errs = []
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((2, 40, 9, 23)).astype(dtype)
+            w = rng.standard_normal((70, 40, 3, 3)).astype(dtype)
+            b = rng.standard_normal(70).astype(dtype)
+            exact = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(
+                w.astype(np.float64)), torch.from_numpy(b.astype(np.float64)), padding=1).numpy()
+            scale = torch.nn.functional.conv2d(torch.from_numpy(np.abs(x).astype(np.float64)), torch.from_numpy(
+                np.abs(w).astype(np.float64)), padding=1).numpy() + 1
+            for layout in ("NCHW", "NHWC"):
+                xa = x if layout == "NCHW" else numbaconv.convert_layout(x, "NCHW", "NHWC")
+                y = numbaconv.conv2d(xa, w, b, padding=1, layout=layout, weight_layout="OIHW", algorithm="tiled")
+                y = y if layout == "NCHW" else numbaconv.convert_layout(y, "NHWC", "NCHW")
+                errs.append(float(np.max(np.abs(y - exact) / scale)))
+        print(json.dumps({"report": asm.report(), "errors": errs}))
+    """
+    out = json.loads(_run(code, tmp_path, NUMBA_CPU_NAME="sapphirerapids"))
+    _check_plan(out["report"], 64)
+    assert max(out["errors"][:2]) <= 1e-5 and max(out["errors"][2:]) <= 1e-12, out["errors"]
+
+
+def test_target_width_follows_numba_target(tmp_path):
+    """The plan's vector width is the compile target's, not the host's CPUID: an AVX2 target
+    on an AVX-512 host plans for ymm (it once planned zmm and spilled 23 registers)."""
+    out = _run("from numbaconv.cpu import _vec, tiled; import numpy as np; "
+               "print(_vec.target_vector_bytes(), tiled.block_width(np.float32))", tmp_path,
+               NUMBA_CPU_NAME="x86-64-v3", NUMBA_CPU_FEATURES="")
+    assert out.split() == ["32", "16"]
