@@ -26,11 +26,13 @@ ALLOWED = {
     "numbaconv.api": {"numbaconv.auto", "numbaconv.layout", "numbaconv.padding", "numbaconv.problem",
                       "numbaconv.registry"},
     "numbaconv.cpu._jit": set(),
+    "numbaconv.cpu._vec": set(),
     "numbaconv.cpu": {"numbaconv.cpu", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.problem",
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
-    "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cuda.conv"},
+    "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
+                        "numbaconv.cpu._vec"},
     "numbaconv.torch": {"numbaconv", "numbaconv.cuda.backward", "numbaconv.grad", "numbaconv.problem"},
 }
 

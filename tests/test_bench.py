@@ -18,6 +18,7 @@ try:
     HAVE_TORCH = True
 except ImportError:  # pragma: no cover
     HAVE_TORCH = False
+HAVE_ORT = bench._import_onnxruntime() is not None
 
 SPEC_NAMES = ["seed_notebook", "resnet_conv1", "resnet_res2_3x3", "resnet_res2_1x1", "resnet_res3_1x1_s2",
               "resnet_res4_3x3", "resnet_res5_3x3", "vgg_3x3", "batch8_3x3", "mobilenet_dw_s1",
@@ -78,8 +79,10 @@ def test_cli_table_and_json(tmp_path, capsys):
     for column in COLUMNS:
         assert column in header
     assert ("vs torch" in header) == HAVE_TORCH
+    assert ("vs onnxruntime" in header) == HAVE_ORT
     impls = list(bench.bench_algorithms()) + (["torch"] if HAVE_TORCH else [])
     expected = {(s, lay, a) for s in bench.TINY_SUITE for lay in bench.LAYOUTS for a in impls}
+    expected |= {(s, "NCHW", "onnxruntime") for s in bench.TINY_SUITE if HAVE_ORT}
     assert {(r[0], r[1], r[2]) for r in rows} == expected
     assert "] " in captured.err  # the progress bar
     if HAVE_TORCH:
@@ -87,9 +90,12 @@ def test_cli_table_and_json(tmp_path, capsys):
 
     doc = json.loads(out_json.read_text())
     assert set(doc) >= {"machine", "config", "results", "geomean_speedup_vs_torch", "first_call"}
-    assert doc["machine"]["threads"] == 2 and doc["machine"]["peak_gflops"] == bench.PEAK_GFLOPS
-    for key in ("cpu", "numba", "numpy", "numbaconv", "algorithms"):
+    peak = doc["machine"]["peak_gflops"]
+    assert doc["machine"]["threads"] == 2 and peak > 0 and doc["machine"]["sgemm_gflops"] > 0  # measured here
+    assert f"FMA peak {peak:.0f} GFLOP/s (measured)" in captured.out
+    for key in ("cpu", "isa", "llvm_target", "numba", "numpy", "numbaconv", "algorithms"):
         assert key in doc["machine"]
+    assert doc["machine"]["llvm_target"]["vector_bytes"] in (16, 32, 64)
     assert doc["config"]["suite"] == "tiny" and doc["config"]["quick"] is True
     assert len(doc["results"]) == len(expected)
     for r in doc["results"]:
@@ -97,8 +103,9 @@ def test_cli_table_and_json(tmp_path, capsys):
                           "repeats", "flops", "min_ms"}
         assert 0 < r["min_ms"] <= r["ms"]
         assert r["ms"] > 0 and r["gflops"] > 0 and r["repeats"] >= 3
-        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / bench.PEAK_GFLOPS)
+        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak)
         assert (r["speedup_vs_torch"] is not None) == HAVE_TORCH
+        assert (r["speedup_vs_onnxruntime"] is not None) == (HAVE_ORT and r["layout"] == "NCHW")
         if r["algorithm"] == "torch":
             assert r["speedup_vs_torch"] == pytest.approx(1.0)
     assert set(doc["geomean_speedup_vs_torch"]) == (set(bench.bench_algorithms()) if HAVE_TORCH else set())
@@ -125,21 +132,49 @@ def test_rounds_keep_each_cells_best_round(monkeypatch):
                ("torch", 1): 2.0, ("naive", 1): 5.0,
                ("torch", 2): 3.0, ("naive", 2): 1.0}
 
-    def fake_samples(fn, budget_s, min_repeats):
+    def fake_samples(fn, budget_s, min_repeats, warmup):
         impl = "torch" if len(calls) % 2 == 0 else "naive"
         m = medians[(impl, len(calls) // 2)]
         calls.append(impl)
         return [m * 1e-3, m * 1e-3 * 0.5, m * 1e-3 * 2]  # median m ms, fastest m/2
     monkeypatch.setattr(bench, "time_samples", fake_samples)
-    monkeypatch.setattr(bench, "torch_runner", lambda *a: None)
+    monkeypatch.setattr(bench, "torch_runner", lambda *a: lambda: np.zeros(3))
+    monkeypatch.setattr(bench, "conv_runner", lambda *a: lambda: np.zeros(3))
     monkeypatch.setattr(bench, "_import_torch", lambda: object())
-    rows = bench.run_suite([shape], ["NCHW"], ["naive"], rounds=3, progress=False)
+    rows = bench.run_suite([shape], ["NCHW"], ["naive"], rounds=3, progress=False, with_onnxruntime=False)
     assert calls == ["torch", "naive"] * 3
     t, n = rows
     assert (t["algorithm"], t["ms"], t["min_ms"]) == ("torch", pytest.approx(2.0), pytest.approx(1.0))
     assert (n["algorithm"], n["ms"], n["min_ms"]) == ("naive", pytest.approx(1.0), pytest.approx(0.5))
     assert n["speedup_vs_torch"] == pytest.approx(2.0)
     assert n["gflops"] == pytest.approx(shape.flops / 1e-3 / 1e9)
+
+
+def test_a_wrong_output_fails_the_benchmark(monkeypatch):
+    """Every implementation's output is compared with the cell's first (torch's): a fast wrong
+    answer is an error, not a table row."""
+    monkeypatch.setattr(bench, "conv_runner", lambda *a: lambda: np.ones(3))
+    monkeypatch.setattr(bench, "torch_runner", lambda *a: lambda: np.zeros(3))
+    monkeypatch.setattr(bench, "_import_torch", lambda: object())
+    with pytest.raises(RuntimeError, match="naive gives a different result on tiny_dw NCHW"):
+        bench.run_suite([bench.TINY_SUITE["tiny_dw"]], ["NCHW"], ["naive"], progress=False, with_onnxruntime=False)
+
+
+@pytest.mark.skipif(not (HAVE_ORT and HAVE_TORCH), reason="needs onnxruntime and torch")
+@pytest.mark.parametrize("name", list(bench.TINY_SUITE))
+def test_onnxruntime_peer_computes_the_same_convolution(name):
+    """The onnxruntime peer runs the suite's geometry (stride, padding, groups) on the same data."""
+    shape = bench.TINY_SUITE[name]
+    x, w = bench.make_inputs(shape, "NCHW")
+    expected = bench.torch_runner(shape, "NCHW", x, w)().numpy()
+    got = bench.onnxruntime_runner(shape, "NCHW", x, w)()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert bench.onnxruntime_runner(shape, "NHWC", x, w) is None  # ONNX Conv is NCHW
+
+
+def test_measured_peak_is_positive_and_finite():
+    peak = bench.measure_peak(1)
+    assert 0 < peak["fma_gflops"] < 1e5 and 0 < peak["sgemm_gflops"] < 1e5
 
 
 @pytest.mark.parametrize("args", [["--algorithms", "nope"], ["--layouts", "NCWH"], ["--shapes", "resnet_res2_3x3"]])

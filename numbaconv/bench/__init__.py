@@ -6,6 +6,7 @@
 * ``plot``  -- the bar chart of ``--plot`` (matplotlib, lazily imported).
 
 May import: the public ``numbaconv`` API (``suite`` only through absolute imports: asv loads
-that file on its own next to older commits) and ``numbaconv.cuda.conv.real_gpu``.  Nothing
+that file on its own next to older commits), ``numbaconv.cuda.conv.real_gpu``, and the machine
+probes ``numbaconv.cpu.peak`` / ``numbaconv.cpu._vec`` (the measured FMA peak, the LLVM target).  Nothing
 in the library imports ``bench``.
 """

@@ -2,8 +2,8 @@
 
 Runs SPEC.md's public benchmark suite (float32) for every algorithm in
 ``numbaconv.algorithms()`` plus ``auto``, in NCHW (OIHW weights) and NHWC (HWIO weights),
-and prints ms, GFLOP/s, % of the machine's peak and the speedup over torch measured in the
-same process with the same thread count.  See :mod:`numbaconv.bench.suite` for the method.
+and prints ms, GFLOP/s, % of this machine's measured FMA peak and the speedups over torch
+(both layouts) and onnxruntime (NCHW) measured in the same process with the same thread count.  See :mod:`numbaconv.bench.suite` for the method.
 """
 
 import argparse
@@ -24,9 +24,10 @@ def _parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser(
-        "bench", help="run the public benchmark suite against torch",
+        "bench", help="run the public benchmark suite against torch and onnxruntime",
         description="Time numbaconv.conv2d on SPEC.md's public suite (float32) for every algorithm "
-                    "and layout, next to torch (same process, same thread count).")
+                    "and layout, next to torch (both layouts) and onnxruntime (NCHW) in the same "
+                    "process with the same thread count, on this machine's measured FMA peak.")
     p.add_argument("--quick", action="store_true",
                    help="fewer repeats (~0.1 s per cell instead of ~0.5 s, at least 3): a rough table in a fraction of the time")
     p.add_argument("--algorithms", type=_csv, metavar="A,B",
@@ -36,14 +37,17 @@ def _parser():
     p.add_argument("--shapes", type=_csv, metavar="NAME,...", help="comma-separated suite shape names (default: all)")
     p.add_argument("--threads", type=int, default=bench.DEFAULT_THREADS,
                    help="threads for numbaconv and torch alike (default: %(default)s)")
-    p.add_argument("--peak", type=float, default=bench.PEAK_GFLOPS, metavar="GFLOPS",
-                   help="machine peak in GFLOP/s for the %% column (default: %(default)s, this 2-core AVX2 machine)")
+    p.add_argument("--peak", type=float, default=None, metavar="GFLOPS",
+                   help="machine peak in GFLOP/s for the %% column (default: measured here with an FMA "
+                        "probe at the compile target's full vector width)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="target time per cell for the adaptive repeat count (default 0.5, 0.1 with --quick)")
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="sweep the suite R times and keep each cell's best round median (a shared "
                         "machine's bursts of load spoil single blocks); default 1")
     p.add_argument("--no-torch", action="store_true", help="do not time torch even if it is installed")
+    p.add_argument("--no-onnxruntime", action="store_true",
+                   help="do not time onnxruntime even if it is installed (the 'bench' extra installs it)")
     p.add_argument("--json", metavar="FILE", help="write every measurement and the machine's description as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of GFLOP/s per shape (needs matplotlib)")
     p.add_argument("--first-call", action="store_true",
@@ -60,15 +64,17 @@ def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
-def format_table(results, with_torch):
+def format_table(results, with_torch, with_onnxruntime=False):
     """The results as a fixed-width text table (one row per shape x layout x implementation)."""
-    head = ["shape", "layout", "algorithm", "ms", "GFLOP/s", "% peak"] + (["vs torch"] if with_torch else [])
+    peers = ["torch"] * bool(with_torch) + ["onnxruntime"] * bool(with_onnxruntime)
+    head = ["shape", "layout", "algorithm", "ms", "GFLOP/s", "% peak"] + [f"vs {p_}" for p_ in peers]
     rows = []
     for r in results:
         row = [r["shape"], r["layout"], r["algorithm"], _fmt(r["ms"], ".3f"), _fmt(r["gflops"], ".1f"),
                _fmt(r["pct_peak"], ".1f")]
-        if with_torch:
-            row.append(_fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""))
+        for peer in peers:
+            value = r.get(f"speedup_vs_{peer}")
+            row.append(_fmt(value, ".2f") + ("x" if value else ""))
         rows.append(row)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     left = {0, 1, 2}
@@ -123,24 +129,34 @@ def cmd_bench(args, out=None):
         raise SystemExit(f"numbaconv bench: --rounds must be >= 1, got {args.rounds}")
     bench.set_threads(args.threads)
     with_torch = not args.no_torch and bench._import_torch() is not None
+    with_ort = not args.no_onnxruntime and bench._import_onnxruntime() is not None
     budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
     min_repeats = 3
-    machine = bench.machine_info(threads=args.threads, peak_gflops=args.peak)
-
-    print(f"numbaconv {machine['numbaconv']} bench: {machine['cpu']}, {args.threads} threads "
-          f"(numba {machine['numba']}, torch {machine['torch'] or 'not installed'}), float32, "
-          f"peak {args.peak:g} GFLOP/s", file=out)
+    peak = bench.measure_peak(args.threads)
+    if args.peak is not None:
+        peak["fma_gflops"] = args.peak
+    machine = bench.machine_info(threads=args.threads, peak=peak)
+    target = machine["llvm_target"] or {}
+    print(f"numbaconv {machine['numbaconv']} bench: {machine['cpu']} ({', '.join(machine['isa']) or 'ISA unknown'}; "
+          f"LLVM target {target.get('cpu', '?')}, {8 * target.get('vector_bytes', 0)}-bit vectors), "
+          f"{args.threads} threads, float32", file=out)
+    print(f"  numba {machine['numba']}, torch {machine['torch'] or 'not installed'}, onnxruntime "
+          f"{machine['onnxruntime'] or 'not installed'}; FMA peak {peak['fma_gflops']:.0f} GFLOP/s "
+          f"({'given' if args.peak is not None else 'measured'}), sgemm {peak['sgemm_gflops']:.0f} GFLOP/s "
+          "(numpy BLAS, 2048^3)", file=out)
     results = []
     if not args.first_call_only:
         shapes = [suite[name] for name in shape_names]
         results = bench.run_suite(shapes, layouts, algorithms, budget_s=budget, min_repeats=min_repeats,
-                                  peak_gflops=args.peak, with_torch=with_torch,
+                                  peak_gflops=peak["fma_gflops"], with_torch=with_torch,
+                                  with_onnxruntime=with_ort,
                                   progress=not args.no_progress, rounds=args.rounds)
-        print(format_table(results, with_torch), file=out)
-        geo = bench.geomean_speedups(results)
-        if geo:
-            print("geometric mean speedup vs torch: "
-                  + ", ".join(f"{name} {value:.2f}x" for name, value in geo.items()), file=out)
+        print(format_table(results, with_torch, with_ort), file=out)
+        for peer in ["torch"] * with_torch + ["onnxruntime"] * with_ort:
+            geo = bench.geomean_speedups(results, peer)
+            if geo:
+                print(f"geometric mean speedup vs {peer}{' (NCHW)' if peer == 'onnxruntime' else ''}: "
+                      + ", ".join(f"{name} {value:.2f}x" for name, value in geo.items()), file=out)
     first_call = None
     if args.first_call or args.first_call_only:
         first_call = bench.first_call_latency(algorithms, layouts=layouts, threads=args.threads,
@@ -156,13 +172,14 @@ def cmd_bench(args, out=None):
                                rounds=args.rounds,
                                shape_table={n: suite[n]._asdict() for n in shape_names}),
                    results=results, geomean_speedup_vs_torch=bench.geomean_speedups(results),
+                   geomean_speedup_vs_onnxruntime=bench.geomean_speedups(results, "onnxruntime"),
                    first_call=first_call)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}", file=out)
     if args.plot and results:
         from . import plot
-        plot.plot_results(results, args.plot, peak_gflops=args.peak,
+        plot.plot_results(results, args.plot, peak_gflops=peak["fma_gflops"],
                           title=f"numbaconv bench, float32, {args.threads} threads — {machine['cpu']}")
         print(f"wrote {args.plot}", file=out)
     return 0

@@ -30,15 +30,12 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "Shape", "SUITE", "TINY_SUITE", "LAYOUTS", "WEIGHT_LAYOUT", "PEAK_GFLOPS", "DEFAULT_THREADS",
+    "Shape", "SUITE", "TINY_SUITE", "LAYOUTS", "WEIGHT_LAYOUT", "DEFAULT_THREADS", "PEERS",
     "LARGE_IM2COL", "active_suite", "bench_algorithms", "make_inputs", "conv_runner", "torch_runner",
     "time_samples", "time_callable", "set_threads", "run_suite", "geomean_speedups", "first_call_latency",
-    "machine_info",
+    "machine_info", "measure_peak", "onnxruntime_runner",
 ]
 
-#: Peak float32 throughput of the reference machine (2 cores, AVX2 + 2 FMA units):
-#: 2 cores x 2 FMA x 8 lanes x 2 flops x ~3.75 GHz.  ``numbaconv bench --peak`` overrides it.
-PEAK_GFLOPS = 240.0
 #: numbaconv and torch run with this many threads in every benchmark.
 DEFAULT_THREADS = 2
 
@@ -213,6 +210,53 @@ def torch_runner(shape, layout, x, w):
     return run
 
 
+#: the peers timed next to numbaconv, in this order: torch (both layouts), onnxruntime (NCHW)
+PEERS = ("torch", "onnxruntime")
+_threads = {"n": DEFAULT_THREADS}
+
+
+def _import_onnxruntime():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnx, onnxruntime
+
+
+def onnxruntime_runner(shape, layout, x, w):
+    """A no-argument callable running onnxruntime (MLAS) on the same data, or ``None``.
+
+    One ``Conv`` node with the weights as an initializer, ``ORT_ENABLE_ALL``, as many
+    intra-op threads as numbaconv and torch get (:func:`set_threads`), one inter-op thread.
+    NCHW only: ONNX's ``Conv`` is NCHW (a channels-last model gets transposes around it).
+    """
+    mods = _import_onnxruntime()
+    if mods is None or layout != "NCHW":
+        return None
+    onnx, ort = mods
+    from onnx import TensorProto, helper, numpy_helper
+    ho = shape.out_hw
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[shape.stride] * 2, pads=[shape.pad] * 4,
+                            group=shape.groups, kernel_shape=[shape.rs] * 2)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [shape.n, shape.k, ho, ho])],
+                              initializer=[numpy_helper.from_array(np.ascontiguousarray(w), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = _threads["n"]
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": np.ascontiguousarray(x)}
+
+    def run():
+        return sess.run(None, feed)[0]
+
+    return run
+
+
 def set_threads(n):
     """Run numbaconv (Numba) and torch (if installed) with ``n`` threads; returns ``n``."""
     import numba
@@ -221,6 +265,7 @@ def set_threads(n):
     if not 1 <= n <= limit:
         raise ValueError(f"threads must be between 1 and NUMBA_NUM_THREADS={limit}, got {n!r}")
     numba.set_num_threads(n)
+    _threads["n"] = n
     torch = _import_torch()
     if torch is not None:
         torch.set_num_threads(numba.get_num_threads())
@@ -284,63 +329,83 @@ class Progress:
         self.stream.flush()
 
 
-def run_suite(shapes, layouts=LAYOUTS, algorithms=None, *, budget_s=0.5, min_repeats=3,
-              peak_gflops=PEAK_GFLOPS, with_torch=True, progress=True, stream=None, rounds=1):
-    """Measure every ``shape x layout x algorithm`` (plus torch); returns a list of result dicts.
+def _check_output(impl, shape, layout, y, ref):
+    """A benchmark that times a wrong answer is worthless: every implementation's output must
+    match the cell's reference (torch where installed) within float32 rounding."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    if y.shape != ref.shape or not np.all(np.abs(y - ref) <= 1e-3 * scale):
+        raise RuntimeError(f"{impl} gives a different result on {shape.name} {layout}")
 
-    Each dict: ``shape, layout, algorithm, ms`` (median), ``gflops, pct_peak,
-    speedup_vs_torch, repeats, flops, min_ms`` (fastest repeat: on a busy machine the median
-    can catch preemptions of the second thread); torch's own rows have ``algorithm="torch"``.  ``speedup_vs_torch`` is torch's
-    time divided by the algorithm's (> 1: faster than torch), ``None`` without torch.
+
+def run_suite(shapes, layouts=LAYOUTS, algorithms=None, *, budget_s=0.5, min_repeats=3,
+              peak_gflops=None, with_torch=True, with_onnxruntime=True, progress=True, stream=None, rounds=1):
+    """Measure every ``shape x layout x algorithm`` (plus the peers); returns a list of result dicts.
+
+    Each dict: ``shape, layout, algorithm, ms`` (median), ``gflops, pct_peak`` (of
+    ``peak_gflops``, ``None`` without it), ``speedup_vs_torch, speedup_vs_onnxruntime,
+    repeats, flops, min_ms`` (fastest repeat: on a busy machine the median can catch
+    preemptions of the second thread); the peers' own rows have ``algorithm="torch"`` /
+    ``"onnxruntime"`` (NCHW only).  A speedup is the peer's time divided by the row's (> 1:
+    faster than the peer), ``None`` where that peer was not timed.  Every output is checked
+    against the cell's first one (torch's where installed).
 
     ``rounds > 1`` sweeps the whole suite that many times and keeps, per cell, the lowest
-    of its rounds' medians (torch's too): on a shared machine a burst of load from elsewhere
+    of its rounds' medians (the peers' too): on a shared machine a burst of load from elsewhere
     spoils one block of timings, and the rounds are minutes apart.
     """
     if algorithms is None:
         algorithms = bench_algorithms()
     if isinstance(shapes, dict):
         shapes = list(shapes.values())
-    torch_ok = with_torch and _import_torch() is not None
-    impls = (["torch"] if torch_ok else []) + list(algorithms)
-    bar = Progress(rounds * len(shapes) * len(layouts) * len(impls), stream=stream, enabled=progress)
+    peers = {"torch": (torch_runner, with_torch and _import_torch() is not None),
+             "onnxruntime": (onnxruntime_runner, with_onnxruntime and _import_onnxruntime() is not None)}
+    peers = {name: runner for name, (runner, ok) in peers.items() if ok}
+    cells = [(shape, layout, ["torch"] * ("torch" in peers) + ["onnxruntime"] * ("onnxruntime" in peers
+                                                                                 and layout == "NCHW")
+              + list(algorithms)) for shape in shapes for layout in layouts]
+    bar = Progress(rounds * sum(len(impls) for _, _, impls in cells), stream=stream, enabled=progress)
     best = {}
     for _ in range(rounds):
-        for shape in shapes:
-            for layout in layouts:
-                x, w = make_inputs(shape, layout)
-                for impl in impls:  # one block per implementation, never interleaved
-                    if impl == "torch":
-                        fn = torch_runner(shape, layout, x, w)
-                    else:
-                        fn = conv_runner(shape, layout, impl, x, w)
-                    times = time_samples(fn, budget_s=budget_s, min_repeats=min_repeats)
-                    key = (shape.name, layout, impl)
-                    row = dict(shape=shape.name, layout=layout, algorithm=impl,
-                               ms=statistics.median(times) * 1e3, speedup_vs_torch=None,
-                               repeats=len(times), flops=shape.flops, min_ms=min(times) * 1e3)
-                    if key not in best or row["ms"] < best[key]["ms"]:
-                        best[key] = row
-                    bar.step(f"{shape.name} {layout} {impl}")
+        for shape, layout, impls in cells:
+            x, w = make_inputs(shape, layout)
+            ref = None
+            for impl in impls:  # one block per implementation, never interleaved
+                fn = peers[impl](shape, layout, x, w) if impl in peers else conv_runner(shape, layout, impl, x, w)
+                y = fn()  # the warm-up: JIT compile / cache load / first touch, never timed
+                y = y.numpy() if hasattr(y, "numpy") else y
+                y = y if layout == "NCHW" or impl != "torch" else np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+                if ref is None:
+                    ref = y
+                else:
+                    _check_output(impl, shape, layout, y, ref)
+                times = time_samples(fn, budget_s=budget_s, min_repeats=min_repeats, warmup=False)
+                key = (shape.name, layout, impl)
+                row = dict(shape=shape.name, layout=layout, algorithm=impl, ms=statistics.median(times) * 1e3,
+                           speedup_vs_torch=None, speedup_vs_onnxruntime=None, repeats=len(times),
+                           flops=shape.flops, min_ms=min(times) * 1e3)
+                if key not in best or row["ms"] < best[key]["ms"]:
+                    best[key] = row
+                bar.step(f"{shape.name} {layout} {impl}")
     results = []
-    for shape in shapes:
-        for layout in layouts:
-            cell = [best[(shape.name, layout, impl)] for impl in impls]
-            for row in cell:
-                row["gflops"] = shape.flops / row["ms"] * 1e-6
-                row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops
-                if torch_ok:
-                    row["speedup_vs_torch"] = cell[0]["ms"] / row["ms"]
-            results.extend(cell)
+    for shape, layout, impls in cells:
+        cell = {impl: best[(shape.name, layout, impl)] for impl in impls}
+        for row in cell.values():
+            row["gflops"] = shape.flops / row["ms"] * 1e-6
+            row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops if peak_gflops else None
+            for peer in peers:
+                if peer in cell:
+                    row[f"speedup_vs_{peer}"] = cell[peer]["ms"] / row["ms"]
+        results.extend(cell.values())
     return results
 
 
-def geomean_speedups(results):
-    """``{algorithm: geometric mean of speedup_vs_torch}`` over all shapes and layouts."""
+def geomean_speedups(results, peer="torch"):
+    """``{algorithm: geometric mean of speedup_vs_<peer>}`` over all shapes and layouts."""
     logs = {}
     for row in results:
-        if row["algorithm"] != "torch" and row.get("speedup_vs_torch"):
-            logs.setdefault(row["algorithm"], []).append(math.log(row["speedup_vs_torch"]))
+        if row["algorithm"] not in PEERS and row.get(f"speedup_vs_{peer}"):
+            logs.setdefault(row["algorithm"], []).append(math.log(row[f"speedup_vs_{peer}"]))
     return {name: math.exp(sum(v) / len(v)) for name, v in logs.items()}
 
 
@@ -423,17 +488,60 @@ def _git_commit():
     return proc.stdout.strip() or None
 
 
-def machine_info(threads=None, peak_gflops=PEAK_GFLOPS):
+def _isa_flags():
+    """The CPU's SIMD / matrix extensions (from /proc/cpuinfo's flags)."""
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def measure_peak(threads=None):
+    """``{"fma_gflops", "sgemm_gflops"}`` measured on this machine with ``threads`` threads:
+    numbaconv's FMA probe at the compile target's full width (``numbaconv.cpu.peak``; ``None``
+    on a numbaconv without it) and a 2048^3 float32 matrix product through numpy's BLAS."""
+    fma = None
+    try:
+        from numbaconv.cpu import peak
+    except ImportError:  # an older numbaconv (asv runs this file against past commits)
+        peak = None
+    if peak is not None:
+        fma = peak.fma_peak_gflops(threads)
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    sgemm = 2 * 2048 ** 3 / min(time_samples(lambda: a @ a, budget_s=0.5, min_repeats=3)) * 1e-9
+    return dict(fma_gflops=fma, sgemm_gflops=sgemm)
+
+
+def machine_info(threads=None, peak=None):
+    """This machine as the results' JSON records it: CPU model, ISA flags, the LLVM target
+    Numba compiles for, versions, threads, and the measured peaks (``peak``: a dict from
+    :func:`measure_peak`, measured here when ``None``)."""
     import numba
 
     import numbaconv
 
     torch = _import_torch()
+    ort = _import_onnxruntime()
+    threads = threads if threads is not None else numba.get_num_threads()
+    target = None
+    try:
+        from numbaconv.cpu._vec import target_description, target_vector_bytes
+        target = dict(zip(("triple", "cpu", "features"), target_description()), vector_bytes=target_vector_bytes())
+    except ImportError:
+        pass
+    peak = peak if peak is not None else measure_peak(threads)
     return dict(
-        hostname=platform.node(), platform=platform.platform(), cpu=_cpu_model(),
-        cpu_count=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
+        hostname=platform.node(), platform=platform.platform(), cpu=_cpu_model(), isa=_isa_flags(),
+        llvm_target=target, cpu_count=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
         numba=numba.__version__, torch=getattr(torch, "__version__", None),
-        numbaconv=numbaconv.__version__, commit=_git_commit(),
-        threads=threads if threads is not None else numba.get_num_threads(),
-        peak_gflops=peak_gflops, algorithms=list(numbaconv.algorithms()),
+        onnxruntime=getattr(ort[1], "__version__", None) if ort else None,
+        numbaconv=numbaconv.__version__, commit=_git_commit(), threads=threads,
+        peak_gflops=peak["fma_gflops"], sgemm_gflops=peak["sgemm_gflops"], algorithms=list(numbaconv.algorithms()),
     )
