@@ -2,13 +2,13 @@
 
 Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
 :func:`col2im`, :func:`convert_layout`, the backward passes and :func:`conv_transpose2d`,
-and :func:`clear_caches`.  ``import numbaconv`` never imports torch.
+:func:`warmup` (compile ahead into Numba's cache) and :func:`clear_caches`.  ``import numbaconv`` never imports torch.
 
 The package, top to bottom (``tests/test_architecture.py`` checks the import rules):
 
 * the core, here: ``api`` (the front door: validate -> plan -> dispatch), ``problem``
   (argument parsing and every error), ``layout``, ``padding``, ``registry`` (algorithm
-  name -> implementing module) and ``auto``;
+  name -> implementing module), ``auto`` and ``cache`` (Numba's on-disk cache, ``warmup``);
 * ``cpu/`` -- the host kernels, one module per algorithm, and the shared Numba settings;
 * ``grad/`` -- the backward passes and ``conv_transpose2d``;
 * ``cuda/`` -- the ``@cuda.jit`` kernels, forward and backward, with their host glue;
@@ -28,7 +28,7 @@ from .registry import algorithms
 __version__ = "0.1.0"
 __all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
-           "conv_transpose2d", "clear_caches"]
+           "conv_transpose2d", "clear_caches", "warmup"]
 
 #: public name -> the module that defines it, imported when the name is first used
 _LAZY = {
@@ -39,6 +39,7 @@ _LAZY = {
     "conv2d_backward_weight": "numbaconv.grad.backward",
     "conv2d_backward_bias": "numbaconv.grad.backward",
     "conv_transpose2d": "numbaconv.grad.transpose",
+    "warmup": "numbaconv.cache",
 }
 
 

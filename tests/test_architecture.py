@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "numbaconv"
 
 #: the front door and what every path shares (issue: at most 14 modules at the top level)
-TOP_LEVEL = {"__init__", "__main__", "api", "auto", "layout", "padding", "problem", "registry", "torch"}
+TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "layout", "padding", "problem", "registry", "torch"}
 
 #: importer (module or package prefix) -> the numbaconv modules / packages it may import.
 #: The most specific key applies.  ``numbaconv`` alone means the public package itself.
@@ -22,6 +22,7 @@ ALLOWED = {
     "numbaconv.problem": {"numbaconv.layout"},
     "numbaconv.registry": set(),
     "numbaconv.auto": {"numbaconv.registry"},
+    "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
     "numbaconv.padding": {"numbaconv.cpu._jit"},
     "numbaconv.api": {"numbaconv.auto", "numbaconv.layout", "numbaconv.padding", "numbaconv.problem",
                       "numbaconv.registry"},
@@ -31,7 +32,7 @@ ALLOWED = {
     "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.problem",
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
-    "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
+    "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cache", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
                         "numbaconv.cpu._vec"},
     "numbaconv.torch": {"numbaconv", "numbaconv.cuda.backward", "numbaconv.grad", "numbaconv.problem"},
 }

@@ -57,6 +57,22 @@ def _parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     # Tests only: the tiny stand-in shapes (also $NUMBACONV_BENCH_SUITE=tiny).
     p.add_argument("--suite", choices=("public", "tiny"), default=None, help=argparse.SUPPRESS)
+
+    import numbaconv.cache as cache
+    w = sub.add_parser(
+        "warmup", help="compile kernels ahead into Numba's cache (Docker builds, CI, dask workers)",
+        description="Run the given layers once, in worker processes, so their kernels are compiled into "
+                    "Numba's on-disk cache (NUMBA_CACHE_DIR); prints what compiled and how long it took. "
+                    "A no-op when the cache is warm.")
+    w.add_argument("--model", choices=sorted(cache.MODELS),
+                   help="a named architecture's conv layers (224x224, batch 1), or 'all': every kernel "
+                        "family of this CPU with every host algorithm")
+    w.add_argument("--layer", action="append", default=[], metavar="N,C,H,W,K,R,S[,STRIDE[,PAD[,GROUPS]]]",
+                   help="a layer geometry (repeatable)")
+    w.add_argument("--dtypes", type=_csv, default=["float32"], metavar="D,D", help="default: float32")
+    w.add_argument("--layouts", type=_csv, default=["NCHW", "NHWC"], metavar="L,L", help="default: NCHW,NHWC")
+    w.add_argument("--algorithms", type=_csv, default=["auto"], metavar="A,B", help="default: auto")
+    w.add_argument("--processes", type=int, default=None, help="worker processes (default: one per dtype x layout)")
     return parser
 
 
@@ -185,10 +201,24 @@ def cmd_bench(args, out=None):
     return 0
 
 
+def cmd_warmup(args, out=None):
+    import numbaconv
+    if not (args.model or args.layer):
+        raise SystemExit("numbaconv warmup: give --model or --layer")
+    try:
+        numbaconv.warmup(args.layer or None, model=args.model, dtypes=args.dtypes, layouts=args.layouts,
+                         algorithms=args.algorithms, processes=args.processes, stream=out)
+    except ValueError as exc:
+        raise SystemExit(f"numbaconv warmup: {exc}")
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "warmup":
+        return cmd_warmup(args)
     return 2  # pragma: no cover -- argparse rejects unknown commands
 
 
