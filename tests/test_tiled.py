@@ -7,8 +7,6 @@ added into the output), stride, dilation, groups, depthwise with multiplier 1 an
 asymmetric padding -- in both layouts and both dtypes.
 """
 
-import re
-
 import numpy as np
 import pytest
 
@@ -132,18 +130,6 @@ def test_depthwise_is_dispatched(monkeypatch):
     x = np.ones((1, 4, 5, 5), np.float32)
     numbaconv.conv2d(x, np.ones((4, 1, 3, 3), np.float32), groups=4, algorithm="tiled")
     assert called
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dot_microkernel_uses_packed_fma(dtype):
-    """:mod:`numbaconv.cpu.dot`'s 5 x 5 block is vectorised along the reduction: its 25
-    accumulators become vector registers of partial sums (packed FMAs, no scalar ones)."""
-    if tiled.vector_bytes() < 32:
-        pytest.skip("no AVX2/AVX-512 on this machine")
-    asm = dot.microkernel_asm(dtype)
-    suffix = "ps" if dtype == np.float32 else "pd"
-    packed = re.findall(rf"vfmadd\d+{suffix}\s+[^\n]*%[yz]mm", asm)
-    assert len(packed) >= 25, f"expected >= 25 packed FMAs, found {len(packed)}"
 
 
 def test_generated_microkernels_are_up_to_date():

@@ -65,7 +65,9 @@ def _fmuladd(builder, a, b, c):
     """``a * b + c``, fused where the target has FMA (``llvm.fmuladd``: on an SSE-only
     target ``llvm.fma`` would become a libm call per lane)."""
     vty = a.type
-    name = f"llvm.fmuladd.v{vty.count}f{64 if isinstance(vty.element, ir.DoubleType) else 32}"
+    scalar = getattr(vty, "element", vty)
+    bits = 64 if isinstance(scalar, ir.DoubleType) else 32
+    name = f"llvm.fmuladd.v{vty.count}f{bits}" if isinstance(vty, ir.VectorType) else f"llvm.fmuladd.f{bits}"
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
     return builder.call(fn, [a, b, c])
 
@@ -218,3 +220,109 @@ def fma_chains(n_acc, w_):
         return sig, codegen
 
     return chains
+
+
+@functools.lru_cache(maxsize=None)
+def dot_block(ka, pb, vector_bytes):
+    """An intrinsic ``block(wf, cf, acc, wb, cb, n, ldw, ldc)``: the ``ka x pb`` dot products
+
+        acc[a*pb + b] = sum over j < n of wf[wb + a*ldw + j] * cf[cb + b*ldc + j]
+
+    vectorised along the reduction: ``ka*pb`` accumulators of ``w_ = vector_bytes / itemsize``
+    lanes, per step ``ka``
+    weight-row loads, then per pixel one load and ``ka`` FMAs (``ka*pb + ka + 1``
+    registers); the ``n % w_`` tail in scalars; each accumulator summed across its lanes
+    once at the end (the sum's order differs from a serial one only by reassociation)."""
+    @intrinsic
+    def block(typingctx, wf, cf, acc, wb, cb, n, ldw, ldc):
+        arrays = (wf, cf, acc)
+        if not all(isinstance(a, types.Array) for a in arrays):
+            return None
+        if len({a.dtype for a in arrays}) != 1 or not isinstance(wf.dtype, types.Float):
+            return None
+        sig = types.void(wf, cf, acc, wb, cb, n, ldw, ldc)
+        w_ = max(1, vector_bytes * 8 // wf.dtype.bitwidth)
+
+        def codegen(context, builder, signature, args):
+            argtys = signature.args
+            wa, ca, aa = (context.make_array(t)(context, builder, v) for t, v in zip(argtys[:3], args[:3]))
+            i64 = ir.IntType(64)
+            wb_, cb_, n_, ldw_, ldc_ = (context.cast(builder, args[i], argtys[i], types.int64) for i in range(3, 8))
+            fty = context.get_value_type(wf.dtype)
+            vty = ir.VectorType(fty, w_)
+            align = wf.dtype.bitwidth // 8
+            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(pb)] for _ in range(ka)]
+            tails = [[cgutils.alloca_once_value(builder, ir.Constant(fty, 0.0)) for _ in range(pb)]
+                     for _ in range(ka)]
+            wrow = [builder.add(wb_, builder.mul(ldw_, i64(a))) for a in range(ka)]
+            crow = [builder.add(cb_, builder.mul(ldc_, i64(b))) for b in range(pb)]
+            steps = builder.sdiv(n_, i64(w_))
+            with _loop(builder, steps) as step:
+                j = builder.mul(step, i64(w_))
+                wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wrow[a], j), vty), align=align)
+                      for a in range(ka)]
+                for b in range(pb):
+                    cv = builder.load(_vector_ptr(builder, ca.data, builder.add(crow[b], j), vty), align=align)
+                    for a in range(ka):
+                        builder.store(_fmuladd(builder, wv[a], cv, builder.load(accs[a][b])), accs[a][b])
+            with _loop(builder, builder.sub(n_, builder.mul(steps, i64(w_)))) as tail:
+                j = builder.add(builder.mul(steps, i64(w_)), tail)
+                ws = [builder.load(builder.gep(wa.data, [builder.add(wrow[a], j)])) for a in range(ka)]
+                for b in range(pb):
+                    c = builder.load(builder.gep(ca.data, [builder.add(crow[b], j)]))
+                    for a in range(ka):
+                        builder.store(_fmuladd(builder, ws[a], c, builder.load(tails[a][b])), tails[a][b])
+            for a in range(ka):
+                for b in range(pb):
+                    v = builder.load(accs[a][b])
+                    total = builder.load(tails[a][b])
+                    for lane in range(w_):
+                        total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), lane)))
+                    builder.store(total, builder.gep(aa.data, [i64(a * pb + b)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    block.__name__ = f"dot_block_{ka}x{pb}_{vector_bytes}"
+    return block
+
+
+@intrinsic
+def transpose8(typingctx, src, dst, s0, ss, d0, ds):
+    """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i, j < 8``: an 8 x 8 block transposed
+    in registers (8 vector loads, 24 shuffles, 8 vector stores) -- NCHW planes to NHWC rows
+    at memory speed, where element-wise copies ran 4x slower."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
+        return None
+    sig = types.void(src, dst, s0, ss, d0, ds)
+
+    def codegen(context, builder, signature, args):
+        sa, da = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1))
+        s0_, ss_, d0_, ds_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in range(2, 6))
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        vty = ir.VectorType(context.get_value_type(src.dtype), 8)
+        align = src.dtype.bitwidth // 8
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 8), [i32(m) for m in mask]))
+
+        rows = [builder.load(_vector_ptr(builder, sa.data, builder.add(s0_, builder.mul(ss_, i64(i))), vty),
+                             align=align) for i in range(8)]
+        pairs = []  # interleave rows 2k, 2k+1: (a0 b0 a1 b1 | a4 b4 a5 b5), (a2 b2 a3 b3 | a6 b6 a7 b7)
+        for k in range(0, 8, 2):
+            pairs += [shuffle(rows[k], rows[k + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
+                      shuffle(rows[k], rows[k + 1], [2, 10, 3, 11, 6, 14, 7, 15])]
+        quads = []  # (a0 b0 c0 d0 | a4 b4 c4 d4), (a1 .. d1 | a5 .. d5), ... for rows 0-3, then 4-7
+        for k in (0, 4):
+            for m in (0, 1):
+                quads += [shuffle(pairs[k + m], pairs[k + 2 + m], [0, 1, 8, 9, 4, 5, 12, 13]),
+                          shuffle(pairs[k + m], pairs[k + 2 + m], [2, 3, 10, 11, 6, 7, 14, 15])]
+        for j in range(4):
+            lo, hi = quads[j], quads[4 + j]
+            for col, mask in ((j, [0, 1, 2, 3, 8, 9, 10, 11]), (j + 4, [4, 5, 6, 7, 12, 13, 14, 15])):
+                dst_ptr = _vector_ptr(builder, da.data, builder.add(d0_, builder.mul(ds_, i64(col))), vty)
+                builder.store(shuffle(lo, hi, mask), dst_ptr, align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -24,8 +24,9 @@ def _blocks(asm):
 
 
 def hot_loop(asm):
-    """The text of the loop with the most FMAs: a block that jumps back to its own label
-    (LLVM's innermost loops are single blocks), or, failing that, the block with most FMAs."""
+    """The text of the loop with the most packed FMAs (then the most FMAs): a block that jumps
+    back to its own label (LLVM's innermost loops are single blocks), or, failing that, the
+    block with most FMAs."""
     blocks = _blocks(asm)
     loops = {}
     for name, text in blocks.items():
@@ -33,7 +34,10 @@ def hot_loop(asm):
         if back:
             loops[name] = text[:back.end()]  # the loop body ends at its backward jump
     pool = loops or blocks
-    return max(pool.values(), key=lambda text: len(_FMA.findall(text)), default="")
+    def weight(text):
+        fmas = _FMA.findall(text)
+        return sum(1 for kind, _ in fmas if kind.startswith("p")), len(fmas)
+    return max(pool.values(), key=weight, default="")
 
 
 def loop_stats(asm):
@@ -59,13 +63,16 @@ def loop_stats(asm):
 
 
 def report():
-    """Codegen of the tiled micro-kernels on the target Numba compiles for (JSON-able)."""
+    """Codegen of the tiled micro-kernels and the dot block on the target Numba compiles for
+    (JSON-able)."""
     import numpy as np
 
-    from . import tiled
+    from . import dot, tiled
     from ._vec import target_description, target_vector_bytes
-    out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {}}
+    out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
+           "dot": {}}
     for dtype in (np.float32, np.float64):
+        out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
         for p_ in tiled.P_CHOICES[target_vector_bytes()]:
             stats = loop_stats(tiled.microkernel_asm(dtype, p_))
             out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype)}"] = stats

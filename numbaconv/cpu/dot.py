@@ -12,23 +12,28 @@ order) is already a contiguous reduction vector, so the convolution is the dot p
 
 with ``cols`` the per-pixel im2col rows in the same ``(c, r, s)`` order (a bounded
 workspace: used only while it stays under :data:`MAX_COLS_BYTES`, i.e. for small images).
-The micro-kernel keeps 5 output channels x 5 pixels in 25 accumulators and is vectorised
-along the reduction by LLVM's loop vectoriser (``reassoc`` lets each accumulator become a
-vector of partial sums, added across lanes once at the end): per vector step 10 loads
-feed 25 FMAs, 25 + 5 + 1 of the 32 zmm registers.  ``prange`` runs over blocks of 5
-output channels.
+The micro-kernel keeps ``KB`` output channels x ``PB`` pixels in vector accumulators of
+partial sums along the reduction (explicit LLVM vectors, :func:`numbaconv.cpu._vec.dot_block`,
+added across lanes once at the end): on AVX-512 5 x 5 (per step 10 loads feed 25 FMAs,
+25 + 5 + 1 of the 32 zmm registers), on AVX2 3 x 4 (16 ymm).  ``prange`` runs over blocks
+of ``KB`` output channels.
 """
 
 import numba
 import numpy as np
 from numba import prange
 
-from ._jit import FASTMATH, jit, pjit
+from ._jit import pjit
+from ._vec import dot_block, target_vector_bytes
 
 __all__ = ["applies", "run", "microkernel_asm", "KB", "PB", "MAX_COLS_BYTES"]
 
-KB = 5  # output channels per micro-kernel call (the block of _dot5x5)
-PB = 5  # output pixels per micro-kernel call (the block of _dot5x5 / _dot1x5)
+#: output channels x pixels per block: 25 vector accumulators on AVX-512 (+ 5 weight rows +
+#: 1 pixel row of 32 registers; 5 x 5 measured 4-6 % faster than 6 x 4 and 8 x 3 on res5,
+#: and pads 49 pixels to 50); 12 on AVX2 / SSE (16 registers: 5 x 5 spilled 16 pairs there)
+KB, PB = (5, 5) if target_vector_bytes() >= 64 else (3, 4)
+_block = dot_block(KB, PB, target_vector_bytes())
+_row = dot_block(1, PB, target_vector_bytes())  # the K % KB channels left over
 #: the im2col rows' size limit (the classic im2col blow-up stays bounded)
 MAX_COLS_BYTES = 4 << 20
 #: at most this many output pixels (all images): beyond it every weight is reused enough
@@ -103,75 +108,41 @@ def _fill_cols(xp, cols, taps, sh, sw, ho_, wo_):
             d += np.uintp(rs)
 
 
-@jit
-def _dot5x5(wm, cols, acc, k0, p0, zero):
-    """``acc[a, b] = wm[k0 + a] . cols[p0 + b]`` for a, b < 5 (zero-based loop over whole
-    rows: no wraparound checks, so it vectorises).  5 x 5 measured 4-6 % faster than 6 x 4
-    and 8 x 3 on res5, and pads 49 pixels to 50, not 52."""
-    w0, w1, w2, w3, w4 = wm[k0], wm[k0 + 1], wm[k0 + 2], wm[k0 + 3], wm[k0 + 4]
-    x0, x1, x2, x3, x4 = cols[p0], cols[p0 + 1], cols[p0 + 2], cols[p0 + 3], cols[p0 + 4]
-    a00 = a01 = a02 = a03 = a04 = a10 = a11 = a12 = a13 = a14 = a20 = a21 = a22 = a23 = a24 = zero
-    a30 = a31 = a32 = a33 = a34 = a40 = a41 = a42 = a43 = a44 = zero
-    for j in range(wm.shape[1]):
-        v0, v1, v2, v3, v4 = x0[j], x1[j], x2[j], x3[j], x4[j]
-        u = w0[j]
-        a00 += u * v0; a01 += u * v1; a02 += u * v2; a03 += u * v3; a04 += u * v4  # noqa: E702
-        u = w1[j]
-        a10 += u * v0; a11 += u * v1; a12 += u * v2; a13 += u * v3; a14 += u * v4  # noqa: E702
-        u = w2[j]
-        a20 += u * v0; a21 += u * v1; a22 += u * v2; a23 += u * v3; a24 += u * v4  # noqa: E702
-        u = w3[j]
-        a30 += u * v0; a31 += u * v1; a32 += u * v2; a33 += u * v3; a34 += u * v4  # noqa: E702
-        u = w4[j]
-        a40 += u * v0; a41 += u * v1; a42 += u * v2; a43 += u * v3; a44 += u * v4  # noqa: E702
-    acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3], acc[0, 4] = a00, a01, a02, a03, a04
-    acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3], acc[1, 4] = a10, a11, a12, a13, a14
-    acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3], acc[2, 4] = a20, a21, a22, a23, a24
-    acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3], acc[3, 4] = a30, a31, a32, a33, a34
-    acc[4, 0], acc[4, 1], acc[4, 2], acc[4, 3], acc[4, 4] = a40, a41, a42, a43, a44
-
-
-@jit
-def _dot1x5(w0, cols, acc, p0, zero):
-    """One output channel's 5 pixels (the ``K % 5`` channels left over)."""
-    x0, x1, x2, x3, x4 = cols[p0], cols[p0 + 1], cols[p0 + 2], cols[p0 + 3], cols[p0 + 4]
-    a0 = a1 = a2 = a3 = a4 = zero
-    for j in range(w0.shape[0]):
-        u = w0[j]
-        a0 += u * x0[j]; a1 += u * x1[j]; a2 += u * x2[j]; a3 += u * x3[j]; a4 += u * x4[j]  # noqa: E702
-    acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3], acc[0, 4] = a0, a1, a2, a3, a4
-
-
 @pjit
-def _dot_conv(wm, cols, bias, out, pixels, zero):
+def _dot_conv(wm, cols, bias, out, pixels):
     """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels."""
-    k_ = wm.shape[0]
+    k_, red = wm.shape
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
+    wf = wm.reshape(-1)
+    cf = cols.reshape(-1)
     nkb = (k_ + KB - 1) // KB
     for kb in prange(nkb):
-        acc = np.empty((KB, PB), dtype=out.dtype)
+        acc = np.empty(KB * PB, dtype=out.dtype)
         k0 = kb * KB
         kn = min(KB, k_ - k0)
         for p0 in range(0, pixels, PB):
             if kn == KB:
-                _dot5x5(wm, cols, acc, k0, p0, zero)
+                _block(wf, cf, acc, k0 * red, p0 * red, red, red, red)
             else:
                 for a in range(kn):
-                    _dot1x5(wm[k0 + a], cols, acc[a:], p0, zero)
+                    _row(wf, cf, acc[a * PB:], (k0 + a) * red, p0 * red, red, red, red)
             for b in range(min(PB, pixels - p0)):
                 n = (p0 + b) // hw
                 q = (p0 + b) % hw
                 for a in range(kn):
-                    of[(n * k_ + k0 + a) * hw + q] = acc[a, b] + bias[k0 + a]
+                    of[(n * k_ + k0 + a) * hw + q] = acc[a * PB + b] + bias[k0 + a]
 
 
 def microkernel_asm(dtype=np.float32):
-    """Machine code of :func:`_dot5x5` for ``dtype``, compiled afresh (Numba cannot inspect
-    code loaded from its cache)."""
-    uk = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(_dot5x5.py_func)
+    """Machine code of the ``KB x PB`` block for ``dtype`` on the compile target, compiled
+    afresh (Numba cannot inspect code loaded from its cache)."""
+    def kernel(wf, cf, acc, wb, cb, n):
+        _block(wf, cf, acc, wb, cb, n, n, n)
+
+    uk = numba.njit(cache=False, nogil=True)(kernel)
     t = numba.from_dtype(np.dtype(dtype))
-    sig = (t[:, ::1], t[:, ::1], t[:, ::1], numba.intp, numba.intp, t)
+    sig = (t[::1], t[::1], t[::1], numba.intp, numba.intp, numba.intp)
     uk.compile(sig)
     return uk.inspect_asm(sig)
 
@@ -186,4 +157,4 @@ def run(p, x, w, bias, out):
     cols = np.empty((-(-pixels // PB) * PB, p.c * p.r * p.s), dtype=p.dtype)
     _fill_cols(xp, cols, taps, p.stride_h, p.stride_w, p.ho, p.wo)
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
-    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels, p.dtype.type(0))
+    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels)
