@@ -49,7 +49,7 @@ from numba import prange
 
 from . import depthwise, dot
 from ._jit import jit, pjit
-from ._vec import target_vector_bytes
+from ._vec import target_vector_bytes, transpose8
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
 
@@ -115,21 +115,48 @@ def microkernel_asm(dtype=np.float32, p_=P):
 
 
 # --- layout preparation ----------------------------------------------------------------------
+@jit
+def _nchw_row_to_nhwc(xf, of, src, dst, c_, hw, w_):
+    """One image row: ``of[dst + w*C + c] = xf[src + c*H*W + w]`` for ``w < W, c < C``, in 8 x 8
+    blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`)."""
+    c8 = c_ - c_ % 8
+    w8 = w_ - w_ % 8
+    for c0 in range(0, c8, 8):
+        for w0 in range(0, w8, 8):
+            transpose8(xf, of, src + c0 * hw + w0, hw, dst + w0 * c_ + c0, c_)
+        for w in range(w8, w_):
+            for c in range(c0, c0 + 8):
+                of[dst + w * c_ + c] = xf[src + c * hw + w]
+    for c in range(c8, c_):
+        for w in range(w_):
+            of[dst + w * c_ + c] = xf[src + c * hw + w]
+
+
 @pjit
 def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (NCHW or NHWC source) for
     ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1)."""
     n_, hp, wp, c_ = xp.shape
+    xf = x.reshape(-1)
+    of = xp.reshape(-1)
+    zero = of.dtype.type(0)
+    hw = x.shape[2] * x.shape[3]
     for job in prange(n_ * hp):
         n = job // hp
         i = job % hp
         h = i - pt
+        o = job * wp * c_
         if h < 0 or h >= h_:
-            xp[n, i, :, :] = 0
+            for e in range(wp * c_):
+                of[o + e] = zero
             continue
-        xp[n, i, :pl, :] = 0
-        xp[n, i, pl + w_:, :] = 0
-        if nchw:
+        for e in range(pl * c_):
+            of[o + e] = zero
+        for e in range((pl + w_) * c_, wp * c_):
+            of[o + e] = zero
+        if nchw and ssw == 1:
+            _nchw_row_to_nhwc(xf, of, n * c_ * hw + h * ssh * x.shape[3], o + pl * c_, c_, hw, w_)
+        elif nchw:
             # blocks of 16 channels: 16 read streams, 64-byte contiguous writes
             for c0 in range(0, c_, 16):
                 ce = min(16, c_ - c0)
