@@ -13,7 +13,7 @@ import numpy as np
 from . import auto
 from .layout import to_layout
 from .padding import gather_compacted, pad_input, padding_products
-from .problem import ConvProblem, is_device_array
+from .problem import ConvProblem, call_unbatched, is_device_array, unbatched
 from .registry import REGISTRY, algorithms, usable
 
 __all__ = ["conv2d", "convolve"]
@@ -31,10 +31,15 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
            algorithm="auto", out=None):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d`` (see SPEC.md for every form).
 
-    ``x`` is ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``;
+    ``x`` is ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``, or one
+    unbatched image ``(C, H, W)`` / ``(H, W, C)`` (the result is 3-D too, as in torch);
     ``weight`` is in ``weight_layout`` (default ``"OIHW"`` for NCHW, ``"HWIO"`` for NHWC).
     Returns a new C-contiguous array in ``layout`` (or ``out``, filled).
     """
+    if unbatched(x):
+        return call_unbatched(conv2d, x, out, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                              groups=groups, padding_mode=padding_mode, layout=layout, weight_layout=weight_layout,
+                              algorithm=algorithm)
     _check_algorithm(algorithm)
     if algorithm == "auto" and is_device_array(x):
         if "cuda" not in algorithms():

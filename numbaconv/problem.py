@@ -85,10 +85,29 @@ def check_inputs(x, weight, bias, layout, weight_layout, allow_device=False):
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS} or None, got {weight_layout!r}")
     if x.ndim != 4:
-        raise ValueError(f"x must be 4-D ({layout}), got shape {x.shape}")
+        raise ValueError(f"x must be 4-D ({layout}) or 3-D (one unbatched image), got shape {x.shape}")
     if weight.ndim != 4:
         raise ValueError(f"weight must be 4-D ({weight_layout}), got shape {weight.shape}")
     return weight_layout
+
+
+def unbatched(x):
+    """``x`` is one image without its batch axis (3-D), which torch's convolutions accept too."""
+    return isinstance(x, np.ndarray) and x.ndim == 3
+
+
+def call_unbatched(fn, x, out, *args, **kwargs):
+    """``fn`` (a function of a 4-D ``x`` with an ``out=`` keyword) on the unbatched ``x`` as a
+    batch of one; returns the result without the batch axis (``out`` itself when given: a
+    3-D array of the result's shape, filled through a 4-D view)."""
+    if out is None:
+        return fn(x[None], *args, **kwargs)[0]
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be None or a numpy.ndarray, got {type(out).__name__}")
+    if out.ndim != 3:
+        raise ValueError(f"out must be 3-D for a 3-D (unbatched) x of shape {x.shape}, got shape {out.shape}")
+    fn(x[None], *args, out=out[None], **kwargs)
+    return out
 
 
 def _is_int(v):

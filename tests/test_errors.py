@@ -32,7 +32,8 @@ TYPE_ERRORS = [
 ]
 
 VALUE_ERRORS = [
-    ("x_3d", dict(x=X[0]), r"x must be 4-D .*\(4, 6, 6\)"),
+    ("x_2d", dict(x=X[0, 0]), r"x must be 4-D \(NCHW\) or 3-D \(one unbatched image\), got shape \(6, 6\)"),
+    ("x_5d", dict(x=X[None]), r"x must be 4-D .* or 3-D .*\(1, 1, 4, 6, 6\)"),
     ("weight_5d", dict(weight=W[None]), r"weight must be 4-D .*\(1, 2, 4, 3, 3\)"),
     ("channel_mismatch", dict(weight=np.zeros((2, 3, 3, 3), np.float32)), r"weight shape \(2, 3, 3, 3\).*I=3.*C=4"),
     ("groups_not_dividing", dict(groups=3), r"groups=3 must divide.*C=4.*K=2"),

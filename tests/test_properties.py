@@ -180,8 +180,10 @@ def assert_unchanged(snap):
 @given(g=geometry(), algo=st.sampled_from(HOST_ALGORITHMS), layout=st.sampled_from(["NCHW", "NHWC"]),
        weight_layout=st.sampled_from(WEIGHT_LAYOUTS), dtype=st.sampled_from([np.float32, np.float64]),
        bias=st.booleans(), x_view=st.sampled_from(VIEWS), w_view=st.sampled_from(VIEWS),
-       use_out=st.booleans(), nonfinite=st.sampled_from([None] * 6 + ["x", "weight", "bias"]), data=st.data())
-def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_view, w_view, use_out, nonfinite, data):
+       use_out=st.booleans(), nonfinite=st.sampled_from([None] * 6 + ["x", "weight", "bias"]),
+       unbatched=st.booleans(), data=st.data())
+def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_view, w_view, use_out, nonfinite,
+                              unbatched, data):
     (h, w), (r, s) = g["hw"], g["rs"]
     x = data.draw(values((g["n"], g["c"], h, w), dtype, nonfinite == "x"), "x")
     wt = data.draw(values((g["k"], g["c"] // g["groups"], r, s), dtype, nonfinite == "weight"), "w")
@@ -191,6 +193,9 @@ def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_vie
     expected, error = _torch(lambda: ref.torch_conv2d(x, wt, b, **kwargs))
     xv = as_view(ref.to_act(x, layout), x_view)
     wv = as_view(ref.to_weight(wt, weight_layout), w_view)
+    unbatched = unbatched and g["n"] == 1  # one image without its batch axis, as torch takes it
+    first = (lambda a: a[0]) if unbatched else (lambda a: a)  # noqa: E731
+    xv = first(xv)
     note(f"x {xv.shape} {xv.strides}, w {wv.shape} {wv.strides}")
     call = dict(layout=layout, weight_layout=weight_layout, algorithm=algo, **kwargs)
     if error is not None:
@@ -200,7 +205,7 @@ def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_vie
         return
     out = None
     if use_out:
-        out = np.full(ref.to_act(expected, layout).shape, np.nan, dtype=dtype)
+        out = np.full(first(ref.to_act(expected, layout)).shape, np.nan, dtype=dtype)
     snap = snapshot(xv, wv, b)
     got = numbaconv.conv2d(xv, wv, b, out=out, **call)
     assert_unchanged(snap)
@@ -208,7 +213,7 @@ def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_vie
     if use_out:
         assert got is out
     bound = ref.torch_conv2d(finite_abs(x), finite_abs(wt), finite_abs(b), **kwargs)
-    assert_matches(got, ref.to_act(expected, layout), ref.to_act(bound, layout), dtype)
+    assert_matches(got, first(ref.to_act(expected, layout)), first(ref.to_act(bound, layout)), dtype)
 
 
 # --- conv_transpose2d ----------------------------------------------------------------------------
@@ -217,9 +222,9 @@ def test_conv2d_matches_torch(g, algo, layout, weight_layout, dtype, bias, x_vie
        dilation=pairs(1, 3), padding=padding_forms(max_pad=4, strings=False), output_padding=pairs(0, 3),
        layout=st.sampled_from(["NCHW", "NHWC"]), weight_layout=st.sampled_from(WEIGHT_LAYOUTS),
        dtype=st.sampled_from([np.float32, np.float64]), bias=st.booleans(), x_view=st.sampled_from(VIEWS),
-       nonfinite=st.sampled_from([None] * 6 + ["x", "weight"]), data=st.data())
+       nonfinite=st.sampled_from([None] * 6 + ["x", "weight"]), unbatched=st.booleans(), data=st.data())
 def test_conv_transpose2d_matches_torch(chan, n, hw, rs, stride, dilation, padding, output_padding, layout,
-                                        weight_layout, dtype, bias, x_view, nonfinite, data):
+                                        weight_layout, dtype, bias, x_view, nonfinite, unbatched, data):
     if isinstance(padding, tuple) and isinstance(padding[0], tuple):
         padding = (padding[0][0], padding[1][0])  # conv_transpose2d takes symmetric padding only
     c_out, c_in, groups = chan  # the transposed convolution maps c_in -> c_out channels
@@ -236,7 +241,9 @@ def test_conv_transpose2d_matches_torch(chan, n, hw, rs, stride, dilation, paddi
         return F.conv_transpose2d(t(x_), t(w_), t(b_), **kwargs).numpy()
 
     expected, error = _torch(lambda: torch_transpose(x, wt, b))
-    xv = as_view(ref.to_act(x, layout), x_view)
+    unbatched = unbatched and n == 1  # one image without its batch axis, as torch takes it
+    first = (lambda a: a[0]) if unbatched else (lambda a: a)  # noqa: E731
+    xv = first(as_view(ref.to_act(x, layout), x_view))
     wv = ref.to_weight(wt, weight_layout)
     call = dict(layout=layout, weight_layout=weight_layout, **kwargs)
     if error is not None:
@@ -249,7 +256,7 @@ def test_conv_transpose2d_matches_torch(chan, n, hw, rs, stride, dilation, paddi
     assert_unchanged(snap)
     assert got.flags.c_contiguous and got.dtype == dtype
     bound = torch_transpose(finite_abs(x), finite_abs(wt), finite_abs(b))
-    assert_matches(got, ref.to_act(expected, layout), ref.to_act(bound, layout), dtype)
+    assert_matches(got, first(ref.to_act(expected, layout)), first(ref.to_act(bound, layout)), dtype)
 
 
 # --- backward ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from .backward import _backward, _placeholder
-from ..problem import check_inputs, check_result_size, int_pair
+from ..problem import check_inputs, check_result_size, int_pair, unbatched
 
 __all__ = ["conv_transpose2d"]
 
@@ -38,8 +38,12 @@ def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_paddin
     both sides of the result); ``output_padding``: int or pair >= 0, added at the bottom /
     right, each smaller than the stride or the dilation on its axis (as torch).  The result
     has ``H_out = (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1``
-    and is a new C-contiguous array in ``layout``.
+    and is a new C-contiguous array in ``layout``.  A 3-D ``x`` is one unbatched image (the
+    result is 3-D too, as in torch).
     """
+    if unbatched(x):
+        return conv_transpose2d(x[None], weight, bias, stride=stride, padding=padding, output_padding=output_padding,
+                                groups=groups, dilation=dilation, layout=layout, weight_layout=weight_layout)[0]
     weight_layout = check_inputs(x, weight, bias, layout, weight_layout)
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
