@@ -186,3 +186,24 @@ def test_nonfinite_weights_in_the_grad_input_of_depthwise_layers():
     for layout, wl in (("NCHW", "OIHW"), ("NHWC", "HWIO")):
         got = numbaconv.conv_transpose2d(ref.to_act(x, layout), ref.to_weight(w, wl), groups=2, layout=layout)
         np.testing.assert_array_equal(got if layout == "NCHW" else got.transpose(0, 3, 1, 2), expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_transpose_output_padding_beyond_the_stride_with_nonfinite_weights(layout, groups):
+    """output_padding >= stride (allowed below the dilation) adds output rows that no input
+    reaches: torch leaves them 0 (+ bias) even when a weight is Inf; the zero rows that
+    stood in for them were multiplied by it (NaN)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 2 * groups, 3, 2))
+    w = rng.standard_normal((2 * groups, 3, 2, 2))
+    w[0, 1, 1, 0] = np.inf
+    b = rng.standard_normal(3 * groups)
+    kw = dict(stride=(1, 2), dilation=(3, 1), output_padding=(2, 1), padding=(1, 0), groups=groups)
+    expected = F.conv_transpose2d(t64(x), t64(w), t64(b), **kw).numpy()
+    xa = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    wa = w if layout == "NCHW" else np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    got = numbaconv.conv_transpose2d(xa, wa, b, layout=layout, **kw)
+    got = got if layout == "NCHW" else got.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -22,6 +22,7 @@ import numbers
 import numpy as np
 
 from .backward import _backward, _placeholder
+from ..layout import to_layout
 from ..problem import check_inputs, check_result_size, int_pair, unbatched
 
 __all__ = ["conv_transpose2d"]
@@ -89,6 +90,11 @@ def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_paddin
     # is < dilation) that convolution yields more rows than x has: they get zero gradient.
     ho = (h_out + 2 * ph - dh * (r - 1) - 1) // sh + 1
     wo = (w_out + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    if (ho, wo) != (h, w) and not np.isfinite(weight).all():  # K*C*R*S values: free
+        # the zero rows appended below would meet the non-finite weights (0 * inf = NaN)
+        # where torch multiplies nothing: gather products of real inputs only
+        return _by_fold(x, weight, bias, layout, weight_layout, groups, (h_out, w_out), (ho, wo),
+                        dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)))
     dy = np.ascontiguousarray(x)
     if (ho, wo) != (h, w):
         full = np.zeros((n, c_in, ho, wo) if layout == "NCHW" else (n, ho, wo, c_in), dtype=x.dtype)
@@ -106,3 +112,25 @@ def conv_transpose2d(x, weight, bias=None, *, stride=1, padding=0, output_paddin
         else:
             out += bias
     return out
+
+
+def _by_fold(x, weight, bias, layout, weight_layout, groups, out_hw, blocks_hw, geometry):
+    """The transposed convolution as torch's CPU kernel computes it: per group, the products
+    ``W^T x`` of real inputs only (a GEMM), folded into the output by ``col2im``; the blocks
+    that ``output_padding`` adds beyond the input are zero columns, not zero products."""
+    from ..cpu.im2col import col2im
+    xn = to_layout(x, layout, "NCHW")
+    w = to_layout(weight, weight_layout, "OIHW")  # (C_in, C_out/groups, R, S)
+    n, c_in, h, wd = xn.shape
+    _, cog, r, s = w.shape
+    cig = c_in // groups
+    cols = np.zeros((n, groups * cog * r * s) + tuple(blocks_hw), dtype=x.dtype)
+    for g in range(groups):
+        wg = w[g * cig:(g + 1) * cig].reshape(cig, cog * r * s)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf as torch: no warnings
+            prod = np.matmul(wg.T, xn[:, g * cig:(g + 1) * cig].reshape(n, cig, h * wd))
+        cols[:, g * cog * r * s:(g + 1) * cog * r * s, :h, :wd] = prod.reshape(n, cog * r * s, h, wd)
+    out = col2im(cols.reshape(n, groups * cog * r * s, -1), out_hw, (r, s), **geometry)
+    if bias is not None:
+        out += bias.reshape(1, -1, 1, 1)
+    return to_layout(out, "NCHW", layout)
