@@ -15,8 +15,7 @@ import numba
 import numpy as np
 import pytest
 
-from numbaconv.cpu import _dw_blocks, depthwise
-from numbaconv.cpu._jit import slp
+from numbaconv.cpu import depthwise
 from numbaconv.problem import ConvProblem
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -130,20 +129,3 @@ def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
     """3x3 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
     monkeypatch.setattr(depthwise, "_PHASES_MAX_W", 0)
     test_depthwise_fast_paths(case, "NCHW", np.float64)
-
-
-def test_generated_blocks_are_up_to_date():
-    path = pathlib.Path(depthwise.__file__).with_name("_dw_blocks.py")
-    assert path.read_text() == depthwise.generate_source(), "run: python -m numbaconv.cpu.depthwise"
-
-
-def test_nhwc_block_uses_packed_fma():
-    """The generated NHWC block compiles (with SLP) to packed FMAs, no scalar ones in its channel groups."""
-    blk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(_dw_blocks.block4_s1.py_func)
-    a = numba.float32[::1]
-    u = numba.uintp
-    sig = (a, a, a, a, u, u, u, u, u, u)
-    with slp():
-        blk.compile(sig)
-    asm = blk.inspect_asm(sig)
-    assert re.search(r"vfmadd\w*ps\s+[^\n]*%[yz]mm", asm), "no packed FMA in block4_s1"

@@ -10,8 +10,8 @@
 * ``tiled``     -- the cache- and register-blocked direct convolution (the fast path), and
   ``_ukernels`` its generated micro-kernels (``python -m numbaconv.cpu.tiled``);
 * ``dot``       -- tiled's path for deep NCHW layers (OIHW weights read in place);
-* ``depthwise`` -- depthwise and few-channel streaming kernels, and ``_dw_blocks`` their
-  generated NHWC register blocks (``python -m numbaconv.cpu.depthwise``).
+* ``depthwise`` -- depthwise and few-channel streaming kernels (the NHWC stride-1 register
+  block: ``_vec.dw3x3_block``).
 
 An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
 (the protocol of :mod:`numbaconv.registry`, which names it).

@@ -326,3 +326,70 @@ def transpose8(typingctx, src, dst, s0, ss, d0, ds):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@functools.lru_cache(maxsize=None)
+def dw3x3_block(p_, sw, vector_bytes):
+    """An intrinsic ``block(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs)``: ``p_`` neighbouring
+    output pixels (column stride ``sw``) of a channels-last 3x3 depthwise layer, all ``uk``
+    channels::
+
+        of[ob + p*uk + k] = bias[k] + sum over r, s < 3 of
+            xf[row_r + (p*sw + s)*ucs + k] * wf[(3r + s)*uk + k]      (row_r: xb, r1, r2)
+
+    in vectors of ``vector_bytes`` along the channels (9 weight vectors, ``p_`` accumulators;
+    every load of a channel group before its stores, so the overlapping input columns are
+    loaded once), then a scalar loop for the last ``uk % lanes`` channels.  Each output is
+    one FMA chain in tap order (bias first), as the scalar formula with ``contract``."""
+    @intrinsic
+    def block(typingctx, xf, wf, bias, of, xb, r1, r2, ob, uk, ucs):
+        arrays = (xf, wf, bias, of)
+        if not all(isinstance(a, types.Array) for a in arrays):
+            return None
+        if len({a.dtype for a in arrays}) != 1 or not isinstance(xf.dtype, types.Float):
+            return None
+        sig = types.void(xf, wf, bias, of, xb, r1, r2, ob, uk, ucs)
+        w_ = max(1, vector_bytes * 8 // xf.dtype.bitwidth)
+        ncol = (p_ - 1) * sw + 3
+
+        def codegen(context, builder, signature, args):
+            argtys = signature.args
+            xa, wa, ba, oa = (context.make_array(t)(context, builder, v) for t, v in zip(argtys[:4], args[:4]))
+            i64 = ir.IntType(64)
+            xb_, r1_, r2_, ob_, uk_, ucs_ = (context.cast(builder, args[i], argtys[i], types.int64)
+                                              for i in range(4, 10))
+            rows = (xb_, r1_, r2_)
+            fty = context.get_value_type(xf.dtype)
+            align = xf.dtype.bitwidth // 8
+            nvec = builder.sub(uk_, builder.srem(uk_, i64(w_)))
+
+            def group(kk, ty, load):
+                """One channel group at channel ``kk``: values of type ``ty`` via ``load``."""
+                b = load(ba.data, kk)
+                wv = [load(wa.data, builder.add(builder.mul(uk_, i64(t)), kk)) for t in range(9)]
+                xs = [[load(xa.data, builder.add(builder.add(rows[r], builder.mul(ucs_, i64(c))), kk))
+                       for c in range(ncol)] for r in range(3)]
+                accs = []
+                for p in range(p_):
+                    acc = b
+                    for r in range(3):
+                        for s in range(3):
+                            acc = _fmuladd(builder, xs[r][p * sw + s], wv[3 * r + s], acc)
+                    accs.append(acc)
+                for p, acc in enumerate(accs):
+                    dst = builder.add(builder.add(ob_, builder.mul(uk_, i64(p))), kk)
+                    ptr = builder.gep(oa.data, [dst])
+                    builder.store(acc, builder.bitcast(ptr, ty.as_pointer()) if ty != fty else ptr, align=align)
+
+            vty = ir.VectorType(fty, w_)
+            with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
+                group(builder.mul(step, i64(w_)), vty,
+                      lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align))
+            with _loop(builder, builder.sub(uk_, nvec)) as t:
+                group(builder.add(nvec, t), fty, lambda base, i: builder.load(builder.gep(base, [i])))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    block.__name__ = f"dw3x3_block_{p_}_s{sw}_{vector_bytes}"
+    return block

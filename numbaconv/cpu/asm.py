@@ -43,8 +43,10 @@ def hot_loop(asm):
 def loop_stats(asm):
     """FMAs of the hot loop by kind and register class, and its stack traffic.
 
-    ``{"packed": {"zmm": n, "ymm": n, "xmm": n}, "scalar": n, "stack": n, "instructions": n}``;
-    ``stack`` counts instructions that touch ``(%rsp)`` / ``(%rbp)`` (spills and reloads).
+    ``{"packed": {"zmm": n, "ymm": n, "xmm": n}, "scalar": n, "stack": n, "gpr_stack": n,
+    "instructions": n}``: ``stack`` counts vector spills and reloads (stack slots read or
+    written from vector registers), ``gpr_stack`` integer ones (e.g. a loop-invariant
+    address reloaded when the 15 general registers run out).
     """
     loop = hot_loop(asm)
     packed = {"zmm": 0, "ymm": 0, "xmm": 0}
@@ -58,20 +60,25 @@ def loop_stats(asm):
                 packed[reg] += 1
                 break
     lines = [ln for ln in loop.splitlines() if ln.strip() and not ln.strip().startswith((".", "#"))]
-    stack = sum(1 for ln in lines if re.search(r"\(%r[sb]p\)", ln))
-    return {"packed": packed, "scalar": scalar, "stack": stack, "instructions": len(lines)}
+    # stack slots: addressed from %rsp, or at negative offsets from %rbp when it is the frame
+    # pointer (LLVM otherwise uses %rbp as a plain register, e.g. "(%rbp,%r10)")
+    slots = [ln for ln in lines if re.search(r"\(%rsp\b|-\d+\(%rbp\)", ln)]
+    vector = sum(1 for ln in slots if re.search(r"%[xyz]mm", ln))
+    return {"packed": packed, "scalar": scalar, "stack": vector, "gpr_stack": len(slots) - vector,
+            "instructions": len(lines)}
 
 
 def report():
-    """Codegen of the tiled micro-kernels and the dot block on the target Numba compiles for
-    (JSON-able)."""
+    """Codegen of the tiled micro-kernels, the dot block and the NHWC depthwise block on the
+    target Numba compiles for (JSON-able)."""
     import numpy as np
 
-    from . import dot, tiled
+    from . import depthwise, dot, tiled
     from ._vec import target_description, target_vector_bytes
     out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
-           "dot": {}}
+           "dot": {}, "depthwise": {}}
     for dtype in (np.float32, np.float64):
+        out["depthwise"][f"{np.dtype(dtype).name}/block4_s1"] = loop_stats(depthwise.microkernel_asm(dtype))
         out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
         for p_ in tiled.P_CHOICES[target_vector_bytes()]:
             stats = loop_stats(tiled.microkernel_asm(dtype, p_))
