@@ -577,61 +577,73 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, pt, pl):
+def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
+    """``buf[(r * ncol + c) * K + k] = x[n, top + r, c0 + c, k]`` for ``r < 3``, ``c < ncol``;
+    0 outside the image (its zero padding)."""
+    for r in range(3):
+        hi = top + r
+        for c in range(ncol):
+            wi = c0 + c
+            d = np.uintp((r * ncol + c) * k_)
+            if 0 <= hi < h_ and 0 <= wi < w_:
+                src = np.uintp(((n * h_ + hi) * w_ + wi) * k_)
+                for q in range(np.uintp(k_)):
+                    buf[d + q] = xf[src + q]
+            else:
+                for q in range(np.uintp(k_)):
+                    buf[d + q] = 0
+
+
+@jit
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
-    depthwise problem with column stride 1 (any row stride).  Input rows are copied once
-    into a ring of three zero-padded rows (``Wo + 2`` pixels each; rows in the
-    padding are zero), so every output pixel -- borders included -- goes through a 4-pixel
-    register block (:data:`block4_s1`); the last block of a row overlaps the
-    previous one."""
+    depthwise problem with column stride ``sw`` of 1 or 2 (any row stride), in 4-pixel
+    register blocks (:data:`block4_s1` / :data:`block4_s2`; the last block of a row overlaps
+    the previous one).  A block whose 3 x ``3 sw + 3`` input window lies inside the image
+    reads the input in place; one that meets the zero padding reads a copy of its window
+    with the padding filled in (a few blocks per row: no copy of whole rows)."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
-    wp = wo_ + 2
-    rowlen = wp * k_
-    ring = np.zeros(3 * rowlen, dtype=x.dtype)
-    key = np.full(3, -1, dtype=np.int64)  # which (image, row) each slot holds
+    ncol = 3 * sw + 3
+    buf = np.empty(3 * ncol * k_, dtype=x.dtype)
     xf = x.ravel()
     wf = w_rsk.ravel()
     of = out.ravel()
     uk = np.uintp(k_)
     ucs = np.uintp(k_)
-    uw = np.uintp(w_ * k_)  # stride 1: Wo + 2 = W + pl + pr, so every input pixel is read
+    urow = np.uintp(ncol * k_)
     for t in range(t0, t1):
         n = t // ho_
         i = t % ho_
         top = i * sh - pt
-        for r in range(3):
-            hi = top + r
-            slot = (hi + 3) % 3
-            kk = n * 4294967296 + hi + 1048576
-            if key[slot] != kk:
-                key[slot] = kk
-                dst = np.uintp(slot * rowlen + pl * k_)
-                if 0 <= hi < h_:
-                    src = np.uintp((n * h_ + hi) * w_ * k_)
-                    for q in range(uw):
-                        ring[dst + q] = xf[src + q]
-                else:
-                    for q in range(uw):
-                        ring[dst + q] = 0
-        b0 = np.uintp(((top + 3) % 3) * rowlen)
-        b1 = np.uintp(((top + 4) % 3) * rowlen)
-        b2 = np.uintp(((top + 5) % 3) * rowlen)
+        inside = top >= 0 and top + 3 <= h_
+        row0 = np.uintp(((n * h_ + max(top, 0)) * w_) * k_)
+        urw = np.uintp(w_ * k_)
         orow = (n * ho_ + i) * wo_
         j = 0
         while j < wo_:
             if j + 4 > wo_:
                 j = wo_ - 4  # overlap the previous block: same values rewritten
-            jo = np.uintp(j * k_)
-            block4_s1(ring, wf, bias, of, b0 + jo, b1 + jo, b2 + jo, np.uintp((orow + j) * k_), uk, ucs)
+            c0 = j * sw - pl
+            ob = np.uintp((orow + j) * k_)
+            if inside and c0 >= 0 and c0 + ncol <= w_:
+                b0 = row0 + np.uintp(c0 * k_)
+                src, b1, b2 = xf, b0 + urw, b0 + urw + urw
+            else:
+                _window(xf, buf, n, top, c0, ncol, h_, w_, k_)
+                src, b0, b1, b2 = buf, np.uintp(0), urow, urow + urow
+            if sw == 1:
+                block4_s1(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
+            else:
+                block4_s2(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
             j += 4
 
 
 @pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, sh, pt, pl, chunks):
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
-        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, pt, pl)
+        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl)
 
 
 @pjit
@@ -677,10 +689,10 @@ def run(p, x, w, bias, out, wlayout="OIHW"):
     w = np.ascontiguousarray(w)
     if p.layout == "NHWC":
         w_rsk = w.reshape(p.r, p.s, p.k) if wlayout == "HWIO" else np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
-        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w == 1 and p.dil_h == 1
+        if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w <= 2 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
             chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
-            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.pad_top, p.pad_left, chunks)
+            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
             return
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
@@ -940,6 +952,7 @@ def run_streaming(p, x, w_oihw, bias, out):
 #: the NHWC stride-1 register block: 4 output pixels x all channels, in vectors of the
 #: target's width (explicit LLVM vectors: 16 zmm lanes on AVX-512, 8 ymm on AVX2)
 block4_s1 = dw3x3_block(4, 1, target_vector_bytes())
+block4_s2 = dw3x3_block(4, 2, target_vector_bytes())  # column stride 2 (MobileNet's downsampling)
 
 
 def microkernel_asm(dtype=np.float32):
