@@ -165,14 +165,15 @@ def padding_products(p, weight, out):
     if not p.has_padding or p.padding_mode != "zeros" or out.size == 0:
         return
     w = np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])  # (K, C/G, R, S) view
-    rows, cols = p.tap_reads
     if weight.size <= out.size:
-        if not any_nonfinite(weight):
+        if not any_nonfinite(weight):  # before tap_reads: O(Ho * R + Wo * S) bytes
             return
     elif not any_nonfinite(out):
+        rows, cols = p.tap_reads
         dead = ~rows.any(axis=0)[:, None] | ~cols.any(axis=0)[None, :]  # (R, S): never meets the image
         if not dead.any() or np.isfinite(w[:, :, dead]).all():
             return
+    rows, cols = p.tap_reads
     nf = ~np.isfinite(w).all(axis=1)  # (K, R, S): a non-finite weight at that tap
     o = out if p.layout == "NCHW" else out.transpose(0, 3, 1, 2)
     for r, s in zip(*np.nonzero(nf.any(axis=0))):

@@ -272,9 +272,15 @@ class ConvProblem:
         padding) with kernel row ``r``; ``cols[j, s]`` the same for columns.  Output pixel
         ``(i, j)`` meets the padding with tap ``(r, s)`` unless ``rows[i, r] & cols[j, s]``."""
         def reads(size, taps, stride, dil, before, out):
-            src = (np.arange(out, dtype=np.int64)[:, None] * stride
-                   + np.arange(taps, dtype=np.int64)[None, :] * dil - before)  # each term <= 2**61
-            return (src >= 0) & (src < size)
+            # one interval of outputs per tap (1 byte per output and tap, no index arrays:
+            # outputs can number ~1e9 with extreme padding)
+            m = np.zeros((out, taps), dtype=np.bool_)
+            for t in range(taps):
+                off = t * dil - before  # output o reads input o * stride + off
+                lo = -(off // stride) if off < 0 else 0
+                hi = min(out, (size - 1 - off) // stride + 1) if size - 1 - off >= 0 else 0
+                m[lo:max(lo, hi), t] = True
+            return m
         return (reads(self.h, self.r, self.stride_h, self.dil_h, self.pad_top, self.ho),
                 reads(self.w, self.s, self.stride_w, self.dil_w, self.pad_left, self.wo))
 
