@@ -148,19 +148,36 @@ def _memory_bytes():
         return 2**63 - 1
 
 
-#: the largest result numbaconv allocates: this machine's physical memory
+#: this machine's physical memory
 MAX_RESULT_BYTES = _memory_bytes()
 
 
+def available_memory():
+    """Bytes of memory available now (Linux's MemAvailable), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return MAX_RESULT_BYTES
+
+
 def check_result_size(shape, dtype, cause):
-    """A result of ``shape`` must fit in memory; ``cause`` names the arguments that made it
-    (a result beyond it could only fail later, in numpy, without saying why)."""
+    """A result of ``shape`` must fit in the memory available now; ``cause`` names the
+    arguments that made it (beyond it the allocation could only fail later -- in numpy, or
+    by the kernel's out-of-memory killer -- without saying why).  Results under an eighth of
+    the physical memory pass without a look at the current figure."""
     nbytes = np.dtype(dtype).itemsize
     for d in shape:
         nbytes *= d
-    if nbytes > MAX_RESULT_BYTES:
-        raise ValueError(f"the result would have shape {tuple(shape)} ({nbytes} bytes), more than this "
-                         f"machine's memory ({MAX_RESULT_BYTES} bytes); check {cause}")
+    if nbytes <= MAX_RESULT_BYTES // 8:
+        return
+    limit = min(MAX_RESULT_BYTES, available_memory())
+    if nbytes > limit:
+        raise ValueError(f"the result would have shape {tuple(shape)} ({nbytes} bytes), more than the memory "
+                         f"available on this machine ({limit} bytes); check {cause}")
 
 
 def same_padding(size, kernel, stride, dilation):

@@ -130,7 +130,7 @@ def _by_fold(x, weight, bias, layout, weight_layout, groups, out_hw, blocks_hw, 
         with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf as torch: no warnings
             prod = np.matmul(wg.T, xn[:, g * cig:(g + 1) * cig].reshape(n, cig, h * wd))
         cols[:, g * cog * r * s:(g + 1) * cog * r * s, :h, :wd] = prod.reshape(n, cog * r * s, h, wd)
-    out = col2im(cols.reshape(n, groups * cog * r * s, -1), out_hw, (r, s), **geometry)
+    out = col2im(cols.reshape(n, groups * cog * r * s, blocks_hw[0] * blocks_hw[1]), out_hw, (r, s), **geometry)
     if bias is not None:
         out += bias.reshape(1, -1, 1, 1)
     return to_layout(out, "NCHW", layout)
