@@ -207,3 +207,27 @@ def test_transpose_output_padding_beyond_the_stride_with_nonfinite_weights(layou
     got = got if layout == "NCHW" else got.transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_tiled_memory_does_not_grow_with_dilated_padding(layout):
+    """A 1-pixel image, 2x2 kernel, dilation and padding 1000: a zero-padded copy of the
+    input would be 4x the result (256 MB for 64 MB); tiled must stay within input + result
+    + its workspace bound, and equal torch."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 16, 1, 1)).astype(np.float32)
+    w = rng.standard_normal((16, 16, 2, 2)).astype(np.float32)
+    kw = dict(dilation=1000, padding=1000)
+    xa = ref.to_act(x, layout)
+    wa = ref.to_weight(w, "OIHW" if layout == "NCHW" else "HWIO")
+    tracemalloc.start()
+    try:
+        got = numbaconv.conv2d(xa, wa, layout=layout, algorithm="tiled", **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * got.nbytes + (32 << 20), f"allocated {peak} bytes for a {got.nbytes}-byte result"
+    got = got if layout == "NCHW" else got.transpose(0, 3, 1, 2)
+    expected = ref.direct_conv2d(x, w, None, (1, 1), (1000,) * 4, (1000, 1000), 1, out_rows=[0, 1, 999, 1000],
+                                 out_cols=[0, 500, 1000])
+    ref.assert_close(got[:, :, [0, 1, 999, 1000]][:, :, :, [0, 500, 1000]], expected, np.float32, 64)

@@ -47,7 +47,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from . import depthwise, dot
+from . import depthwise, dot, naive
 from ._jit import jit, pjit
 from ._vec import target_vector_bytes, transpose8
 
@@ -338,6 +338,10 @@ def uses_streaming(p):
     return 4 * p.kg <= block_width(p.dtype)
 
 
+#: how much larger than input + result the zero-padded copies (tiled's NHWC copy, dot's
+#: planes) may be before :func:`run` hands the layer to the direct loop
+PADDED_SLACK_BYTES = 32 << 20
+
 #: weight layout :func:`run` takes per activation layout (the front door converts to it)
 WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 _WEIGHT_LAYOUT = dict(WEIGHT_LAYOUTS)
@@ -351,6 +355,12 @@ def run(p, x, w, bias, out):
             return depthwise.run(p, x, w, bias, out, wlayout)
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
         return depthwise.run_streaming(p, x, w_oihw, bias, out)
+    padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * p.dtype.itemsize
+    if padded > x.nbytes + out.nbytes + PADDED_SLACK_BYTES:
+        # padding and dilation far beyond the image (what the front door's compaction leaves):
+        # the zero-padded copy would outgrow the input and the result together, so the direct
+        # loop, which clips the padding in place, runs instead (memory never grows with padding)
+        return naive.run(p, x, w, bias, out)
     if dot.applies(p):
         return dot.run(p, x, w, bias, out)  # deep NCHW layer: its OIHW weights read in place
     nchw = p.layout == "NCHW"
