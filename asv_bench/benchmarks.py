@@ -8,6 +8,8 @@ Parametrised over algorithm x layout x SPEC.md's public suite, from the one tabl
 * ``Throughput.track_gflops`` -- GFLOP/s (median of adaptive repeats, in-process);
 * ``SpeedupVsTorch.track_speedup_vs_torch`` -- torch's time / numbaconv's time, both measured
   in this process with the same thread count (a ratio that survives machine drift);
+* ``SpeedupVsOnnxruntime.track_speedup_vs_onnxruntime`` -- the same against onnxruntime (MLAS),
+  NCHW only (one ONNX ``Conv`` node);
 * ``Backward.time_conv2d_backward`` / ``track_backward_ratio_vs_torch`` -- the training
   step: ``conv2d_backward`` (grad input + weight + bias), and its time over torch's
   ``convolution_backward`` on the same arrays (< 1: numbaconv is faster);
@@ -157,6 +159,32 @@ class SpeedupVsTorch:
         return t_torch / t_ours
 
     track_speedup_vs_torch.unit = "x torch"
+
+
+class SpeedupVsOnnxruntime:
+    """onnxruntime's time / numbaconv's time (NCHW: one ONNX ``Conv`` node, MLAS, same threads)."""
+
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 300
+
+    def setup(self, algorithm, layout, shape):
+        runner = getattr(bench, "onnxruntime_runner", None)  # older checkouts of the suite lack it
+        if runner is None or layout != "NCHW":
+            raise NotImplementedError("onnxruntime runs NCHW only")
+        _set_threads(with_torch=False)
+        self.shape, x, w, self.run = _case(algorithm, layout, shape)
+        self.ort_run = runner(self.shape, layout, x, w)
+        if self.ort_run is None:
+            raise NotImplementedError("onnxruntime is not installed")
+        self.ort_run()
+
+    def track_speedup_vs_onnxruntime(self, algorithm, layout, shape):
+        t_ort, _ = bench.time_callable(self.ort_run, budget_s=TRACK_BUDGET_S, warmup=False)
+        t_ours, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
+        return t_ort / t_ours
+
+    track_speedup_vs_onnxruntime.unit = "x onnxruntime"
 
 
 class Backward:
