@@ -42,14 +42,14 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
         return
     if nk == 8 and np_ == 4:
         for v in range(8):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 4]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(4):
-                    of[o + p] = tmp[p * 8 + v] + bv
+                    dst[p] = tmp[p * 8 + v] + bv
             else:
                 for p in range(4):
-                    of[o + p] += tmp[p * 8 + v]
+                    dst[p] += tmp[p * 8 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -84,14 +84,14 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 16 and np_ == 4:
         for v in range(16):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 4]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(4):
-                    of[o + p] = tmp[p * 16 + v] + bv
+                    dst[p] = tmp[p * 16 + v] + bv
             else:
                 for p in range(4):
-                    of[o + p] += tmp[p * 16 + v]
+                    dst[p] += tmp[p * 16 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -126,14 +126,14 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
         return
     if nk == 8 and np_ == 6:
         for v in range(8):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 6]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(6):
-                    of[o + p] = tmp[p * 8 + v] + bv
+                    dst[p] = tmp[p * 8 + v] + bv
             else:
                 for p in range(6):
-                    of[o + p] += tmp[p * 8 + v]
+                    dst[p] += tmp[p * 8 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -168,14 +168,14 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 16 and np_ == 6:
         for v in range(16):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 6]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(6):
-                    of[o + p] = tmp[p * 16 + v] + bv
+                    dst[p] = tmp[p * 16 + v] + bv
             else:
                 for p in range(6):
-                    of[o + p] += tmp[p * 16 + v]
+                    dst[p] += tmp[p * 16 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -210,14 +210,14 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 16 and np_ == 7:
         for v in range(16):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 7]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(7):
-                    of[o + p] = tmp[p * 16 + v] + bv
+                    dst[p] = tmp[p * 16 + v] + bv
             else:
                 for p in range(7):
-                    of[o + p] += tmp[p * 16 + v]
+                    dst[p] += tmp[p * 16 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -252,14 +252,14 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 32 and np_ == 7:
         for v in range(32):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 7]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(7):
-                    of[o + p] = tmp[p * 32 + v] + bv
+                    dst[p] = tmp[p * 32 + v] + bv
             else:
                 for p in range(7):
-                    of[o + p] += tmp[p * 32 + v]
+                    dst[p] += tmp[p * 32 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -294,14 +294,14 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 16 and np_ == 8:
         for v in range(16):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 8]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(8):
-                    of[o + p] = tmp[p * 16 + v] + bv
+                    dst[p] = tmp[p * 16 + v] + bv
             else:
                 for p in range(8):
-                    of[o + p] += tmp[p * 16 + v]
+                    dst[p] += tmp[p * 16 + v]
         return
     for p in range(np_):
         for v in range(nk):
@@ -336,14 +336,14 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         return
     if nk == 32 and np_ == 8:
         for v in range(32):
-            o = ob + v * os_k
+            dst = of[ob + v * os_k:ob + v * os_k + 8]
             if first:
                 bv = bias[kb0 + v]
                 for p in range(8):
-                    of[o + p] = tmp[p * 32 + v] + bv
+                    dst[p] = tmp[p * 32 + v] + bv
             else:
                 for p in range(8):
-                    of[o + p] += tmp[p * 32 + v]
+                    dst[p] += tmp[p * 32 + v]
         return
     for p in range(np_):
         for v in range(nk):
