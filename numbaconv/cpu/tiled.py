@@ -132,10 +132,24 @@ def _nchw_row_to_nhwc(xf, of, src, dst, c_, hw, w_):
             of[dst + w * c_ + c] = xf[src + c * hw + w]
 
 
+@jit
+def _zero_row_edges(of, o, wp, c_, pl, w_):
+    """Zero the padding columns of padded row ``of[o : o + wp*C]`` (``pl`` left, the rest
+    right of the ``w_`` image columns)."""
+    zero = of.dtype.type(0)
+    for e in range(pl * c_):
+        of[o + e] = zero
+    for e in range((pl + w_) * c_, wp * c_):
+        of[o + e] = zero
+
+
 @pjit
-def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
-    """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (NCHW or NHWC source) for
-    ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1)."""
+def _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh):
+    """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j]`` (NCHW source) for ``i < h_, j < w_``;
+    every other entry 0.  One parallel loop over padded rows, flat indices, the image part of
+    a row through 8 x 8 register transposes.  (One function per source layout: a layer
+    compiles only the copy it needs, and a parallel body without slices compiles in a
+    fraction of the time.)"""
     n_, hp, wp, c_ = xp.shape
     xf = x.reshape(-1)
     of = xp.reshape(-1)
@@ -143,31 +157,72 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     hw = x.shape[2] * x.shape[3]
     for job in prange(n_ * hp):
         n = job // hp
-        i = job % hp
-        h = i - pt
+        h = job % hp - pt
         o = job * wp * c_
         if h < 0 or h >= h_:
             for e in range(wp * c_):
                 of[o + e] = zero
             continue
-        for e in range(pl * c_):
-            of[o + e] = zero
-        for e in range((pl + w_) * c_, wp * c_):
-            of[o + e] = zero
-        if nchw and ssw == 1:
-            _nchw_row_to_nhwc(xf, of, n * c_ * hw + h * ssh * x.shape[3], o + pl * c_, c_, hw, w_)
-        elif nchw:
-            # blocks of 16 channels: 16 read streams, 64-byte contiguous writes
-            for c0 in range(0, c_, 16):
-                ce = min(16, c_ - c0)
-                for w in range(w_):
-                    for c in range(ce):
-                        xp[n, i, pl + w, c0 + c] = x[n, c0 + c, h * ssh, w * ssw]
-        elif ssw == 1:
-            xp[n, i, pl:pl + w_, :] = x[n, h * ssh, :, :]
+        _zero_row_edges(of, o, wp, c_, pl, w_)
+        _nchw_row_to_nhwc(xf, of, n * c_ * hw + h * ssh * x.shape[3], o + pl * c_, c_, hw, w_)
+
+
+@pjit
+def _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw):
+    """``xp[n, pt + i, pl + j, c] = x[n, i*ssh, j*ssw, c]`` (NHWC source) for ``i < h_,
+    j < w_``; every other entry 0 (``ssh, ssw > 1``: a strided 1x1 layer's subsampling)."""
+    n_, hp, wp, c_ = xp.shape
+    xf = x.reshape(-1)
+    of = xp.reshape(-1)
+    zero = of.dtype.type(0)
+    row = x.shape[2] * c_
+    for job in prange(n_ * hp):
+        n = job // hp
+        h = job % hp - pt
+        o = job * wp * c_
+        if h < 0 or h >= h_:
+            for e in range(wp * c_):
+                of[o + e] = zero
+            continue
+        _zero_row_edges(of, o, wp, c_, pl, w_)
+        src = (n * x.shape[1] + h * ssh) * row
+        dst = o + pl * c_
+        if ssw == 1:  # one contiguous run (a slice copy: a memmove)
+            of[dst:dst + w_ * c_] = xf[src:src + w_ * c_]
         else:
-            for w in range(w_):
-                xp[n, i, pl + w, :] = x[n, h * ssh, w * ssw, :]
+            for j in range(w_):
+                of[dst + j * c_:dst + (j + 1) * c_] = xf[src + j * ssw * c_:src + j * ssw * c_ + c_]
+
+
+@pjit
+def _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw):
+    """The strided-1x1 subsampling copy from NCHW (``ssw > 1``): element by element."""
+    n_, hp, wp, c_ = xp.shape
+    of = xp.reshape(-1)
+    zero = of.dtype.type(0)
+    for job in prange(n_ * hp):
+        n = job // hp
+        h = job % hp - pt
+        o = job * wp * c_
+        if h < 0 or h >= h_:
+            for e in range(wp * c_):
+                of[o + e] = zero
+            continue
+        _zero_row_edges(of, o, wp, c_, pl, w_)
+        for j in range(w_):
+            for c in range(c_):
+                of[o + (pl + j) * c_ + c] = x[n, c, h * ssh, j * ssw]
+
+
+def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
+    """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (or the NHWC source's) for
+    ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1)."""
+    if not nchw:
+        _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw)
+    elif ssw == 1:
+        _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh)
+    else:
+        _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw)
 
 
 @pjit
