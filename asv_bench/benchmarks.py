@@ -135,6 +135,14 @@ class Throughput:
     track_gflops.unit = "GFLOP/s"
 
 
+def _speedup(peer, ours):
+    """The peer's time / numbaconv's, each timed in its own block, never interleaved (thread
+    pools keep spinning after work and would bill one for the other)."""
+    t_peer, _ = bench.time_callable(peer, budget_s=TRACK_BUDGET_S, warmup=False)
+    t_ours, _ = bench.time_callable(ours, budget_s=TRACK_BUDGET_S, warmup=False)
+    return t_peer / t_ours
+
+
 class SpeedupVsTorch:
     """torch's time / numbaconv's time (> 1: numbaconv is faster), same process and threads."""
 
@@ -153,10 +161,7 @@ class SpeedupVsTorch:
         self.torch_run()
 
     def track_speedup_vs_torch(self, algorithm, layout, shape):
-        # one block per implementation, never interleaved (thread pools spin after work)
-        t_torch, _ = bench.time_callable(self.torch_run, budget_s=TRACK_BUDGET_S, warmup=False)
-        t_ours, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
-        return t_torch / t_ours
+        return _speedup(self.torch_run, self.run)
 
     track_speedup_vs_torch.unit = "x torch"
 
@@ -180,9 +185,7 @@ class SpeedupVsOnnxruntime:
         self.ort_run()
 
     def track_speedup_vs_onnxruntime(self, algorithm, layout, shape):
-        t_ort, _ = bench.time_callable(self.ort_run, budget_s=TRACK_BUDGET_S, warmup=False)
-        t_ours, _ = bench.time_callable(self.run, budget_s=TRACK_BUDGET_S, warmup=False)
-        return t_ort / t_ours
+        return _speedup(self.ort_run, self.run)
 
     track_speedup_vs_onnxruntime.unit = "x onnxruntime"
 

@@ -133,14 +133,22 @@ def _nchw_row_to_nhwc(xf, of, src, dst, c_, hw, w_):
 
 
 @jit
-def _zero_row_edges(of, o, wp, c_, pl, w_):
-    """Zero the padding columns of padded row ``of[o : o + wp*C]`` (``pl`` left, the rest
-    right of the ``w_`` image columns)."""
+def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
+    """Padded row ``job`` (over ``n * Hp``) of the flat NHWC copy ``of``: zero its padding
+    columns and return the image row it holds, or zero all of it and return -1 (a row of
+    top / bottom padding)."""
+    h = job % hp - pt
+    o = job * wp * c_
     zero = of.dtype.type(0)
+    if h < 0 or h >= h_:
+        for e in range(wp * c_):
+            of[o + e] = zero
+        return -1
     for e in range(pl * c_):
         of[o + e] = zero
     for e in range((pl + w_) * c_, wp * c_):
         of[o + e] = zero
+    return h
 
 
 @pjit
@@ -153,17 +161,13 @@ def _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh):
     n_, hp, wp, c_ = xp.shape
     xf = x.reshape(-1)
     of = xp.reshape(-1)
-    zero = of.dtype.type(0)
     hw = x.shape[2] * x.shape[3]
     for job in prange(n_ * hp):
-        n = job // hp
-        h = job % hp - pt
-        o = job * wp * c_
-        if h < 0 or h >= h_:
-            for e in range(wp * c_):
-                of[o + e] = zero
+        h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
+        if h < 0:
             continue
-        _zero_row_edges(of, o, wp, c_, pl, w_)
+        n = job // hp
+        o = job * wp * c_
         _nchw_row_to_nhwc(xf, of, n * c_ * hw + h * ssh * x.shape[3], o + pl * c_, c_, hw, w_)
 
 
@@ -174,17 +178,13 @@ def _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw):
     n_, hp, wp, c_ = xp.shape
     xf = x.reshape(-1)
     of = xp.reshape(-1)
-    zero = of.dtype.type(0)
     row = x.shape[2] * c_
     for job in prange(n_ * hp):
-        n = job // hp
-        h = job % hp - pt
-        o = job * wp * c_
-        if h < 0 or h >= h_:
-            for e in range(wp * c_):
-                of[o + e] = zero
+        h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
+        if h < 0:
             continue
-        _zero_row_edges(of, o, wp, c_, pl, w_)
+        n = job // hp
+        o = job * wp * c_
         src = (n * x.shape[1] + h * ssh) * row
         dst = o + pl * c_
         if ssw == 1:  # one contiguous run (a slice copy: a memmove)
@@ -199,16 +199,12 @@ def _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw):
     """The strided-1x1 subsampling copy from NCHW (``ssw > 1``): element by element."""
     n_, hp, wp, c_ = xp.shape
     of = xp.reshape(-1)
-    zero = of.dtype.type(0)
     for job in prange(n_ * hp):
-        n = job // hp
-        h = job % hp - pt
-        o = job * wp * c_
-        if h < 0 or h >= h_:
-            for e in range(wp * c_):
-                of[o + e] = zero
+        h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
+        if h < 0:
             continue
-        _zero_row_edges(of, o, wp, c_, pl, w_)
+        n = job // hp
+        o = job * wp * c_
         for j in range(w_):
             for c in range(c_):
                 of[o + (pl + j) * c_ + c] = x[n, c, h * ssh, j * ssw]
