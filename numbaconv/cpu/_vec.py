@@ -5,7 +5,7 @@ left LLVM's SLP vectoriser to pack them into registers; that took ~9 s to compil
 kernel, and on Intel server cores (whose LLVM models carry ``prefer-256-bit``) SLP packed
 them into ymm halves instead of zmm, doubling the FMAs and spilling.  Here the register
 plan is written down as vectors: ``<W x float>`` weight loads, one broadcast per input
-value, ``llvm.fma`` on ``<W x float>`` accumulators.  Explicit vector types are legal at
+value, ``llvm.fmuladd`` on ``<W x float>`` accumulators.  Explicit vector types are legal at
 their full width whatever the vectorisers prefer, so the plan compiles to the same
 registers on every x86-64 family (``W`` is chosen from the width of the target Numba
 compiles for: :func:`target_vector_bytes`), and LLVM has nothing to search: a block
@@ -13,6 +13,10 @@ compiles in well under a second.
 
 The accumulators live in ``alloca`` slots of the function's entry block; LLVM's ``mem2reg``
 turns them into phi values carried around the reduction loop (registers, no memory).
+The blocks: :func:`conv_block` (tiled's micro-kernel), :func:`dot_block` (dot's deep-NCHW
+block), :func:`dw3x3_block` (the NHWC depthwise block), :func:`transpose8` (NCHW -> NHWC
+copies), :func:`fma_chains` (the FMA peak probe).  ``tests/test_codegen.py`` reads what they
+compile to on each x86-64 family.
 """
 
 import contextlib
@@ -24,7 +28,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-__all__ = ["conv_block", "target_vector_bytes", "target_description"]
+__all__ = ["conv_block", "dot_block", "dw3x3_block", "transpose8", "fma_chains", "target_vector_bytes",
+           "target_description"]
 
 
 def _target_machine():
