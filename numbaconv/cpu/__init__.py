@@ -1,6 +1,6 @@
 """The host (CPU) kernels: one module per algorithm, plus what they share.
 
-* ``_jit``      -- the shared Numba settings (``jit`` / ``pjit``, ``FASTMATH``, SLP), small
+* ``_jit``      -- the shared Numba settings (``jit`` / ``pjit``, ``FASTMATH``), small
   helpers callable from ``@njit`` (``valid_range``, ``prefetchw``, BLAS ``gemm``);
 * ``_vec``      -- explicit-vector register blocks (LLVM vector IR from ``@intrinsic``) and the
   compile target's vector width; ``asm`` reads their machine code (the codegen tests);

@@ -7,16 +7,13 @@
   ``__pycache__``) so a new process loads them instead of compiling again.
 """
 
-import contextlib
 import functools
-import threading
 
 import numba
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import cgutils
-from numba.core import config as _numba_config
 from numba.core import types
 from numba.core.extending import intrinsic
 from numba.np.linalg import ensure_blas
@@ -27,26 +24,6 @@ FASTMATH = {"contract", "reassoc", "arcp"}
 jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 #: parallel kernel: owns a ``prange`` over independent work
 pjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
-
-_slp_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def slp():
-    """Compile (if a call compiles) with LLVM's SLP vectoriser on; restores Numba's setting.
-
-    Numba leaves SLP off (``NUMBA_SLP_VECTORIZE=0``); the generated register blocks
-    (``tiled``'s micro-kernels, ``depthwise``'s NHWC blocks) are scalar code that only SLP
-    packs into vector registers.  Calls that load from the cache are unaffected.
-    """
-    with _slp_lock:
-        old = _numba_config.SLP_VECTORIZE
-        _numba_config.SLP_VECTORIZE = 1
-        try:
-            yield
-        finally:
-            _numba_config.SLP_VECTORIZE = old
-
 
 @jit(inline="always")
 def valid_range(offset, stride, size, out_size):
