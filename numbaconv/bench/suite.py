@@ -212,7 +212,6 @@ def torch_runner(shape, layout, x, w):
 
 #: the peers timed next to numbaconv, in this order: torch (both layouts), onnxruntime (NCHW)
 PEERS = ("torch", "onnxruntime")
-_threads = {"n": DEFAULT_THREADS}
 
 
 def _import_onnxruntime():
@@ -246,7 +245,8 @@ def onnxruntime_runner(shape, layout, x, w):
     model.ir_version = min(model.ir_version, 9)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = _threads["n"]
+    import numba
+    opts.intra_op_num_threads = numba.get_num_threads()  # what set_threads gave numbaconv and torch
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"x": np.ascontiguousarray(x)}
@@ -265,7 +265,6 @@ def set_threads(n):
     if not 1 <= n <= limit:
         raise ValueError(f"threads must be between 1 and NUMBA_NUM_THREADS={limit}, got {n!r}")
     numba.set_num_threads(n)
-    _threads["n"] = n
     torch = _import_torch()
     if torch is not None:
         torch.set_num_threads(numba.get_num_threads())
