@@ -159,7 +159,7 @@ def test_streaming_kernel(layout, dtype):
 def test_packed_weight_cache_sees_changes(layout, monkeypatch):
     """Cached packed weights are reused only for bit-identical weights: in-place edits,
     new arrays and -0.0 vs 0.0 all repack."""
-    monkeypatch.setattr(tiled, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(tiled._CACHE, "min_bytes", 0)
     tiled.clear_cache()
     rng = np.random.default_rng(11)
     x, wt, b = make_problem(rng, 1, 9, 6, 7, 20, 3, 3, dtype=np.float32)

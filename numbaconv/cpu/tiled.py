@@ -41,7 +41,6 @@ Regenerate :mod:`numbaconv.cpu._ukernels` with ``python -m numbaconv.cpu.tiled``
 """
 
 import dataclasses
-import threading
 
 import numba
 import numpy as np
@@ -50,8 +49,10 @@ from numba import prange
 from . import depthwise, dot, naive
 from ._jit import jit, pjit
 from ._vec import target_vector_bytes, transpose8
+from ._wcache import WeightCache
 
-__all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P"]
+__all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
+           "transpose_block"]
 
 #: output pixels per micro-kernel call that fit the register file: 2P accumulators +
 #: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
@@ -116,20 +117,21 @@ def microkernel_asm(dtype=np.float32, p_=P):
 
 # --- layout preparation ----------------------------------------------------------------------
 @jit
-def _nchw_row_to_nhwc(xf, of, src, dst, c_, hw, w_):
-    """One image row: ``of[dst + w*C + c] = xf[src + c*H*W + w]`` for ``w < W, c < C``, in 8 x 8
-    blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`)."""
-    c8 = c_ - c_ % 8
-    w8 = w_ - w_ % 8
-    for c0 in range(0, c8, 8):
-        for w0 in range(0, w8, 8):
-            transpose8(xf, of, src + c0 * hw + w0, hw, dst + w0 * c_ + c0, c_)
-        for w in range(w8, w_):
-            for c in range(c0, c0 + 8):
-                of[dst + w * c_ + c] = xf[src + c * hw + w]
-    for c in range(c8, c_):
-        for w in range(w_):
-            of[dst + w * c_ + c] = xf[src + c * hw + w]
+def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
+    """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i < ni, j < nj`` (flat arrays), in
+    8 x 8 blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`): an NCHW
+    row's channels into NHWC pixels, or back."""
+    i8 = ni - ni % 8
+    j8 = nj - nj % 8
+    for i0 in range(0, i8, 8):
+        for j0 in range(0, j8, 8):
+            transpose8(src, dst, s0 + i0 * ss + j0, ss, d0 + j0 * ds + i0, ds)
+        for j in range(j8, nj):
+            for i in range(i0, i0 + 8):
+                dst[d0 + j * ds + i] = src[s0 + i * ss + j]
+    for i in range(i8, ni):
+        for j in range(nj):
+            dst[d0 + j * ds + i] = src[s0 + i * ss + j]
 
 
 @jit
@@ -168,7 +170,8 @@ def _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh):
             continue
         n = job // hp
         o = job * wp * c_
-        _nchw_row_to_nhwc(xf, of, n * c_ * hw + h * ssh * x.shape[3], o + pl * c_, c_, hw, w_)
+        # of[dst + w*C + c] = xf[src + c*H*W + w]: the row's channels become its pixels' vectors
+        transpose_block(xf, of, n * c_ * hw + h * ssh * x.shape[3], hw, o + pl * c_, c_, c_, w_)
 
 
 @pjit
@@ -277,89 +280,30 @@ def _pack_hwio(w, wp, groups, kbg, cb, v_):
                     wp[dst + nk:dst + v_] = 0
 
 
-@jit
-def _xor_or(a, b):
-    """``a != b`` anywhere (bit views).  Zero-based loop: no negative-index wraparound
-    checks, so it vectorises (a ``range(lo, hi)`` loop ran ten times slower)."""
-    d = a[0] ^ b[0]
-    for i in range(a.size):
-        d |= a[i] ^ b[i]
-    return d != 0
-
-
-@pjit
-def _bits_differ(a, b):
-    """True when the unsigned-integer views ``a`` and ``b`` (same size >= 1) differ anywhere."""
-    n = a.size
-    nch = min(n, 64)
-    chunk = (n + nch - 1) // nch
-    nch = (n + chunk - 1) // chunk
-    flags = np.zeros(nch, dtype=np.bool_)
-    for t in prange(nch):
-        lo = t * chunk
-        hi = min(n, lo + chunk)
-        flags[t] = _xor_or(a[lo:hi], b[lo:hi])
-    return flags.any()
-
-
 # --- packed-weight cache -------------------------------------------------------------------
-#: weights at least this large (bytes) are cached packed; smaller ones are packed every call
-#: (the bit-exact check of a cached copy costs a fifth to a tenth of packing: 614 KB of 5x5
-#: weights pack in 108 us, check in 12 us; 147 KB: 21 vs 7 us)
-CACHE_MIN_BYTES = 64 << 10
-#: total bytes (kept copies + packed) the cache may hold; least recently used entries go first
-CACHE_MAX_BYTES = 256 << 20
-_cache = {}
-_cache_lock = threading.Lock()
-_cache_stats = {"hits": 0, "misses": 0}
-
-
-def _as_bits(a):
-    return a.reshape(-1).view(np.uint32 if a.dtype.itemsize == 4 else np.uint64)
+#: packed copies of weights from 64 KiB on, reused while the weights are bit-for-bit unchanged
+_CACHE = WeightCache(min_bytes=64 << 10, max_bytes=256 << 20)
+_cache_stats = _CACHE.stats
 
 
 def packed_weights(w, wlayout, groups, kbg, cb, v_):
-    """Packed weights for ``w`` (C-contiguous, ``wlayout`` "OIHW" or "HWIO").
-
-    Large weights are cached: an entry keeps a private copy of the weights it was packed
-    from and is reused only when the new weights are bit-for-bit equal to that copy (checked
-    on every call, in parallel: ~0.2-0.4 ms for ResNet's largest, 9.4 MB, weights), so an array changed in place or
-    a new array with other values is always packed afresh.
-    """
-    key = (wlayout, w.shape, w.dtype.str, groups, kbg, cb, v_)
-    big = w.nbytes >= CACHE_MIN_BYTES
-    if big:
-        with _cache_lock:
-            entry = _cache.pop(key, None)
-            if entry is not None:
-                _cache[key] = entry  # most recently used last
-        if entry is not None and not _bits_differ(_as_bits(w), _as_bits(entry[0])):
-            _cache_stats["hits"] += 1
-            return entry[1]
-    r_, s_ = (w.shape[2], w.shape[3]) if wlayout == "OIHW" else (w.shape[0], w.shape[1])
-    cg = w.shape[1] if wlayout == "OIHW" else w.shape[2]
-    wpk = np.empty(groups * kbg * r_ * s_ * cg * v_, dtype=w.dtype)
-    if wlayout == "OIHW":
-        _pack_weights(w, wpk, groups, kbg, cb, v_)
-    else:
-        _pack_hwio(w, wpk, groups, kbg, cb, v_)
-    if big:
-        _cache_stats["misses"] += 1
-        entry = (w.copy(), wpk)
-        with _cache_lock:
-            _cache.pop(key, None)
-            _cache[key] = entry
-            total = sum(e[0].nbytes + e[1].nbytes for e in _cache.values())
-            while total > CACHE_MAX_BYTES and len(_cache) > 1:
-                old = _cache.pop(next(iter(_cache)))
-                total -= old[0].nbytes + old[1].nbytes
-    return wpk
+    """Packed weights for ``w`` (C-contiguous, ``wlayout`` "OIHW" or "HWIO"); large ones
+    cached (:class:`numbaconv.cpu._wcache.WeightCache`)."""
+    def build():
+        r_, s_ = (w.shape[2], w.shape[3]) if wlayout == "OIHW" else (w.shape[0], w.shape[1])
+        cg = w.shape[1] if wlayout == "OIHW" else w.shape[2]
+        wpk = np.empty(groups * kbg * r_ * s_ * cg * v_, dtype=w.dtype)
+        if wlayout == "OIHW":
+            _pack_weights(w, wpk, groups, kbg, cb, v_)
+        else:
+            _pack_hwio(w, wpk, groups, kbg, cb, v_)
+        return wpk
+    return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)
 
 
 def clear_cache():
     """Forget every cached packed weight array."""
-    with _cache_lock:
-        _cache.clear()
+    _CACHE.clear()
 
 
 # --- planning --------------------------------------------------------------------------------
