@@ -14,7 +14,8 @@ compiles in well under a second.
 The accumulators live in ``alloca`` slots of the function's entry block; LLVM's ``mem2reg``
 turns them into phi values carried around the reduction loop (registers, no memory).
 The blocks: :func:`conv_block` (tiled's micro-kernel), :func:`dot_block` (dot's deep-NCHW
-block), :func:`dw3x3_block` (the NHWC depthwise block), :func:`transpose8` (NCHW -> NHWC
+block), :func:`dw3x3_block` (the NHWC depthwise block), :func:`tile_transform` (Winograd's tile
+transforms), :func:`transpose8` (NCHW -> NHWC
 copies), :func:`fma_chains` (the FMA peak probe).  ``tests/test_codegen.py`` reads what they
 compile to on each x86-64 family.
 """
@@ -28,8 +29,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-__all__ = ["conv_block", "dot_block", "dw3x3_block", "transpose8", "fma_chains", "target_vector_bytes",
-           "target_description"]
+__all__ = ["lanes", "conv_block", "dot_block", "dw3x3_block", "tile_transform", "transpose8", "fma_chains",
+           "target_vector_bytes", "target_description"]
 
 
 def _target_machine():
@@ -109,8 +110,14 @@ def _vector_ptr(builder, base, index, vty):
     return builder.bitcast(builder.gep(base, [index]), vty.as_pointer())
 
 
+def lanes(vector_bytes, itemsize):
+    """Lanes per accumulator of the register blocks: a register of the target's width, at
+    least 4 (two of them make ``tiled``'s ``V``: 8-32 output channels)."""
+    return max(4, min(16, vector_bytes // itemsize))
+
+
 @functools.lru_cache(maxsize=None)
-def conv_block(p_, nv, w_):
+def conv_block(p_, nv, w_=None, vector_bytes=None):
     """An intrinsic ``block(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin,
     of, ob, os_p, bias, kb0, mode)`` computing, for ``p < p_`` output pixels and
     ``j < nv*w_`` output channels::
@@ -123,7 +130,8 @@ def conv_block(p_, nv, w_):
     1 -- ``of[ob + p*os_p + j] = acc + bias[kb0 + j]``; 2 -- ``of[ob + p*os_p + j] += acc``
     (1 and 2: a whole block of channels-last output, stored as vectors).  Index arguments
     are element offsets (any integer type).  FMA is fused (one rounding), as with
-    ``fastmath`` contraction; no other reordering of the sum over ``c``.
+    ``fastmath`` contraction; no other reordering of the sum over ``c``.  ``w_=None``: the
+    lanes follow the dtype, :func:`lanes` of ``vector_bytes`` (one block for both dtypes).
     """
     @intrinsic
     def block(typingctx, xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
@@ -135,6 +143,7 @@ def conv_block(p_, nv, w_):
             return None
         sig = types.void(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                          mode)
+        wl = w_ or lanes(vector_bytes, xf.dtype.bitwidth // 8)
 
         def codegen(context, builder, signature, args):
             argtys = signature.args
@@ -144,12 +153,12 @@ def conv_block(p_, nv, w_):
             ints = [context.cast(builder, args[i], argtys[i], types.int64) for i in (*range(3, 13), 14, 15, 17, 18)]
             xb_, wb_, rr, ss, xsr, xss, xsp, wsc, wst, cn, ob_, osp, kb0_, mode_ = ints
             fty = context.get_value_type(xf.dtype)
-            vty = ir.VectorType(fty, w_)
+            vty = ir.VectorType(fty, wl)
             align = xf.dtype.bitwidth // 8
-            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
+            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * wl)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(p_)]
             undef = ir.Constant(vty, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), w_), [ir.Constant(ir.IntType(32), 0)] * w_)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), wl), [ir.Constant(ir.IntType(32), 0)] * wl)
             xofs = [builder.mul(xsp, i64(p)) for p in range(p_)]
             with cgutils.for_range(builder, rr) as lr:
                 with cgutils.for_range(builder, ss) as ls:
@@ -158,7 +167,7 @@ def conv_block(p_, nv, w_):
                     with _loop(builder, cn) as c:
                         wc = builder.add(wo, builder.mul(c, wsc))
                         xc = builder.add(xo, c)
-                        wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wc, i64(v * w_)), vty),
+                        wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wc, i64(v * wl)), vty),
                                            align=align) for v in range(nv)]
                         for p in range(p_):
                             xs = builder.load(builder.gep(xa.data, [builder.add(xc, xofs[p])]), align=align)
@@ -170,22 +179,22 @@ def conv_block(p_, nv, w_):
                 with to_tmp:
                     for p in range(p_):
                         for v in range(nv):
-                            dst = _vector_ptr(builder, ta.data, i64((p * nv + v) * w_), vty)
+                            dst = _vector_ptr(builder, ta.data, i64((p * nv + v) * wl), vty)
                             builder.store(builder.load(accs[p][v]), dst, align=align)
                 with to_out:
                     with_bias = builder.icmp_signed("==", mode_, i64(1))
                     for p in range(p_):
                         orow = builder.add(ob_, builder.mul(osp, i64(p)))
                         for v in range(nv):
-                            dst = _vector_ptr(builder, oa.data, builder.add(orow, i64(v * w_)), vty)
-                            bsrc = _vector_ptr(builder, ba.data, builder.add(kb0_, i64(v * w_)), vty)
+                            dst = _vector_ptr(builder, oa.data, builder.add(orow, i64(v * wl)), vty)
+                            bsrc = _vector_ptr(builder, ba.data, builder.add(kb0_, i64(v * wl)), vty)
                             addend = builder.load(builder.select(with_bias, bsrc, dst), align=align)
                             builder.store(builder.fadd(builder.load(accs[p][v]), addend), dst, align=align)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    block.__name__ = f"conv_block_{p_}x{nv}x{w_}"
+    block.__name__ = f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}"
     return block
 
 
@@ -397,4 +406,103 @@ def dw3x3_block(p_, sw, vector_bytes):
         return sig, codegen
 
     block.__name__ = f"dw3x3_block_{p_}_s{sw}_{vector_bytes}"
+    return block
+
+
+def _splat_constant(ty, value):
+    """``value`` as a constant of ``ty`` (a float type or a vector of one)."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+    return ir.Constant(ty, value)
+
+
+def _combine(builder, coefs, values):
+    """``sum(c * v)`` over the non-zero constant ``coefs``: adds and subtractions for +-1,
+    FMAs otherwise (``None`` when every coefficient is zero)."""
+    acc = None
+    for c, v in zip(coefs, values):
+        if c == 0:
+            continue
+        if acc is None:
+            acc = v if c == 1 else builder.fneg(v) if c == -1 else builder.fmul(_splat_constant(v.type, c), v)
+        elif c in (1, -1):
+            acc = builder.fadd(acc, v) if c == 1 else builder.fsub(acc, v)
+        else:
+            acc = _fmuladd(builder, _splat_constant(v.type, c), v, acc)
+    return acc
+
+
+@functools.lru_cache(maxsize=None)
+def tile_transform(mat, vector_bytes, with_bias):
+    """An intrinsic ``block(src, dst, bias, s0, sa, sb, d0, di, dj, n, kb) -> float``: the 2-D
+    transform ``Y = L D L^T`` of a tile, channel by channel (``L = mat``, a tuple of rows of
+    constants: Winograd's ``B^T`` or ``A^T``)::
+
+        dst[d0 + i*di + j*dj + c] = (bias[kb + c] +) sum over a, b of
+            L[i][a] * L[j][b] * src[s0 + a*sa + b*sb + c]            for c < n
+
+    in vectors of ``vector_bytes`` along ``c`` (then scalars for ``n % lanes``): per channel
+    vector the tile's ``a x a`` loads, the row pass, the column pass (zero coefficients
+    skipped, +-1 as adds), ``i x j`` stores.  Returns ``0 * sum(Y)`` over everything stored:
+    0 when every result is finite, NaN otherwise (the caller's cheap non-finite check)."""
+    rows = tuple(tuple(float(c) for c in row) for row in mat)
+    mo, mi = len(rows), len(rows[0])
+
+    @intrinsic
+    def block(typingctx, src, dst, bias, s0, sa, sb, d0, di, dj, n, kb):
+        arrays = (src, dst, bias)
+        if not all(isinstance(a, types.Array) for a in arrays):
+            return None
+        if len({a.dtype for a in arrays}) != 1 or not isinstance(src.dtype, types.Float):
+            return None
+        sig = src.dtype(src, dst, bias, s0, sa, sb, d0, di, dj, n, kb)
+        w_ = max(1, vector_bytes * 8 // src.dtype.bitwidth)
+
+        def codegen(context, builder, signature, args):
+            argtys = signature.args
+            sa_, da_, ba_ = (context.make_array(t)(context, builder, v) for t, v in zip(argtys[:3], args[:3]))
+            i64 = ir.IntType(64)
+            s0_, ssa, ssb, d0_, sdi, sdj, n_, kb_ = (context.cast(builder, args[i], argtys[i], types.int64)
+                                                    for i in range(3, 11))
+            fty = context.get_value_type(src.dtype)
+            align = src.dtype.bitwidth // 8
+            vty = ir.VectorType(fty, w_)
+            check = cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_))
+            scheck = cgutils.alloca_once_value(builder, ir.Constant(fty, 0.0))
+
+            def tile(c, load, store, chk):
+                d = [[load(sa_.data, builder.add(builder.add(s0_, builder.mul(ssa, i64(a))),
+                                                 builder.add(builder.mul(ssb, i64(b)), c)))
+                      for b in range(mi)] for a in range(mi)]
+                e = [[_combine(builder, rows[j], d[a]) for j in range(mo)] for a in range(mi)]  # D L^T
+                total = None
+                for i in range(mo):
+                    for j in range(mo):
+                        y = _combine(builder, rows[i], [e[a][j] for a in range(mi)])
+                        if with_bias:
+                            y = builder.fadd(y, load(ba_.data, builder.add(kb_, c)))
+                        dst_i = builder.add(builder.add(d0_, builder.mul(sdi, i64(i))),
+                                            builder.add(builder.mul(sdj, i64(j)), c))
+                        store(y, da_.data, dst_i)
+                        total = y if total is None else builder.fadd(total, y)
+                zero = _splat_constant(total.type, 0.0)
+                builder.store(builder.fadd(builder.load(chk), builder.fmul(total, zero)), chk)
+
+            nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
+            with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
+                tile(builder.mul(step, i64(w_)),
+                     lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
+                     lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align), check)
+            with _loop(builder, builder.sub(n_, nvec)) as t:
+                tile(builder.add(nvec, t), lambda base, i: builder.load(builder.gep(base, [i])),
+                     lambda v, base, i: builder.store(v, builder.gep(base, [i])), scheck)
+            v = builder.load(check)
+            total = builder.load(scheck)
+            for lane in range(w_):
+                total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), lane)))
+            return total
+
+        return sig, codegen
+
+    block.__name__ = f"tile_transform_{mo}x{mi}_{vector_bytes}{'_bias' if with_bias else ''}"
     return block
