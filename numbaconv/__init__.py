@@ -59,7 +59,7 @@ def __dir__():
 def clear_caches():
     """Free the memory numbaconv keeps between calls.
 
-    That is: ``tiled``'s packed copies of large weights, the backward's reusable scratch
+    That is: ``tiled``'s packed copies of large weights, ``winograd``'s transformed weights, the backward's reusable scratch
     buffers (of the calling thread), the memo of accepted ``conv2d`` arguments and
     ``auto``'s measured choices.  Numba's compiled kernels (on disk, ``NUMBA_CACHE_DIR``)
     are not touched.  Modules not yet imported hold nothing and are left unimported.
@@ -68,7 +68,7 @@ def clear_caches():
 
     problem._ACCEPTED.clear()
     auto.forget_measurements()
-    for module, function in (("numbaconv.cpu.tiled", "clear_cache"),
+    for module, function in (("numbaconv.cpu.tiled", "clear_cache"), ("numbaconv.cpu.winograd", "clear_cache"),
                              ("numbaconv.grad.backward", "release_workspace")):
         loaded = sys.modules.get(module)
         if loaded is not None:

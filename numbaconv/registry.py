@@ -95,6 +95,8 @@ for _algorithm in (
     Algorithm("naive", "numbaconv.cpu.naive", "direct loop nest; the correctness baseline"),
     Algorithm("im2col", "numbaconv.cpu.im2col", "bounded-workspace im2col + BLAS GEMM"),
     Algorithm("tiled", "numbaconv.cpu.tiled", "cache- and register-blocked direct convolution (the fast path)"),
+    Algorithm("winograd", "numbaconv.cpu.winograd", "Winograd F(4x4 / 2x2, 3x3) for stride-1 3x3 layers; other "
+              "geometry runs tiled"),
     Algorithm("cuda", "numbaconv.cuda.conv", "@cuda.jit implicit GEMM / direct kernels (numbaconv[cuda]; GPU or simulator)",
               available="numbaconv.cuda.conv:available", host=False),
 ):

@@ -11,7 +11,10 @@
   ``_ukernels`` its generated micro-kernels (``python -m numbaconv.cpu.tiled``);
 * ``dot``       -- tiled's path for deep NCHW layers (OIHW weights read in place);
 * ``depthwise`` -- depthwise and few-channel streaming kernels (the NHWC stride-1 register
-  block: ``_vec.dw3x3_block``).
+  block: ``_vec.dw3x3_block``);
+* ``winograd``  -- Winograd F(4x4 / 2x2, 3x3) for stride-1 3x3 layers (transforms:
+  ``_vec.tile_transform``; GEMMs on tiled's register block);
+* ``_wcache``   -- the cache of prepared weights (tiled's packed, winograd's transformed).
 
 An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
 (the protocol of :mod:`numbaconv.registry`, which names it).
@@ -19,5 +22,5 @@ An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
 ``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` and ``_vec`` import nothing of
-numbaconv.
+numbaconv; ``_wcache`` only ``_jit``.
 """

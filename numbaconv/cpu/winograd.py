@@ -1,0 +1,355 @@
+"""``winograd``: Winograd minimal filtering F(m x m, 3 x 3) for stride-1 3x3 layers.
+
+Per ``m x m`` output tile (Lavin & Gray 2016)::
+
+    Y = A^T [ (G g G^T) (.) (B^T d B) ] A        d: the (m+2) x (m+2) input tile
+
+so a tile's ``9 m^2`` multiplications per channel pair become ``(m+2)^2`` -- 4x fewer for
+F(4x4, 3x3), 2.25x for F(2x2, 3x3) -- summed over input channels as ``(m+2)^2`` independent
+GEMMs ``M[xi] = V[xi] (tiles x C) . U[xi] (C x K)``.
+
+Blocking (one pass over memory): the work is split into tasks of ``T`` tiles x a run of
+output-channel blocks (``prange`` over batch x tile blocks x groups x channel runs).  A task
+transforms its tiles' inputs one channel block at a time into ``V`` (``alpha^2 x T x cb``,
+in L2), multiplies them on ``tiled``'s register-blocked micro-kernel
+(:func:`numbaconv.cpu._vec.conv_block`: ``P`` tiles x ``V`` output channels, the
+transformed weights streamed like ``tiled``'s packed blocks) into ``M`` (``alpha^2 x T x
+kw``), and finally transforms ``M`` into output tiles with the bias added
+(:func:`numbaconv.cpu._vec.tile_transform`: explicit vectors along the channels, which are
+contiguous in the padded NHWC copy both layouts go through).
+
+Transformed weights ``U`` (``G g G^T`` in float64, rounded once) are packed as
+``(G, alpha^2, K/G/V, C/G, V)`` and cached like ``tiled``'s packed weights.
+
+Accuracy: the interpolation points are ``0, 1, -1, 1/2, -2`` for F(4x4) (Barabasz et al.,
+"Error analysis and improving the accuracy of Winograd convolution": they halve the
+float32 error of Lavin's ``0, +-1, +-2`` on inputs of a large dynamic range) and ``0, 1,
+-1`` for F(2x2).  The transforms mix every input of a tile into every output of it, so a
+non-finite input or weight anywhere in a tile would spoil outputs torch keeps finite:
+the output transform returns a non-finite check, and a layer that produced a non-finite
+value is computed again by ``tiled``, which propagates NaN and Inf exactly as torch does.
+
+Geometry other than 3x3 / stride 1 / dilation 1, depthwise layers and groups with few
+output channels run ``tiled`` (its direct and depthwise kernels).
+"""
+
+import dataclasses
+import functools
+from fractions import Fraction
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import tiled
+from ._jit import pjit
+from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
+from ._wcache import WeightCache
+
+__all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "clear_cache", "tile_size", "POINTS",
+           "WEIGHT_LAYOUTS", "reference"]
+
+#: interpolation points (infinity implied) per output tile size ``m``
+POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
+
+WEIGHT_LAYOUTS = tiled.WEIGHT_LAYOUTS
+
+
+@functools.lru_cache(maxsize=None)
+def matrices(m, r=3):
+    """``(A^T, G, B^T)`` of F(m, r) on :data:`POINTS` ``[m]`` plus infinity, as exact
+    :class:`~fractions.Fraction` rows (Toom-Cook: ``B^T``'s rows are the coefficients of
+    ``M(x) / (x - p)``, with ``M(x) = prod (x - p)``; its last row, infinity's, those of
+    ``M``).  Checked: ``sum_xi A^T[i][xi] G[xi][k] B^T[xi][j] == [j == i + k]``."""
+    a = m + r - 1
+    pts = [Fraction(p) for p in POINTS[m]]
+
+    def polymul(p, q):
+        out = [Fraction(0)] * (len(p) + len(q) - 1)
+        for i, u in enumerate(p):
+            for j, v in enumerate(q):
+                out[i + j] += u * v
+        return out
+
+    big_m = [Fraction(1)]
+    for p in pts:
+        big_m = polymul(big_m, [-p, Fraction(1)])
+    bt, g = [], []
+    at = [[Fraction(0)] * a for _ in range(m)]
+    for j, pj in enumerate(pts):
+        q, f = [Fraction(1)], Fraction(1)
+        for pl in pts[:j] + pts[j + 1:]:
+            q = polymul(q, [-pl, Fraction(1)])
+            f *= pj - pl
+        bt.append(q + [Fraction(0)] * (a - len(q)))
+        g.append([pj ** k / f for k in range(r)])
+        for i in range(m):
+            at[i][j] = pj ** i
+    bt.append(big_m)
+    g.append([Fraction(0)] * (r - 1) + [Fraction(1)])
+    at[m - 1][a - 1] = Fraction(1)
+    for i in range(m):
+        for k in range(r):
+            for j in range(a):
+                s = sum(at[i][x] * g[x][k] * bt[x][j] for x in range(a))
+                assert s == (j == i + k), "not a Winograd algorithm: check POINTS"
+    return tuple(map(tuple, at)), tuple(map(tuple, g)), tuple(map(tuple, bt))
+
+
+def reference(d, g, m):
+    """F(m, 3) of one input tile ``d`` ((m+2) x (m+2)) and kernel ``g`` (3 x 3) in plain
+    Python with exact fractions: the formula the kernels implement, for reading and tests."""
+    at, gm, bt = matrices(m)
+    a = m + 2
+
+    def mul(x, y):
+        return [[sum(x[i][k] * y[k][j] for k in range(len(y))) for j in range(len(y[0]))] for i in range(len(x))]
+
+    def tr(x):
+        return [list(r) for r in zip(*x)]
+
+    d = [[Fraction(float(v)) for v in row] for row in d]
+    g = [[Fraction(float(v)) for v in row] for row in g]
+    u = mul(mul(gm, g), tr(gm))
+    v = mul(mul(bt, d), tr(bt))
+    mm = [[u[i][j] * v[i][j] for j in range(a)] for i in range(a)]
+    return mul(mul(at, mm), tr(at))
+
+
+# --- kernels -----------------------------------------------------------------------------------
+_VB = target_vector_bytes()
+#: tiles per micro-kernel call: tiled's largest pixel block for this target
+_P = max(tiled.P_CHOICES[_VB])
+_GEMM = conv_block(_P, 2, vector_bytes=_VB)
+
+
+def _floats(mat):
+    return tuple(tuple(float(c) for c in row) for row in mat)
+
+
+_IN2 = tile_transform(_floats(matrices(2)[2]), _VB, False)
+_IN4 = tile_transform(_floats(matrices(4)[2]), _VB, False)
+_OUT2 = tile_transform(_floats(matrices(2)[0]), _VB, True)
+_OUT4 = tile_transform(_floats(matrices(4)[0]), _VB, True)
+
+
+@pjit
+def _winograd(xf, uf, bias, of, bad, zeros, n_, hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_,
+              cb, kbr, v_, nchw):
+    """The convolution: prange over (image, block of ``tt_`` tiles, group, run of ``kbr``
+    output-channel blocks).  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``, flat;
+    ``uf``: packed transformed weights; ``of``: the output in its layout, flat.
+    ``bad[task]``: 0, or NaN where the task produced a non-finite value."""
+    a = m + 2
+    aa = a * a
+    ntiles = th * tw
+    ntb = (ntiles + tt_ - 1) // tt_
+    nkr = (kbg + kbr - 1) // kbr
+    per_n = ntb * groups * nkr
+    for task in prange(n_ * per_n):
+        n = task // per_n
+        rest = task % per_n
+        tb = rest // (groups * nkr)
+        g = (rest // nkr) % groups
+        kb_lo = (rest % nkr) * kbr
+        kb_hi = min(kbg, kb_lo + kbr)
+        kw = (kb_hi - kb_lo) * v_
+        vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
+        mbuf = np.empty(aa * tt_ * kw, dtype=of.dtype)
+        obuf = np.empty(tt_ * m * m * kw, dtype=of.dtype)
+        tmp = np.empty(_P * v_, dtype=of.dtype)
+        # transformed inputs, one channel block at a time, multiplied into M
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for t in range(tt_):
+                tile = min(tb * tt_ + t, ntiles - 1)  # past the last tile: a copy of it (results unused)
+                s0 = ((n * hp + (tile // tw) * m) * wp + (tile % tw) * m) * c_ + g * cg + c0
+                if m == 4:
+                    _IN4(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
+                else:
+                    _IN2(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
+            mode = 1 if c0 == 0 else 2
+            for xi in range(aa):
+                for kb in range(kb_lo, kb_hi):
+                    wb = (((g * aa + xi) * kbg + kb) * cg + c0) * v_
+                    for t0 in range(0, tt_, _P):
+                        _GEMM(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
+                              (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
+        # output tiles (bias added in the transform)
+        nk = min(kw, kg - kb_lo * v_)
+        k0 = g * kg + kb_lo * v_
+        nt = min(tt_, ntiles - tb * tt_)
+        chk = of.dtype.type(0)
+        if nchw:
+            # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
+            # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
+            for t in range(nt):
+                if m == 4:
+                    chk += _OUT4(mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
+                else:
+                    chk += _OUT2(mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
+            t = 0
+            while t < nt:
+                tile = tb * tt_ + t
+                y0 = (tile // tw) * m
+                x0 = (tile % tw) * m
+                run = min(nt - t, tw - tile % tw)
+                npix = min(run * m, wo_ - x0)
+                for i in range(min(m, ho_ - y0)):
+                    tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw,
+                                          ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0, ho_ * wo_, npix, nk)
+                t += run
+        else:
+            for t in range(nt):
+                tile = tb * tt_ + t
+                y0 = (tile // tw) * m
+                x0 = (tile % tw) * m
+                whole = y0 + m <= ho_ and x0 + m <= wo_
+                # whole tiles straight into the output, edge tiles through obuf
+                dst = ((n * ho_ + y0) * wo_ + x0) * k_ + k0 if whole else 0
+                dst_i = wo_ * k_ if whole else m * kw
+                dst_j = k_ if whole else kw
+                target = of if whole else obuf
+                if m == 4:
+                    chk += _OUT4(mbuf, target, bias, t * kw, a * tt_ * kw, tt_ * kw, dst, dst_i, dst_j, nk, k0)
+                else:
+                    chk += _OUT2(mbuf, target, bias, t * kw, a * tt_ * kw, tt_ * kw, dst, dst_i, dst_j, nk, k0)
+                if not whole:
+                    for i in range(min(m, ho_ - y0)):
+                        for j in range(min(m, wo_ - x0)):
+                            o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
+                            src = (i * m + j) * kw
+                            of[o:o + nk] = obuf[src:src + nk]
+        bad[task] = chk
+
+
+# --- weights -----------------------------------------------------------------------------------
+#: every size cached: the float64 transform costs ~50x the bit check (0.2 ms for 36 KB)
+_CACHE = WeightCache(min_bytes=0)
+_cache_stats = _CACHE.stats
+
+
+def transformed_weights(w, wlayout, groups, m, v_):
+    """``U = G g G^T`` of the 3x3 weights ``w`` (OIHW or HWIO), computed in float64 and
+    rounded once, packed ``(G, alpha^2, K/G/V, C/G, V)`` (zero past ``K/G``); cached."""
+    def build():
+        gm = np.array(matrices(m)[1], dtype=np.float64)
+        wd = w.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: see run()
+            if wlayout == "OIHW":
+                u = np.einsum("ar,kcrs,bs->abkc", gm, wd, gm, optimize=True)
+            else:
+                u = np.einsum("ar,rsck,bs->abkc", gm, wd, gm, optimize=True)
+        a = m + 2
+        k_, cg = u.shape[2], u.shape[3]
+        kg = k_ // groups
+        kbg = -(-kg // v_)
+        u = u.reshape(a * a, groups, kg, cg).transpose(1, 0, 2, 3)
+        packed = np.zeros((groups, a * a, kbg * v_, cg), dtype=w.dtype)
+        packed[:, :, :kg] = u
+        return np.ascontiguousarray(packed.reshape(groups, a * a, kbg, v_, cg).transpose(0, 1, 2, 4, 3)).reshape(-1)
+    return _CACHE.get((wlayout, groups, m, v_), w, build)
+
+
+def clear_cache():
+    """Forget every cached transformed weight array."""
+    _CACHE.clear()
+
+
+# --- planning ----------------------------------------------------------------------------------
+def applies(p):
+    """Winograd runs ``p``: a 3x3, stride-1, undilated layer with enough output channels per
+    group to fill the micro-kernel (depthwise and few-channel groups run ``tiled``)."""
+    return (p.r == p.s == 3 and p.stride_h == p.stride_w == 1 and p.dil_h == p.dil_w == 1
+            and not p.is_depthwise and not tiled.uses_streaming(p))
+
+
+def profitable(p):
+    """Whether ``auto`` should run ``p`` here (measured on Zen 4, numbaconv/auto.py): it
+    applies, has 16+ input channels per group (shorter GEMMs do not repay the transforms)
+    and at least two micro-kernel blocks of tiles (fewer only stream the transformed
+    weights: 4x4 outputs at 512 channels ran 0.4-0.8x ``tiled``)."""
+    if not applies(p) or p.cg < 16:
+        return False
+    m = tile_size(p)
+    return p.n * -(-p.ho // m) * -(-p.wo // m) >= 2 * _P
+
+
+def tile_size(p):
+    """``m``: F(4x4) unless the output is so small that 4x4 tiles waste more than F(2x2)'s
+    extra multiplications save, or gives the micro-kernel fewer than two blocks of tiles
+    (then the GEMMs only stream F(4x4)'s 2.25x larger transformed weights: res5's 7x7
+    outputs ran 3x slower in F(4x4) than in F(2x2) on Zen 4)."""
+    def tiles(m):
+        return p.n * -(-p.ho // m) * -(-p.wo // m)
+    if tiles(4) < 2 * _P:
+        return 2
+    return 4 if tiles(4) * 36 <= 0.8 * tiles(2) * 16 else 2
+
+
+def plan(p, m=None):
+    """Blocking for ``p``: dict(m, V, T tiles per task, cb input channels per block, kbr
+    output-channel blocks per task, th x tw tiles, hp x wp padded input)."""
+    m = m or tile_size(p)
+    v_ = 2 * lanes(_VB, p.dtype.itemsize)
+    item = p.dtype.itemsize
+    a = m + 2
+    th, tw = -(-p.ho // m), -(-p.wo // m)
+    kbg = -(-p.kg // v_)
+    tt_ = min(2 * _P, -(-(th * tw) // _P) * _P)  # no more tile slots than tiles
+    # input channels per block: the block's transformed tiles (alpha^2 x T x cb) within ~256 KiB
+    cb = max(16, (256 << 10) // (a * a * tt_ * item))
+    cb = min(p.cg, cb)
+    nblk = -(-p.cg // cb)
+    cb = -(-p.cg // nblk)
+    # output channels per task: M (alpha^2 x T x kw) within ~256 KiB too
+    kbr = max(1, min(kbg, (256 << 10) // (a * a * tt_ * v_ * item)))
+    threads = numba.get_num_threads()
+    ntb = -(-(th * tw) // tt_)
+    while kbr > 1 and p.n * ntb * p.groups * -(-kbg // kbr) < 2 * threads:
+        kbr = (kbr + 1) // 2
+    while tt_ > _P and p.n * -(-(th * tw) // tt_) * p.groups * -(-kbg // kbr) < 2 * threads:
+        tt_ -= _P
+    return dict(m=m, V=v_, T=tt_, cb=cb, kbr=kbr, kbg=kbg, th=th, tw=tw, hp=th * m + 2, wp=tw * m + 2)
+
+
+def run(p, x, w, bias, out, m=None):
+    """``w`` is OIHW for NCHW and HWIO for NHWC (:data:`WEIGHT_LAYOUTS`, as ``tiled``)."""
+    if not applies(p):
+        return tiled.run(p, x, w, bias, out)
+    if max(p.pad_top, p.pad_bottom, p.pad_left, p.pad_right) > 2:
+        return _run_live(p, x, w, bias, out, m)
+    wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
+    b = plan(p, m)
+    nchw = p.layout == "NCHW"
+    if not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding:
+        xp = x  # NHWC without padding, whole tiles: already the layout the transforms read
+    else:
+        xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
+        tiled._pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, 1, 1)
+    uf = transformed_weights(np.ascontiguousarray(w), wlayout, p.groups, b["m"], b["V"])
+    bp = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
+    zeros = np.zeros(b["V"], dtype=p.dtype)
+    ntasks = p.n * -(-(b["th"] * b["tw"]) // b["T"]) * p.groups * -(-b["kbg"] // b["kbr"])
+    bad = np.zeros(ntasks, dtype=p.dtype)
+    _winograd(xp.reshape(-1), uf, bp, out.reshape(-1), bad, zeros, p.n, b["hp"], b["wp"], p.c, p.ho, p.wo, p.k,
+              p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"], b["T"], b["cb"], b["kbr"], b["V"], nchw)
+    if not np.isfinite(bad).all():
+        # a non-finite input or weight (or an overflow): the transforms smear it over whole
+        # tiles, so the direct kernel computes the layer with torch's propagation instead
+        tiled.run(p, x, w, bias, out)
+
+
+def _run_live(p, x, w, bias, out, m):
+    """Padding beyond 2: the outputs whose 3x3 window is all padding are exactly the bias
+    (in a tile, the transforms would leave its neighbours' rounding there); the rest is
+    the layer with the padding cut to 2, computed aside and copied in."""
+    q = dataclasses.replace(p, pad_top=min(p.pad_top, 2), pad_bottom=min(p.pad_bottom, 2),
+                            pad_left=min(p.pad_left, 2), pad_right=min(p.pad_right, 2))
+    live = np.empty(q.out_shape, dtype=p.dtype)
+    run(q, x, w, bias, live, m)
+    nchw = p.layout == "NCHW"
+    o = out if nchw else out.transpose(0, 3, 1, 2)
+    o[...] = 0 if bias is None else bias.reshape(1, -1, 1, 1)
+    r0, c0 = p.pad_top - q.pad_top, p.pad_left - q.pad_left
+    o[:, :, r0:r0 + q.ho, c0:c0 + q.wo] = live if nchw else live.transpose(0, 3, 1, 2)
