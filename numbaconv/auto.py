@@ -29,6 +29,15 @@ no taps to reuse inputs across: it is a plain GEMM, and when no im2col fill is n
 contiguous gather (NHWC), BLAS's packed GEMM beats ``tiled``'s per-block overhead.
 ``naive`` is never chosen: it is the correctness baseline.
 
+Winograd (measured after the table, same machine): every stride-1 3x3 layer of the suite
+runs 1.7-2.6x faster in ``winograd`` than in ``tiled`` (res5's 7x7 outputs: 1.1-1.4x, in
+F(2x2)), and so does any such layer with at least 16 input channels per group and enough
+output tiles (:func:`numbaconv.cpu.winograd.profitable`); with fewer channels (RGB
+inputs, 8-channel layers) the GEMMs are too short to repay the transforms (0.65-1.0x),
+with a handful of tiles they only stream the transformed weights.  ``auto`` picks it there unless turned off: ``numbaconv.auto.winograd =
+False`` or ``NUMBACONV_WINOGRAD=0`` in the environment, for users who want the direct
+kernels' rounding (Winograd's float32 error is a few times larger, within SPEC's bound).
+
 Opt-in measured choice (like ``torch.backends.cudnn.benchmark``): with
 ``numbaconv.auto.benchmark = True`` (or ``NUMBACONV_AUTOTUNE=1`` in the environment) the
 first ``auto`` call for each problem geometry times every candidate on the call's own
@@ -40,12 +49,14 @@ arrays -- a warm-up run (compilation, first touch) and then the best of
 import os
 import time
 
-from .registry import usable
+from .registry import REGISTRY, usable
 
-__all__ = ["choose", "benchmark", "measured", "forget_measurements", "BENCHMARK_REPEATS"]
+__all__ = ["choose", "benchmark", "winograd", "measured", "forget_measurements", "BENCHMARK_REPEATS"]
 
 #: time the candidates on the first call per problem geometry instead of the heuristic
 benchmark = os.environ.get("NUMBACONV_AUTOTUNE", "") not in ("", "0")
+#: let ``auto`` run stride-1 3x3 layers with Winograd (``NUMBACONV_WINOGRAD=0``: never)
+winograd = os.environ.get("NUMBACONV_WINOGRAD", "1") not in ("0", "false", "False", "no", "off")
 #: timed runs per candidate (after one untimed warm-up run)
 BENCHMARK_REPEATS = 3
 #: ConvProblem -> algorithm name, filled when ``benchmark`` is on
@@ -61,6 +72,8 @@ def candidates(p):
     """Host algorithms worth timing for ``p``: ``naive`` only for small problems (it is
     10-100x slower on real layers, and measuring it would cost more than it can save)."""
     names = [name for name in ("im2col", "tiled") if usable(name)]
+    if winograd and usable("winograd") and _winograd_applies(p):
+        names.append("winograd")
     if p.flops < 2e7 or not names:
         names.append("naive")
     return names
@@ -94,6 +107,8 @@ def choose(p):
     pointwise = p.r == p.s == 1 and not p.has_padding and p.dil_h == p.dil_w == 1
     if pointwise and not p.is_depthwise and (p.stride_h == p.stride_w == 1 or p.layout == "NHWC"):
         return "im2col"
+    if winograd and usable("winograd") and REGISTRY["winograd"].impl.profitable(p):
+        return "winograd"
     if usable("tiled"):
         return "tiled"
     # without tiled: im2col once each output pixel reduces over enough inputs to amortise
@@ -101,3 +116,8 @@ def choose(p):
     if p.cg * p.r * p.s >= 16 and p.kg >= 8:
         return "im2col"
     return "naive"
+
+
+def _winograd_applies(p):
+    """Winograd's own geometry test (its module, loaded through the registry)."""
+    return REGISTRY["winograd"].impl.applies(p)

@@ -24,13 +24,13 @@ def prob(n, c, hw, k, rs, stride=1, pad=0, groups=1, layout="NCHW", dtype=np.flo
 SUITE = {
     "seed_notebook": ((3, 3, 1000, 3, 3, 1, 0, 1), "tiled", "tiled"),
     "resnet_conv1": ((1, 3, 224, 64, 7, 2, 3, 1), "tiled", "tiled"),
-    "resnet_res2_3x3": ((1, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
+    "resnet_res2_3x3": ((1, 64, 56, 64, 3, 1, 1, 1), "winograd", "winograd"),
     "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "im2col", "im2col"),
     "resnet_res3_1x1_s2": ((1, 256, 56, 128, 1, 2, 0, 1), "tiled", "im2col"),
-    "resnet_res4_3x3": ((1, 256, 14, 256, 3, 1, 1, 1), "tiled", "tiled"),
-    "resnet_res5_3x3": ((1, 512, 7, 512, 3, 1, 1, 1), "tiled", "tiled"),
-    "vgg_3x3": ((1, 64, 112, 128, 3, 1, 1, 1), "tiled", "tiled"),
-    "batch8_3x3": ((8, 64, 56, 64, 3, 1, 1, 1), "tiled", "tiled"),
+    "resnet_res4_3x3": ((1, 256, 14, 256, 3, 1, 1, 1), "winograd", "winograd"),
+    "resnet_res5_3x3": ((1, 512, 7, 512, 3, 1, 1, 1), "winograd", "winograd"),
+    "vgg_3x3": ((1, 64, 112, 128, 3, 1, 1, 1), "winograd", "winograd"),
+    "batch8_3x3": ((8, 64, 56, 64, 3, 1, 1, 1), "winograd", "winograd"),
     "mobilenet_dw_s1": ((1, 32, 112, 32, 3, 1, 1, 32), "tiled", "tiled"),
     "mobilenet_dw_s2": ((1, 64, 112, 64, 3, 2, 1, 64), "tiled", "tiled"),
     "mobilenet_dw_14": ((1, 512, 14, 512, 3, 1, 1, 512), "tiled", "tiled"),
@@ -51,7 +51,36 @@ def test_choice_is_always_available():
 
 
 def test_grouped_non_depthwise_goes_to_tiled():
-    assert auto.choose(prob(1, 64, 28, 64, 3, 1, 1, groups=4)) == "tiled"
+    assert auto.choose(prob(1, 64, 28, 64, 3, 1, 1, groups=8)) == "tiled"  # 8 channels per group
+    assert auto.choose(prob(1, 64, 28, 64, 5, 1, 2, groups=4)) == "tiled"  # 5x5: no Winograd
+
+
+def test_winograd_choices_and_switch(monkeypatch):
+    """Stride-1 3x3 layers with 16+ channels per group and enough tiles go to Winograd;
+    RGB inputs, strided or dilated layers and 4x4 outputs at batch 1 stay direct; the
+    switch (``auto.winograd``, ``NUMBACONV_WINOGRAD=0``) turns it off."""
+    assert auto.choose(prob(1, 64, 28, 64, 3, 1, 1, groups=4)) == "winograd"
+    assert auto.choose(prob(1, 3, 224, 64, 3, 1, 1)) == "tiled"
+    assert auto.choose(prob(1, 64, 56, 64, 3, 2, 1)) == "tiled"
+    assert auto.choose(prob(1, 512, 4, 512, 3, 1, 1)) == "tiled"
+    assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1, dtype=np.float64)) == "winograd"
+    monkeypatch.setattr(auto, "winograd", False)
+    assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "tiled"
+    assert "winograd" not in auto.candidates(prob(1, 64, 56, 64, 3, 1, 1))
+
+
+def test_winograd_environment_switch():
+    import subprocess
+    import sys
+    code = ("from numbaconv import auto; from numbaconv.problem import ConvProblem; import numpy as np\n"
+            "p = ConvProblem(n=1, c=64, h=56, w=56, k=64, r=3, s=3, stride_h=1, stride_w=1, pad_top=1, "
+            "pad_bottom=1, pad_left=1, pad_right=1, groups=1, layout='NCHW', weight_layout='OIHW', "
+            "dtype=np.dtype(np.float32))\n"
+            "print(auto.winograd, auto.choose(p))")
+    for value, expected in (("0", "False tiled"), ("1", "True winograd")):
+        env = dict(__import__("os").environ, NUMBACONV_WINOGRAD=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split()
 
 
 def test_padded_or_dilated_1x1_is_not_treated_as_a_plain_gemm():
@@ -97,7 +126,7 @@ def test_measured_choice_is_opt_in_cached_and_correct(monkeypatch):
     got = numbaconv.conv2d(x, w, b, padding=1)
     assert_close(got, torch_conv2d(x, w, b, padding=1), np.float64, 45)
     (p, choice), = auto.measured.items()
-    assert choice in auto.candidates(p) and set(auto.candidates(p)) == {"naive", "im2col", "tiled"}
+    assert choice in auto.candidates(p) and set(auto.candidates(p)) == {"naive", "im2col", "tiled", "winograd"}
     assert len(runs) == len(auto.candidates(p)) * (1 + auto.BENCHMARK_REPEATS) + 1 and runs[-1] == choice
     runs.clear()
     assert_close(numbaconv.conv2d(x, w, b, padding=1), torch_conv2d(x, w, b, padding=1), np.float64, 45)
