@@ -67,7 +67,7 @@ TRACK_BUDGET_S = 0.3
 #: A fixed list, not ``numbaconv.algorithms()`` of the installed commit: asv needs the same
 #: parameters at every commit (an algorithm a commit lacks is skipped there, shown as n/a).
 #: ``tests/test_asv_benchmarks.py`` fails when a registered algorithm is missing here.
-ALGORITHMS = ["naive", "im2col", "tiled", "auto"] + (["cuda"] if bench._real_gpu() else [])
+ALGORITHMS = ["naive", "im2col", "tiled", "winograd", "auto"] + (["cuda"] if bench._real_gpu() else [])
 LAYOUTS = list(bench.LAYOUTS)
 SHAPES = list(bench.SUITE)
 PARAMS = (ALGORITHMS, LAYOUTS, SHAPES)

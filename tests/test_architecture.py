@@ -29,7 +29,7 @@ ALLOWED = {
     "numbaconv.cpu._jit": set(),
     "numbaconv.cpu._vec": set(),
     "numbaconv.cpu": {"numbaconv.cpu", "numbaconv.problem", "numbaconv.layout"},
-    "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.problem",
+    "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.auto", "numbaconv.problem",
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cache", "numbaconv.cuda.conv", "numbaconv.cpu.peak",

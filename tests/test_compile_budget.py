@@ -19,11 +19,13 @@ import pytest
 #: (family, (N, C, H, K, R, stride, padding, groups)): first layers of each family first
 LAYERS = [
     ("dense", (2, 96, 17, 40, 3, 2, 1, 1)),         # K not a multiple of V: packed weights in both layouts
-    ("dense", (1, 64, 20, 64, 3, 1, 1, 1)),         # stride 1; NHWC: HWIO weights read in place
-    ("dense", (1, 128, 14, 128, 3, 1, 1, 1)),       # other channels, size, pixel block
-    ("dense", (1, 48, 13, 80, 5, 1, 2, 1)),         # 5x5
-    ("dense", (1, 64, 12, 64, 3, 1, 1, 4)),         # grouped
+    ("dense", (1, 48, 13, 80, 5, 1, 2, 1)),         # 5x5, stride 1; NHWC: HWIO weights read in place
     ("dense", (1, 3, 40, 64, 7, 2, 3, 1)),          # 7x7 stem
+    ("dense", (1, 3, 20, 64, 3, 1, 1, 1)),          # 3x3 on RGB: too few channels for Winograd
+    ("winograd", (1, 64, 20, 64, 3, 1, 1, 1)),      # stride-1 3x3: F(4x4)
+    ("winograd", (1, 128, 14, 128, 3, 1, 1, 1)),    # other channels and size
+    ("winograd", (1, 512, 7, 512, 3, 1, 1, 1)),     # F(2x2)
+    ("winograd", (1, 64, 12, 64, 3, 1, 1, 4)),      # grouped
     ("pointwise", (1, 64, 16, 256, 1, 1, 0, 1)),
     ("pointwise", (1, 256, 9, 96, 1, 1, 0, 1)),
     ("depthwise", (1, 32, 30, 32, 3, 1, 1, 32)),
@@ -31,8 +33,9 @@ LAYERS = [
     ("depthwise", (1, 96, 14, 96, 3, 1, 1, 96)),
 ]
 #: functions the first layer of a family may compile (tiled's driver, its micro-kernels,
-#: padding and packing helpers, Numba's own small overloads); measured, with some room
-FIRST = {"dense": 20, "pointwise": 8, "depthwise": 12}
+#: padding and packing helpers, Numba's own small overloads; Winograd's driver and its
+#: NCHW transposes on top of tiled's padding); measured, with some room
+FIRST = {"dense": 20, "winograd": 10, "pointwise": 8, "depthwise": 12}
 
 CODE = textwrap.dedent("""
     import json, sys

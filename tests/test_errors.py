@@ -55,7 +55,7 @@ VALUE_ERRORS = [
     ("circular_too_large", dict(padding=(0, 7), padding_mode="circular"), r"padding=\(0, 7\) with padding_mode='circular'"),
     ("layout", dict(layout="CHWN"), r"layout must be one of \('NCHW', 'NHWC'\), got 'CHWN'"),
     ("weight_layout", dict(weight_layout="IOHW"), r"weight_layout must be one of .*got 'IOHW'"),
-    ("algorithm", dict(algorithm="winograd"), r"algorithm must be 'auto' or one of .*got 'winograd'"),
+    ("algorithm", dict(algorithm="fft"), r"algorithm must be 'auto' or one of .*got 'fft'"),
     ("bias_shape", dict(bias=np.zeros(3, np.float32)), r"bias must have shape \(2,\).*got \(3,\)"),
     ("bias_2d", dict(bias=np.zeros((2, 1), np.float32)), r"bias must have shape \(2,\).*got \(2, 1\)"),
     ("out_shape", dict(out=np.zeros((1, 2, 5, 4), np.float32)), r"out has shape \(1, 2, 5, 4\) but the result has shape \(1, 2, 4, 4\)"),

@@ -6,7 +6,8 @@
 * ``stream``    -- few-channel layers' (the seed notebook's) grad-weight and grad-bias;
 * ``transpose`` -- ``conv_transpose2d``, the adjoint of ``conv2d`` (its grad-input).
 
-May import: the core (``api`` for forward convolutions of the gradient, ``problem``,
-``layout``, ``padding``, ``registry``), ``numbaconv.cpu`` kernels and settings, and
+May import: the core (``api`` for forward convolutions of the gradient, ``auto`` for the
+algorithm they will run, ``problem``, ``layout``, ``padding``, ``registry``),
+``numbaconv.cpu`` kernels and settings, and
 ``numbaconv.cuda.backward`` lazily (only for device arrays).  Never ``bench`` or ``torch``.
 """

@@ -34,11 +34,13 @@ shape and dtype; errors follow the contract's style (``TypeError`` for types and
 import dataclasses
 import numbers
 import threading
+from dataclasses import replace
 
 import numba
 import numpy as np
 from numba import prange
 
+from .. import auto
 from ..api import convolve
 from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
@@ -581,6 +583,10 @@ def _dx_as_convolution(p):
     # own direct kernels.
     if p.cg == 1 and p.groups > 1:
         return False
+    if _dx_conv_possible(p) and auto.choose(_dx_geometry(p)) == "winograd":
+        # the forward's Winograd path beats the GEMM + fold at every size it is chosen for
+        # (res5's 7x7 and res4's 14x14 included; scripts/bench_backward.py)
+        return True
     if p.cg <= 4 and p.kg <= 16:  # few channels: the forward's streaming kernel (seed: 70 -> 16 ms)
         return _dx_conv_possible(p)
     if p.ho * p.wo < 1024 or p.kg < 32:
@@ -588,13 +594,25 @@ def _dx_as_convolution(p):
     return _dx_conv_possible(p)
 
 
+def _dx_padding(p):
+    reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
+    return (reach_h - p.pad_top, reach_h - p.pad_bottom), (reach_w - p.pad_left, reach_w - p.pad_right)
+
+
+def _dx_geometry(p):
+    """The problem :func:`_dx_by_convolution` runs (``dY`` convolved with the flipped,
+    channel-transposed weights), without building any array."""
+    (pt, pb), (pl, pr) = _dx_padding(p)
+    return replace(p, n=p.n, c=p.k, h=p.ho, w=p.wo, k=p.c, pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
+                   weight_layout="OIHW", padding_mode="zeros")
+
+
 def _dx_by_convolution(p, w_k, dy):
     w_oihw = w_k if p.layout == "NCHW" else to_layout(w_k, "HWIO", "OIHW")
     # w_t[g*Cg + c, k, r, s] = W[g*Kg + k, c, R-1-r, S-1-s]: OIHW weights (C, K/groups, R, S)
     w_t = w_oihw.reshape(p.groups, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
     w_t = np.ascontiguousarray(w_t).reshape(p.c, p.kg, p.r, p.s)
-    reach_h, reach_w = p.dil_h * (p.r - 1), p.dil_w * (p.s - 1)
-    padding = ((reach_h - p.pad_top, reach_h - p.pad_bottom), (reach_w - p.pad_left, reach_w - p.pad_right))
+    padding = _dx_padding(p)
     q = ConvProblem.from_args_cached(dy, w_t, padding=padding, dilation=(p.dil_h, p.dil_w), groups=p.groups,
                                      layout=p.layout, weight_layout="OIHW")
     # torch's grad-input has no products with the padding (it stands for outputs that do not exist)
