@@ -202,3 +202,42 @@ def test_error_next_to_tiled():
     print("max |y - y_exact| / conv(|x|, |w|):", ratios)
     assert ratios["winograd"] <= BOUND[np.float32]
     assert ratios["winograd"] < 50 * ratios["tiled"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [(2, 32, 10, 9, 48, 1, 1), (1, 64, 12, 12, 32, 2, ((2, 0), (1, 2))), (1, 32, 9, 9, 40, 1, 0)])
+def test_grad_input_runs_winograd_on_the_layer_weights(case, layout, monkeypatch):
+    """The backward's grad-input of a stride-1 3x3 layer is Winograd's forward convolution
+    with the flipped, channel-transposed kernels, transformed straight from the layer's
+    weights (``flip=True``: no flipped copy); equal to torch's grad-input."""
+    from reference import torch_grads
+    n, c, h, w, k, groups, padding = case
+    rng = np.random.default_rng(h * w + c)
+    x, wt, b = make_problem(rng, n, c, h, w, k, 3, 3, groups=groups, dtype=np.float32)
+    gy = rng.standard_normal(torch_conv2d(x, wt, b, padding=padding, groups=groups).shape).astype(np.float32)
+    flips = []
+    real = winograd.run
+    monkeypatch.setattr(winograd, "run", lambda *a, **kw: flips.append(kw.get("flip")) or real(*a, **kw))
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    dx = numbaconv.conv2d_backward_input(to_act(gy, layout), to_act(x, layout).shape, to_weight(wt, wl),
+                                         padding=padding, groups=groups, layout=layout, weight_layout=wl)
+    expected = torch_grads(x, wt, b, gy, padding=padding, groups=groups)[0]
+    assert flips == [True]
+    assert_close(dx, to_act(expected, layout), np.float32, (k // groups) * 9)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grad_input_with_a_non_finite_gradient_falls_back_with_flipped_weights(layout):
+    from reference import torch_grads
+    rng = np.random.default_rng(21)
+    x, wt, b = make_problem(rng, 1, 32, 10, 10, 32, 3, 3)
+    gy = rng.standard_normal((1, 32, 10, 10)).astype(np.float32)
+    gy[0, 5, 4, 4] = np.inf
+    wl = "OIHW" if layout == "NCHW" else "HWIO"
+    dx = numbaconv.conv2d_backward_input(to_act(gy, layout), to_act(x, layout).shape, to_weight(wt, wl), padding=1,
+                                         layout=layout, weight_layout=wl)
+    expected = to_act(torch_grads(x, wt, b, gy, padding=1)[0], layout)
+    np.testing.assert_array_equal(np.isfinite(dx), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    assert finite.mean() > 0.8
+    assert_close(dx[finite], expected[finite], np.float32, 32 * 9)

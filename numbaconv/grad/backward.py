@@ -42,6 +42,7 @@ from numba import prange
 
 from .. import auto
 from ..api import convolve
+from ..cpu import winograd
 from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from ..layout import to_layout
@@ -603,18 +604,24 @@ def _dx_geometry(p):
     """The problem :func:`_dx_by_convolution` runs (``dY`` convolved with the flipped,
     channel-transposed weights), without building any array."""
     (pt, pb), (pl, pr) = _dx_padding(p)
-    return replace(p, n=p.n, c=p.k, h=p.ho, w=p.wo, k=p.c, pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                   weight_layout="OIHW", padding_mode="zeros")
+    return replace(p, c=p.k, h=p.ho, w=p.wo, k=p.c, pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
+                   weight_layout=_kernel_weight_layout(p.layout), padding_mode="zeros")
 
 
 def _dx_by_convolution(p, w_k, dy):
-    w_oihw = w_k if p.layout == "NCHW" else to_layout(w_k, "HWIO", "OIHW")
-    # w_t[g*Cg + c, k, r, s] = W[g*Kg + k, c, R-1-r, S-1-s]: OIHW weights (C, K/groups, R, S)
-    w_t = w_oihw.reshape(p.groups, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-    w_t = np.ascontiguousarray(w_t).reshape(p.c, p.kg, p.r, p.s)
-    padding = _dx_padding(p)
-    q = ConvProblem.from_args_cached(dy, w_t, padding=padding, dilation=(p.dil_h, p.dil_w), groups=p.groups,
-                                     layout=p.layout, weight_layout="OIHW")
+    """Grad-input as the forward convolution of ``dY`` with the flipped, channel-transposed
+    weights ``W_t[g*Cg + c, k, r, s] = W[g*Kg + k, c, R-1-r, S-1-s]``.  Winograd transforms
+    them straight from ``W``; other algorithms get them built in one copy, in the weight
+    layout the forward kernels take for ``p.layout``, so the front door converts nothing."""
+    wl = _kernel_weight_layout(p.layout)
+    q = _dx_geometry(p)
+    if auto.choose(q) == "winograd":
+        out = np.empty(q.out_shape, dtype=p.dtype)
+        winograd.run(q, np.ascontiguousarray(dy), w_k, None, out, flip=True)
+        return out
+    w_t = winograd.flipped_weights(w_k, wl, p.groups)
+    q = ConvProblem.from_args_cached(dy, w_t, padding=_dx_padding(p), dilation=(p.dil_h, p.dil_w), groups=p.groups,
+                                     layout=p.layout, weight_layout=wl)
     # torch's grad-input has no products with the padding (it stands for outputs that do not exist)
     return convolve(q, dy, w_t, None, with_padding_products=False)
 
