@@ -7,7 +7,9 @@
   ``__pycache__``) so a new process loads them instead of compiling again.
 """
 
+import concurrent.futures
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -24,6 +26,30 @@ FASTMATH = {"contract", "reassoc", "arcp"}
 jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 #: parallel kernel: owns a ``prange`` over independent work
 pjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def parallel_for(kernel, jobs, *args):
+    """``kernel(lo, hi, *args)`` (a ``@jit`` function: ``nogil``) over ``[0, jobs)`` split into
+    ``numba.get_num_threads()`` contiguous parts, on a persistent pool of Python threads.
+
+    The alternative to a ``prange`` driver where compile time matters more than the few tens
+    of microseconds a call costs more: a ``prange`` loop costs 1-4 s of compile on a fresh
+    install (Numba's parfor passes), a plain loop a fraction of that."""
+    global _pool
+    parts = max(1, min(numba.get_num_threads(), jobs))
+    if parts == 1:
+        return kernel(0, jobs, *args)
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS,
+                                                          thread_name_prefix="numbaconv")
+    futures = [_pool.submit(kernel, jobs * i // parts, jobs * (i + 1) // parts, *args) for i in range(1, parts)]
+    kernel(0, jobs // parts, *args)  # the caller's thread takes the first part
+    for f in futures:
+        f.result()
 
 @jit(inline="always")
 def valid_range(offset, stride, size, out_size):

@@ -9,7 +9,8 @@ F(4x4, 3x3), 2.25x for F(2x2, 3x3) -- summed over input channels as ``(m+2)^2`` 
 GEMMs ``M[xi] = V[xi] (tiles x C) . U[xi] (C x K)``.
 
 Blocking (one pass over memory): the work is split into tasks of ``T`` tiles x a run of
-output-channel blocks (``prange`` over batch x tile blocks x groups x channel runs).  A task
+output-channel blocks (batch x tile blocks x groups x channel runs, split over the threads by
+:func:`numbaconv.cpu._jit.parallel_for`).  A task
 transforms its tiles' inputs one channel block at a time into ``V`` (``alpha^2 x T x cb``,
 in L2), multiplies them on ``tiled``'s register-blocked micro-kernel
 (:func:`numbaconv.cpu._vec.conv_block`: ``P`` tiles x ``V`` output channels, the
@@ -42,7 +43,7 @@ import numpy as np
 from numba import prange
 
 from . import tiled
-from ._jit import pjit
+from ._jit import jit, parallel_for, pjit
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
 
@@ -133,94 +134,117 @@ _OUT2 = tile_transform(_floats(matrices(2)[0]), _VB, True)
 _OUT4 = tile_transform(_floats(matrices(4)[0]), _VB, True)
 
 
-@pjit
-def _winograd(xf, uf, bias, of, bad, zeros, n_, hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_,
-              cb, kbr, v_, nchw):
-    """The convolution: prange over (image, block of ``tt_`` tiles, group, run of ``kbr``
-    output-channel blocks).  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``, flat;
-    ``uf``: packed transformed weights; ``of``: the output in its layout, flat.
-    ``bad[task]``: 0, or NaN where the task produced a non-finite value."""
+@jit
+def _in_tiles(m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, c0, cl):
+    """Input transform of the block's ``tt_`` tiles, channels ``[c0, c0 + cl)`` of the padded
+    NHWC input (``c0`` includes the group's offset), into ``vbuf[xi, t, c]``."""
+    a = m + 2
+    for t in range(tt_):
+        tile = min(tb * tt_ + t, ntiles - 1)  # past the last tile: a copy of it (results unused)
+        s0 = ((n * hp + (tile // tw) * m) * wp + (tile % tw) * m) * c_ + c0
+        if m == 4:
+            _IN4(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
+        else:
+            _IN2(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
+
+
+@jit
+def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, kw, v_, mode):
+    """``mbuf[xi, t, k] (=|+=) sum over c of vbuf[xi, t, c] * U[xi, c, k]`` for every ``xi``
+    and the task's channel blocks: ``P`` tiles x ``V`` channels per micro-kernel call."""
+    for xi in range(aa):
+        for kb in range(kb_lo, kb_hi):
+            wb = wb0 + (xi * kbg + kb) * cg * v_
+            for t0 in range(0, tt_, _P):
+                _GEMM(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
+                      (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
+
+
+@jit
+def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
+    """Output transform of one tile (bias added); 0, or NaN when a result is not finite."""
+    if m == 4:
+        return _OUT4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
+    return _OUT2(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
+
+
+@jit
+def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
+          cb, v_, nchw):
+    """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
+    ``[kb_lo, kb_hi)`` of group ``g``.  Returns 0, or NaN when a result is not finite."""
     a = m + 2
     aa = a * a
     ntiles = th * tw
-    ntb = (ntiles + tt_ - 1) // tt_
+    kw = (kb_hi - kb_lo) * v_
+    vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
+    mbuf = np.empty(aa * tt_ * kw, dtype=of.dtype)
+    obuf = np.empty(tt_ * m * m * kw, dtype=of.dtype)
+    tmp = np.empty(_P * v_, dtype=of.dtype)
+    # transformed inputs, one channel block at a time, multiplied into M
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        _in_tiles(m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl)
+        _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo, kb_hi, kbg, cg, kw,
+               v_, 1 if c0 == 0 else 2)
+    # output tiles (bias added in the transform)
+    nk = min(kw, kg - kb_lo * v_)
+    k0 = g * kg + kb_lo * v_
+    nt = min(tt_, ntiles - tb * tt_)
+    chk = of.dtype.type(0)
+    if nchw:
+        # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
+        # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
+        for t in range(nt):
+            chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
+        t = 0
+        while t < nt:
+            tile = tb * tt_ + t
+            y0 = (tile // tw) * m
+            x0 = (tile % tw) * m
+            run = min(nt - t, tw - tile % tw)
+            npix = min(run * m, wo_ - x0)
+            for i in range(min(m, ho_ - y0)):
+                tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw,
+                                      ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0, ho_ * wo_, npix, nk)
+            t += run
+        return chk
+    for t in range(nt):
+        tile = tb * tt_ + t
+        y0 = (tile // tw) * m
+        x0 = (tile % tw) * m
+        if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
+            chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw, ((n * ho_ + y0) * wo_ + x0) * k_ + k0,
+                             wo_ * k_, k_, nk, k0)
+            continue
+        chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk, k0)
+        for i in range(min(m, ho_ - y0)):
+            for j in range(min(m, wo_ - x0)):
+                o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
+                src = (i * m + j) * kw
+                for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
+                    of[o + k] = obuf[src + k]
+    return chk
+
+
+@pjit
+def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw):
+    """The convolution: prange over tasks = (image, block of ``T`` tiles, group, run of
+    ``kbr`` output-channel blocks), each a :func:`_task`.  ``xf``: zero-padded NHWC input
+    ``(N, hp, wp, C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its
+    layout, flat; ``bad[task]``: 0, or NaN where the task produced a non-finite value.
+    ``geo``: the geometry's integers ``hp, wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th,
+    tw, T, cb, kbr, V, N``."""
+    hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
+    ntb = (th * tw + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
     per_n = ntb * groups * nkr
     for task in prange(n_ * per_n):
-        n = task // per_n
-        rest = task % per_n
-        tb = rest // (groups * nkr)
-        g = (rest // nkr) % groups
+        t = np.int64(task)  # the parfor's index is unsigned: keep _task's signature int64
+        rest = t % per_n
         kb_lo = (rest % nkr) * kbr
-        kb_hi = min(kbg, kb_lo + kbr)
-        kw = (kb_hi - kb_lo) * v_
-        vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
-        mbuf = np.empty(aa * tt_ * kw, dtype=of.dtype)
-        obuf = np.empty(tt_ * m * m * kw, dtype=of.dtype)
-        tmp = np.empty(_P * v_, dtype=of.dtype)
-        # transformed inputs, one channel block at a time, multiplied into M
-        for c0 in range(0, cg, cb):
-            cl = min(cb, cg - c0)
-            for t in range(tt_):
-                tile = min(tb * tt_ + t, ntiles - 1)  # past the last tile: a copy of it (results unused)
-                s0 = ((n * hp + (tile // tw) * m) * wp + (tile % tw) * m) * c_ + g * cg + c0
-                if m == 4:
-                    _IN4(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
-                else:
-                    _IN2(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
-            mode = 1 if c0 == 0 else 2
-            for xi in range(aa):
-                for kb in range(kb_lo, kb_hi):
-                    wb = (((g * aa + xi) * kbg + kb) * cg + c0) * v_
-                    for t0 in range(0, tt_, _P):
-                        _GEMM(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
-                              (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
-        # output tiles (bias added in the transform)
-        nk = min(kw, kg - kb_lo * v_)
-        k0 = g * kg + kb_lo * v_
-        nt = min(tt_, ntiles - tb * tt_)
-        chk = of.dtype.type(0)
-        if nchw:
-            # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
-            # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
-            for t in range(nt):
-                if m == 4:
-                    chk += _OUT4(mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
-                else:
-                    chk += _OUT2(mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
-            t = 0
-            while t < nt:
-                tile = tb * tt_ + t
-                y0 = (tile // tw) * m
-                x0 = (tile % tw) * m
-                run = min(nt - t, tw - tile % tw)
-                npix = min(run * m, wo_ - x0)
-                for i in range(min(m, ho_ - y0)):
-                    tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw,
-                                          ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0, ho_ * wo_, npix, nk)
-                t += run
-        else:
-            for t in range(nt):
-                tile = tb * tt_ + t
-                y0 = (tile // tw) * m
-                x0 = (tile % tw) * m
-                whole = y0 + m <= ho_ and x0 + m <= wo_
-                # whole tiles straight into the output, edge tiles through obuf
-                dst = ((n * ho_ + y0) * wo_ + x0) * k_ + k0 if whole else 0
-                dst_i = wo_ * k_ if whole else m * kw
-                dst_j = k_ if whole else kw
-                target = of if whole else obuf
-                if m == 4:
-                    chk += _OUT4(mbuf, target, bias, t * kw, a * tt_ * kw, tt_ * kw, dst, dst_i, dst_j, nk, k0)
-                else:
-                    chk += _OUT2(mbuf, target, bias, t * kw, a * tt_ * kw, tt_ * kw, dst, dst_i, dst_j, nk, k0)
-                if not whole:
-                    for i in range(min(m, ho_ - y0)):
-                        for j in range(min(m, wo_ - x0)):
-                            o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
-                            src = (i * m + j) * kw
-                            of[o:o + nk] = obuf[src:src + nk]
-        bad[task] = chk
+        bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
+                       min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -229,42 +253,51 @@ _CACHE = WeightCache(min_bytes=0)
 _cache_stats = _CACHE.stats
 
 
-@pjit
-def _transform_weights(w, uf, gm, hwio, flip, groups, kg, cg, kbg, v_):
-    """``uf`` (packed ``(G, alpha^2, K/G/V, C/G, V)``) = ``G g G^T`` of every 3x3 kernel ``g``
-    of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``: prange over
-    (group, output-channel block), vectors along the block's output channels.  ``flip``:
-    the kernels of the grad-input convolution instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]``
-    (channels swapped, taps reversed; ``kg``, ``cg`` are that convolution's)."""
+@jit
+def _transform_blocks(job_lo, job_hi, w, uf, gm, hwio, flip, kg, cg, kbg, v_):
+    """Jobs ``[job_lo, job_hi)`` of :func:`_transform_weights` (job: group x output-channel block)."""
+    for job in range(job_lo, job_hi):
+        _transform_block(w, uf, gm, hwio, flip, job // kbg, job % kbg, kg, cg, kbg, v_)
+
+
+@jit
+def _transform_block(w, uf, gm, hwio, flip, g, kb, kg, cg, kbg, v_):
+    """Output-channel block ``kb`` of group ``g`` (see :func:`_transform_weights`)."""
     a = gm.shape[0]
     xs = kbg * cg * v_  # distance between the alpha^2 positions
-    for job in prange(groups * kbg):
-        g = job // kbg
-        kb = job % kbg
-        nk = min(v_, kg - kb * v_)
-        gw = np.empty((3, 3, v_), dtype=np.float64)
-        t = np.empty((a, 3, v_), dtype=np.float64)
-        for c in range(cg):
-            for r in range(3):
-                for s in range(3):
-                    for v in range(nk):
-                        o = kb * v_ + v
-                        if flip:
-                            gw[r, s, v] = w[2 - r, 2 - s, o, g * cg + c] if hwio else w[g * cg + c, o, 2 - r, 2 - s]
-                        else:
-                            gw[r, s, v] = w[r, s, c, g * kg + o] if hwio else w[g * kg + o, c, r, s]
-            for i in range(a):
-                for s in range(3):
-                    for v in range(nk):
-                        t[i, s, v] = gm[i, 0] * gw[0, s, v] + gm[i, 1] * gw[1, s, v] + gm[i, 2] * gw[2, s, v]
-            base = ((g * a * a * kbg + kb) * cg + c) * v_
-            for i in range(a):
-                for j in range(a):
-                    o = base + (i * a + j) * xs
-                    for v in range(nk):
-                        uf[o + v] = gm[j, 0] * t[i, 0, v] + gm[j, 1] * t[i, 1, v] + gm[j, 2] * t[i, 2, v]
-                    for v in range(nk, v_):
-                        uf[o + v] = 0
+    nk = min(v_, kg - kb * v_)
+    gw = np.empty((3, 3, v_), dtype=np.float64)
+    t = np.empty((a, 3, v_), dtype=np.float64)
+    for c in range(cg):
+        for r in range(3):
+            for s in range(3):
+                for v in range(nk):
+                    o = kb * v_ + v
+                    if flip:
+                        gw[r, s, v] = w[2 - r, 2 - s, o, g * cg + c] if hwio else w[g * cg + c, o, 2 - r, 2 - s]
+                    else:
+                        gw[r, s, v] = w[r, s, c, g * kg + o] if hwio else w[g * kg + o, c, r, s]
+        for i in range(a):
+            for s in range(3):
+                for v in range(nk):
+                    t[i, s, v] = gm[i, 0] * gw[0, s, v] + gm[i, 1] * gw[1, s, v] + gm[i, 2] * gw[2, s, v]
+        base = ((g * a * a * kbg + kb) * cg + c) * v_
+        for i in range(a):
+            for j in range(a):
+                o = base + (i * a + j) * xs
+                for v in range(nk):
+                    uf[o + v] = gm[j, 0] * t[i, 0, v] + gm[j, 1] * t[i, 1, v] + gm[j, 2] * t[i, 2, v]
+                for v in range(nk, v_):
+                    uf[o + v] = 0
+
+
+def _transform_weights(w, uf, gm, hwio, flip, groups, kg, cg, kbg, v_):
+    """``uf`` (packed ``(G, alpha^2, K/G/V, C/G, V)``) = ``G g G^T`` of every 3x3 kernel ``g``
+    of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``: the (group,
+    output-channel block) jobs in parallel (:func:`numbaconv.cpu._jit.parallel_for`).  ``flip``: the kernels of the grad-input convolution
+    instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]`` (channels swapped, taps reversed;
+    ``kg``, ``cg`` are that convolution's)."""
+    parallel_for(_transform_blocks, groups * kbg, w, uf, gm, hwio, flip, kg, cg, kbg, v_)
 
 
 def transformed_weights(w, wlayout, groups, m, v_, flip=False):
@@ -382,8 +415,9 @@ def run(p, x, w, bias, out, m=None, flip=False):
     zeros = np.zeros(b["V"], dtype=p.dtype)
     ntasks = p.n * -(-(b["th"] * b["tw"]) // b["T"]) * p.groups * -(-b["kbg"] // b["kbr"])
     bad = np.zeros(ntasks, dtype=p.dtype)
-    _winograd(xp.reshape(-1), uf, bp, out.reshape(-1), bad, zeros, p.n, b["hp"], b["wp"], p.c, p.ho, p.wo, p.k,
-              p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"], b["T"], b["cb"], b["kbr"], b["V"], nchw)
+    geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
+                    b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
+    _winograd(xp.reshape(-1), uf, bp, out.reshape(-1), bad, zeros, geo, nchw)
     if not np.isfinite(bad).all():
         # a non-finite input or weight (or an overflow): the transforms smear it over whole
         # tiles, so the direct kernel computes the layer with torch's propagation instead
