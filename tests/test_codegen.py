@@ -1,7 +1,7 @@
 """Codegen on every x86-64 family, from any x86-64 machine.
 
 Each case compiles numbaconv's register-blocked kernels (tiled's micro-kernels, dot's
-block, the NHWC depthwise block) for a named CPU in a subprocess
+block, the NHWC depthwise block, Winograd's GEMM block and tile transforms) for a named CPU in a subprocess
 (``NUMBA_CPU_NAME`` with ``NUMBA_CPU_FEATURES=""``: LLVM's own feature set and tuning for
 that CPU, as a user on it would get) and reads the hot loop of the machine code: packed
 FMAs on the register class the plan assumes, exactly one plan step (``2P`` FMAs per
@@ -64,6 +64,16 @@ def _check_plan(report, vector_bytes):
         # 3 input rows x 6 columns + 9 weight rows of addresses: on AVX2 one integer reload
         # per 36 FMAs (of ~94 instructions) is the price; no vector register may spill
         assert stats["stack"] == 0 and stats["gpr_stack"] <= 2, f"{name}: stack traffic in the hot loop: {stats}"
+    assert report["winograd"], "no winograd stage was reported"
+    for name, stats in report["winograd"].items():
+        others = {r: n for r, n in stats["packed"].items() if r != reg and n}
+        assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
+        if "/gemm/" in name:  # tiled's register block over the transformed tiles
+            p_ = int(name.split("/P")[1])
+            assert stats["packed"][reg] == 2 * p_, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg} per step)"
+            assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
+        else:  # the tile transforms: channel vectors of the full width (1/2, 2, 4, 8 ... as FMAs)
+            assert stats["packed"][reg] > 0, f"{name}: {stats}"
     assert report["dot"], "no dot block was reported"
     for name, stats in report["dot"].items():  # KB x PB accumulators along the reduction
         kb, pb = int(name.split("/KB")[1].split("/")[0]), int(name.split("/PB")[1])

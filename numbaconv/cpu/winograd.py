@@ -47,8 +47,8 @@ from ._jit import jit, parallel_for, pjit
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
 
-__all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "flipped_weights", "clear_cache", "tile_size", "POINTS",
-           "WEIGHT_LAYOUTS", "reference"]
+__all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "flipped_weights",
+           "microkernel_asm", "clear_cache", "tile_size", "POINTS", "WEIGHT_LAYOUTS", "reference"]
 
 #: interpolation points (infinity implied) per output tile size ``m``
 POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
@@ -378,19 +378,26 @@ def plan(p, m=None):
     th, tw = -(-p.ho // m), -(-p.wo // m)
     kbg = -(-p.kg // v_)
     tt_ = min(2 * _P, -(-(th * tw) // _P) * _P)  # no more tile slots than tiles
-    # input channels per block: the block's transformed tiles (alpha^2 x T x cb) within ~256 KiB
-    cb = max(16, (256 << 10) // (a * a * tt_ * item))
+    # input channels per block: the block's transformed tiles (alpha^2 x T x cb) within ~512 KiB
+    # (half of Zen 4's L2; res5 ran 10 % faster with all 512 channels in one block than in two)
+    cb = max(16, (512 << 10) // (a * a * tt_ * item))
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)
-    # output channels per task: M (alpha^2 x T x kw) within ~256 KiB too
-    kbr = max(1, min(kbg, (256 << 10) // (a * a * tt_ * v_ * item)))
     threads = numba.get_num_threads()
-    ntb = -(-(th * tw) // tt_)
-    while kbr > 1 and p.n * ntb * p.groups * -(-kbg // kbr) < 2 * threads:
-        kbr = (kbr + 1) // 2
-    while tt_ > _P and p.n * -(-(th * tw) // tt_) * p.groups * -(-kbg // kbr) < 2 * threads:
+    while tt_ > _P and p.n * -(-(th * tw) // tt_) * p.groups * kbg < threads:
         tt_ -= _P
+    # output channels per task: M (alpha^2 x T x kw) within ~512 KiB, and the runs split so
+    # the threads finish together: the least rounds x (channel blocks per task + the input
+    # transform each run repeats, ~half a block's GEMMs), then the fewest runs.  (res4 ran
+    # 0.72 ms in 3 tasks of (3, 3, 2) blocks on 2 threads, 0.50 ms in 2 of 4; res2 0.53 ms
+    # in 26 tasks of 1 block, 0.46 ms in 13 of 2)
+    kbr_max = max(1, min(kbg, (512 << 10) // (a * a * tt_ * v_ * item)))
+    other = p.n * -(-(th * tw) // tt_) * p.groups
+
+    def span(nkr):
+        return -(-(other * nkr) // threads) * (-(-kbg // nkr) + 0.5)
+    kbr = -(-kbg // min(range(-(-kbg // kbr_max), kbg + 1), key=lambda nkr: (span(nkr), nkr)))
     return dict(m=m, V=v_, T=tt_, cb=cb, kbr=kbr, kbg=kbg, th=th, tw=tw, hp=th * m + 2, wp=tw * m + 2)
 
 
@@ -437,3 +444,19 @@ def _run_live(p, x, w, bias, out, m, flip):
     o[...] = 0 if bias is None else bias.reshape(1, -1, 1, 1)
     r0, c0 = p.pad_top - q.pad_top, p.pad_left - q.pad_left
     o[:, :, r0:r0 + q.ho, c0:c0 + q.wo] = live if nchw else live.transpose(0, 3, 1, 2)
+
+
+def microkernel_asm(dtype=np.float32, part="gemm"):
+    """Machine code of a Winograd stage on the compile target, for the codegen tests:
+    ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles), ``"input"``
+    (:func:`_in_tiles`) or ``"output"`` (:func:`_out_tile`).  Compiled afresh (no cache)."""
+    from ._jit import FASTMATH
+    fn = {"gemm": _gemms, "input": _in_tiles, "output": _out_tile}[part]
+    t = numba.from_dtype(np.dtype(dtype))
+    a, i = t[::1], numba.int64
+    sig = {"gemm": (a, a, a, a, a) + (i,) * 11,
+           "input": (i, a, a, a) + (i,) * 10,
+           "output": (i, a, a, a) + (i,) * 8}[part]
+    jitted = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(fn.py_func)
+    jitted.compile(sig)
+    return jitted.inspect_asm(sig)
