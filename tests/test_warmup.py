@@ -67,3 +67,24 @@ def test_cli_warmup(tmp_path):
     assert "0 functions compiled (the cache was warm: nothing to do)" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "numbaconv", "warmup"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "give --model or --layer" in proc.stderr
+
+
+def test_cache_entries_depend_on_every_kernel_source(tmp_path):
+    """Numba hashes only the file a kernel is defined in; numbaconv's entries also carry a
+    hash of every kernel source, so a change to a helper in another file (``_vec``'s
+    register blocks) cannot load machine code built from the old helper."""
+    import pathlib
+    import shutil
+
+    from numbaconv.cpu import _jit, tiled, winograd
+    for kernel in (winograd._winograd, tiled._pad_nhwc):
+        locator = kernel._cache._impl.locator
+        assert type(locator).__name__.startswith("Numbaconv")
+        assert locator.get_source_stamp()[1] == _jit.package_stamp()
+    root = pathlib.Path(_jit.__file__).resolve().parents[1]
+    copy = tmp_path / "numbaconv"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert _jit.package_stamp(copy) == _jit.package_stamp()
+    helper = copy / "cpu" / "_vec.py"
+    helper.write_text(helper.read_text() + "\n# a changed helper\n")
+    assert _jit.package_stamp(copy) != _jit.package_stamp()

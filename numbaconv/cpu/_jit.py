@@ -9,6 +9,9 @@
 
 import concurrent.futures
 import functools
+import hashlib
+import os
+import pathlib
 import threading
 
 import numba
@@ -21,6 +24,57 @@ from numba.core.extending import intrinsic
 from numba.np.linalg import ensure_blas
 
 FASTMATH = {"contract", "reassoc", "arcp"}
+
+
+# --- the on-disk cache's freshness ------------------------------------------------------------
+def package_stamp(root=None):
+    """SHA-256 of every kernel source file of numbaconv (``cpu/``, ``grad/``, ``padding.py``)."""
+    root = pathlib.Path(root or pathlib.Path(__file__).resolve().parents[1])
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("cpu/*.py"), *root.glob("grad/*.py"), root / "padding.py"]):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.digest()
+
+
+def _stamp_numba_cache():
+    """Make Numba's cache entries of numbaconv's kernels depend on all kernel sources.
+
+    Numba keys an entry on a hash of the one file the function is defined in, but a kernel
+    compiles in the helpers it calls from other files (``_vec``'s register blocks, ``_jit``,
+    ``tiled``'s copies inside ``winograd`` and ``grad``): changing only a helper would load
+    machine code built from the old one.  Every cache locator class gets a twin, tried
+    first and only for files of this package, whose source stamp also holds
+    :func:`package_stamp`.  (Numba's locator list is internal: without it, nothing changes.)"""
+    try:
+        from numba.core import caching
+        classes = caching.CacheImpl._locator_classes
+    except (ImportError, AttributeError):
+        return
+    if any(getattr(c, "_numbaconv", False) for c in classes):
+        return
+    root = str(pathlib.Path(__file__).resolve().parents[1]) + os.sep
+    stamp = package_stamp()
+
+    def twin(base):
+        class Locator(base):
+            _numbaconv = True
+
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                if not os.path.abspath(py_file).startswith(root):
+                    return None
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self):
+                return (super().get_source_stamp(), stamp)
+        Locator.__name__ = Locator.__qualname__ = f"Numbaconv{base.__name__}"
+        return Locator
+    classes[:0] = [twin(c) for c in list(classes)]
+
+
+_stamp_numba_cache()
 
 #: serial kernel: called per tile from inside parallel loops
 jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)

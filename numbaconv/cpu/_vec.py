@@ -409,6 +409,30 @@ def dw3x3_block(p_, sw, vector_bytes):
     return block
 
 
+def _masked_name(op, vty, ptr_type):
+    """``llvm.masked.<op>`` mangled for ``vty`` through ``ptr_type`` (typed or opaque pointers)."""
+    v = f"v{vty.count}f{64 if isinstance(vty.element, ir.DoubleType) else 32}"
+    return f"llvm.masked.{op}.{v}.p0" + ("" if getattr(ptr_type, "is_opaque", False) else v)
+
+
+def _masked_load(builder, ptr, mask, passthru, align):
+    """``llvm.masked.load``: the lanes of ``mask`` from ``ptr``, ``passthru`` elsewhere (the
+    other lanes are not read: no fault past an array's end)."""
+    vty = passthru.type
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(vty, [ptr.type, i32, mask.type, vty])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, _masked_name("load", vty, ptr.type))
+    return builder.call(fn, [ptr, i32(align), mask, passthru])
+
+
+def _masked_store(builder, value, ptr, mask, align):
+    """``llvm.masked.store``: the lanes of ``mask`` of ``value`` to ``ptr``."""
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [value.type, ptr.type, i32, mask.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, _masked_name("store", value.type, ptr.type))
+    builder.call(fn, [value, ptr, i32(align), mask])
+
+
 def _splat_constant(ty, value):
     """``value`` as a constant of ``ty`` (a float type or a vector of one)."""
     if isinstance(ty, ir.VectorType):
@@ -441,7 +465,7 @@ def tile_transform(mat, vector_bytes, with_bias):
         dst[d0 + i*di + j*dj + c] = (bias[kb + c] +) sum over a, b of
             L[i][a] * L[j][b] * src[s0 + a*sa + b*sb + c]            for c < n
 
-    in vectors of ``vector_bytes`` along ``c`` (then scalars for ``n % lanes``): per channel
+    in vectors of ``vector_bytes`` along ``c`` (the last ``n % lanes`` in one masked step): per channel
     vector the tile's ``a x a`` loads, the row pass, the column pass (zero coefficients
     skipped, +-1 as adds), ``i x j`` stores.  Returns ``0 * sum(Y)`` over everything stored:
     0 when every result is finite, NaN otherwise (the caller's cheap non-finite check)."""
@@ -493,9 +517,19 @@ def tile_transform(mat, vector_bytes, with_bias):
                 tile(builder.mul(step, i64(w_)),
                      lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
                      lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align), check)
-            with _loop(builder, builder.sub(n_, nvec)) as t:
-                tile(builder.add(nvec, t), lambda base, i: builder.load(builder.gep(base, [i])),
-                     lambda v, base, i: builder.store(v, builder.gep(base, [i])), scheck)
+            # the last n % lanes channels: one masked vector step (a scalar copy of the
+            # unrolled transform doubled its code, ~1.3 s of a first call's compile)
+            rem = builder.sub(n_, nvec)
+            with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
+                i32 = ir.IntType(32)
+                lanes_idx = ir.Constant(ir.VectorType(i64, w_), [i64(k) for k in range(w_)])
+                rem_v = builder.insert_element(ir.Constant(ir.VectorType(i64, w_), ir.Undefined), rem, i32(0))
+                rem_v = builder.shuffle_vector(rem_v, rem_v, ir.Constant(ir.VectorType(i32, w_), [i32(0)] * w_))
+                mask = builder.icmp_unsigned("<", lanes_idx, rem_v)
+                zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
+                tile(nvec, lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
+                     lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align),
+                     check)
             v = builder.load(check)
             total = builder.load(scheck)
             for lane in range(w_):
