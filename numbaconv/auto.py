@@ -34,9 +34,9 @@ runs 1.7-2.6x faster in ``winograd`` than in ``tiled`` (res5's 7x7 outputs: 1.1-
 F(2x2)), and so does any such layer with at least 16 input channels per group and enough
 output tiles (:func:`numbaconv.cpu.winograd.profitable`); with fewer channels (RGB
 inputs, 8-channel layers) the GEMMs are too short to repay the transforms (0.65-1.0x),
-with a handful of tiles they only stream the transformed weights.  ``auto`` picks it there unless turned off: ``numbaconv.auto.winograd =
-False`` or ``NUMBACONV_WINOGRAD=0`` in the environment, for users who want the direct
-kernels' rounding (Winograd's float32 error is a few times larger, within SPEC's bound).
+with a handful of tiles they only stream the transformed weights.  ``auto`` picks it
+there unless turned off: ``numbaconv.auto.winograd = False`` or ``NUMBACONV_WINOGRAD=0``
+in the environment, for users who want the direct kernels' rounding (Winograd's float32 error is a few times larger, within SPEC's bound).
 
 Opt-in measured choice (like ``torch.backends.cudnn.benchmark``): with
 ``numbaconv.auto.benchmark = True`` (or ``NUMBACONV_AUTOTUNE=1`` in the environment) the

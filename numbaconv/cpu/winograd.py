@@ -294,8 +294,8 @@ def _transform_block(w, uf, gm, hwio, flip, g, kb, kg, cg, kbg, v_):
 def _transform_weights(w, uf, gm, hwio, flip, groups, kg, cg, kbg, v_):
     """``uf`` (packed ``(G, alpha^2, K/G/V, C/G, V)``) = ``G g G^T`` of every 3x3 kernel ``g``
     of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``: the (group,
-    output-channel block) jobs in parallel (:func:`numbaconv.cpu._jit.parallel_for`).  ``flip``: the kernels of the grad-input convolution
-    instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]`` (channels swapped, taps reversed;
+    output-channel block) jobs in parallel (:func:`numbaconv.cpu._jit.parallel_for`).
+    ``flip``: the kernels of the grad-input convolution instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]`` (channels swapped, taps reversed;
     ``kg``, ``cg`` are that convolution's)."""
     parallel_for(_transform_blocks, groups * kbg, w, uf, gm, hwio, flip, kg, cg, kbg, v_)
 

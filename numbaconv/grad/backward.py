@@ -34,7 +34,6 @@ shape and dtype; errors follow the contract's style (``TypeError`` for types and
 import dataclasses
 import numbers
 import threading
-from dataclasses import replace
 
 import numba
 import numpy as np
@@ -604,8 +603,8 @@ def _dx_geometry(p):
     """The problem :func:`_dx_by_convolution` runs (``dY`` convolved with the flipped,
     channel-transposed weights), without building any array."""
     (pt, pb), (pl, pr) = _dx_padding(p)
-    return replace(p, c=p.k, h=p.ho, w=p.wo, k=p.c, pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                   weight_layout=_kernel_weight_layout(p.layout), padding_mode="zeros")
+    return dataclasses.replace(p, c=p.k, h=p.ho, w=p.wo, k=p.c, pad_top=pt, pad_bottom=pb, pad_left=pl,
+                               pad_right=pr, weight_layout=_kernel_weight_layout(p.layout), padding_mode="zeros")
 
 
 def _dx_by_convolution(p, w_k, dy):
