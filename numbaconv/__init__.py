@@ -1,12 +1,14 @@
 """numbaconv: fast 2-D convolution on NumPy arrays, compiled with Numba.
 
-Public API (see SPEC.md): :func:`conv2d`, :func:`algorithms`, :func:`im2col`,
+Public API (see SPEC.md): :func:`conv2d` (with a fused ``activation`` / ``residual``
+epilogue), :class:`Conv2dPlan` (a layer prepared once), :func:`algorithms`, :func:`im2col`,
 :func:`col2im`, :func:`convert_layout`, the backward passes and :func:`conv_transpose2d`,
 :func:`warmup` (compile ahead into Numba's cache) and :func:`clear_caches`.  ``import numbaconv`` never imports torch.
 
 The package, top to bottom (``tests/test_architecture.py`` checks the import rules):
 
-* the core, here: ``api`` (the front door: validate -> plan -> dispatch), ``problem``
+* the core, here: ``api`` (the front door: validate -> plan -> dispatch), ``plan``
+  (``Conv2dPlan``: the same, with the validation and weight preparation done once), ``problem``
   (argument parsing and every error), ``layout``, ``padding``, ``registry`` (algorithm
   name -> implementing module), ``auto`` and ``cache`` (Numba's on-disk cache, ``warmup``);
 * ``cpu/`` -- the host kernels, one module per algorithm, and the shared Numba settings;
@@ -23,10 +25,11 @@ import sys
 
 from .api import conv2d
 from .layout import convert_layout
+from .plan import Conv2dPlan
 from .registry import algorithms
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
+__all__ = ["conv2d", "Conv2dPlan", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
            "conv_transpose2d", "clear_caches", "warmup"]
 

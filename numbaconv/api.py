@@ -5,15 +5,18 @@
 2. the plan: make ``x`` C-contiguous in its layout (a copy only for views with other
    strides), materialise non-zero padding modes, pick the algorithm, bring the weights
    to the layout it asks for (no copy when they already are);
-3. the algorithm's ``run`` fills ``out``.
+3. the algorithm's ``run`` fills ``out``, with the epilogue (``activation``, ``residual``)
+   fused into its stores where the module says it can (``FUSES_EPILOGUE``), else applied
+   after it in one parallel pass (:mod:`numbaconv.cpu.epilogue`).
 """
 
 import numpy as np
 
 from . import auto
 from .layout import to_layout
+from .cpu import epilogue
 from .padding import gather_compacted, pad_input, padding_products
-from .problem import ConvProblem, call_unbatched, is_device_array, unbatched
+from .problem import ConvProblem, call_unbatched, check_activation, check_residual, is_device_array, unbatched
 from .registry import REGISTRY, algorithms, usable
 
 __all__ = ["conv2d", "convolve"]
@@ -28,18 +31,22 @@ def _check_algorithm(algorithm):
 
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
            padding_mode="zeros", layout="NCHW", weight_layout=None,
-           algorithm="auto", out=None):
+           algorithm="auto", activation=None, residual=None, out=None):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d`` (see SPEC.md for every form).
 
     ``x`` is ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``, or one
     unbatched image ``(C, H, W)`` / ``(H, W, C)`` (the result is 3-D too, as in torch);
     ``weight`` is in ``weight_layout`` (default ``"OIHW"`` for NCHW, ``"HWIO"`` for NHWC).
+    ``activation`` (``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``) and ``residual`` (an
+    array of the result's shape, added before the activation; ``out`` may be the residual
+    itself) give ``activation(conv + bias + residual)``.
     Returns a new C-contiguous array in ``layout`` (or ``out``, filled).
     """
     if unbatched(x):
         return call_unbatched(conv2d, x, out, weight, bias, stride=stride, padding=padding, dilation=dilation,
                               groups=groups, padding_mode=padding_mode, layout=layout, weight_layout=weight_layout,
-                              algorithm=algorithm)
+                              algorithm=algorithm, activation=activation, residual=batched_residual(residual, x))
+    check_activation(activation)
     _check_algorithm(algorithm)
     if algorithm == "auto" and is_device_array(x):
         if "cuda" not in algorithms():
@@ -49,25 +56,46 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     if algorithm == "cuda":
         return REGISTRY["cuda"].run(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
                                     groups=groups, padding_mode=padding_mode, layout=layout,
-                                    weight_layout=weight_layout, out=out)
+                                    weight_layout=weight_layout, activation=activation, residual=residual,
+                                    out=out)
     problem = ConvProblem.from_args_cached(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
                                            groups=groups, padding_mode=padding_mode, layout=layout,
                                            weight_layout=weight_layout)
-    problem.check_out(out, ("x", x), ("weight", weight), ("bias", bias))
-    return convolve(problem, x, weight, bias, algorithm, out)
+    inputs = (("x", x), ("weight", weight), ("bias", bias))
+    problem.check_out(out, *inputs)
+    in_place = check_residual(problem, residual, out, *inputs)
+    return convolve(problem, x, weight, bias, algorithm, out, activation=activation, residual=residual,
+                    in_place=in_place)
 
 
-def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_products=True):
-    """The convolution ``problem`` describes, on validated arguments (steps 2-3 above).
+def batched_residual(residual, x):
+    """An unbatched call's residual (3-D, as its ``x``) as a batch of one."""
+    if isinstance(residual, np.ndarray):
+        if residual.ndim != 3:
+            raise ValueError(f"residual must be 3-D for a 3-D (unbatched) x of shape {x.shape}, got shape "
+                             f"{residual.shape}")
+        return residual[None]
+    return residual
+
+
+def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_products=True, activation=None,
+             residual=None, in_place=False):
+    """The convolution ``problem`` describes, on validated arguments (steps 2-4 above).
 
     ``with_padding_products``: give torch's NaN where zero padding meets a non-finite weight
     (``conv2d``'s contract); the backward's grad-input convolutions, whose padding stands
-    for outputs that do not exist, turn it off.
+    for outputs that do not exist, turn it off.  ``in_place``: ``out`` is ``residual``.
     """
     if out is None:
         out = np.empty(problem.out_shape, dtype=problem.dtype)
     if out.size == 0:
         return out
+    epi = epilogue.NONE
+    if residual is not None or activation is not None:
+        if residual is not None:
+            # out=residual: the kernels overwrite out before their epilogue reads the residual
+            residual = residual.copy() if in_place else np.ascontiguousarray(residual)
+        epi = epilogue.Epilogue(epilogue.CODES[activation], residual)
 
     x = np.ascontiguousarray(x)
     if bias is not None:
@@ -75,28 +103,38 @@ def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_
     compaction = problem.compaction
     if compaction is not None:
         _run_compacted(algorithm, problem, compaction, x, weight, bias, out)
+        epi.apply(out)  # the outputs that meet only padding were set aside from the kernels
     elif problem.padding_mode != "zeros" and problem.has_padding:
-        _dispatch(algorithm, problem.materialised(), pad_input(x, problem), weight, bias, out)
+        _dispatch(algorithm, problem.materialised(), pad_input(x, problem), weight, bias, out, epi)
     else:
-        _dispatch(algorithm, problem, x, weight, bias, out)
+        _dispatch(algorithm, problem, x, weight, bias, out, epi)
     if with_padding_products:
+        # NaN where zero padding met a non-finite weight: after the epilogue is the same
+        # (every activation keeps NaN)
         padding_products(problem, weight, out)
     return out
 
 
-def _dispatch(algorithm, problem, x, weight, bias, out):
+def _dispatch(algorithm, problem, x, weight, bias, out, epi=epilogue.NONE):
     if algorithm == "auto":
         algorithm = auto.choose(problem)
         if auto.benchmark:
-            algorithm = auto.choose_measured(problem, lambda name: _run(name, problem, x, weight, bias, out))
-    _run(algorithm, problem, x, weight, bias, out)
+            algorithm = auto.choose_measured(problem, lambda name: _run(name, problem, x, weight, bias, out, epi))
+    _run(algorithm, problem, x, weight, bias, out, epi)
 
 
-def _run(name, problem, x, weight, bias, out):
-    """Algorithm ``name`` on the planned arrays: weights brought to the layout it takes."""
+def _run(name, problem, x, weight, bias, out, epi=epilogue.NONE):
+    """Algorithm ``name`` on the planned arrays: weights brought to the layout it takes; the
+    epilogue in its stores, or after it."""
     algo = REGISTRY[name]
     w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
-    algo.run(problem, x, w, bias, out)
+    if not epi.active:
+        algo.run(problem, x, w, bias, out)
+    elif getattr(algo.impl, "FUSES_EPILOGUE", False):
+        algo.run(problem, x, w, bias, out, epi=epi)
+    else:
+        algo.run(problem, x, w, bias, out)
+        epi.apply(out)
 
 
 def _run_compacted(algorithm, problem, c, x, weight, bias, out):

@@ -14,7 +14,7 @@ import numpy as np
 
 from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
 
-__all__ = ["ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES", "check_array", "is_device_array"]
+__all__ = ["ACTIVATIONS", "ConvProblem", "PADDING_MODES", "check_activation", "check_residual", "SUPPORTED_DTYPES", "check_array", "is_device_array"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -419,6 +419,41 @@ class ConvProblem:
         for name, a in inputs:
             if a is not None and np.may_share_memory(out, a):
                 raise ValueError(f"out must not share memory with {name} (inputs are never modified)")
+
+
+#: ``activation=`` names (``numbaconv.cpu.epilogue`` holds the kernels; kept here so that
+#: validation needs no kernel module)
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish")
+
+
+def check_activation(activation):
+    if activation is not None and (not isinstance(activation, str) or activation not in ACTIVATIONS):
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_residual(problem, residual, out, *inputs):
+    """``residual``: an array of the result's exact shape and dtype, any strides.  ``out`` may
+    be the residual itself (an in-place residual update); any other overlap of ``out`` with it
+    is a ValueError, as with every input.  Returns whether ``out`` is the residual."""
+    if residual is None:
+        return False
+    if not isinstance(residual, np.ndarray):
+        raise TypeError(f"residual must be None or a numpy.ndarray, got {type(residual).__name__}")
+    if residual.dtype != problem.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype} but the result has dtype {problem.dtype}")
+    if residual.shape != problem.out_shape:
+        raise ValueError(f"residual has shape {residual.shape} but the result has shape {problem.out_shape}")
+    if out is None or not np.may_share_memory(out, residual):
+        return False
+    same = (out.__array_interface__["data"][0] == residual.__array_interface__["data"][0]
+            and out.strides == residual.strides)
+    if not same:
+        raise ValueError("out overlaps residual without being the same array (only out=residual, the "
+                         "in-place update, may share memory)")
+    for name, a in inputs:
+        if a is not None and np.may_share_memory(residual, a):
+            raise ValueError(f"out=residual must not share memory with {name} (inputs are never modified)")
+    return True
 
 
 # --- the memo behind ConvProblem.from_args_cached -------------------------------------------

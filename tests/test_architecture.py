@@ -11,12 +11,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "numbaconv"
 
 #: the front door and what every path shares (issue: at most 14 modules at the top level)
-TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "layout", "padding", "problem", "registry", "torch"}
+TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "layout", "padding", "plan", "problem", "registry",
+             "torch"}
 
 #: importer (module or package prefix) -> the numbaconv modules / packages it may import.
 #: The most specific key applies.  ``numbaconv`` alone means the public package itself.
 ALLOWED = {
-    "numbaconv": {"numbaconv.api", "numbaconv.layout", "numbaconv.registry", "numbaconv.auto", "numbaconv.problem"},
+    "numbaconv": {"numbaconv.api", "numbaconv.layout", "numbaconv.registry", "numbaconv.auto", "numbaconv.problem",
+                  "numbaconv.plan"},
     "numbaconv.__main__": {"numbaconv.bench"},
     "numbaconv.layout": set(),
     "numbaconv.problem": {"numbaconv.layout"},
@@ -24,7 +26,9 @@ ALLOWED = {
     "numbaconv.auto": {"numbaconv.registry"},
     "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
     "numbaconv.padding": {"numbaconv.cpu._jit"},
-    "numbaconv.api": {"numbaconv.auto", "numbaconv.layout", "numbaconv.padding", "numbaconv.problem",
+    "numbaconv.plan": {"numbaconv.api", "numbaconv.auto", "numbaconv.layout", "numbaconv.problem",
+                       "numbaconv.registry", "numbaconv.cpu._wcache"},
+    "numbaconv.api": {"numbaconv.cpu.epilogue", "numbaconv.auto", "numbaconv.layout", "numbaconv.padding", "numbaconv.problem",
                       "numbaconv.registry"},
     "numbaconv.cpu._jit": set(),
     "numbaconv.cpu._vec": set(),

@@ -14,10 +14,14 @@
   block: ``_vec.dw3x3_block``);
 * ``winograd``  -- Winograd F(4x4 / 2x2, 3x3) for stride-1 3x3 layers (transforms:
   ``_vec.tile_transform``; GEMMs on tiled's register block);
-* ``_wcache``   -- the cache of prepared weights (tiled's packed, winograd's transformed).
+* ``_wcache``   -- the cache of prepared weights (tiled's packed, winograd's transformed), and
+  the plans' owned weights;
+* ``epilogue``  -- the fused epilogue (activation, residual): the per-element arithmetic the
+  kernels call on the blocks they finish, and the pass after kernels that do not.
 
 An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
-(the protocol of :mod:`numbaconv.registry`, which names it).
+(the protocol of :mod:`numbaconv.registry`, which names it); with ``FUSES_EPILOGUE = True``
+its ``run`` also takes ``epi=`` (an :class:`~numbaconv.cpu.epilogue.Epilogue`).
 
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,

@@ -13,6 +13,7 @@ from numba import prange
 
 from ._jit import pjit, prefetchw
 from ._vec import conv_block
+from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -356,9 +357,10 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile_8_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n, in
-    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code).
+    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
+    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -398,11 +400,20 @@ def tile_8_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_
                     else:
                         uk4_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+    if act != 0 or has_res:
+        for kb in range(kb_lo, kb_hi):
+            nk = min(8, kg - kb * 8)
+            kb0 = g * kg + kb * 8
+            if nchw:
+                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+            else:
+                for i in range(i0, i1):
+                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
 
 
 @pjit
 def conv_8_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_):
+            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -416,14 +427,16 @@ def conv_8_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, k
         i0 = rb * rows
         kr = gk % nkr
         tile_8_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
+                  rf, act, has_res)
 
 
 @_ukjit
 def tile_16_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
-    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code).
+    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
+    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -463,11 +476,20 @@ def tile_16_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk4_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+    if act != 0 or has_res:
+        for kb in range(kb_lo, kb_hi):
+            nk = min(16, kg - kb * 16)
+            kb0 = g * kg + kb * 16
+            if nchw:
+                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+            else:
+                for i in range(i0, i1):
+                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
 
 
 @pjit
 def conv_16_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_):
+            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -481,14 +503,16 @@ def conv_16_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         i0 = rb * rows
         kr = gk % nkr
         tile_16_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
+                  rf, act, has_res)
 
 
 @_ukjit
 def tile_16_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
-    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code).
+    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
+    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -528,11 +552,20 @@ def tile_16_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+    if act != 0 or has_res:
+        for kb in range(kb_lo, kb_hi):
+            nk = min(16, kg - kb * 16)
+            kb0 = g * kg + kb * 16
+            if nchw:
+                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+            else:
+                for i in range(i0, i1):
+                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
 
 
 @pjit
 def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_):
+            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -546,14 +579,16 @@ def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         i0 = rb * rows
         kr = gk % nkr
         tile_16_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
+                  rf, act, has_res)
 
 
 @_ukjit
 def tile_32_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n, in
-    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code).
+    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
+    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -593,11 +628,20 @@ def tile_32_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk7_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+    if act != 0 or has_res:
+        for kb in range(kb_lo, kb_hi):
+            nk = min(32, kg - kb * 32)
+            kb0 = g * kg + kb * 32
+            if nchw:
+                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+            else:
+                for i in range(i0, i1):
+                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
 
 
 @pjit
 def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_):
+            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -611,4 +655,5 @@ def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         i0 = rb * rows
         kr = gk % nkr
         tile_32_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
+                  rf, act, has_res)

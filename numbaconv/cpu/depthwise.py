@@ -29,6 +29,7 @@ from numba import prange
 
 from ._jit import jit, pjit, valid_range
 from ._vec import dw3x3_block, target_vector_bytes
+from .epilogue import NONE, finish_2d
 
 __all__ = ["run", "run_streaming"]
 
@@ -287,9 +288,10 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @pjit
-def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq):
+def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, rf, act, has_res):
     """3x3 planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw``
-    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`).
+    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`), each
+    plane then through the epilogue (``act``, residual ``rf``).
     Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
@@ -316,6 +318,7 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
                 _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
                 filled = src
             _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
+            finish_2d(of, rf, q * ho_ * wo_, 1, 0, ho_ * wo_, act, has_res)
 
 
 @pjit
@@ -595,13 +598,14 @@ def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, rf, act, has_res):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
     depthwise problem with column stride ``sw`` of 1 or 2 (any row stride), in 4-pixel
     register blocks (:data:`block4_s1` / :data:`block4_s2`; the last block of a row overlaps
     the previous one).  A block whose 3 x ``3 sw + 3`` input window lies inside the image
     reads the input in place; one that meets the zero padding reads a copy of its window
-    with the padding filled in (a few blocks per row: no copy of whole rows)."""
+    with the padding filled in (a few blocks per row: no copy of whole rows).  Each finished
+    row then goes through the epilogue (``act``, residual ``rf``)."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
     ncol = 3 * sw + 3
@@ -637,13 +641,15 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl):
             else:
                 block4_s2(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
             j += 4
+        finish_2d(of, rf, orow * k_, 1, 0, wo_ * k_, act, has_res)
 
 
 @pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks):
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks, rf, act, has_res):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
-        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl)
+        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl,
+                           rf, act, has_res)
 
 
 @pjit
@@ -676,12 +682,12 @@ def _bias(p, bias):
     return b
 
 
-def run(p, x, w, bias, out, wlayout="OIHW"):
+def run(p, x, w, bias, out, wlayout="OIHW", epi=NONE):
     """Depthwise ``p`` (``p.groups == p.c``): same contract as every algorithm's ``run``;
     ``w`` in ``wlayout``, "OIHW" ``(K, 1, R, S)`` or "HWIO" ``(R, S, 1, K)``.  The kernels take
     ``(R, S, K)`` (NHWC) or ``(K, R, S)`` (NCHW): a view of HWIO or OIHW weights respectively;
     the other way round costs a transposing copy (~10 us for 512 channels, a sixth of a
-    14x14 layer).
+    14x14 layer).  ``epi``: the epilogue, fused into the 3x3 kernels (a pass after the others).
     """
     m = p.k // p.c
     b = _bias(p, bias)
@@ -692,7 +698,8 @@ def run(p, x, w, bias, out, wlayout="OIHW"):
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w <= 2 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
             chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
-            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks)
+            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks,
+                          *epi.kernel_args(out.reshape(-1)))
             return
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
@@ -706,6 +713,7 @@ def run(p, x, w, bias, out, wlayout="OIHW"):
         else:
             wt = np.zeros(1, dtype=p.dtype)
         _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
+        epi.apply(out)
     else:
         chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
         w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
@@ -713,9 +721,10 @@ def run(p, x, w, bias, out, wlayout="OIHW"):
             # phase planes reach every tap of every output pixel (see _plane_phases)
             hq = p.ho + 2 * p.dil_h // p.stride_h
             wq = p.wo + 2 * p.dil_w // p.stride_w
-            _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq)
+            _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq, *epi.kernel_args(out.reshape(-1)))
         else:
             _dw_nchw(x, w_krs, b, out, *geometry, chunks)
+            epi.apply(out)
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------

@@ -25,6 +25,7 @@ from numba import prange
 
 from ._jit import pjit
 from ._vec import dot_block, target_vector_bytes
+from .epilogue import NONE, finish_2d
 
 __all__ = ["applies", "run", "microkernel_asm", "KB", "PB", "MAX_COLS_BYTES"]
 
@@ -109,8 +110,9 @@ def _fill_cols(xp, cols, taps, sh, sw, ho_, wo_):
 
 
 @pjit
-def _dot_conv(wm, cols, bias, out, pixels):
-    """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels."""
+def _dot_conv(wm, cols, bias, out, pixels, rf, act, has_res):
+    """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels, each
+    block's rows then through the epilogue (``act``, residual ``rf``)."""
     k_, red = wm.shape
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
@@ -132,6 +134,8 @@ def _dot_conv(wm, cols, bias, out, pixels):
                 q = (p0 + b) % hw
                 for a in range(kn):
                     of[(n * k_ + k0 + a) * hw + q] = acc[a * PB + b] + bias[k0 + a]
+        for n in range(pixels // hw):
+            finish_2d(of, rf, (n * k_ + k0) * hw, kn, hw, hw, act, has_res)
 
 
 def microkernel_asm(dtype=np.float32):
@@ -147,8 +151,9 @@ def microkernel_asm(dtype=np.float32):
     return uk.inspect_asm(sig)
 
 
-def run(p, x, w, bias, out):
-    """``w`` OIHW, C-contiguous; ``x`` NCHW; zero padding only (see :func:`applies`)."""
+def run(p, x, w, bias, out, epi=NONE):
+    """``w`` OIHW, C-contiguous; ``x`` NCHW; zero padding only (see :func:`applies`); ``epi``
+    fused (:mod:`numbaconv.cpu.epilogue`)."""
     pixels = p.n * p.ho * p.wo
     hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
     xp = np.empty((p.n, p.c, hp, wp), dtype=p.dtype)
@@ -157,4 +162,4 @@ def run(p, x, w, bias, out):
     cols = np.empty((-(-pixels // PB) * PB, p.c * p.r * p.s), dtype=p.dtype)
     _fill_cols(xp, cols, taps, p.stride_h, p.stride_w, p.ho, p.wo)
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
-    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels)
+    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels, *epi.kernel_args(out.reshape(-1)))

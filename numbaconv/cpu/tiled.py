@@ -50,6 +50,7 @@ from . import depthwise, dot, naive
 from ._jit import jit, pjit
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
+from .epilogue import NONE
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
@@ -348,22 +349,29 @@ WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 _WEIGHT_LAYOUT = dict(WEIGHT_LAYOUTS)
 
 
-def run(p, x, w, bias, out):
-    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
+#: ``run`` takes ``epi=`` and applies it in its kernels' stores (numbaconv.cpu.epilogue)
+FUSES_EPILOGUE = True
+
+
+def run(p, x, w, bias, out, epi=NONE):
+    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`); ``epi``: the
+    fused epilogue (:class:`numbaconv.cpu.epilogue.Epilogue`)."""
     wlayout = _WEIGHT_LAYOUT[p.layout]
     if p.is_depthwise or uses_streaming(p):
         if p.is_depthwise:
-            return depthwise.run(p, x, w, bias, out, wlayout)
+            return depthwise.run(p, x, w, bias, out, wlayout, epi=epi)
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-        return depthwise.run_streaming(p, x, w_oihw, bias, out)
+        depthwise.run_streaming(p, x, w_oihw, bias, out)
+        return epi.apply(out)
     padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * p.dtype.itemsize
     if padded > x.nbytes + out.nbytes + PADDED_SLACK_BYTES:
         # padding and dilation far beyond the image (what the front door's compaction leaves):
         # the zero-padded copy would outgrow the input and the result together, so the direct
         # loop, which clips the padding in place, runs instead (memory never grows with padding)
-        return naive.run(p, x, w, bias, out)
+        naive.run(p, x, w, bias, out)
+        return epi.apply(out)
     if dot.applies(p):
-        return dot.run(p, x, w, bias, out)  # deep NCHW layer: its OIHW weights read in place
+        return dot.run(p, x, w, bias, out, epi)  # deep NCHW layer: its OIHW weights read in place
     nchw = p.layout == "NCHW"
     ssh = ssw = 1
     if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):
@@ -387,9 +395,10 @@ def run(p, x, w, bias, out):
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
-    _driver(p.dtype)(xp.ravel(), wpk, bp, out.reshape(-1), p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups,
+    of = out.reshape(-1)
+    _driver(p.dtype)(xp.ravel(), wpk, bp, of, p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups,
                      p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"],
-                     b["kbs"], nchw, p.dtype.type(0), hwio, b["P"])
+                     b["kbs"], nchw, p.dtype.type(0), hwio, b["P"], *epi.kernel_args(of))
 
 
 # --- code generation -----------------------------------------------------------------------
@@ -408,6 +417,7 @@ from numba import prange
 
 from ._jit import pjit, prefetchw
 from ._vec import conv_block
+from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation
 _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -417,9 +427,10 @@ _DRIVER = '''
 
 @_ukjit
 def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n, in
-    blocks of ``p_`` pixels (one of {PS}: a runtime choice, so every layer shares this code).
+    blocks of ``p_`` pixels (one of {PS}: a runtime choice, so every layer shares this code),
+    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -454,11 +465,20 @@ def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp
                     ob = orow + j0 * os_p
                     np_ = min(p_, wo_ - j0)
 {CALLS}
+    if act != 0 or has_res:
+        for kb in range(kb_lo, kb_hi):
+            nk = min({V}, kg - kb * {V})
+            kb0 = g * kg + kb * {V}
+            if nchw:
+                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+            else:
+                for i in range(i0, i1):
+                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
 
 
 @pjit
 def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_):
+            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -472,7 +492,8 @@ def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, k
         i0 = rb * rows
         kr = gk % nkr
         tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_)
+                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
+                  rf, act, has_res)
 '''
 
 

@@ -46,6 +46,7 @@ from . import tiled
 from ._jit import jit, parallel_for, pjit
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
+from .epilogue import NONE, finish_2d
 
 __all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "flipped_weights",
            "microkernel_asm", "clear_cache", "tile_size", "POINTS", "WEIGHT_LAYOUTS", "reference"]
@@ -170,9 +171,10 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
 
 @jit
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
-          cb, v_, nchw):
+          cb, v_, nchw, rf, act, has_res):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
-    ``[kb_lo, kb_hi)`` of group ``g``.  Returns 0, or NaN when a result is not finite."""
+    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue (``act``, residual
+    ``rf``) once written.  Returns 0, or NaN when a (pre-epilogue) result is not finite."""
     a = m + 2
     aa = a * a
     ntiles = th * tw
@@ -205,8 +207,9 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
             run = min(nt - t, tw - tile % tw)
             npix = min(run * m, wo_ - x0)
             for i in range(min(m, ho_ - y0)):
-                tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw,
-                                      ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0, ho_ * wo_, npix, nk)
+                row = ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0
+                tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw, row, ho_ * wo_, npix, nk)
+                finish_2d(of, rf, row, nk, ho_ * wo_, npix, act, has_res)
             t += run
         return chk
     for t in range(nt):
@@ -216,6 +219,8 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
         if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
             chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw, ((n * ho_ + y0) * wo_ + x0) * k_ + k0,
                              wo_ * k_, k_, nk, k0)
+            for i in range(m):
+                finish_2d(of, rf, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk, act, has_res)
             continue
         chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk, k0)
         for i in range(min(m, ho_ - y0)):
@@ -224,11 +229,12 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
                 src = (i * m + j) * kw
                 for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
                     of[o + k] = obuf[src + k]
+            finish_2d(of, rf, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_, nk, act, has_res)
     return chk
 
 
 @pjit
-def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw):
+def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, rf, act, has_res):
     """The convolution: prange over tasks = (image, block of ``T`` tiles, group, run of
     ``kbr`` output-channel blocks), each a :func:`_task`.  ``xf``: zero-padded NHWC input
     ``(N, hp, wp, C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its
@@ -244,7 +250,8 @@ def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw):
         rest = t % per_n
         kb_lo = (rest % nkr) * kbr
         bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
-                       min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw)
+                       min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
+                       rf, act, has_res)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -401,15 +408,21 @@ def plan(p, m=None):
     return dict(m=m, V=v_, T=tt_, cb=cb, kbr=kbr, kbg=kbg, th=th, tw=tw, hp=th * m + 2, wp=tw * m + 2)
 
 
-def run(p, x, w, bias, out, m=None, flip=False):
+#: ``run`` takes ``epi=`` and applies it in the output transform's stores (numbaconv.cpu.epilogue)
+FUSES_EPILOGUE = True
+
+
+def run(p, x, w, bias, out, m=None, flip=False, epi=NONE):
     """``w`` is OIHW for NCHW and HWIO for NHWC (:data:`WEIGHT_LAYOUTS`, as ``tiled``).
     ``flip``: ``w`` are the weights of the layer whose grad-input ``p`` is; the convolution
-    runs with :func:`flipped_weights` of them (transformed straight from ``w``)."""
+    runs with :func:`flipped_weights` of them (transformed straight from ``w``).  ``epi``:
+    the fused epilogue."""
     wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
     if not applies(p):
-        return tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out)
+        return tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
     if max(p.pad_top, p.pad_bottom, p.pad_left, p.pad_right) > 2:
-        return _run_live(p, x, w, bias, out, m, flip)
+        _run_live(p, x, w, bias, out, m, flip)
+        return epi.apply(out)
     b = plan(p, m)
     nchw = p.layout == "NCHW"
     if not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding:
@@ -424,11 +437,12 @@ def run(p, x, w, bias, out, m=None, flip=False):
     bad = np.zeros(ntasks, dtype=p.dtype)
     geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
                     b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
-    _winograd(xp.reshape(-1), uf, bp, out.reshape(-1), bad, zeros, geo, nchw)
+    of = out.reshape(-1)
+    _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, *epi.kernel_args(of))
     if not np.isfinite(bad).all():
         # a non-finite input or weight (or an overflow): the transforms smear it over whole
         # tiles, so the direct kernel computes the layer with torch's propagation instead
-        tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out)
+        tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
 
 
 def _run_live(p, x, w, bias, out, m, flip):

@@ -45,7 +45,8 @@ import numpy as np
 from numba import uint64
 
 from ..layout import DEFAULT_WEIGHT_LAYOUT, permutation
-from ..problem import SUPPORTED_DTYPES, ConvProblem, _has_cai, _is_dlpack_cuda, _library, is_device_array
+from ..problem import (ACTIVATIONS, SUPPORTED_DTYPES, ConvProblem, _has_cai, _is_dlpack_cuda, _library,
+                       check_activation, check_residual, is_device_array)
 
 __all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets"]
 
@@ -56,6 +57,7 @@ _src = None
 
 _MODE_CODE = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 _WEIGHT_CODE = {"OIHW": 0, "HWIO": 1, "OHWI": 2}
+_ACTIVATION_CODE = {None: 0, **{name: i + 1 for i, name in enumerate(ACTIVATIONS)}}
 DIRECT_BLOCK = 128
 
 #: name -> (BM, BN, BK, TM, TN): block tile of M (pixels) x N (output channels), the
@@ -421,6 +423,42 @@ def _pack_py():
     return pack
 
 
+def _epilogue_py(np_dtype):
+    zero = np_dtype.type(0)
+    one = np_dtype.type(1)
+    three = np_dtype.type(3)
+    six = np_dtype.type(6)
+
+    def epilogue(o, r, act, has_res):
+        """``o = act(o + r)``, one thread per element (``o`` C-contiguous, ``r`` any strides):
+        the activations of numbaconv.cpu.epilogue, NaN kept by comparisons."""
+        idx = cuda.grid(1)
+        d0, d1, d2, d3 = o.shape
+        if idx >= d0 * d1 * d2 * d3:
+            return
+        e = idx % d3
+        t = idx // d3
+        c = t % d2
+        t = t // d2
+        b = t % d1
+        a = t // d1
+        v = o[a, b, c, e]
+        if has_res:
+            v += r[a, b, c, e]
+        if act == 1:
+            v = zero if v < zero else v
+        elif act == 2:
+            v = zero if v < zero else (six if v > six else v)
+        elif act == 3:
+            v = v / (one + math.exp(-v))
+        elif act == 4:
+            u = v + three
+            v = v * (zero if u < zero else (six if u > six else u)) / six
+        o[a, b, c, e] = v
+
+    return epilogue
+
+
 @functools.lru_cache(maxsize=None)
 def _pyfuncs(dtype_name, nhwc):
     """Plain Python kernel functions (closures over compile-time constants) for one variant."""
@@ -429,7 +467,7 @@ def _pyfuncs(dtype_name, nhwc):
 
     np_dtype = np.dtype(dtype_name)
     nb_dtype = getattr(types, dtype_name)
-    funcs = {"direct": _direct_py(np_dtype, nhwc)}
+    funcs = {"direct": _direct_py(np_dtype, nhwc), "epilogue": _epilogue_py(np_dtype)}
     for name, config in GEMM_CONFIGS.items():
         funcs[name] = _gemm_py(np_dtype, nb_dtype, nhwc, config, types.int64)
     return funcs
@@ -449,7 +487,8 @@ def _signatures(dtype_name):
     direct = f"void({x}, {t}[:, :, ::1], {t}[::1], {t}[:, :, :, ::1], boolean, " + ", ".join(["int64"] * 17) + ")"
     gemm = f"void({x}, {t}[:, :, ::1], {t}[::1], {t}[::1], boolean, " + ", ".join(["int64"] * 18) + ")"
     pack = f"void({t}[:, :, :, :], {t}[:, :, ::1], int64, boolean, int64, int64, int64, int64)"
-    return direct, gemm, pack
+    epilogue = f"void({t}[:, :, :, ::1], {t}[:, :, :, :], int64, boolean)"
+    return direct, gemm, pack, epilogue
 
 
 def ptx_targets():
@@ -457,7 +496,7 @@ def ptx_targets():
     (:mod:`numbaconv.cuda.ptx` adds the backward's)."""
     targets = []
     for dtype_name in ("float32", "float64"):
-        direct_sig, gemm_sig, pack_sig = _signatures(dtype_name)
+        direct_sig, gemm_sig, pack_sig, epilogue_sig = _signatures(dtype_name)
         for nhwc in (False, True):
             layout = "NHWC" if nhwc else "NCHW"
             funcs = _pyfuncs(dtype_name, nhwc)
@@ -465,6 +504,7 @@ def ptx_targets():
             for name in GEMM_CONFIGS:
                 targets.append((f"{name}_{layout}_{dtype_name}", funcs[name], gemm_sig))
         targets.append((f"pack_{dtype_name}", _pack_py(), pack_sig))
+        targets.append((f"epilogue_{dtype_name}", _pyfuncs(dtype_name, False)["epilogue"], epilogue_sig))
     return targets
 
 
@@ -600,7 +640,8 @@ def _sm_count():
 
 
 def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                padding_mode="zeros", layout="NCHW", weight_layout=None, out=None, kernel="auto"):
+                padding_mode="zeros", layout="NCHW", weight_layout=None, activation=None, residual=None, out=None,
+                kernel="auto"):
     """``conv2d`` on the GPU (``numbaconv.conv2d(..., algorithm="cuda")`` lands here).
 
     ``kernel``: ``"auto"`` (implicit GEMM, or the direct kernel for depthwise-like
@@ -611,7 +652,8 @@ def conv2d_cuda(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
     with _on_device_of(x):
         result, o_d, stream, launch, _ = plan(x, weight, bias, stride=stride, padding=padding,
                                               dilation=dilation, groups=groups, padding_mode=padding_mode,
-                                              layout=layout, weight_layout=weight_layout, out=out, kernel=kernel)
+                                              layout=layout, weight_layout=weight_layout, activation=activation,
+                                              residual=residual, out=out, kernel=kernel)
         if launch is None:
             return result
         launch()
@@ -635,11 +677,12 @@ def _on_device_of(x):
 
 
 def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-         layout="NCHW", weight_layout=None, out=None, kernel="auto"):
+         layout="NCHW", weight_layout=None, activation=None, residual=None, out=None, kernel="auto"):
     """Validate, stage the operands on the device and pack the weights; launch nothing yet.
 
     Returns ``(result, out_device, stream, launch, kernel_name)``: ``launch()`` runs the
-    convolution kernel into ``out_device`` (``launch`` is None for an empty batch);
+    convolution kernel into ``out_device``, then the epilogue kernel when there is an
+    ``activation`` or ``residual`` (``launch`` is None for an empty batch);
     ``result`` is what :func:`conv2d_cuda` returns (``out_device`` itself for device
     inputs, else a NumPy array to copy into).  ``scripts/bench_cuda.py`` times ``launch``.
     """
@@ -653,6 +696,8 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
                                     groups=groups, padding_mode=padding_mode, layout=layout,
                                     weight_layout=weight_layout, allow_device=True)
     _check_out(problem, ov, (("x", xv), ("weight", wv), ("bias", bv)))
+    check_activation(activation)
+    rv, in_place = _check_residual(problem, residual, ov, (("x", xv), ("weight", wv), ("bias", bv)))
     p = problem
     device_result = is_device_array(x)
     np_dtype = np.dtype(p.dtype)
@@ -705,7 +750,57 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
         configured = _kernel(name, dtype_name, nhwc)[grid, (bm // tm) * (bn // tn), stream]
         args = (x_d, wp, b_d, o_d.reshape(o_d.size), has_bias, m, p.h, p.w, p.r, p.s, p.ho, p.wo, p.cg,
                 p.kg, p.k, p.cg * p.r * p.s, *geometry)
-    return result, o_d, stream, functools.partial(configured, *args), name
+    launch = functools.partial(configured, *args)
+    if activation is not None or rv is not None:
+        if rv is None:
+            r_d = o_d
+        elif isinstance(rv, np.ndarray):
+            r_d = cuda.to_device(np.ascontiguousarray(rv), stream=stream)
+        elif in_place:  # out=residual: the convolution overwrites it first
+            r_d = cuda.device_array(p.out_shape, dtype=np_dtype, stream=stream)
+            r_d.copy_to_device(rv, stream=stream)
+        else:
+            r_d = rv
+        total = int(np.prod(p.out_shape))
+        epi = _kernel("epilogue", dtype_name, False)[math.ceil(total / DIRECT_BLOCK), DIRECT_BLOCK, stream]
+        launch = functools.partial(_launch_all, launch, functools.partial(
+            epi, o_d, r_d, _ACTIVATION_CODE[activation], rv is not None))
+    return result, o_d, stream, launch, name
+
+
+def _launch_all(*launches):
+    for launch in launches:
+        launch()
+
+
+def _check_residual(problem, residual, out, inputs):
+    """``(residual view, whether out is the residual)``: the contract's checks for a NumPy or
+    device ``residual`` (a numba view of it is returned)."""
+    if residual is None:
+        return None, False
+    if isinstance(residual, np.ndarray):
+        host_out = out if isinstance(out, np.ndarray) else None
+        return residual, check_residual(problem, residual, host_out,
+                                        *[(n, a) for n, a in inputs if isinstance(a, np.ndarray)])
+    rv = _view(residual)
+    if not getattr(rv, "__cuda_ndarray__", False):
+        raise TypeError(f"residual must be None, a numpy.ndarray or a device array, got {type(residual).__name__}")
+    if rv.dtype != problem.dtype:
+        raise TypeError(f"residual has dtype {rv.dtype} but the result has dtype {problem.dtype}")
+    if tuple(rv.shape) != problem.out_shape:
+        raise ValueError(f"residual has shape {tuple(rv.shape)} but the result has shape {problem.out_shape}")
+    in_place = False
+    if out is not None and _overlaps(out, rv):
+        same = (getattr(out, "device_ctypes_pointer", None) is not None
+                and out.device_ctypes_pointer.value == rv.device_ctypes_pointer.value
+                and tuple(out.strides) == tuple(rv.strides)) or (
+                    hasattr(out, "_ary") and hasattr(rv, "_ary") and out._ary.ctypes.data == rv._ary.ctypes.data
+                    and out._ary.strides == rv._ary.strides)
+        if not same:
+            raise ValueError("out overlaps residual without being the same array (only out=residual, the "
+                             "in-place update, may share memory)")
+        in_place = True
+    return rv, in_place
 
 
 #: the registry entry: ``api.conv2d`` hands over the raw arguments
