@@ -19,7 +19,7 @@ from .padding import gather_compacted, pad_input, padding_products
 from .problem import ConvProblem, call_unbatched, check_activation, check_residual, is_device_array, unbatched
 from .registry import REGISTRY, algorithms, usable
 
-__all__ = ["conv2d", "convolve"]
+__all__ = ["bind", "conv2d", "convolve"]
 
 
 def _check_algorithm(algorithm):
@@ -113,6 +113,22 @@ def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_
         # (every activation keeps NaN)
         padding_products(problem, weight, out)
     return out
+
+
+def bind(problem, weight, bias, algorithm="auto"):
+    """Steps 2-3 for ``problem`` decided now: a function of ``(x, out, epi)`` (``x``
+    C-contiguous) that runs the chosen kernels on weights prepared once, or ``None`` where
+    a call needs more than that (padding modes, compaction, ``auto.benchmark``)."""
+    if (problem.compaction is not None or (problem.padding_mode != "zeros" and problem.has_padding)
+            or (algorithm == "auto" and auto.benchmark)):
+        return None
+    name = auto.choose(problem) if algorithm == "auto" else algorithm
+    algo = REGISTRY[name]
+    w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    if getattr(algo.impl, "FUSES_EPILOGUE", False) and hasattr(algo.impl, "bind"):
+        return algo.impl.bind(problem, w, bias)
+    return lambda x, out, epi: _run(name, problem, x, w, bias, out, epi)
 
 
 def _dispatch(algorithm, problem, x, weight, bias, out, epi=epilogue.NONE):

@@ -14,8 +14,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from .api import batched_residual, convolve
+from .api import batched_residual, bind, convolve
 from .cpu._wcache import own
+from .cpu.epilogue import CODES, Epilogue
 from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS, to_layout
 from .problem import ConvProblem, call_unbatched, check_activation, check_array, check_residual, unbatched
 from .registry import algorithms, usable
@@ -65,7 +66,8 @@ class Conv2dPlan:
         own(self._weight)
         # zero padding multiplies finite weights into zeros: the NaN fix-up can never apply
         self._finite = bool(np.isfinite(self._weight).all())
-        self._problems = {}
+        self._epi = Epilogue(CODES[activation])
+        self._entries = {}
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -73,36 +75,61 @@ class Conv2dPlan:
         return (f"Conv2dPlan(weight{self._user_weight_shape}, bias={'yes' if self._bias is not None else None}, "
                 f"{args}, algorithm={self.algorithm!r}, activation={self.activation!r})")
 
-    def _problem(self, x):
-        """The validated problem for ``x`` (memo per input type, dtype and shape)."""
+    def _entry(self, x):
+        """``(problem, launch)`` for ``x`` (memo per input type, dtype and shape); ``launch`` is
+        :func:`numbaconv.api.bind`'s, or None where every call takes the front door's path."""
         key = (type(x), getattr(x, "dtype", None), getattr(x, "shape", None))
         try:
-            problem = self._problems.get(key)
+            entry = self._entries.get(key)
         except TypeError:  # an unhashable shape attribute: not an array
-            problem = None
-        if problem is None:
+            entry = None
+        if entry is None:
             # validate against the caller's weight shape and layout, so errors read as conv2d's
             stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, self.dtype), self._user_weight_shape,
                                                        (0,) * len(self._user_weight_shape))
             problem = ConvProblem.from_args(x, stand_in, self._bias, **self._args)
             problem = replace(problem, weight_layout=self._kernel_layout)
+            launch = None
+            if self._finite and problem.n > 0 and self.algorithm != "cuda":
+                launch = bind(problem, self._weight, self._bias, self.algorithm)
+            entry = (problem, launch)
             with self._lock:
-                if len(self._problems) >= 64:
-                    self._problems.clear()
-                self._problems[key] = problem
-        return problem
+                if len(self._entries) >= 64:
+                    self._entries.clear()
+                self._entries[key] = entry
+        return entry
 
     def __call__(self, x, *, residual=None, out=None):
+        entry = self._entries.get((type(x), x.dtype, x.shape)) if type(x) is np.ndarray else None
+        if entry is not None and entry[1] is not None and residual is None and x.flags.c_contiguous:
+            # the common inference call: the key above holds x's checks
+            problem, launch = entry
+            if out is None:
+                out = np.empty(problem.out_shape, dtype=problem.dtype)
+            elif not (type(out) is np.ndarray and out.dtype == problem.dtype and out.shape == problem.out_shape
+                      and out.flags.c_contiguous and out.flags.writeable and not np.may_share_memory(out, x)):
+                problem.check_out(out, ("x", x))  # raises the contract's error
+            launch(x, out, self._epi)
+            return out
         if unbatched(x):
             return call_unbatched(self.__call__, x, out, residual=batched_residual(residual, x))
         if self.algorithm == "cuda" or not isinstance(x, np.ndarray):
             from .api import conv2d  # device arrays: conv2d's own path (no prepared weights on the GPU yet)
             return conv2d(x, self._weight, self._bias, **{**self._args, "weight_layout": self._kernel_layout},
                           algorithm=self.algorithm, activation=self.activation, residual=residual, out=out)
-        problem = self._problem(x)
+        problem, launch = self._entry(x)
         if out is not None:
             problem.check_out(out, ("x", x))
         in_place = residual is not None and check_residual(problem, residual, out, ("x", x))
-        return convolve(problem, x, self._weight, self._bias, self.algorithm, out,
-                        with_padding_products=not self._finite, activation=self.activation,
-                        residual=residual, in_place=in_place)
+        if launch is None:
+            return convolve(problem, x, self._weight, self._bias, self.algorithm, out,
+                            with_padding_products=not self._finite, activation=self.activation,
+                            residual=residual, in_place=in_place)
+        if out is None:
+            out = np.empty(problem.out_shape, dtype=problem.dtype)
+        epi = self._epi
+        if residual is not None:
+            # out=residual: the kernels overwrite out before their epilogue reads the residual
+            epi = Epilogue(epi.act, residual.copy() if in_place else np.ascontiguousarray(residual))
+        launch(np.ascontiguousarray(x), out, epi)
+        return out

@@ -27,7 +27,7 @@ ALLOWED = {
     "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
     "numbaconv.padding": {"numbaconv.cpu._jit"},
     "numbaconv.plan": {"numbaconv.api", "numbaconv.auto", "numbaconv.layout", "numbaconv.problem",
-                       "numbaconv.registry", "numbaconv.cpu._wcache"},
+                       "numbaconv.registry", "numbaconv.cpu._wcache", "numbaconv.cpu.epilogue"},
     "numbaconv.api": {"numbaconv.cpu.epilogue", "numbaconv.auto", "numbaconv.layout", "numbaconv.padding", "numbaconv.problem",
                       "numbaconv.registry"},
     "numbaconv.cpu._jit": set(),

@@ -125,8 +125,8 @@ def test_plan_blocks_cover_the_problem():
 
 def test_depthwise_is_dispatched(monkeypatch):
     called = []
-    real = depthwise.run
-    monkeypatch.setattr(depthwise, "run", lambda *a, **k: called.append(1) or real(*a, **k))
+    real = depthwise.bind
+    monkeypatch.setattr(depthwise, "bind", lambda *a, **k: called.append(1) or real(*a, **k))
     x = np.ones((1, 4, 5, 5), np.float32)
     numbaconv.conv2d(x, np.ones((4, 1, 3, 3), np.float32), groups=4, algorithm="tiled")
     assert called

@@ -144,8 +144,8 @@ def test_other_geometry_runs_the_direct_path(layout, monkeypatch):
     """Strided, dilated, 5x5 and depthwise layers are handed to ``tiled`` (and still give
     torch's answer through ``algorithm="winograd"``)."""
     calls = []
-    real = tiled.run
-    monkeypatch.setattr(tiled, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tiled.bind
+    monkeypatch.setattr(tiled, "bind", lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(4)
     for (c, k, r, kw) in ((16, 32, 3, dict(stride=2, padding=1)), (16, 32, 3, dict(dilation=2, padding=2)),
                           (16, 32, 5, dict(padding=2)), (16, 16, 3, dict(groups=16, padding=1))):

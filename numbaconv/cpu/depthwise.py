@@ -689,6 +689,11 @@ def run(p, x, w, bias, out, wlayout="OIHW", epi=NONE):
     the other way round costs a transposing copy (~10 us for 512 channels, a sixth of a
     14x14 layer).  ``epi``: the epilogue, fused into the 3x3 kernels (a pass after the others).
     """
+    bind(p, w, bias, wlayout)(x, out, epi)
+
+
+def bind(p, w, bias, wlayout="OIHW"):
+    """:func:`run`'s choices and weight views for ``p``, as a function of ``(x, out, epi)``."""
     m = p.k // p.c
     b = _bias(p, bias)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, m)
@@ -697,10 +702,10 @@ def run(p, x, w, bias, out, wlayout="OIHW", epi=NONE):
         w_rsk = w.reshape(p.r, p.s, p.k) if wlayout == "HWIO" else np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w <= 2 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
-            chunks = max(1, min(p.n * p.ho, numba.get_num_threads()))
-            _dw_nhwc_ring(x, w_rsk, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, chunks,
-                          *epi.kernel_args(out.reshape(-1)))
-            return
+            args = (w_rsk, b, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
+                    max(1, min(p.n * p.ho, numba.get_num_threads())))
+            return lambda x, out, epi: _dw_nhwc_ring(x, args[0], args[1], out, *args[2:],
+                                                     *epi.kernel_args(out.reshape(-1)))
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
         if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3:
@@ -712,19 +717,24 @@ def run(p, x, w, bias, out, wlayout="OIHW", epi=NONE):
             wt = wt.ravel()
         else:
             wt = np.zeros(1, dtype=p.dtype)
-        _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
-        epi.apply(out)
-    else:
-        chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
-        w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
-        if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
-            # phase planes reach every tap of every output pixel (see _plane_phases)
-            hq = p.ho + 2 * p.dil_h // p.stride_h
-            wq = p.wo + 2 * p.dil_w // p.stride_w
-            _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq, *epi.kernel_args(out.reshape(-1)))
-        else:
-            _dw_nchw(x, w_krs, b, out, *geometry, chunks)
+
+        def nhwc(x, out, epi):
+            _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
             epi.apply(out)
+        return nhwc
+    chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
+    w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
+    if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
+        # phase planes reach every tap of every output pixel (see _plane_phases)
+        hq = p.ho + 2 * p.dil_h // p.stride_h
+        wq = p.wo + 2 * p.dil_w // p.stride_w
+        return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq,
+                                                   *epi.kernel_args(out.reshape(-1)))
+
+    def nchw(x, out, epi):
+        _dw_nchw(x, w_krs, b, out, *geometry, chunks)
+        epi.apply(out)
+    return nchw
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------

@@ -356,22 +356,35 @@ FUSES_EPILOGUE = True
 def run(p, x, w, bias, out, epi=NONE):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`); ``epi``: the
     fused epilogue (:class:`numbaconv.cpu.epilogue.Epilogue`)."""
+    bind(p, w, bias)(x, out, epi)
+
+
+def bind(p, w, bias):
+    """:func:`run`'s decisions and prepared weights for problem ``p``, as a function of
+    ``(x, out, epi)`` (a :class:`numbaconv.Conv2dPlan` keeps it per input shape: a call is
+    then the allocation of the padded copy and the two kernel calls)."""
     wlayout = _WEIGHT_LAYOUT[p.layout]
-    if p.is_depthwise or uses_streaming(p):
-        if p.is_depthwise:
-            return depthwise.run(p, x, w, bias, out, wlayout, epi=epi)
+    if p.is_depthwise:
+        return depthwise.bind(p, w, bias, wlayout)
+    if uses_streaming(p):
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-        depthwise.run_streaming(p, x, w_oihw, bias, out)
-        return epi.apply(out)
-    padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * p.dtype.itemsize
-    if padded > x.nbytes + out.nbytes + PADDED_SLACK_BYTES:
+
+        def streaming(x, out, epi):
+            depthwise.run_streaming(p, x, w_oihw, bias, out)
+            epi.apply(out)
+        return streaming
+    item = p.dtype.itemsize
+    padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * item
+    if padded > (p.n * p.c * p.h * p.w + p.n * p.k * p.ho * p.wo) * item + PADDED_SLACK_BYTES:
         # padding and dilation far beyond the image (what the front door's compaction leaves):
         # the zero-padded copy would outgrow the input and the result together, so the direct
         # loop, which clips the padding in place, runs instead (memory never grows with padding)
-        naive.run(p, x, w, bias, out)
-        return epi.apply(out)
+        def direct(x, out, epi):
+            naive.run(p, x, w, bias, out)
+            epi.apply(out)
+        return direct
     if dot.applies(p):
-        return dot.run(p, x, w, bias, out, epi)  # deep NCHW layer: its OIHW weights read in place
+        return lambda x, out, epi: dot.run(p, x, w, bias, out, epi)  # deep NCHW: OIHW weights read in place
     nchw = p.layout == "NCHW"
     ssh = ssw = 1
     if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):
@@ -380,11 +393,9 @@ def run(p, x, w, bias, out, epi=NONE):
         p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
     b = plan(p)
     v_ = b["V"]
-    if not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w:
-        xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
-    else:
-        xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
-        _pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
+    in_place = not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w
+    padded_shape = (p.n, b["hp"], b["wp"], p.c)
+    pad_args = (nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
     # HWIO weights whose channel blocks are whole are read in place: each (tap, input channel)
     # row holds the V weights of a block contiguously, as packing would (only further apart),
     # so no pack and no packed-weight cache (whose exact check reads the weights twice:
@@ -395,10 +406,19 @@ def run(p, x, w, bias, out, epi=NONE):
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
-    of = out.reshape(-1)
-    _driver(p.dtype)(xp.ravel(), wpk, bp, of, p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups,
-                     p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"],
-                     b["kbs"], nchw, p.dtype.type(0), hwio, b["P"], *epi.kernel_args(of))
+    driver = _driver(p.dtype)
+    geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
+                p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio, b["P"])
+
+    def launch(x, out, epi):
+        if in_place:
+            xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
+        else:
+            xp = np.empty(padded_shape, dtype=p.dtype)
+            _pad_to_nhwc(x, xp, *pad_args)
+        of = out.reshape(-1)
+        driver(xp.reshape(-1), wpk, bp, of, *geometry, *epi.kernel_args(of))
+    return launch
 
 
 # --- code generation -----------------------------------------------------------------------

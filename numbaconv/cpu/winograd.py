@@ -417,32 +417,44 @@ def run(p, x, w, bias, out, m=None, flip=False, epi=NONE):
     ``flip``: ``w`` are the weights of the layer whose grad-input ``p`` is; the convolution
     runs with :func:`flipped_weights` of them (transformed straight from ``w``).  ``epi``:
     the fused epilogue."""
+    bind(p, w, bias, m, flip)(x, out, epi)
+
+
+def bind(p, w, bias, m=None, flip=False):
+    """:func:`run`'s plan and transformed weights for ``p``, as a function of ``(x, out, epi)``."""
     wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
     if not applies(p):
-        return tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
+        return tiled.bind(p, flipped_weights(w, wlayout, p.groups) if flip else w, bias)
     if max(p.pad_top, p.pad_bottom, p.pad_left, p.pad_right) > 2:
-        _run_live(p, x, w, bias, out, m, flip)
-        return epi.apply(out)
+        def live(x, out, epi):
+            _run_live(p, x, w, bias, out, m, flip)
+            epi.apply(out)
+        return live
     b = plan(p, m)
     nchw = p.layout == "NCHW"
-    if not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding:
-        xp = x  # NHWC without padding, whole tiles: already the layout the transforms read
-    else:
-        xp = np.empty((p.n, b["hp"], b["wp"], p.c), dtype=p.dtype)
-        tiled._pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, 1, 1)
+    in_place = not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding
+    padded_shape = (p.n, b["hp"], b["wp"], p.c)
     uf = transformed_weights(np.ascontiguousarray(w), wlayout, p.groups, b["m"], b["V"], flip)
     bp = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
     zeros = np.zeros(b["V"], dtype=p.dtype)
     ntasks = p.n * -(-(b["th"] * b["tw"]) // b["T"]) * p.groups * -(-b["kbg"] // b["kbr"])
-    bad = np.zeros(ntasks, dtype=p.dtype)
     geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
                     b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
-    of = out.reshape(-1)
-    _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, *epi.kernel_args(of))
-    if not np.isfinite(bad).all():
-        # a non-finite input or weight (or an overflow): the transforms smear it over whole
-        # tiles, so the direct kernel computes the layer with torch's propagation instead
-        tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
+
+    def launch(x, out, epi):
+        if in_place:
+            xp = x  # NHWC without padding, whole tiles: already the layout the transforms read
+        else:
+            xp = np.empty(padded_shape, dtype=p.dtype)
+            tiled._pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, 1, 1)
+        bad = np.zeros(ntasks, dtype=p.dtype)
+        of = out.reshape(-1)
+        _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, *epi.kernel_args(of))
+        if not np.isfinite(bad).all():
+            # a non-finite input or weight (or an overflow): the transforms smear it over whole
+            # tiles, so the direct kernel computes the layer with torch's propagation instead
+            tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
+    return launch
 
 
 def _run_live(p, x, w, bias, out, m, flip):
