@@ -63,7 +63,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                                            weight_layout=weight_layout)
     inputs = (("x", x), ("weight", weight), ("bias", bias))
     problem.check_out(out, *inputs)
-    in_place = check_residual(problem, residual, out, *inputs)
+    in_place = check_residual(problem, residual, out)
     return convolve(problem, x, weight, bias, algorithm, out, activation=activation, residual=residual,
                     in_place=in_place)
 

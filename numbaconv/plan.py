@@ -120,7 +120,7 @@ class Conv2dPlan:
         problem, launch = self._entry(x)
         if out is not None:
             problem.check_out(out, ("x", x))
-        in_place = residual is not None and check_residual(problem, residual, out, ("x", x))
+        in_place = residual is not None and check_residual(problem, residual, out)
         if launch is None:
             return convolve(problem, x, self._weight, self._bias, self.algorithm, out,
                             with_padding_products=not self._finite, activation=self.activation,

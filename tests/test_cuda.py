@@ -234,6 +234,36 @@ def test_nan_and_inf_propagate():
         np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
 
 
+@needs_cuda
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the simulator's exp in NumPy
+def test_epilogue_numpy_and_device():
+    """activation / residual through the GPU's epilogue kernel: NumPy residual, device
+    residual (a strided view), out=residual in place on the device, and through a plan."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    x, wt, b, kwargs, expected, red = _case((1, 3, 5, 5, 4, 3, 3), {"padding": 1}, np.float32)
+    res = np.random.default_rng(5).standard_normal(expected.shape).astype(np.float32)
+    for activation, fn in (("relu", F.relu), ("relu6", F.relu6), ("silu", F.silu), ("hardswish", F.hardswish)):
+        want = fn(torch.from_numpy(expected + res)).numpy()
+        got = numbaconv.conv2d(x, wt, b, algorithm="cuda", activation=activation, residual=res, **kwargs)
+        assert_close(got, want, np.float32, red)
+    want = F.relu(torch.from_numpy(expected + res)).numpy()
+    wide = cuda.to_device(np.repeat(res, 2, axis=3))  # a residual with a column stride of 2
+    got = cuda_conv.conv2d_cuda(cuda.to_device(x), cuda.to_device(wt), cuda.to_device(b), activation="relu",
+                                residual=wide[:, :, :, ::2], **kwargs)
+    assert_close(got.copy_to_host(), want, np.float32, red)
+    out = cuda.to_device(res)
+    assert numbaconv.conv2d(cuda.to_device(x), wt, b, algorithm="cuda", activation="relu", residual=out, out=out,
+                            **kwargs) is out
+    assert_close(out.copy_to_host(), want, np.float32, red)
+    plan = numbaconv.Conv2dPlan(wt, b, algorithm="cuda", activation="relu", **kwargs)
+    assert_close(plan(x, residual=res), want, np.float32, red)
+    with pytest.raises(ValueError, match="residual has shape"):
+        numbaconv.conv2d(x, wt, b, algorithm="cuda", residual=res[:, :, 1:], **kwargs)
+    with pytest.raises(ValueError, match="activation must be"):
+        numbaconv.conv2d(x, wt, b, algorithm="cuda", activation="elu", **kwargs)
+
+
 # --- device arrays ---------------------------------------------------------------------
 @needs_cuda
 @pytest.mark.parametrize("kernel", ["direct", "gemm8"])

@@ -697,7 +697,7 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
                                     weight_layout=weight_layout, allow_device=True)
     _check_out(problem, ov, (("x", xv), ("weight", wv), ("bias", bv)))
     check_activation(activation)
-    rv, in_place = _check_residual(problem, residual, ov, (("x", xv), ("weight", wv), ("bias", bv)))
+    rv, in_place = _check_residual(problem, residual, ov)
     p = problem
     device_result = is_device_array(x)
     np_dtype = np.dtype(p.dtype)
@@ -773,15 +773,14 @@ def _launch_all(*launches):
         launch()
 
 
-def _check_residual(problem, residual, out, inputs):
+def _check_residual(problem, residual, out):
     """``(residual view, whether out is the residual)``: the contract's checks for a NumPy or
     device ``residual`` (a numba view of it is returned)."""
     if residual is None:
         return None, False
     if isinstance(residual, np.ndarray):
         host_out = out if isinstance(out, np.ndarray) else None
-        return residual, check_residual(problem, residual, host_out,
-                                        *[(n, a) for n, a in inputs if isinstance(a, np.ndarray)])
+        return residual, check_residual(problem, residual, host_out)
     rv = _view(residual)
     if not getattr(rv, "__cuda_ndarray__", False):
         raise TypeError(f"residual must be None, a numpy.ndarray or a device array, got {type(residual).__name__}")
