@@ -99,6 +99,12 @@ class Conv2dPlan:
                 self._entries[key] = entry
         return entry
 
+    def out_shape(self, x):
+        """The shape of ``plan(x)`` (``x`` validated as a call would)."""
+        if unbatched(x):
+            return self.out_shape(x[None])[1:]
+        return self._entry(x)[0].out_shape
+
     def __call__(self, x, *, residual=None, out=None):
         entry = self._entries.get((type(x), x.dtype, x.shape)) if type(x) is np.ndarray else None
         if entry is not None and entry[1] is not None and residual is None and x.flags.c_contiguous:

@@ -37,7 +37,7 @@ ALLOWED = {
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cache", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
-                        "numbaconv.cpu._vec"},
+                        "numbaconv.cpu._vec", "numbaconv.torch"},
     "numbaconv.torch": {"numbaconv", "numbaconv.cuda.backward", "numbaconv.grad", "numbaconv.problem"},
 }
 

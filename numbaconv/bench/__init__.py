@@ -3,9 +3,11 @@
 * ``suite`` -- SPEC.md's shape table, timing helpers shared with asv (``asv_bench/``) and the
   tests, torch (lazily imported) in the same process;
 * ``cli``   -- the ``numbaconv`` console script (``python -m numbaconv``);
-* ``plot``  -- the bar chart of ``--plot`` (matplotlib, lazily imported).
+* ``plot``  -- the bar chart of ``--plot`` (matplotlib, lazily imported);
+* ``models`` -- ``--models``: torchvision CNNs through ``numbaconv.torch.convert`` against torch
+  eager and onnxruntime.
 
-May import: the public ``numbaconv`` API (``suite`` only through absolute imports: asv loads
+May import: the public ``numbaconv`` API and ``numbaconv.torch`` (``suite`` only through absolute imports: asv loads
 that file on its own next to older commits), ``numbaconv.cuda.conv.real_gpu``, and the machine
 probes ``numbaconv.cpu.peak`` / ``numbaconv.cpu._vec`` (the measured FMA peak, the LLVM target).  Nothing
 in the library imports ``bench``.

@@ -55,6 +55,11 @@ def _parser():
                         "Numba cache")
     p.add_argument("--first-call-only", action="store_true", help="only the first-call measurement, no suite")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--models", type=_csv, metavar="M,M", default=None,
+                   help="instead of the layer suite: torchvision models through numbaconv.torch.convert against "
+                        "torch eager and onnxruntime ('all' = resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,"
+                        "efficientnet_b0; needs torchvision)")
+    p.add_argument("--batches", type=_csv, metavar="B,B", default=["1", "8"], help="--models batch sizes (default 1,8)")
     # Tests only: the tiny stand-in shapes (also $NUMBACONV_BENCH_SUITE=tiny).
     p.add_argument("--suite", choices=("public", "tiny"), default=None, help=argparse.SUPPRESS)
 
@@ -120,6 +125,22 @@ def format_first_call(rows):
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
+def _cmd_models(args, out):
+    from . import models
+
+    names = _select("models", list(models.MODELS) if args.models == ["all"] else args.models, list(models.MODELS))
+    machine = bench.machine_info(threads=args.threads)
+    print(f"numbaconv {machine['numbaconv']} bench --models: {machine['cpu']}, {args.threads} threads, float32, "
+          "224x224, random weights; ms are medians", file=out)
+    rows = models.measure(names, batches=[int(b) for b in args.batches], threads=args.threads,
+                          seconds=0.5 if args.quick else 2.0, onnxruntime=not args.no_onnxruntime, out=out)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "models": rows}, f, indent=1)
+    return 0
+
+
 def _select(kind, requested, available):
     if requested is None:
         return list(available)
@@ -134,6 +155,8 @@ def _select(kind, requested, available):
 
 def cmd_bench(args, out=None):
     out = out if out is not None else sys.stdout
+    if args.models is not None:
+        return _cmd_models(args, out)
     suite = bench.active_suite(args.suite)
     shape_names = _select("shapes", args.shapes, list(suite))
     layouts = _select("layouts", args.layouts, list(bench.LAYOUTS))

@@ -1,0 +1,157 @@
+"""``numbaconv.torch.convert``: eval-mode models with BatchNorm folded and activations /
+residual additions fused equal the original within float32 rounding, in both memory
+formats; train-mode models swap modules and keep their gradients; the given model is left
+unchanged.  The five torchvision architectures of the model benchmark run at 64x64."""
+
+import copy
+
+import pytest
+import torch
+
+import numbaconv.torch as nt
+from numbaconv.bench import models
+
+torch.manual_seed(0)
+
+
+class Block(torch.nn.Module):
+    """ResNet's basic block, written with every form convert fuses: modules, functions, ``+=``."""
+
+    def __init__(self, c_in, c_out, stride, act):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c_out)
+        self.act = act
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                            torch.nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return torch.nn.functional.relu(out)
+
+
+def _small_net():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(inplace=True),
+        Block(16, 16, 1, torch.nn.SiLU()), Block(16, 32, 2, torch.nn.Hardswish()),
+        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 8, 1, padding_mode="reflect"),  # no BN, no activation
+        torch.nn.Conv2d(8, 8, 3, padding=2, padding_mode="reflect"),
+    )
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.running_mean, -0.5, 0.5)
+            torch.nn.init.uniform_(m.running_var, 0.5, 2.0)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    return net
+
+
+def _assert_close(got, want, rel=2e-5):
+    assert got.shape == want.shape
+    assert ((got - want).abs().max() / want.abs().max()).item() < rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_model_folds_fuses_and_matches(dtype):
+    net = _small_net().to(dtype).eval()
+    before = copy.deepcopy(net.state_dict())
+    converted = nt.convert(net)
+    assert isinstance(converted, torch.fx.GraphModule)
+    kinds = [type(m) for m in converted.modules()]
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.Conv2d not in kinds
+    fused = [m for m in converted.modules() if isinstance(m, nt.FusedConv2d)]
+    assert len(fused) == 9
+    assert sum(m.folded_batchnorm for m in fused) == 7
+    assert {m.activation for m in fused} == {"relu6", "silu", "hardswish", "relu", None}
+    targets = {n.op: n for n in converted.graph.nodes}
+    assert not any(n.op == "call_function" and "add" in str(n.target) for n in converted.graph.nodes), targets
+    for k, v in net.state_dict().items():  # inplace=False: the given model is unchanged
+        assert torch.equal(v, before[k])
+    assert all(type(m) is not nt.Conv2d for m in net.modules())
+    x = torch.randn(2, 3, 17, 18, dtype=dtype)
+    rel = 2e-5 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        want = net(x)
+        _assert_close(converted(x), want, rel)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        got = converted.to(memory_format=torch.channels_last)(xc)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        _assert_close(got, want, rel)
+        _assert_close(converted(x[0]), want[0], rel)  # unbatched
+
+
+def test_train_mode_swaps_modules_and_gradients_flow():
+    net = _small_net().double().train()  # float64: conv biases before a BatchNorm get ~0 gradients
+    converted = nt.convert(net)
+    assert sum(type(m) is nt.Conv2d for m in converted.modules()) == 9
+    assert not any(type(m) is nt.Conv2d for m in net.modules())
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    converted(x).square().sum().backward()
+    net(x).square().sum().backward()
+    for (name, p), q in zip(net.named_parameters(), converted.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_inplace_and_untraceable_models():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                return self.conv(x)
+            return -self.conv(x)
+
+    model = Branchy().eval()
+    out = nt.convert(model, inplace=True)
+    assert out is model and type(model.conv) is nt.Conv2d
+    x = torch.randn(1, 3, 8, 8).abs()
+    with torch.no_grad():
+        _assert_close(model(x), torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias))
+
+
+def test_broadcasting_residual_falls_back_to_torch():
+    class Bias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("shift", torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + self.shift)
+
+    model = Bias().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        _assert_close(nt.convert(model)(x), model(x))
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_torchvision_models(name):
+    model = models.build(name)
+    converted = nt.convert(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in converted.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        _assert_close(converted(x), want, 1e-4)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        _assert_close(converted.to(memory_format=torch.channels_last)(xc), want, 1e-4)
+
+
+def test_model_benchmark_rows():
+    """``numbaconv bench --models``'s measurement on a small image: every peer timed, outputs compared."""
+    rows = models.measure(["resnet18"], batches=(1,), size=32, seconds=0.01)
+    assert [(r["model"], r["format"]) for r in rows] == [("resnet18", "NCHW"), ("resnet18", "channels_last")]
+    assert all(r["max_rel_diff"] < 1e-4 for r in rows)
+    assert rows[0]["onnxruntime_max_rel_diff"] < 1e-4 and "onnxruntime_ms" not in rows[1]
+    assert "resnet18" in models.format_rows(rows)
