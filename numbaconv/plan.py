@@ -49,7 +49,6 @@ class Conv2dPlan:
         self.activation = activation
         self.layout = layout
         self.dtype = weight.dtype
-        self.weight_layout = weight_layout
         # everything that does not depend on x, validated now on a stand-in input (no memory:
         # an empty batch), with conv2d's messages
         wl = weight_layout or DEFAULT_WEIGHT_LAYOUT[layout]
@@ -58,7 +57,6 @@ class Conv2dPlan:
         probe = np.empty((0, c, _PROBE, _PROBE) if layout == "NCHW" else (0, _PROBE, _PROBE, c), dtype=weight.dtype)
         problem = ConvProblem.from_args(probe, weight, bias, **self._args)
         self._user_weight_shape = weight.shape
-        self._user_weight_layout = problem.weight_layout
         # the private copies, in the layout every host kernel takes for this activation layout
         self._kernel_layout = DEFAULT_WEIGHT_LAYOUT[layout]
         self._weight = np.array(to_layout(weight, problem.weight_layout, self._kernel_layout), order="C", copy=True)

@@ -8,7 +8,10 @@ does).  It offers:
   backward is :func:`numbaconv.conv2d_backward`;
 * :class:`Conv2d` -- a drop-in subclass of :class:`torch.nn.Conv2d` (same constructor,
   parameters, ``state_dict``, ``padding_mode``, ``padding="same"/"valid"``) whose
-  convolution runs through :func:`conv2d`.
+  convolution runs through :func:`conv2d`;
+* :func:`convert` -- a whole model on numbaconv: for inference, BatchNorm folded and the
+  following residual add / activation fused into :class:`FusedConv2d` modules, each a
+  :class:`numbaconv.Conv2dPlan` per memory format; for training, the plain module swap.
 
 Tensors cross over without copies: a CPU tensor becomes a NumPy view
 (``.detach().numpy()``), results come back with ``torch.from_numpy``.  A tensor in

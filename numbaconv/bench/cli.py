@@ -131,7 +131,8 @@ def _cmd_models(args, out):
     names = _select("models", list(models.MODELS) if args.models == ["all"] else args.models, list(models.MODELS))
     machine = bench.machine_info(threads=args.threads)
     print(f"numbaconv {machine['numbaconv']} bench --models: {machine['cpu']}, {args.threads} threads, float32, "
-          "224x224, random weights; ms are medians", file=out)
+          "224x224, random weights; ms are medians; glibc's mmap threshold raised for every peer "
+          "(numbaconv.bench.models.steady_allocator)", file=out)
     rows = models.measure(names, batches=[int(b) for b in args.batches], threads=args.threads,
                           seconds=0.5 if args.quick else 2.0, onnxruntime=not args.no_onnxruntime, out=out)
     if args.json:

@@ -8,13 +8,14 @@ its compiled ops, which do not exist in the CPU build of torch; only its Python 
 needed here, so :func:`import_torchvision` skips those registrations while importing it.
 """
 
+import ctypes
 import io
 import time
 import warnings
 
 import numpy as np
 
-__all__ = ["MODELS", "build", "import_torchvision", "measure", "format_rows"]
+__all__ = ["MODELS", "build", "import_torchvision", "measure", "format_rows", "steady_allocator"]
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 
@@ -59,6 +60,21 @@ def build(name, seed=0):
     return model
 
 
+def steady_allocator():
+    """Have glibc serve large blocks from its heap instead of a fresh ``mmap`` each (whose
+    pages fault in, zeroed, on every call).  Batch-8 activations outgrow glibc's dynamic
+    mmap threshold (32 MiB at most), so without this both torch and numbaconv spend up to
+    half their time in page faults, by an amount that depends on what the process did
+    before (an ``onnx.export`` happened to change it 2x).  The same as running with
+    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``.  Returns
+    whether it applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_ / M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _onnxruntime_session(model, x, threads):
     import onnxruntime as ort
     import torch
@@ -88,13 +104,29 @@ def _best_ms(fn, seconds):
     return 1e3 * min(times), 1e3 * float(np.median(times))
 
 
+def _alternating_ms(first, second, seconds):
+    """:func:`_best_ms` of two callables, run in alternation (the machine's drift hits both)."""
+    first()
+    second()
+    a, b = [], []
+    deadline = time.perf_counter() + 2 * seconds
+    while len(a) < 3 or (time.perf_counter() < deadline and len(a) < 50):
+        for fn, times in ((first, a), (second, b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return tuple((1e3 * min(t), 1e3 * float(np.median(t))) for t in (a, b))
+
+
 def measure(names=MODELS, batches=(1, 8), size=224, threads=2, seconds=2.0, onnxruntime=True, out=None):
     """One row per model x batch x memory format: ms (min, median) of torch eager, numbaconv
-    and onnxruntime (NCHW rows), and the largest difference from torch's output."""
+    and onnxruntime (NCHW rows), and the largest difference from torch's output.  Every
+    peer runs under :func:`steady_allocator`; torch and numbaconv are timed in alternation."""
     import torch
 
     import numbaconv.torch as nt
 
+    steady_allocator()
     torch.set_num_threads(threads)
     rows = []
     for name in names:
@@ -108,10 +140,10 @@ def measure(names=MODELS, batches=(1, 8), size=224, threads=2, seconds=2.0, onnx
                 m, c = model.to(memory_format=fmt), converted.to(memory_format=fmt)
                 with torch.no_grad():
                     ref, got = m(xx), c(xx)
+                    torch_ms, numbaconv_ms = _alternating_ms(lambda: m(xx), lambda: c(xx), seconds)
                     row = dict(model=name, batch=batch, format=label, size=size, threads=threads,
                                max_rel_diff=float((got - ref).abs().max() / ref.abs().max()),
-                               torch_ms=_best_ms(lambda: m(xx), seconds),
-                               numbaconv_ms=_best_ms(lambda: c(xx), seconds))
+                               torch_ms=torch_ms, numbaconv_ms=numbaconv_ms)
                 if ort_run is not None and label == "NCHW":
                     row["onnxruntime_ms"] = _best_ms(ort_run, seconds)
                     row["onnxruntime_max_rel_diff"] = float(np.abs(ort_run() - ref.numpy()).max()

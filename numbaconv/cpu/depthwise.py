@@ -289,9 +289,10 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 @pjit
 def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, rf, act, has_res):
-    """3x3 planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw``
-    planes of ``hq x wq``, allocated once per chunk of planes (:func:`_plane_phases`), each
-    plane then through the epilogue (``act``, residual ``rf``).
+    """Planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes of
+    ``hq x wq``, allocated once per chunk of planes (3x3: :func:`_plane_phases`; other kernel
+    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue (``act``,
+    residual ``rf``).
     Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
@@ -300,10 +301,11 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
     ho_, wo_ = out.shape[2], out.shape[3]
     # each tap's flat offset from its output pixel, computed once (36 integer divisions per
     # plane cost as much as a 14x14 plane's arithmetic)
-    offs = np.empty(9, dtype=np.uintp)
-    for r in range(3):
-        for s in range(3):
-            offs[3 * r + s] = ((((r * dh) % sh) * sw + (s * dw) % sw) * hq + (r * dh) // sh) * wq + (s * dw) // sw
+    r_, s_ = w_krs.shape[1], w_krs.shape[2]
+    offs = np.empty(r_ * s_, dtype=np.uintp)
+    for r in range(r_):
+        for s in range(s_):
+            offs[s_ * r + s] = ((((r * dh) % sh) * sw + (s * dw) % sw) * hq + (r * dh) // sh) * wq + (s * dw) // sw
     for t in prange(chunks):
         # zeroed once: the padding positions are the same for every plane, the rest is
         # overwritten; the slack past the end covers the sweep's last, partly used, block
@@ -317,7 +319,10 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
             if src != filled:
                 _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
                 filled = src
-            _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
+            if r_ * s_ == 9:
+                _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
+            else:
+                _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
             finish_2d(of, rf, q * ho_ * wo_, 1, 0, ho_ * wo_, act, has_res)
 
 
@@ -455,6 +460,30 @@ def _plane_phases(wf, bias, of, base, ho_, wo_, k, sh, dh, wq, offs, buf, op):
             op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
                      + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
                      + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
+    uo = np.uintp(wo_)
+    uq = np.uintp(wq)
+    for i in range(np.uintp(ho_)):
+        dst = np.uintp(base) + i * uo
+        src = i * uq
+        for j in range(uo):
+            of[dst + j] = op[src + j]
+
+
+@jit
+def _plane_phases_taps(wf, bias, of, base, ho_, wo_, k, wq, offs, buf, op):
+    """:func:`_plane_phases`' flat sweep for any kernel size (EfficientNet's 5x5): the plane
+    at the phase width accumulates one tap at a time (a unit-stride vector loop each), then
+    the ``Wo`` real columns of each row are copied out."""
+    taps = offs.size
+    nq = np.uintp((ho_ - 1) * wq + wo_)
+    b = bias[k]
+    for q in range(nq):
+        op[q] = b
+    for t in range(taps):
+        wt = wf[taps * k + t]
+        src = buf[offs[t]:]
+        for q in range(nq):
+            op[q] += wt * src[q]
     uo = np.uintp(wo_)
     uq = np.uintp(wq)
     for i in range(np.uintp(ho_)):
@@ -724,10 +753,10 @@ def bind(p, w, bias, wlayout="OIHW"):
         return nhwc
     chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
     w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
-    if p.r == 3 and p.s == 3 and p.wo <= _PHASES_MAX_W:
+    if p.wo <= _PHASES_MAX_W:
         # phase planes reach every tap of every output pixel (see _plane_phases)
-        hq = p.ho + 2 * p.dil_h // p.stride_h
-        wq = p.wo + 2 * p.dil_w // p.stride_w
+        hq = p.ho + (p.r - 1) * p.dil_h // p.stride_h
+        wq = p.wo + (p.s - 1) * p.dil_w // p.stride_w
         return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq,
                                                    *epi.kernel_args(out.reshape(-1)))
 
