@@ -357,10 +357,10 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tile_8_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n, in
     blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
-    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
+    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -400,20 +400,20 @@ def tile_8_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_
                     else:
                         uk4_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if act != 0 or has_res:
+    if epi is not None:  # (pruned at compile time without an epilogue)
         for kb in range(kb_lo, kb_hi):
             nk = min(8, kg - kb * 8)
             kb0 = g * kg + kb * 8
             if nchw:
-                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             else:
                 for i in range(i0, i1):
-                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
+                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
 @pjit
 def conv_8_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -428,15 +428,15 @@ def conv_8_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, k
         kr = gk % nkr
         tile_8_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
                   ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  rf, act, has_res)
+                  epi)
 
 
 @_ukjit
 def tile_16_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
     blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
-    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
+    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -476,20 +476,20 @@ def tile_16_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk4_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if act != 0 or has_res:
+    if epi is not None:  # (pruned at compile time without an epilogue)
         for kb in range(kb_lo, kb_hi):
             nk = min(16, kg - kb * 16)
             kb0 = g * kg + kb * 16
             if nchw:
-                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             else:
                 for i in range(i0, i1):
-                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
+                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
 @pjit
 def conv_16_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -504,15 +504,15 @@ def conv_16_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         kr = gk % nkr
         tile_16_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
                   ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  rf, act, has_res)
+                  epi)
 
 
 @_ukjit
 def tile_16_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
     blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
-    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
+    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -552,20 +552,20 @@ def tile_16_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if act != 0 or has_res:
+    if epi is not None:  # (pruned at compile time without an epilogue)
         for kb in range(kb_lo, kb_hi):
             nk = min(16, kg - kb * 16)
             kb0 = g * kg + kb * 16
             if nchw:
-                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             else:
                 for i in range(i0, i1):
-                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
+                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
 @pjit
 def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -580,15 +580,15 @@ def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         kr = gk % nkr
         tile_16_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
                   ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  rf, act, has_res)
+                  epi)
 
 
 @_ukjit
 def tile_32_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n, in
     blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
-    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
+    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -628,20 +628,20 @@ def tile_32_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c
                     else:
                         uk7_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
                                  bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if act != 0 or has_res:
+    if epi is not None:  # (pruned at compile time without an epilogue)
         for kb in range(kb_lo, kb_hi):
             nk = min(32, kg - kb * 32)
             kb0 = g * kg + kb * 32
             if nchw:
-                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             else:
                 for i in range(i0, i1):
-                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
+                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
 @pjit
 def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -656,4 +656,4 @@ def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, 
         kr = gk % nkr
         tile_32_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
                   ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  rf, act, has_res)
+                  epi)

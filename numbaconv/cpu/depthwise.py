@@ -288,11 +288,10 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @pjit
-def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, rf, act, has_res):
+def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, epi):
     """Planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes of
     ``hq x wq``, allocated once per chunk of planes (3x3: :func:`_plane_phases`; other kernel
-    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue (``act``,
-    residual ``rf``).
+    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``).
     Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
@@ -323,7 +322,8 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
                 _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
             else:
                 _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
-            finish_2d(of, rf, q * ho_ * wo_, 1, 0, ho_ * wo_, act, has_res)
+            if epi is not None:  # (pruned at compile time without an epilogue)
+                finish_2d(of, epi, q * ho_ * wo_, 1, 0, ho_ * wo_)
 
 
 @pjit
@@ -627,14 +627,14 @@ def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, rf, act, has_res):
+def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, epi):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
     depthwise problem with column stride ``sw`` of 1 or 2 (any row stride), in 4-pixel
     register blocks (:data:`block4_s1` / :data:`block4_s2`; the last block of a row overlaps
     the previous one).  A block whose 3 x ``3 sw + 3`` input window lies inside the image
     reads the input in place; one that meets the zero padding reads a copy of its window
     with the padding filled in (a few blocks per row: no copy of whole rows).  Each finished
-    row then goes through the epilogue (``act``, residual ``rf``)."""
+    row then goes through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``)."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
     ncol = 3 * sw + 3
@@ -670,15 +670,16 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, rf, act, has
             else:
                 block4_s2(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
             j += 4
-        finish_2d(of, rf, orow * k_, 1, 0, wo_ * k_, act, has_res)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            finish_2d(of, epi, orow * k_, 1, 0, wo_ * k_)
 
 
 @pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks, rf, act, has_res):
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks, epi):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
         _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl,
-                           rf, act, has_res)
+                           epi)
 
 
 @pjit
@@ -734,7 +735,7 @@ def bind(p, w, bias, wlayout="OIHW"):
             args = (w_rsk, b, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
                     max(1, min(p.n * p.ho, numba.get_num_threads())))
             return lambda x, out, epi: _dw_nhwc_ring(x, args[0], args[1], out, *args[2:],
-                                                     *epi.kernel_args(out.reshape(-1)))
+                                                     epi.kernel_arg(out.reshape(-1)))
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
         if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3:
@@ -758,7 +759,7 @@ def bind(p, w, bias, wlayout="OIHW"):
         hq = p.ho + (p.r - 1) * p.dil_h // p.stride_h
         wq = p.wo + (p.s - 1) * p.dil_w // p.stride_w
         return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq,
-                                                   *epi.kernel_args(out.reshape(-1)))
+                                                   epi.kernel_arg(out.reshape(-1)))
 
     def nchw(x, out, epi):
         _dw_nchw(x, w_krs, b, out, *geometry, chunks)

@@ -110,9 +110,9 @@ def _fill_cols(xp, cols, taps, sh, sw, ho_, wo_):
 
 
 @pjit
-def _dot_conv(wm, cols, bias, out, pixels, rf, act, has_res):
+def _dot_conv(wm, cols, bias, out, pixels, epi):
     """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels, each
-    block's rows then through the epilogue (``act``, residual ``rf``)."""
+    block's rows then through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``)."""
     k_, red = wm.shape
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
@@ -135,7 +135,8 @@ def _dot_conv(wm, cols, bias, out, pixels, rf, act, has_res):
                 for a in range(kn):
                     of[(n * k_ + k0 + a) * hw + q] = acc[a * PB + b] + bias[k0 + a]
         for n in range(pixels // hw):
-            finish_2d(of, rf, (n * k_ + k0) * hw, kn, hw, hw, act, has_res)
+            if epi is not None:  # (pruned at compile time without an epilogue)
+                finish_2d(of, epi, (n * k_ + k0) * hw, kn, hw, hw)
 
 
 def microkernel_asm(dtype=np.float32):
@@ -162,4 +163,4 @@ def run(p, x, w, bias, out, epi=NONE):
     cols = np.empty((-(-pixels // PB) * PB, p.c * p.r * p.s), dtype=p.dtype)
     _fill_cols(xp, cols, taps, p.stride_h, p.stride_w, p.ho, p.wo)
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
-    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels, *epi.kernel_args(out.reshape(-1)))
+    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels, epi.kernel_arg(out.reshape(-1)))

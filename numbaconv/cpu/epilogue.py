@@ -156,10 +156,14 @@ def finish(y, r, lo, hi, act, has_res):
 
 
 @jit
-def finish_2d(y, r, base, count, stride, length, act, has_res):
-    """:func:`finish` on ``count`` runs of ``length`` elements, ``stride`` apart, from ``base``."""
-    if act == 0 and not has_res:
+def finish_2d(y, epi, base, count, stride, length):
+    """:func:`finish` on ``count`` runs of ``length`` elements, ``stride`` apart, from
+    ``base``.  ``epi``: ``None``, or ``(residual, act, has_res)`` (:meth:`Epilogue.kernel_arg`).
+    Kernels take ``epi`` as an argument: with ``None`` Numba prunes every epilogue branch at
+    compile time, so kernels run without one compile none of its code (first-call latency)."""
+    if epi is None:
         return
+    r, act, has_res = epi
     for i in range(count):
         lo = base + i * stride
         finish(y, r, lo, lo + length, act, has_res)
@@ -195,9 +199,12 @@ class Epilogue(NamedTuple):
     def active(self):
         return self.act != 0 or self.residual is not None
 
-    def kernel_args(self, out_flat):
-        """``(residual, act, has_res)`` for kernels: the flat residual (the output itself
-        without one, so that every call compiles to one signature)."""
+    def kernel_arg(self, out_flat):
+        """What kernels take as ``epi``: ``None`` when inactive, else ``(residual, act,
+        has_res)`` with the flat residual (the output itself without one, so that every
+        active call compiles to one signature)."""
+        if not self.active:
+            return None
         has_res = self.residual is not None
         return (self.residual.reshape(-1) if has_res else out_flat), self.act, has_res
 

@@ -417,7 +417,7 @@ def bind(p, w, bias):
             xp = np.empty(padded_shape, dtype=p.dtype)
             _pad_to_nhwc(x, xp, *pad_args)
         of = out.reshape(-1)
-        driver(xp.reshape(-1), wpk, bp, of, *geometry, *epi.kernel_args(of))
+        driver(xp.reshape(-1), wpk, bp, of, *geometry, epi.kernel_arg(of))
     return launch
 
 
@@ -447,10 +447,10 @@ _DRIVER = '''
 
 @_ukjit
 def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, rf, act, has_res):
+            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
     """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n, in
     blocks of ``p_`` pixels (one of {PS}: a runtime choice, so every layer shares this code),
-    then the epilogue (``act``, residual ``rf``) on that finished, still cached, part.
+    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
@@ -485,20 +485,20 @@ def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp
                     ob = orow + j0 * os_p
                     np_ = min(p_, wo_ - j0)
 {CALLS}
-    if act != 0 or has_res:
+    if epi is not None:  # (pruned at compile time without an epilogue)
         for kb in range(kb_lo, kb_hi):
             nk = min({V}, kg - kb * {V})
             kb0 = g * kg + kb * {V}
             if nchw:
-                finish_2d(of, rf, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_, act, has_res)
+                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             else:
                 for i in range(i0, i1):
-                    finish_2d(of, rf, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk, act, has_res)
+                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
 @pjit
 def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, rf, act, has_res):
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
     """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
@@ -513,7 +513,7 @@ def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, k
         kr = gk % nkr
         tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
                   ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  rf, act, has_res)
+                  epi)
 '''
 
 

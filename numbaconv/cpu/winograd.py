@@ -171,10 +171,9 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
 
 @jit
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
-          cb, v_, nchw, rf, act, has_res):
+          cb, v_, nchw, epi):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
-    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue (``act``, residual
-    ``rf``) once written.  Returns 0, or NaN when a (pre-epilogue) result is not finite."""
+    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue) result is not finite."""
     a = m + 2
     aa = a * a
     ntiles = th * tw
@@ -209,7 +208,8 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
             for i in range(min(m, ho_ - y0)):
                 row = ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0
                 tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw, row, ho_ * wo_, npix, nk)
-                finish_2d(of, rf, row, nk, ho_ * wo_, npix, act, has_res)
+                if epi is not None:  # (pruned at compile time without an epilogue)
+                    finish_2d(of, epi, row, nk, ho_ * wo_, npix)
             t += run
         return chk
     for t in range(nt):
@@ -220,7 +220,8 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
             chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw, ((n * ho_ + y0) * wo_ + x0) * k_ + k0,
                              wo_ * k_, k_, nk, k0)
             for i in range(m):
-                finish_2d(of, rf, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk, act, has_res)
+                if epi is not None:  # (pruned at compile time without an epilogue)
+                    finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
             continue
         chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk, k0)
         for i in range(min(m, ho_ - y0)):
@@ -229,12 +230,14 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
                 src = (i * m + j) * kw
                 for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
                     of[o + k] = obuf[src + k]
-            finish_2d(of, rf, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_, nk, act, has_res)
+            if epi is not None:  # (pruned at compile time without an epilogue)
+                finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
+                          nk)
     return chk
 
 
 @pjit
-def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, rf, act, has_res):
+def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, epi):
     """The convolution: prange over tasks = (image, block of ``T`` tiles, group, run of
     ``kbr`` output-channel blocks), each a :func:`_task`.  ``xf``: zero-padded NHWC input
     ``(N, hp, wp, C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its
@@ -251,7 +254,7 @@ def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, rf, act, has_res):
         kb_lo = (rest % nkr) * kbr
         bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
                        min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
-                       rf, act, has_res)
+                       epi)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -449,7 +452,7 @@ def bind(p, w, bias, m=None, flip=False):
             tiled._pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, 1, 1)
         bad = np.zeros(ntasks, dtype=p.dtype)
         of = out.reshape(-1)
-        _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, *epi.kernel_args(of))
+        _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, epi.kernel_arg(of))
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
