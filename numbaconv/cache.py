@@ -117,8 +117,9 @@ def _as_layer(spec):
     return _layer(*spec)
 
 
-def _work(layers, dtype, layout, algorithms):
-    """In a worker process: run every layer once per algorithm; what compiled, how long."""
+def _work(layers, dtype, layout, algorithms, epilogue=False):
+    """In a worker process: run every layer once per algorithm (and once more with an
+    activation: the kernels' epilogue variants); what compiled, how long."""
     import numpy as np
     from numba.core.event import install_recorder
 
@@ -134,6 +135,9 @@ def _work(layers, dtype, layout, algorithms):
             t0 = time.perf_counter()
             with install_recorder("numba:compile") as rec:
                 numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm, **kw)
+                if epilogue:  # one variant serves every activation, with or without a residual
+                    numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm,
+                                     activation="relu", **kw)
             compiled = sum(1 for _, ev in rec.buffer if ev.is_end)
             rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm=algorithm,
                              compiled=compiled, seconds=time.perf_counter() - t0))
@@ -141,12 +145,14 @@ def _work(layers, dtype, layout, algorithms):
 
 
 def warmup(layers=None, *, model=None, dtypes=("float32",), layouts=("NCHW", "NHWC"), algorithms=("auto",),
-           processes=None, verbose=True, stream=None):
+           epilogue=False, processes=None, verbose=True, stream=None):
     """Compile the kernels that ``layers`` / ``model`` need into Numba's on-disk cache.
 
     Runs each layer once (zeros, batch as given) per dtype x layout x algorithm, in up to
     ``processes`` worker processes (default: one per dtype x layout, at most the CPU count).
-    ``model="all"`` also runs every host algorithm.  Returns one dict per run: ``layer,
+    ``model="all"`` also runs every host algorithm.  ``epilogue=True`` also compiles the
+    kernels' fused-epilogue variants (what ``activation=`` / ``residual=``, ``Conv2dPlan`` with
+    an activation and ``numbaconv.torch.convert``'s layers run).  Returns one dict per run: ``layer,
     dtype, layout, algorithm, compiled`` (functions compiled: 0 when the cache was warm),
     ``seconds``; prints a summary when ``verbose``.
     """
@@ -168,7 +174,7 @@ def warmup(layers=None, *, model=None, dtypes=("float32",), layouts=("NCHW", "NH
     for layout in layouts:
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layouts must be 'NCHW' / 'NHWC', got {layout!r}")
-    jobs = [(todo, d.name, layout, tuple(algorithms)) for d in dtypes for layout in layouts]
+    jobs = [(todo, d.name, layout, tuple(algorithms), epilogue) for d in dtypes for layout in layouts]
     workers = max(1, min(processes or len(jobs), len(jobs), os.cpu_count() or 1))
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # a clean interpreter per worker, as a new user gets

@@ -56,6 +56,17 @@ def test_warmup_fills_the_cache_then_is_a_no_op(tmp_path, monkeypatch):
     assert [r["compiled"] for r in second] == [0]
 
 
+def test_warmup_compiles_the_epilogue_variants(tmp_path, monkeypatch):
+    """``epilogue=True`` compiles what ``activation=`` adds (here: the epilogue pass after
+    ``naive``), which a plain warmup leaves out; then it too is a no-op."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    layer = (1, 3, 6, 7, 4, 3, 3, 1, 1)
+    kw = dict(layouts=("NCHW",), algorithms=("naive",), verbose=False)
+    assert numbaconv.warmup([layer], **kw)[0]["compiled"] > 0
+    assert numbaconv.warmup([layer], epilogue=True, **kw)[0]["compiled"] > 0
+    assert numbaconv.warmup([layer], epilogue=True, **kw)[0]["compiled"] == 0
+
+
 def test_cli_warmup(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "numbaconv", "warmup", "--layer", "1,3,6,7,4,3,3", "--algorithms", "naive",

@@ -78,6 +78,8 @@ def _parser():
     w.add_argument("--layouts", type=_csv, default=["NCHW", "NHWC"], metavar="L,L", help="default: NCHW,NHWC")
     w.add_argument("--algorithms", type=_csv, default=["auto"], metavar="A,B", help="default: auto")
     w.add_argument("--processes", type=int, default=None, help="worker processes (default: one per dtype x layout)")
+    w.add_argument("--epilogue", action="store_true",
+                   help="also the fused-epilogue variants (activation=, residual=, numbaconv.torch.convert)")
     return parser
 
 
@@ -231,7 +233,7 @@ def cmd_warmup(args, out=None):
         raise SystemExit("numbaconv warmup: give --model or --layer")
     try:
         numbaconv.warmup(args.layer or None, model=args.model, dtypes=args.dtypes, layouts=args.layouts,
-                         algorithms=args.algorithms, processes=args.processes, stream=out)
+                         algorithms=args.algorithms, epilogue=args.epilogue, processes=args.processes, stream=out)
     except ValueError as exc:
         raise SystemExit(f"numbaconv warmup: {exc}")
     return 0
