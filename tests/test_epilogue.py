@@ -95,6 +95,9 @@ def test_out_may_be_the_residual_and_residual_may_be_a_view(algorithm, layout):
     ("dot", (1, 128, 5, 5, 256, 3, 3), {"padding": 1}, "NCHW"),
     ("depthwise", (1, 32, 8, 8, 32, 3, 3), {"padding": 1, "groups": 32}, "NCHW"),
     ("depthwise_nhwc", (1, 32, 8, 8, 32, 3, 3), {"padding": 1, "groups": 32}, "NHWC"),
+    ("im2col_pointwise", (2, 16, 8, 8, 24, 1, 1), {}, "NCHW"),
+    ("im2col_pointwise_nhwc", (2, 16, 8, 8, 24, 1, 1), {}, "NHWC"),
+    ("im2col_3x3", (1, 8, 8, 8, 16, 3, 3), {"padding": 1}, "NCHW"),
 ])
 def test_the_fast_paths_fuse_it(name, shape, kwargs, layout, monkeypatch):
     """The kernels of these paths apply the epilogue to their own blocks: the pass over the
@@ -104,7 +107,7 @@ def test_the_fast_paths_fuse_it(name, shape, kwargs, layout, monkeypatch):
     monkeypatch.setattr(epilogue, "apply", lambda *a: passes.append(1) or real(*a))
     x, wt, b, res, red = _case(shape, kwargs, np.float32, seed=2)
     xa, wa = to_act(x, layout), to_weight(wt, "OIHW" if layout == "NCHW" else "HWIO")
-    algorithm = "winograd" if name.startswith("winograd") else "tiled"
+    algorithm = name.split("_")[0] if name.startswith(("winograd", "im2col")) else "tiled"
     got = numbaconv.conv2d(xa, wa, b, layout=layout, algorithm=algorithm, activation="hardswish",
                            residual=to_act(res, layout), **kwargs)
     np.testing.assert_allclose(got, to_act(_expected(x, wt, b, res, "hardswish", kwargs), layout), rtol=0,

@@ -23,6 +23,7 @@ from numba import prange
 
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
+from .epilogue import NONE, finish_2d
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
 
@@ -214,17 +215,32 @@ def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
 
 
 @pjit
-def _add_bias_nchw(out, bias):
+def _finish_nchw(out, bias, epi):
+    """The bias, then the epilogue (``epi``: None, pruned; see ``epilogue.finish_2d``), in one
+    pass over the GEMMs' result, plane by plane."""
     n_, k_ = out.shape[0], out.shape[1]
+    hw = out.shape[2] * out.shape[3]
+    of = out.reshape(-1)
     for job in prange(n_ * k_):
-        out[job // k_, job % k_] += bias[job % k_]
+        b = bias[job % k_]
+        plane = of[job * hw:(job + 1) * hw]
+        for i in range(hw):
+            plane[i] += b
+        if epi is not None:
+            finish_2d(of, epi, job * hw, 1, 0, hw)
 
 
 @pjit
-def _add_bias_nhwc(out, bias):
-    o2 = out.reshape(-1, out.shape[3])
-    for pix in prange(o2.shape[0]):
-        o2[pix] += bias
+def _finish_nhwc(out, bias, epi):
+    """:func:`_finish_nchw` for NHWC, pixel by pixel."""
+    k_ = out.shape[3]
+    of = out.reshape(-1)
+    for pix in prange(of.size // k_):
+        row = of[pix * k_:(pix + 1) * k_]
+        for i in range(k_):
+            row[i] += bias[i]
+        if epi is not None:
+            finish_2d(of, epi, pix * k_, 1, 0, k_)
 
 
 #: a thread's column tile stays about L2-sized, so its GEMM reads it from cache
@@ -244,25 +260,33 @@ def _tile_rows(p, total_rows, nthreads):
 WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 
 
-def run(p, x, w, bias, out):
-    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
+#: ``run`` takes ``epi=``: one pass after the GEMMs adds the bias and applies it
+FUSES_EPILOGUE = True
+
+
+def _finish(p, out, bias, epi):
+    if bias is None and not epi.active:
+        return
+    if bias is None:
+        bias = np.zeros(p.k, dtype=p.dtype)
+    (_finish_nchw if p.layout == "NCHW" else _finish_nhwc)(out, bias, epi.kernel_arg(out.reshape(-1)))
+
+
+def run(p, x, w, bias, out, epi=NONE):
+    """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`); ``epi``: the
+    epilogue, applied with the bias in one pass."""
     nthreads = numba.get_num_threads()
     if p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding:
         (_pointwise_nchw if p.layout == "NCHW" else _pointwise_nhwc)(x, w, out, nthreads, p.groups)
-        if bias is not None:
-            (_add_bias_nchw if p.layout == "NCHW" else _add_bias_nhwc)(out, bias)
-        return
+        return _finish(p, out, bias, epi)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
     rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
     cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
     if p.layout == "NCHW":
         _conv_nchw(x, w, out, cols, rows, nthreads, *geometry)
-        if bias is not None:
-            _add_bias_nchw(out, bias)
     else:
         _conv_nhwc(x, w, out, cols, rows, nthreads, *geometry)
-        if bias is not None:
-            _add_bias_nhwc(out, bias)
+    _finish(p, out, bias, epi)
 
 
 # --- public unfold / fold ----------------------------------------------------------------
