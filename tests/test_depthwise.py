@@ -53,6 +53,9 @@ DEPTHWISE = [
     (1, 3, 11, 15, 3, 3, 3, dict(stride=2, padding=1)),               # NCHW column phases: odd width
     (2, 2, 9, 13, 4, 3, 3, dict(stride=2, padding=((0, 1), (2, 0)))), # ... odd width, left pad 2, m = 2
     (1, 2, 8, 9, 2, 3, 3, dict(stride=2)),                            # ... odd width, no padding
+    (1, 4, 12, 40, 4, 1, 9, dict(padding=(0, 4))),                    # NCHW phases, 9 taps in a row (wide)
+    (1, 4, 40, 40, 4, 9, 1, dict(padding=(4, 0))),                    # ... 9 taps in a column (wide)
+    (1, 3, 14, 14, 3, 5, 5, dict(stride=2, padding=2)),               # NCHW phases, 5x5 stride 2 (tap sweep)
 ]
 
 

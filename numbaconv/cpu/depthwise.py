@@ -318,7 +318,7 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
             if src != filled:
                 _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
                 filled = src
-            if r_ * s_ == 9:
+            if r_ == 3 and s_ == 3:  # (its wide-plane path shares loads between kernel rows)
                 _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
             else:
                 _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
