@@ -90,12 +90,7 @@ def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_
         out = np.empty(problem.out_shape, dtype=problem.dtype)
     if out.size == 0:
         return out
-    epi = epilogue.NONE
-    if residual is not None or activation is not None:
-        if residual is not None:
-            # out=residual: the kernels overwrite out before their epilogue reads the residual
-            residual = residual.copy() if in_place else np.ascontiguousarray(residual)
-        epi = epilogue.Epilogue(epilogue.CODES[activation], residual)
+    epi = epilogue.Epilogue.of(activation, residual, in_place)
 
     x = np.ascontiguousarray(x)
     if bias is not None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .api import batched_residual, bind, convolve
 from .cpu._wcache import own
-from .cpu.epilogue import CODES, Epilogue
+from .cpu.epilogue import Epilogue
 from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS, to_layout
 from .problem import ConvProblem, call_unbatched, check_activation, check_array, check_residual, unbatched
 from .registry import algorithms, usable
@@ -64,7 +64,7 @@ class Conv2dPlan:
         own(self._weight)
         # zero padding multiplies finite weights into zeros: the NaN fix-up can never apply
         self._finite = bool(np.isfinite(self._weight).all())
-        self._epi = Epilogue(CODES[activation])
+        self._epi = Epilogue.of(activation)
         self._entries = {}
         self._lock = threading.Lock()
 
@@ -131,9 +131,6 @@ class Conv2dPlan:
                             residual=residual, in_place=in_place)
         if out is None:
             out = np.empty(problem.out_shape, dtype=problem.dtype)
-        epi = self._epi
-        if residual is not None:
-            # out=residual: the kernels overwrite out before their epilogue reads the residual
-            epi = Epilogue(epi.act, residual.copy() if in_place else np.ascontiguousarray(residual))
+        epi = self._epi if residual is None else Epilogue.of(self.activation, residual, in_place)
         launch(np.ascontiguousarray(x), out, epi)
         return out

@@ -14,7 +14,7 @@ import numpy as np
 
 from .layout import ACTIVATION_LAYOUTS, DEFAULT_WEIGHT_LAYOUT, WEIGHT_LAYOUTS
 
-__all__ = ["ACTIVATIONS", "ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES", "check_activation", "check_array",
+__all__ = ["ACTIVATIONS", "ACTIVATION_CODES", "ConvProblem", "PADDING_MODES", "SUPPORTED_DTYPES", "check_activation", "check_array",
            "check_residual", "is_device_array"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -425,6 +425,8 @@ class ConvProblem:
 #: ``activation=`` names (``numbaconv.cpu.epilogue`` holds the kernels; kept here so that
 #: validation needs no kernel module)
 ACTIVATIONS = ("relu", "relu6", "silu", "hardswish")
+#: ``activation=`` name -> the code the CPU and CUDA kernels take (0: none)
+ACTIVATION_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(ACTIVATIONS)}}
 
 
 def check_activation(activation):

@@ -153,6 +153,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return y.squeeze(0) if unbatched else y
 
 
+def _module_padding(conv):
+    """A ``torch.nn.Conv2d``'s padding as numbaconv takes it: ``conv.padding``, or for the
+    non-zero modes the padding torch materialises, ``(left, right, top, bottom)`` reversed."""
+    if conv.padding_mode == "zeros":
+        return conv.padding
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    return (top, bottom), (left, right)
+
+
 class Conv2d(torch.nn.Conv2d):
     """Drop-in :class:`torch.nn.Conv2d` whose convolution (forward and backward) is numbaconv's.
 
@@ -172,12 +181,7 @@ class Conv2d(torch.nn.Conv2d):
     def _conv_forward(self, input, weight, bias):
         if not self._numbaconv_can_run(input, weight):
             return super()._conv_forward(input, weight, bias)
-        if self.padding_mode == "zeros":
-            padding = self.padding
-        else:  # as torch: the padding it materialises, (left, right, top, bottom) reversed
-            left, right, top, bottom = self._reversed_padding_repeated_twice
-            padding = ((top, bottom), (left, right))
-        return conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
+        return conv2d(input, weight, bias, self.stride, _module_padding(self), self.dilation, self.groups,
                       padding_mode=self.padding_mode)
 
     @staticmethod
@@ -228,12 +232,7 @@ class FusedConv2d(torch.nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.activation = activation
-        if conv.padding_mode == "zeros":
-            padding = conv.padding
-        else:  # as torch.nn.Conv2d: the padding it materialises
-            left, right, top, bottom = conv._reversed_padding_repeated_twice
-            padding = ((top, bottom), (left, right))
-        self.geometry = _geometry(conv.stride, padding, conv.dilation, conv.groups, conv.padding_mode)
+        self.geometry = _geometry(conv.stride, _module_padding(conv), conv.dilation, conv.groups, conv.padding_mode)
         self.folded_batchnorm = bn is not None
         self._plans = {}
 
@@ -309,11 +308,9 @@ def convert(model, *, inplace=False):
 
 def _swap(model):
     """Every plain ``torch.nn.Conv2d`` becomes :class:`Conv2d` (its parameters kept)."""
-    for module in model.modules():
+    for module in model.modules():  # (the model itself included)
         if type(module) is torch.nn.Conv2d:
             module.__class__ = Conv2d
-    if type(model) is torch.nn.Conv2d:
-        model.__class__ = Conv2d
     return model
 
 

@@ -29,7 +29,7 @@ from numba import prange
 
 from ._jit import jit, pjit, valid_range
 from ._vec import dw3x3_block, target_vector_bytes
-from .epilogue import NONE, finish_2d
+from .epilogue import NONE, after, finish_2d
 
 __all__ = ["run", "run_streaming"]
 
@@ -291,7 +291,8 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, epi):
     """Planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes of
     ``hq x wq``, allocated once per chunk of planes (3x3: :func:`_plane_phases`; other kernel
-    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``).
+    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue ``epi`` (None:
+    pruned; see ``epilogue.finish_2d``).
     Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
     n_, k_ = out.shape[0], out.shape[1]
     planes = n_ * k_
@@ -732,10 +733,8 @@ def bind(p, w, bias, wlayout="OIHW"):
         w_rsk = w.reshape(p.r, p.s, p.k) if wlayout == "HWIO" else np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w <= 2 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
-            args = (w_rsk, b, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
-                    max(1, min(p.n * p.ho, numba.get_num_threads())))
-            return lambda x, out, epi: _dw_nhwc_ring(x, args[0], args[1], out, *args[2:],
-                                                     epi.kernel_arg(out.reshape(-1)))
+            ring = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, max(1, min(p.n * p.ho, numba.get_num_threads())))
+            return lambda x, out, epi: _dw_nhwc_ring(x, w_rsk, b, out, *ring, epi.kernel_arg(out.reshape(-1)))
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
         if m == 1 and p.stride_w == 1 and p.r == 3 and p.s == 3:
@@ -747,11 +746,7 @@ def bind(p, w, bias, wlayout="OIHW"):
             wt = wt.ravel()
         else:
             wt = np.zeros(1, dtype=p.dtype)
-
-        def nhwc(x, out, epi):
-            _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix)
-            epi.apply(out)
-        return nhwc
+        return after(lambda x, out: _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix))
     chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
     w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
     if p.wo <= _PHASES_MAX_W:
@@ -760,11 +755,7 @@ def bind(p, w, bias, wlayout="OIHW"):
         wq = p.wo + (p.s - 1) * p.dil_w // p.stride_w
         return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq,
                                                    epi.kernel_arg(out.reshape(-1)))
-
-    def nchw(x, out, epi):
-        _dw_nchw(x, w_krs, b, out, *geometry, chunks)
-        epi.apply(out)
-    return nchw
+    return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry, chunks))
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------

@@ -24,13 +24,13 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
+from ..problem import ACTIVATION_CODES as CODES
 from ..problem import ACTIVATIONS
 from ._jit import FASTMATH, jit, pjit
 
-__all__ = ["ACTIVATIONS", "CODES", "Epilogue", "NONE", "activate", "apply", "finish", "finish_2d", "python_reference"]
+__all__ = ["ACTIVATIONS", "CODES", "Epilogue", "NONE", "activate", "after", "apply", "finish", "finish_2d",
+           "python_reference"]
 
-#: ``activation=`` name -> the code the kernels take (0: none)
-CODES = {None: 0, **{name: i + 1 for i, name in enumerate(ACTIVATIONS)}}
 
 
 @intrinsic
@@ -188,12 +188,30 @@ def apply(out, residual, act):
     _apply(y, y if residual is None else residual.reshape(-1), act, residual is not None)
 
 
+def after(run):
+    """``run(x, out)`` as a bound kernel ``(x, out, epi)`` (what the ``bind`` functions
+    return) whose epilogue is one pass after it: the paths that do not fuse it."""
+    def launch(x, out, epi):
+        run(x, out)
+        epi.apply(out)
+    return launch
+
+
 class Epilogue(NamedTuple):
     """What follows the bias: ``act`` (a code of :data:`CODES`) of the sum with ``residual``
     (C-contiguous, the result's shape, never the output array itself; or None)."""
 
     act: int = 0
     residual: object = None
+
+    @classmethod
+    def of(cls, activation=None, residual=None, in_place=False):
+        """The epilogue of ``conv2d``'s (validated) keywords: the residual made C-contiguous,
+        and copied when it is the output itself (``in_place``: kernels overwrite the output
+        before their epilogue reads the residual)."""
+        if residual is not None:
+            residual = residual.copy() if in_place else np.ascontiguousarray(residual)
+        return cls(CODES[activation], residual)
 
     @property
     def active(self):

@@ -50,7 +50,7 @@ from . import depthwise, dot, naive
 from ._jit import jit, pjit
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
-from .epilogue import NONE
+from .epilogue import NONE, after
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
@@ -368,21 +368,14 @@ def bind(p, w, bias):
         return depthwise.bind(p, w, bias, wlayout)
     if uses_streaming(p):
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-
-        def streaming(x, out, epi):
-            depthwise.run_streaming(p, x, w_oihw, bias, out)
-            epi.apply(out)
-        return streaming
+        return after(lambda x, out: depthwise.run_streaming(p, x, w_oihw, bias, out))
     item = p.dtype.itemsize
     padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * item
     if padded > (p.n * p.c * p.h * p.w + p.n * p.k * p.ho * p.wo) * item + PADDED_SLACK_BYTES:
         # padding and dilation far beyond the image (what the front door's compaction leaves):
         # the zero-padded copy would outgrow the input and the result together, so the direct
         # loop, which clips the padding in place, runs instead (memory never grows with padding)
-        def direct(x, out, epi):
-            naive.run(p, x, w, bias, out)
-            epi.apply(out)
-        return direct
+        return after(lambda x, out: naive.run(p, x, w, bias, out))
     if dot.applies(p):
         return lambda x, out, epi: dot.run(p, x, w, bias, out, epi)  # deep NCHW: OIHW weights read in place
     nchw = p.layout == "NCHW"

@@ -46,7 +46,7 @@ from . import tiled
 from ._jit import jit, parallel_for, pjit
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
-from .epilogue import NONE, finish_2d
+from .epilogue import NONE, after, finish_2d
 
 __all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "flipped_weights",
            "microkernel_asm", "clear_cache", "tile_size", "POINTS", "WEIGHT_LAYOUTS", "reference"]
@@ -173,7 +173,9 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
           cb, v_, nchw, epi):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
-    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue) result is not finite."""
+    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None:
+    pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue)
+    result is not finite."""
     a = m + 2
     aa = a * a
     ntiles = th * tw
@@ -429,10 +431,7 @@ def bind(p, w, bias, m=None, flip=False):
     if not applies(p):
         return tiled.bind(p, flipped_weights(w, wlayout, p.groups) if flip else w, bias)
     if max(p.pad_top, p.pad_bottom, p.pad_left, p.pad_right) > 2:
-        def live(x, out, epi):
-            _run_live(p, x, w, bias, out, m, flip)
-            epi.apply(out)
-        return live
+        return after(lambda x, out: _run_live(p, x, w, bias, out, m, flip))
     b = plan(p, m)
     nchw = p.layout == "NCHW"
     in_place = not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding

@@ -45,7 +45,7 @@ import numpy as np
 from numba import uint64
 
 from ..layout import DEFAULT_WEIGHT_LAYOUT, permutation
-from ..problem import (ACTIVATIONS, SUPPORTED_DTYPES, ConvProblem, _has_cai, _is_dlpack_cuda, _library,
+from ..problem import (ACTIVATION_CODES, SUPPORTED_DTYPES, ConvProblem, _has_cai, _is_dlpack_cuda, _library,
                        check_activation, check_residual, is_device_array)
 
 __all__ = ["available", "real_gpu", "conv2d_cuda", "plan", "GEMM_CONFIGS", "ptx_targets"]
@@ -57,7 +57,6 @@ _src = None
 
 _MODE_CODE = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 _WEIGHT_CODE = {"OIHW": 0, "HWIO": 1, "OHWI": 2}
-_ACTIVATION_CODE = {None: 0, **{name: i + 1 for i, name in enumerate(ACTIVATIONS)}}
 DIRECT_BLOCK = 128
 
 #: name -> (BM, BN, BK, TM, TN): block tile of M (pixels) x N (output channels), the
@@ -764,7 +763,7 @@ def plan(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, pad
         total = int(np.prod(p.out_shape))
         epi = _kernel("epilogue", dtype_name, False)[math.ceil(total / DIRECT_BLOCK), DIRECT_BLOCK, stream]
         launch = functools.partial(_launch_all, launch, functools.partial(
-            epi, o_d, r_d, _ACTIVATION_CODE[activation], rv is not None))
+            epi, o_d, r_d, ACTIVATION_CODES[activation], rv is not None))
     return result, o_d, stream, launch, name
 
 
