@@ -393,6 +393,19 @@ def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
 
 
 @jit
+def _copy_out(op, of, base, ho_, wo_, wq):
+    """The ``Wo`` real columns of each of the ``Ho`` rows of ``op`` (laid out at the phase
+    width ``wq``) into the output plane ``of[base:base + Ho*Wo]``."""
+    uo = np.uintp(wo_)
+    uq = np.uintp(wq)
+    for i in range(np.uintp(ho_)):
+        dst = np.uintp(base) + i * uo
+        src = i * uq
+        for j in range(uo):
+            of[dst + j] = op[src + j]
+
+
+@jit
 def _plane_phases(wf, bias, of, base, ho_, wo_, k, sh, dh, wq, offs, buf, op):
     """3x3 output plane ``of[base:base + Ho*Wo]`` (channel ``k``) from the phase planes in
     ``buf`` (:func:`_fill_phases`).
@@ -461,13 +474,7 @@ def _plane_phases(wf, bias, of, base, ho_, wo_, k, sh, dh, wq, offs, buf, op):
             op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
                      + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
                      + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
-    uo = np.uintp(wo_)
-    uq = np.uintp(wq)
-    for i in range(np.uintp(ho_)):
-        dst = np.uintp(base) + i * uo
-        src = i * uq
-        for j in range(uo):
-            of[dst + j] = op[src + j]
+    _copy_out(op, of, base, ho_, wo_, wq)
 
 
 @jit
@@ -485,13 +492,7 @@ def _plane_phases_taps(wf, bias, of, base, ho_, wo_, k, wq, offs, buf, op):
         src = buf[offs[t]:]
         for q in range(nq):
             op[q] += wt * src[q]
-    uo = np.uintp(wo_)
-    uq = np.uintp(wq)
-    for i in range(np.uintp(ho_)):
-        dst = np.uintp(base) + i * uo
-        src = i * uq
-        for j in range(uo):
-            of[dst + j] = op[src + j]
+    _copy_out(op, of, base, ho_, wo_, wq)
 
 
 # --- NHWC depthwise ----------------------------------------------------------------------------
