@@ -122,8 +122,11 @@ MAX_EXTENT = 2**61
 
 def int_pair(name, value, minimum):
     """``value`` as ``(h, w)`` from an int or a pair of ints, each in ``[minimum, 2**61]``."""
-    if type(value) is int and minimum <= value <= MAX_EXTENT:  # the common case, without the ABC checks
+    if type(value) is int and minimum <= value <= MAX_EXTENT:  # the common cases, without the ABC checks
         return value, value
+    if (type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int
+            and minimum <= min(value) and max(value) <= MAX_EXTENT):
+        return value
     pair = (value, value) if _is_int(value) else value
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
