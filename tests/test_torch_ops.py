@@ -167,6 +167,10 @@ def _opcheck_cases():
         yield ops.conv_transpose2d, (_t(2, 4, 5, 5, cl=cl), _t(4, 3, 3, 3, cl=cl), _t(6), [3, 2], [1, 2], [2, 1], [2, 2],
                                      2)
         yield ops.conv_transpose2d, (_t(1, 2, 4, 3, cl=cl), _t(2, 3, 2, 2), None, [2, 2], [0, 0], [1, 1], [1, 1], 1)
+        yield ops.conv2d_fused, (_t(2, 4, 6, 5, cl=cl, grad=False), _t(6, 2, 3, 3, grad=False), _t(6, grad=False),
+                                 _t(2, 6, 6, 5, cl=cl, grad=False), [1, 1], [1, 1, 1, 1], [1, 1], 2, "zeros", "silu")
+        yield ops.conv2d_fused, (_t(1, 3, 7, 7, cl=cl, grad=False), _t(3, 1, 3, 3, grad=False), None, None, [2, 2],
+                                 [1, 1, 1, 1], [1, 1], 3, "reflect", "")
 
 
 OPCHECK_CASES = list(_opcheck_cases())
@@ -310,3 +314,48 @@ def test_convert_handles_conv_transpose(training):
         model(x).sum().backward()
         for (name, a), b in zip(converted.named_parameters(), model.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+class _Block(torch.nn.Module):
+    """ResNet's basic block and a MobileNet-style tail: BN folding, residual and activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.dw = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + x)
+        return self.pw(torch.nn.functional.hardswish(self.dw(y)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_converted_model_compiles_and_exports(channels_last):
+    """convert's fused layers: one numbaconv::conv2d_fused each when compiled or exported,
+    equal to the eager converted model (which runs plans)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = _Block()
+    with torch.no_grad():
+        model(torch.randn(4, 8, 6, 6))
+    model.eval()
+    fast = nct.convert(model)
+    x = torch.randn(2, 8, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = fast(x)
+        torch.testing.assert_close(eager, model(x), rtol=1e-4, atol=1e-5)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fast)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), eager, rtol=1e-5, atol=1e-6)
+    ep = torch.export.export(fast, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("numbaconv.conv2d_fused.default") == 4
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,8 @@ import torch.fx
 
 import numbaconv as _nc
 
+from . import ops
+from .functional import resolve
 from .modules import Conv2d, ConvTranspose2d, module_padding
 from .ops import act_from_numpy, act_to_numpy, is_channels_last
 
@@ -87,6 +89,8 @@ class FusedConv2d(torch.nn.Module):
     def forward(self, x, residual=None):
         if x.device.type != "cpu" or x.dtype not in _HOST_DTYPES or self.weight.dtype != x.dtype:
             return self._torch_forward(x, residual)
+        if not ops.eager(x, residual):
+            return self._operator_forward(x, residual)
         layout = "NHWC" if x.dim() == 4 and is_channels_last(x) else "NCHW"
         plan = self._plan(layout)
         unbatched = x.dim() == 3
@@ -99,6 +103,24 @@ class FusedConv2d(torch.nn.Module):
             if ra is None or ra.shape != plan.out_shape(xa):
                 return self._torch_forward(x, residual)  # a broadcasting add: torch's ops
         y = act_from_numpy(plan(xa, residual=ra), layout)
+        return y.squeeze(0) if unbatched else y
+
+    def _operator_forward(self, x, residual):
+        """Traced (torch.compile, export): one ``numbaconv::conv2d_fused`` operator (no plan: the
+        prepared weights come from numbaconv's cache, checked bit for bit)."""
+        x4, unbatched = (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
+        g = self.geometry
+        stride, pads, dilation, groups = resolve(x4, self.weight, g["stride"], g["padding"], g["dilation"],
+                                                 g["groups"], g["padding_mode"])
+        r4 = None
+        if residual is not None:
+            r4 = residual.unsqueeze(0) if unbatched and residual.dim() == 3 else residual
+            ho, wo = ops.conv2d_out_hw(x4.shape[2], x4.shape[3], self.weight.shape[2:], stride, pads, dilation)
+            if (r4.dtype != x.dtype or r4.device.type != "cpu"
+                    or tuple(r4.shape) != (x4.shape[0], self.weight.shape[0], ho, wo)):
+                return self._torch_forward(x, residual)  # a broadcasting add: torch's ops
+        y = ops.conv2d_fused(x4, self.weight, self.bias, r4, stride, pads, dilation, groups, g["padding_mode"],
+                             self.activation or "")
         return y.squeeze(0) if unbatched else y
 
     def _torch_forward(self, x, residual):

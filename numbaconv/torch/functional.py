@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..problem import int_pair, parse_padding
 from . import ops
 
-__all__ = ["conv2d", "conv_transpose2d"]
+__all__ = ["conv2d", "conv_transpose2d", "resolve"]
 
 HOST_DTYPES = (torch.float32, torch.float64)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -65,6 +65,17 @@ def _batched(input):
     return input, False
 
 
+def resolve(x, weight, stride, padding, dilation, groups, padding_mode):
+    """A 4-D ``x``'s geometry as the ``numbaconv::conv2d`` operators take it: ``stride``,
+    ``[top, bottom, left, right]``, ``dilation`` as lists, ``groups``; numbaconv's errors."""
+    stride, dilation = int_pair("stride", _as_pair(stride), 1), int_pair("dilation", _as_pair(dilation), 1)
+    groups = _groups(groups)
+    pads = _padding(padding, weight, x, stride, dilation)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    return list(stride), pads, list(dilation), groups
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros"):
     """``torch.nn.functional.conv2d`` computed by numbaconv, differentiable (``numbaconv::conv2d``).
 
@@ -77,17 +88,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     without copies.
     """
     x, unbatched = _batched(input)
-    stride, dilation = int_pair("stride", _as_pair(stride), 1), int_pair("dilation", _as_pair(dilation), 1)
-    groups = _groups(groups)
-    pads = _padding(padding, weight, x, stride, dilation)
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    stride, pads, dilation, groups = resolve(x, weight, stride, padding, dilation, groups, padding_mode)
     if x.device.type == "cpu" or numbaconv_runs(x, weight):  # (CPU: numbaconv's TypeError for other dtypes)
-        y = ops.run_conv2d(x, weight, bias, list(stride), pads, list(dilation), groups, padding_mode)
+        y = ops.run_conv2d(x, weight, bias, stride, pads, dilation, groups, padding_mode)
     else:
         top, bottom, left, right = pads
         mode = "constant" if padding_mode == "zeros" else padding_mode
-        y = F.conv2d(F.pad(x, (left, right, top, bottom), mode=mode), weight, bias, stride, 0, dilation, groups)
+        y = F.conv2d(F.pad(x, (left, right, top, bottom), mode=mode), weight, bias, tuple(stride), 0,
+                     tuple(dilation), groups)
     return y.squeeze(0) if unbatched else y
 
 

@@ -13,7 +13,9 @@ the operator and asks its *fake* implementation for the result's shape, dtype an
   tensors, not ``None``); registered as ``conv2d``'s autograd formula;
 * ``numbaconv::conv_transpose2d(x, weight, bias?, stride, padding, output_padding, dilation,
   groups)``: its gradients are a ``numbaconv::conv2d`` (input) and a
-  ``numbaconv::conv2d_backward`` (weight), so the backward graph is numbaconv's too.
+  ``numbaconv::conv2d_backward`` (weight), so the backward graph is numbaconv's too;
+* ``numbaconv::conv2d_fused(x, weight, bias?, residual?, ..., activation)``: inference with the
+  fused epilogue, what :func:`numbaconv.torch.convert`'s layers run when compiled / exported.
 
 Memory format: a ``channels_last`` CPU tensor runs as NHWC without copies and its result
 is channels-last (the fake implementations say the same, so compiled graphs keep the
@@ -29,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 import numbaconv as _nc
 
-__all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "run_conv2d", "run_conv_transpose2d"]
+__all__ = ["conv2d", "conv2d_backward", "conv2d_fused", "conv_transpose2d", "run_conv2d", "run_conv_transpose2d"]
 
 
 def is_channels_last(t):
@@ -253,6 +255,29 @@ def _transpose_grad(ctx, grad_output, eager=False):
 conv_transpose2d.register_autograd(_transpose_grad, setup_context=_transpose_setup_context)
 
 
+# --- conv2d_fused (inference) -------------------------------------------------------------------
+@torch.library.custom_op("numbaconv::conv2d_fused", mutates_args=(), device_types="cpu")
+def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int, padding_mode: str,
+                 activation: str) -> Tensor:
+    """``activation(conv2d + bias + residual)`` with the epilogue in the kernels' stores
+    (``activation`` ``""`` for none): what :class:`~numbaconv.torch.FusedConv2d` runs when
+    compiled or exported.  Inference only (no autograd formula)."""
+    layout = layout_of(x)
+    weight_layout = weight_layout_of(weight, layout)
+    y = _nc.conv2d(act_to_numpy(x, layout), weight_to_numpy(weight, weight_layout),
+                   None if bias is None else bias.detach().numpy(), layout=layout, weight_layout=weight_layout,
+                   activation=activation or None, residual=None if residual is None else act_to_numpy(residual, layout),
+                   **geometry(stride, padding, dilation, groups, padding_mode))
+    return act_from_numpy(y, layout)
+
+
+@conv2d_fused.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, padding_mode, activation):
+    ho, wo = conv2d_out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return _empty(x, (x.shape[0], weight.shape[0], ho, wo), layout_of(x) == "NHWC")
+
+
 # --- eager calls: the same kernels without the dispatcher ------------------------------------
 # Through torch's dispatcher a Python custom operator costs ~50 us a call more than an
 # autograd.Function (two crossings into Python, measured by scripts/torch_overhead.py), a
@@ -262,7 +287,8 @@ conv_transpose2d.register_autograd(_transpose_grad, setup_context=_transpose_set
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(*tensors):
+def eager(*tensors):
+    """Plain eager call on plain tensors: nothing traces it, the kernels may run directly."""
     if torch.compiler.is_compiling():  # (first: Dynamo may not look at the mode stacks)
         return False
     return (not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
@@ -303,7 +329,7 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
 
 def run_conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode):
     """:func:`conv2d`'s result: the operator when traced, else the same kernels directly."""
-    if not _eager(x, weight, bias):
+    if not eager(x, weight, bias):
         return conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)
     g = geometry(stride, padding, dilation, groups, padding_mode)
     return _Conv2dFunction.apply(x, weight, bias, g) if _needs_grad(x, weight, bias) else conv2d_impl(x, weight, bias, g)
@@ -312,7 +338,7 @@ def run_conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode)
 def run_conv_transpose2d(x, weight, bias, stride, padding, output_padding, dilation, groups):
     """:func:`conv_transpose2d`'s result, as :func:`run_conv2d` chooses."""
     args = (x, weight, bias, stride, padding, output_padding, dilation, groups)
-    if not _eager(x, weight, bias):
+    if not eager(x, weight, bias):
         return conv_transpose2d(*args)
     if _needs_grad(x, weight, bias):
         return _ConvTranspose2dFunction.apply(*args)
