@@ -328,8 +328,10 @@ class ConvProblem:
     # -- parsing ------------------------------------------------------------------------
     @classmethod
     def from_args(cls, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                  padding_mode="zeros", layout="NCHW", weight_layout=None, allow_device=False):
-        """Validate ``conv2d``'s arguments (everything but ``out`` and ``algorithm``)."""
+                  padding_mode="zeros", layout="NCHW", weight_layout=None, allow_device=False,
+                  result_in_memory=True):
+        """Validate ``conv2d``'s arguments (everything but ``out`` and ``algorithm``); the result
+        must fit in memory unless ``result_in_memory`` is false (``numbaconv.dask``'s chunks)."""
         weight_layout = check_inputs(x, weight, bias, layout, weight_layout, allow_device)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -373,8 +375,9 @@ class ConvProblem:
         if eff_r > h + top + bottom or eff_s > w + left + right:
             raise ValueError(f"kernel of size {(r, s)} with dilation {(dh, dw)} spans {(eff_r, eff_s)}, larger "
                              f"than the padded input {(h + top + bottom, w + left + right)}")
-        check_result_size(problem.out_shape, problem.dtype,
-                          f"padding={padding!r}, stride={stride!r}, dilation={dilation!r}")
+        if result_in_memory:
+            check_result_size(problem.out_shape, problem.dtype,
+                              f"padding={padding!r}, stride={stride!r}, dilation={dilation!r}")
         return problem
 
     @classmethod

@@ -11,7 +11,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "numbaconv"
 
 #: the front door and what every path shares (issue: at most 14 modules at the top level)
-TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "layout", "padding", "plan", "problem", "registry"}
+TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "dask", "layout", "padding", "plan", "problem",
+             "registry"}
 
 #: importer (module or package prefix) -> the numbaconv modules / packages it may import.
 #: The most specific key applies.  ``numbaconv`` alone means the public package itself.
@@ -37,6 +38,7 @@ ALLOWED = {
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cache", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
                         "numbaconv.cpu._vec", "numbaconv.torch"},
+    "numbaconv.dask": {"numbaconv", "numbaconv.problem"},
     "numbaconv.torch": {"numbaconv", "numbaconv.torch", "numbaconv.cuda.backward", "numbaconv.problem"},
 }
 
