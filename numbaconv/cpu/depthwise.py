@@ -108,6 +108,36 @@ def _pass(o, xr, w, wb, s_, sw, dw, off, w_, first, b):
                 for j in range(n):
                     q = j * us
                     ov[j] += w0 * xv[q] + w1 * xv[q + d1] + w2 * xv[q + d2]
+    elif sw == 1:
+        # unit stride: taps five (or three) per sweep, so the output row is read and written
+        # once per sweep instead of once per tap, and each loop vectorises (a runtime stride
+        # in the index kept the general loop below scalar: 5x5 single-channel ran ~20 GFLOP/s)
+        if first:
+            for j in range(n):
+                ov[j] = b
+        d1 = np.uintp(dw)
+        d2 = np.uintp(2 * dw)
+        d3 = np.uintp(3 * dw)
+        d4 = np.uintp(4 * dw)
+        s = 0
+        while s + 5 <= s_:
+            w0, w1, w2, w3, w4 = w[wb + s], w[wb + s + 1], w[wb + s + 2], w[wb + s + 3], w[wb + s + 4]
+            xs = xr[lo + off + s * dw:]
+            for j in range(n):
+                ov[j] += w0 * xs[j] + w1 * xs[j + d1] + w2 * xs[j + d2] + w3 * xs[j + d3] + w4 * xs[j + d4]
+            s += 5
+        while s + 3 <= s_:
+            w0, w1, w2 = w[wb + s], w[wb + s + 1], w[wb + s + 2]
+            xs = xr[lo + off + s * dw:]
+            for j in range(n):
+                ov[j] += w0 * xs[j] + w1 * xs[j + d1] + w2 * xs[j + d2]
+            s += 3
+        while s < s_:
+            ws = w[wb + s]
+            xs = xr[lo + off + s * dw:]
+            for j in range(n):
+                ov[j] += ws * xs[j]
+            s += 1
     else:
         us = np.uintp(sw)
         if first:
