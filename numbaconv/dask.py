@@ -6,9 +6,9 @@ How a graph is built (nothing is computed):
 1. the arguments are validated as :func:`numbaconv.conv2d` validates them, on a zero-strided
    stand-in of ``x``'s shape (no memory), so errors come before any graph exists;
 2. the channel axis is gathered into one chunk;
-3. output chunks follow the input's: output row ``o`` belongs to the chunk holding the first
-   input row it reads (``o * stride`` in padded coordinates), so output chunk boundaries sit
-   on the stride's grid;
+3. output chunks follow the input's: output row ``o`` belongs to the chunk holding image row
+   ``o * stride``, so output chunk boundaries sit on the stride's grid (and stride 1 with
+   ``"same"`` padding keeps the input's chunks);
 4. one task per output block: it copies the rows and columns its outputs read (its input
    chunks, the halo from its neighbours) into one block, applies the image's padding where the
    block meets the image's border -- zeros by the kernel itself, reflect / replicate /
@@ -41,10 +41,12 @@ def _stand_in(shape, dtype):
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=shape, strides=(0,) * len(shape))
 
 
-def _out_chunks(in_chunks, before, stride, out_size):
-    """Output chunk sizes along one axis: output ``o`` goes to the input chunk holding padded
-    row ``o * stride`` (``before`` rows of padding precede the image); empty chunks dropped."""
-    starts = np.cumsum((0,) + tuple(in_chunks))[1:-1] + before  # chunk starts, padded coordinates
+def _out_chunks(in_chunks, stride, out_size):
+    """Output chunk sizes along one axis: output ``o`` goes to the input chunk holding image
+    row ``o * stride`` (its window's origin, before padding shifts it), so with stride 1 and
+    ``"same"`` padding the output is chunked exactly like the input (what ``to_zarr`` wants:
+    regular chunks); empty chunks are dropped."""
+    starts = np.cumsum((0,) + tuple(in_chunks))[1:-1]  # chunk starts, image coordinates
     bounds = sorted({0, out_size} | {min(out_size, -(-int(s) // stride)) for s in starts})
     return tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a)
 
@@ -250,8 +252,7 @@ class _Geometry:
         self.channel_axis, self.batch_axis = layout.index("C"), layout.index("N")
         self.extent = (p.dil_h * (p.r - 1) + 1, p.dil_w * (p.s - 1) + 1)
         self.stride = (p.stride_h, p.stride_w)
-        self.out = tuple(_out_chunks(x.chunks[a], before, s, n)
-                         for a, before, s, n in zip(self.axes, (p.pad_top, p.pad_left), self.stride, (p.ho, p.wo)))
+        self.out = tuple(_out_chunks(x.chunks[a], s, n) for a, s, n in zip(self.axes, self.stride, (p.ho, p.wo)))
 
     def out_chunks(self, x):
         chunks = [None] * 4

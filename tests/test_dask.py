@@ -69,6 +69,19 @@ def test_equals_in_memory_conv2d(name, kwargs, layout, chunking):
     assert sum(y.chunks[ha]) == expected.shape[ha] and sum(y.chunks[wa]) == expected.shape[wa]
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_same_padding_keeps_the_chunks(layout):
+    """Stride 1, "same": the result is chunked exactly like the input (regular chunks, as
+    ``to_zarr`` needs), channels in one chunk."""
+    chunks = (1, -1, 256, 200) if layout == "NCHW" else (1, 256, 200, -1)
+    shape = (2, 3, 700, 600) if layout == "NCHW" else (2, 700, 600, 3)
+    x = da.zeros(shape, chunks=chunks, dtype=np.float32)
+    w = np.zeros((8, 3, 5, 5), np.float32) if layout == "NCHW" else np.zeros((5, 5, 3, 8), np.float32)
+    y = ncd.conv2d(x, w, padding="same", layout=layout)
+    ha, wa = layout.index("H"), layout.index("W")
+    assert y.chunks[ha] == x.chunks[ha] and y.chunks[wa] == x.chunks[wa]
+
+
 def test_float64_unbatched_and_residual():
     x, w, b, kw = _problem("NCHW", {"padding": 1}, dtype=np.float64)
     res = np.random.default_rng(1).standard_normal((3, 8, 23, 19))
@@ -159,6 +172,7 @@ def test_block_bytes_bounds_what_a_task_allocates(layout):
     kw = dict(padding=1, layout=layout, weight_layout="OIHW")
     y = ncd.conv2d(x, w, **kw)
     y.blocks[0, 0, 0, 0].compute(scheduler="sync")  # compile, caches
+    ncd._THREAD.__dict__.clear()  # as on a fresh worker thread: the task allocates its block buffer
     tracemalloc.start()
     y.blocks[1, 0, 1, 2].compute(scheduler="sync") if layout == "NCHW" else \
         y.blocks[1, 1, 2, 0].compute(scheduler="sync")
