@@ -31,7 +31,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 import numbaconv
 
-from .problem import ConvProblem, check_activation
+from .problem import ConvProblem, check_activation, check_residual
 
 __all__ = ["conv2d", "block_bytes"]
 
@@ -266,10 +266,7 @@ def _residual_blocks(residual, p, out_chunks):
         residual = da.from_array(residual, chunks=out_chunks)
     if not isinstance(residual, da.Array):
         raise TypeError(f"residual must be None, a dask array or a numpy.ndarray, got {type(residual).__name__}")
-    if residual.dtype != p.dtype:
-        raise TypeError(f"residual has dtype {residual.dtype} but the result has dtype {p.dtype}")
-    if residual.shape != p.out_shape:
-        raise ValueError(f"residual has shape {residual.shape} but the result has shape {p.out_shape}")
+    check_residual(p, _stand_in(residual.shape, residual.dtype), None)  # conv2d's dtype and shape errors
     return residual.rechunk(out_chunks)
 
 

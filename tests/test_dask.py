@@ -143,6 +143,17 @@ def test_errors_before_any_graph(kwargs, error, match):
         ncd.conv2d(x, w, **kwargs)
 
 
+@pytest.mark.parametrize("residual,error,match", [
+    (da.zeros((1, 4, 8, 8), dtype=np.float64, chunks=4), TypeError, "residual has dtype float64"),
+    (da.zeros((1, 4, 7, 8), dtype=np.float32, chunks=4), ValueError, "residual has shape"),
+    ([0.0], TypeError, "residual must be"),
+])
+def test_residual_errors(residual, error, match):
+    x = da.zeros((1, 4, 8, 8), chunks=(1, 4, 4, 4), dtype=np.float32)
+    with pytest.raises(error, match=match):
+        ncd.conv2d(x, np.zeros((4, 4, 3, 3), np.float32), padding=1, residual=residual)
+
+
 def test_errors_name_dtype_and_type():
     w = np.zeros((4, 4, 3, 3), np.float32)
     with pytest.raises(TypeError, match="dask"):

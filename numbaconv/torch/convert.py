@@ -11,14 +11,11 @@ import torch.fx
 import numbaconv as _nc
 
 from . import ops
-from .functional import resolve
+from .functional import HOST_DTYPES, resolve
 from .modules import Conv2d, ConvTranspose2d, module_padding
-from .ops import act_from_numpy, act_to_numpy, is_channels_last
+from .ops import act_from_numpy, act_to_numpy, layout_of
 
 __all__ = ["convert", "FusedConv2d"]
-
-_HOST_DTYPES = (torch.float32, torch.float64)
-
 
 def _geometry(stride, padding, dilation, groups, padding_mode):
     if isinstance(padding, list):
@@ -87,11 +84,11 @@ class FusedConv2d(torch.nn.Module):
         return plan[1]
 
     def forward(self, x, residual=None):
-        if x.device.type != "cpu" or x.dtype not in _HOST_DTYPES or self.weight.dtype != x.dtype:
+        if x.device.type != "cpu" or x.dtype not in HOST_DTYPES or self.weight.dtype != x.dtype:
             return self._torch_forward(x, residual)
         if not ops.eager(x, residual):
             return self._operator_forward(x, residual)
-        layout = "NHWC" if x.dim() == 4 and is_channels_last(x) else "NCHW"
+        layout = layout_of(x)
         plan = self._plan(layout)
         unbatched = x.dim() == 3
         xa = act_to_numpy(x.unsqueeze(0) if unbatched else x, layout)

@@ -60,13 +60,12 @@ def weight_layout_of(w, layout):
 
 
 def weight_to_numpy(w, weight_layout):
-    w = w.detach()
-    return w.permute(0, 2, 3, 1).numpy() if weight_layout == "OHWI" else w.numpy()
+    """The same channels-last view as an activation's: OHWI is OIHW as NHWC is NCHW."""
+    return act_to_numpy(w, "NHWC" if weight_layout == "OHWI" else "NCHW")
 
 
 def weight_from_numpy(a, weight_layout):
-    t = torch.from_numpy(a)
-    return t.permute(0, 3, 1, 2) if weight_layout == "OHWI" else t
+    return act_from_numpy(a, "NHWC" if weight_layout == "OHWI" else "NCHW")
 
 
 def _empty(like, shape, channels_last):
@@ -263,13 +262,9 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
     """``activation(conv2d + bias + residual)`` with the epilogue in the kernels' stores
     (``activation`` ``""`` for none): what :class:`~numbaconv.torch.FusedConv2d` runs when
     compiled or exported.  Inference only (no autograd formula)."""
-    layout = layout_of(x)
-    weight_layout = weight_layout_of(weight, layout)
-    y = _nc.conv2d(act_to_numpy(x, layout), weight_to_numpy(weight, weight_layout),
-                   None if bias is None else bias.detach().numpy(), layout=layout, weight_layout=weight_layout,
-                   activation=activation or None, residual=None if residual is None else act_to_numpy(residual, layout),
-                   **geometry(stride, padding, dilation, groups, padding_mode))
-    return act_from_numpy(y, layout)
+    ra = None if residual is None else act_to_numpy(residual, layout_of(x))
+    return conv2d_impl(x, weight, bias, dict(geometry(stride, padding, dilation, groups, padding_mode),
+                                             activation=activation or None, residual=ra))
 
 
 @conv2d_fused.register_fake
