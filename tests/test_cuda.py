@@ -1,14 +1,13 @@
 """``algorithm="cuda"``: both kernels against torch float64, in the CUDA simulator (or on a GPU).
 
-The simulator runs every GPU thread in Python, so shapes are tiny.  It is switched on
-here, before ``numba.cuda`` is first imported, unless ``NUMBA_ENABLE_CUDASIM`` is already
-set (``NUMBA_ENABLE_CUDASIM=0 pytest tests/test_cuda.py`` runs on a real GPU).  The
+The simulator runs every GPU thread in Python, so shapes are tiny.  ``tests/cuda_sim.py``
+switches it on before ``numba.cuda`` is first imported, unless ``NUMBA_ENABLE_CUDASIM`` is
+already set (``NUMBA_ENABLE_CUDASIM=0 pytest tests/test_cuda.py`` runs on a real GPU).  The
 variable is then restored, and set again only around these tests, so other modules do
 not see ``"cuda"`` in ``algorithms()``.  ``test_ptx_sm90`` compiles every kernel to PTX in a
 fresh process with the real CUDA target (the simulator type-checks nothing).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,32 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-def _reload_numba_config():
-    """Re-read NUMBA_* now.  Numba re-reads them at the next compile whenever they changed,
-    which would reset config attributes other code set by hand (tiled's SLP switch)."""
-    from numba.core import config
+import numbaconv
+from cuda_sim import HAVE_NUMBA_CUDA, bind
+from cuda_sim import reload_numba_config as _reload_numba_config
+from numbaconv.cuda import conv as cuda_conv
 
-    config.reload_config()
-
-
-_PRIOR = os.environ.get("NUMBA_ENABLE_CUDASIM")
-HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
-if HAVE_NUMBA_CUDA and "numba.cuda" not in sys.modules and _PRIOR is None:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-try:
-    import numbaconv
-    from numbaconv.cuda import conv as cuda_conv
-
-    if HAVE_NUMBA_CUDA:
-        cuda = cuda_conv._import_cuda()  # binds numba.cuda now: the simulator unless told otherwise
-        SIM = cuda_conv._sim_loaded()
-        USABLE = SIM or cuda_conv._hardware_available()
-    else:
-        SIM = USABLE = False
-finally:
-    if _PRIOR is None:
-        os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
-    _reload_numba_config()
+cuda, SIM, USABLE = bind()
 
 from reference import assert_close, make_problem, to_act, to_weight, torch_conv2d, torch_grads  # noqa: E402
 

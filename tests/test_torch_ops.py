@@ -14,12 +14,16 @@ torch is pinned (pyproject), so its private ``torch.testing._internal`` stays as
 
 import copy
 
+import cuda_sim
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.testing._internal.common_methods_invocations import op_db
-from torch.testing._internal.common_modules import module_db
+
+cuda_sim.bind()  # torch's testing package imports numba.cuda: bind it as test_cuda.py needs it first
+
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.testing._internal.common_modules import module_db  # noqa: E402
 
 import numbaconv
 import numbaconv.torch as nct
