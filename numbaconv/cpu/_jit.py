@@ -105,6 +105,19 @@ def parallel_for(kernel, jobs, *args):
     for f in futures:
         f.result()
 
+
+#: copies smaller than this run on the calling thread: the pool's hand-off (~20 us) costs
+#: more than a second core saves
+PARALLEL_COPY_BYTES = 1 << 20
+
+
+def parallel_copy(kernel, jobs, nbytes, *args):
+    """:func:`parallel_for` for a copy loop that writes ``nbytes``: on the calling thread
+    below :data:`PARALLEL_COPY_BYTES`."""
+    if nbytes < PARALLEL_COPY_BYTES:
+        return kernel(0, jobs, *args)
+    return parallel_for(kernel, jobs, *args)
+
 @jit(inline="always")
 def valid_range(offset, stride, size, out_size):
     """Output indices ``o`` in ``[lo, hi)`` for which ``0 <= o * stride + offset < size``.

@@ -9,9 +9,9 @@ whole convolution with it.
 
 import numba
 import numpy as np
-from numba import prange
 
-from ._jit import pjit, prefetchw
+from ._jit import prefetchw
+from ._launch import binder, launch
 from ._vec import conv_block
 from .epilogue import finish_2d
 
@@ -356,304 +356,332 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 
 @_ukjit
-def tile_8_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 8) of group g, image n, in
-    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
-    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
+def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 8) of group g, image n, in blocks of ``p_`` pixels (one of (4, 6): a
+    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
+    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
     of 8); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(6 * 8, dtype=of.dtype)
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
     else:
         os_p = k_
         os_k = 1
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        for i in range(i0, i1):
-            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, p_):
-                for kb in range(kb_lo, kb_hi):
-                    nk = min(8, kg - kb * 8)
-                    kb0 = g * kg + kb * 8
-                    if hwio:
-                        wb = c0 * k_ + kb0
-                        ws_c = k_
-                        ws_t = cg * k_
-                    else:
-                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
-                        ws_c = 8
-                        ws_t = cl * 8
-                    if nchw:
-                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-                    else:
-                        orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    xb = xrow + j0 * sw * c_
-                    ob = orow + j0 * os_p
-                    np_ = min(p_, wo_ - j0)
-                    if p_ == 6:
-                        uk6_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                    else:
-                        uk4_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if epi is not None:  # (pruned at compile time without an epilogue)
-        for kb in range(kb_lo, kb_hi):
-            nk = min(8, kg - kb * 8)
-            kb0 = g * kg + kb * 8
-            if nchw:
-                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            else:
-                for i in range(i0, i1):
-                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                for j0 in range(0, wo_, p_):
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(8, kg - kb * 8)
+                        kb0 = g * kg + kb * 8
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 8
+                            ws_c = 8
+                            ws_t = cl * 8
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(p_, wo_ - j0)
+                        if p_ == 6:
+                            uk6_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk4_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(8, kg - kb * 8)
+                kb0 = g * kg + kb * 8
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
-@pjit
+_bind_8_p46 = binder(tasks_8_p46)
+
+
+@_ukjit
 def conv_8_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
             cb, rows, kbs, nchw, zero, hwio, p_, epi):
-    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    for t in prange(n_ * nrb * inner):
-        tmp = np.empty(6 * 8, dtype=of.dtype)
-        n = t // (nrb * inner)
-        rest = t % (nrb * inner)
-        rb = rest // inner
-        gk = rest % inner
-        i0 = rb * rows
-        kr = gk % nkr
-        tile_8_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  epi)
+    """The whole convolution: its tasks in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    tasks = n_ * ((ho_ + rows - 1) // rows) * groups * ((kbg + kbs - 1) // kbs)
+    launch(_bind_8_p46((xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+                         cb, rows, kbs, nchw, zero, hwio, p_, epi)), tasks)
 
 
 @_ukjit
-def tile_16_p46(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
-    blocks of ``p_`` pixels (one of (4, 6): a runtime choice, so every layer shares this code),
-    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
+def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels (one of (4, 6): a
+    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
+    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
     of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(6 * 16, dtype=of.dtype)
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
     else:
         os_p = k_
         os_k = 1
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        for i in range(i0, i1):
-            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, p_):
-                for kb in range(kb_lo, kb_hi):
-                    nk = min(16, kg - kb * 16)
-                    kb0 = g * kg + kb * 16
-                    if hwio:
-                        wb = c0 * k_ + kb0
-                        ws_c = k_
-                        ws_t = cg * k_
-                    else:
-                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
-                        ws_c = 16
-                        ws_t = cl * 16
-                    if nchw:
-                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-                    else:
-                        orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    xb = xrow + j0 * sw * c_
-                    ob = orow + j0 * os_p
-                    np_ = min(p_, wo_ - j0)
-                    if p_ == 6:
-                        uk6_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                    else:
-                        uk4_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if epi is not None:  # (pruned at compile time without an epilogue)
-        for kb in range(kb_lo, kb_hi):
-            nk = min(16, kg - kb * 16)
-            kb0 = g * kg + kb * 16
-            if nchw:
-                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            else:
-                for i in range(i0, i1):
-                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                for j0 in range(0, wo_, p_):
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(16, kg - kb * 16)
+                        kb0 = g * kg + kb * 16
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                            ws_c = 16
+                            ws_t = cl * 16
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(p_, wo_ - j0)
+                        if p_ == 6:
+                            uk6_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk4_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(16, kg - kb * 16)
+                kb0 = g * kg + kb * 16
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
 
 
-@pjit
+_bind_16_p46 = binder(tasks_16_p46)
+
+
+@_ukjit
 def conv_16_p46(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
             cb, rows, kbs, nchw, zero, hwio, p_, epi):
-    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    for t in prange(n_ * nrb * inner):
-        tmp = np.empty(6 * 16, dtype=of.dtype)
-        n = t // (nrb * inner)
-        rest = t % (nrb * inner)
-        rb = rest // inner
-        gk = rest % inner
-        i0 = rb * rows
-        kr = gk % nkr
-        tile_16_p46(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  epi)
+    """The whole convolution: its tasks in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    tasks = n_ * ((ho_ + rows - 1) // rows) * groups * ((kbg + kbs - 1) // kbs)
+    launch(_bind_16_p46((xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+                         cb, rows, kbs, nchw, zero, hwio, p_, epi)), tasks)
 
 
 @_ukjit
-def tile_16_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 16) of group g, image n, in
-    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
-    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
+def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels (one of (7, 8): a
+    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
+    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
     of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(8 * 16, dtype=of.dtype)
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
     else:
         os_p = k_
         os_k = 1
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        for i in range(i0, i1):
-            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, p_):
-                for kb in range(kb_lo, kb_hi):
-                    nk = min(16, kg - kb * 16)
-                    kb0 = g * kg + kb * 16
-                    if hwio:
-                        wb = c0 * k_ + kb0
-                        ws_c = k_
-                        ws_t = cg * k_
-                    else:
-                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
-                        ws_c = 16
-                        ws_t = cl * 16
-                    if nchw:
-                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-                    else:
-                        orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    xb = xrow + j0 * sw * c_
-                    ob = orow + j0 * os_p
-                    np_ = min(p_, wo_ - j0)
-                    if p_ == 8:
-                        uk8_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                    else:
-                        uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if epi is not None:  # (pruned at compile time without an epilogue)
-        for kb in range(kb_lo, kb_hi):
-            nk = min(16, kg - kb * 16)
-            kb0 = g * kg + kb * 16
-            if nchw:
-                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            else:
-                for i in range(i0, i1):
-                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
-
-
-@pjit
-def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, epi):
-    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    for t in prange(n_ * nrb * inner):
-        tmp = np.empty(8 * 16, dtype=of.dtype)
+    for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
-        rb = rest // inner
         gk = rest % inner
-        i0 = rb * rows
-        kr = gk % nkr
-        tile_16_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  epi)
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                for j0 in range(0, wo_, p_):
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(16, kg - kb * 16)
+                        kb0 = g * kg + kb * 16
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                            ws_c = 16
+                            ws_t = cl * 16
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(p_, wo_ - j0)
+                        if p_ == 8:
+                            uk8_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(16, kg - kb * 16)
+                kb0 = g * kg + kb * 16
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+_bind_16_p78 = binder(tasks_16_p78)
 
 
 @_ukjit
-def tile_32_p78(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of 32) of group g, image n, in
-    blocks of ``p_`` pixels (one of (7, 8): a runtime choice, so every layer shares this code),
-    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
+def conv_16_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """The whole convolution: its tasks in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    tasks = n_ * ((ho_ + rows - 1) // rows) * groups * ((kbg + kbs - 1) // kbs)
+    launch(_bind_16_p78((xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+                         cb, rows, kbs, nchw, zero, hwio, p_, epi)), tasks)
+
+
+@_ukjit
+def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 32) of group g, image n, in blocks of ``p_`` pixels (one of (7, 8): a
+    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
+    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
     of 32); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(8 * 32, dtype=of.dtype)
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
     else:
         os_p = k_
         os_k = 1
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        for i in range(i0, i1):
-            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, p_):
-                for kb in range(kb_lo, kb_hi):
-                    nk = min(32, kg - kb * 32)
-                    kb0 = g * kg + kb * 32
-                    if hwio:
-                        wb = c0 * k_ + kb0
-                        ws_c = k_
-                        ws_t = cg * k_
-                    else:
-                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
-                        ws_c = 32
-                        ws_t = cl * 32
-                    if nchw:
-                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-                    else:
-                        orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    xb = xrow + j0 * sw * c_
-                    ob = orow + j0 * os_p
-                    np_ = min(p_, wo_ - j0)
-                    if p_ == 8:
-                        uk8_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                    else:
-                        uk7_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p, os_k,
-                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-    if epi is not None:  # (pruned at compile time without an epilogue)
-        for kb in range(kb_lo, kb_hi):
-            nk = min(32, kg - kb * 32)
-            kb0 = g * kg + kb * 32
-            if nchw:
-                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            else:
-                for i in range(i0, i1):
-                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
-
-
-@pjit
-def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, epi):
-    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    for t in prange(n_ * nrb * inner):
-        tmp = np.empty(8 * 32, dtype=of.dtype)
+    for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
-        rb = rest // inner
         gk = rest % inner
-        i0 = rb * rows
-        kr = gk % nkr
-        tile_32_p78(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  epi)
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                for j0 in range(0, wo_, p_):
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(32, kg - kb * 32)
+                        kb0 = g * kg + kb * 32
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 32
+                            ws_c = 32
+                            ws_t = cl * 32
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(p_, wo_ - j0)
+                        if p_ == 8:
+                            uk8_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(32, kg - kb * 32)
+                kb0 = g * kg + kb * 32
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+_bind_32_p78 = binder(tasks_32_p78)
+
+
+@_ukjit
+def conv_32_p78(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """The whole convolution: its tasks in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    tasks = n_ * ((ho_ + rows - 1) // rows) * groups * ((kbg + kbs - 1) // kbs)
+    launch(_bind_32_p78((xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+                         cb, rows, kbs, nchw, zero, hwio, p_, epi)), tasks)

@@ -15,15 +15,15 @@ workspace: used only while it stays under :data:`MAX_COLS_BYTES`, i.e. for small
 The micro-kernel keeps ``KB`` output channels x ``PB`` pixels in vector accumulators of
 partial sums along the reduction (explicit LLVM vectors, :func:`numbaconv.cpu._vec.dot_block`,
 added across lanes once at the end): on AVX-512 5 x 5 (per step 10 loads feed 25 FMAs,
-25 + 5 + 1 of the 32 zmm registers), on AVX2 3 x 4 (16 ymm).  ``prange`` runs over blocks
+25 + 5 + 1 of the 32 zmm registers), on AVX2 3 x 4 (16 ymm).  The parallel loop runs over blocks
 of ``KB`` output channels.
 """
 
 import numba
 import numpy as np
-from numba import prange
 
-from ._jit import pjit
+from ._jit import jit
+from ._launch import binder, launch
 from ._vec import dot_block, target_vector_bytes
 from .epilogue import NONE, finish_2d
 
@@ -54,32 +54,44 @@ def applies(p):
             and (pixels + PB) * reduction * item <= MAX_COLS_BYTES)
 
 
-@pjit
-def _pad_planes(x, xp, pt, pl):
-    """``xp[n, c] =`` plane ``x[n, c]`` inside a zero border (``pt`` rows above, ``pl`` columns
-    to the left, the rest below / to the right)."""
-    n_, c_, h_, w_ = x.shape
-    for q in prange(n_ * c_):
-        n = q // c_
-        c = q % c_
-        xp[n, c] = 0
-        xp[n, c, pt:pt + h_, pl:pl + w_] = x[n, c]
+@jit
+def _pad_planes(lo, hi, x, xp, pt, pl):
+    """Planes ``[lo, hi)`` (over ``n * C``): ``xp[n, c] =`` plane ``x[n, c]`` inside a zero
+    border (``pt`` rows above, ``pl`` columns to the left, the rest below / to the right).
+    (Element loops: a serial slice assignment compiles Numba's shape-mismatch message.)"""
+    h_, w_ = x.shape[2], x.shape[3]
+    hp, wp = xp.shape[2], xp.shape[3]
+    xf = x.reshape(-1)
+    of = xp.reshape(-1)
+    zero = of.dtype.type(0)
+    for q in range(lo, hi):
+        base = q * hp * wp
+        for e in range(hp * wp):
+            of[base + e] = zero
+        for i in range(h_):
+            d = base + (pt + i) * wp + pl
+            s = (q * h_ + i) * w_
+            for j in range(w_):
+                of[d + j] = xf[s + j]
 
 
-@pjit
-def _fill_cols(xp, cols, taps, sh, sw, ho_, wo_):
-    """``cols[n*Ho*Wo + i*Wo + j, c*R*S + t] = xp[n, c].flat[i*sh*Wp + j*sw + taps[t]]``: every
-    tap of pixel (i, j) at its flat offset ``taps[t] = r*dh*Wp + s*dw`` in the padded plane
-    (no bounds tests in the loop); rows past the last pixel are zero (the last block's pad)."""
+@jit
+def _fill_cols(lo, hi, xp, cols, taps, sh, sw, ho_, wo_):
+    """Rows ``[lo, hi)`` of ``cols[n*Ho*Wo + i*Wo + j, c*R*S + t] = xp[n, c].flat[i*sh*Wp +
+    j*sw + taps[t]]``: every tap of pixel (i, j) at its flat offset ``taps[t] = r*dh*Wp +
+    s*dw`` in the padded plane (no bounds tests in the loop); rows past the last pixel are
+    zero (the last block's pad)."""
     n_, c_, hp, wp = xp.shape
     hw = ho_ * wo_
     rs = taps.size
     plane = np.uintp(hp * wp)
     xf = xp.reshape(-1)
-    for row in prange(cols.shape[0]):
+    zero = xf.dtype.type(0)
+    for row in range(lo, hi):
         dst = cols[row]
         if row >= n_ * hw:
-            dst[:] = 0
+            for e in range(dst.size):
+                dst[e] = zero
             continue
         n = row // hw
         i = (row % hw) // wo_
@@ -109,18 +121,18 @@ def _fill_cols(xp, cols, taps, sh, sw, ho_, wo_):
             d += np.uintp(rs)
 
 
-@pjit
-def _dot_conv(wm, cols, bias, out, pixels, epi):
-    """``out[n, k, p] = bias[k] + wm[k] . cols[n*HoWo + p]`` over blocks of KB channels, each
-    block's rows then through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``)."""
+@jit
+def _dot_conv(lo, hi, wm, cols, bias, out, pixels, epi):
+    """Blocks ``[lo, hi)`` of KB channels of ``out[n, k, p] = bias[k] + wm[k] .
+    cols[n*HoWo + p]``, each block's rows then through the epilogue ``epi`` (None: pruned;
+    see ``epilogue.finish_2d``)."""
     k_, red = wm.shape
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
     wf = wm.reshape(-1)
     cf = cols.reshape(-1)
-    nkb = (k_ + KB - 1) // KB
-    for kb in prange(nkb):
-        acc = np.empty(KB * PB, dtype=out.dtype)
+    acc = np.empty(KB * PB, dtype=out.dtype)
+    for kb in range(lo, hi):
         k0 = kb * KB
         kn = min(KB, k_ - k0)
         for p0 in range(0, pixels, PB):
@@ -137,6 +149,20 @@ def _dot_conv(wm, cols, bias, out, pixels, epi):
         for n in range(pixels // hw):
             if epi is not None:  # (pruned at compile time without an epilogue)
                 finish_2d(of, epi, (n * k_ + k0) * hw, kn, hw, hw)
+
+
+_bind_pad = binder(_pad_planes)
+_bind_fill = binder(_fill_cols)
+_bind_conv = binder(_dot_conv)
+
+
+@jit
+def _dot(x, xp, taps, cols, wm, bias, out, pt, pl, sh, sw, pixels, epi):
+    """The layer: padded planes, then the columns, then the products, each step's parts in
+    parallel (:func:`numbaconv.cpu._launch.launch`; one entry for the three)."""
+    launch(_bind_pad((x, xp, pt, pl)), x.shape[0] * x.shape[1])
+    launch(_bind_fill((xp, cols, taps, sh, sw, out.shape[2], out.shape[3])), cols.shape[0])
+    launch(_bind_conv((wm, cols, bias, out, pixels, epi)), (wm.shape[0] + KB - 1) // KB)
 
 
 def microkernel_asm(dtype=np.float32):
@@ -158,9 +184,8 @@ def run(p, x, w, bias, out, epi=NONE):
     pixels = p.n * p.ho * p.wo
     hp, wp = p.h + p.pad_top + p.pad_bottom, p.w + p.pad_left + p.pad_right
     xp = np.empty((p.n, p.c, hp, wp), dtype=p.dtype)
-    _pad_planes(x, xp, p.pad_top, p.pad_left)
     taps = np.array([r * p.dil_h * wp + s * p.dil_w for r in range(p.r) for s in range(p.s)], dtype=np.uintp)
     cols = np.empty((-(-pixels // PB) * PB, p.c * p.r * p.s), dtype=p.dtype)
-    _fill_cols(xp, cols, taps, p.stride_h, p.stride_w, p.ho, p.wo)
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
-    _dot_conv(np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels, epi.kernel_arg(out.reshape(-1)))
+    _dot(x, xp, taps, cols, np.ascontiguousarray(w).reshape(p.k, -1), b, out, p.pad_top, p.pad_left, p.stride_h,
+         p.stride_w, pixels, epi.kernel_arg(out.reshape(-1)))

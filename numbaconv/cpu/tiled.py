@@ -47,7 +47,8 @@ import numpy as np
 from numba import prange
 
 from . import depthwise, dot, naive
-from ._jit import jit, pjit
+from ._jit import jit, parallel_copy, pjit
+from ._launch import binder, launch
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
 from .epilogue import NONE, after
@@ -154,18 +155,17 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
     return h
 
 
-@pjit
-def _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh):
-    """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j]`` (NCHW source) for ``i < h_, j < w_``;
-    every other entry 0.  One parallel loop over padded rows, flat indices, the image part of
-    a row through 8 x 8 register transposes.  (One function per source layout: a layer
-    compiles only the copy it needs, and a parallel body without slices compiles in a
-    fraction of the time.)"""
+@jit
+def _pad_nchw_to_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh):
+    """Padded rows ``[lo, hi)`` (over ``n * Hp``) of ``xp[n, pt + i, pl + j, c] = x[n, c,
+    i*ssh, j]`` (NCHW source) for ``i < h_, j < w_``; every other entry 0.  Flat indices,
+    the image part of a row through 8 x 8 register transposes.  (One function per source
+    layout: a layer compiles only the copy it needs.)"""
     n_, hp, wp, c_ = xp.shape
     xf = x.reshape(-1)
     of = xp.reshape(-1)
     hw = x.shape[2] * x.shape[3]
-    for job in prange(n_ * hp):
+    for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
             continue
@@ -175,15 +175,16 @@ def _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh):
         transpose_block(xf, of, n * c_ * hw + h * ssh * x.shape[3], hw, o + pl * c_, c_, c_, w_)
 
 
-@pjit
-def _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw):
-    """``xp[n, pt + i, pl + j, c] = x[n, i*ssh, j*ssw, c]`` (NHWC source) for ``i < h_,
-    j < w_``; every other entry 0 (``ssh, ssw > 1``: a strided 1x1 layer's subsampling)."""
+@jit
+def _pad_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh, ssw):
+    """Padded rows ``[lo, hi)`` of ``xp[n, pt + i, pl + j, c] = x[n, i*ssh, j*ssw, c]`` (NHWC
+    source) for ``i < h_, j < w_``; every other entry 0 (``ssh, ssw > 1``: a strided 1x1
+    layer's subsampling)."""
     n_, hp, wp, c_ = xp.shape
     xf = x.reshape(-1)
     of = xp.reshape(-1)
     row = x.shape[2] * c_
-    for job in prange(n_ * hp):
+    for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
             continue
@@ -191,19 +192,24 @@ def _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw):
         o = job * wp * c_
         src = (n * x.shape[1] + h * ssh) * row
         dst = o + pl * c_
-        if ssw == 1:  # one contiguous run (a slice copy: a memmove)
-            of[dst:dst + w_ * c_] = xf[src:src + w_ * c_]
+        # (element loops, not slice copies: a serial slice assignment compiles Numba's
+        # shape-mismatch message formatting, seconds of string code, into the kernel)
+        if ssw == 1:  # one contiguous run
+            for e in range(w_ * c_):
+                of[dst + e] = xf[src + e]
         else:
             for j in range(w_):
-                of[dst + j * c_:dst + (j + 1) * c_] = xf[src + j * ssw * c_:src + j * ssw * c_ + c_]
+                for c in range(c_):
+                    of[dst + j * c_ + c] = xf[src + j * ssw * c_ + c]
 
 
-@pjit
-def _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw):
-    """The strided-1x1 subsampling copy from NCHW (``ssw > 1``): element by element."""
+@jit
+def _pad_nchw_strided(lo, hi, x, xp, pt, pl, h_, w_, ssh, ssw):
+    """Padded rows ``[lo, hi)`` of the strided-1x1 subsampling copy from NCHW (``ssw > 1``):
+    element by element."""
     n_, hp, wp, c_ = xp.shape
     of = xp.reshape(-1)
-    for job in prange(n_ * hp):
+    for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
             continue
@@ -214,15 +220,37 @@ def _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw):
                 of[o + (pl + j) * c_ + c] = x[n, c, h * ssh, j * ssw]
 
 
+_bind_pad_nchw = binder(_pad_nchw_to_nhwc)
+_bind_pad_nhwc = binder(_pad_nhwc)
+_bind_pad_strided = binder(_pad_nchw_strided)
+
+
+@jit
+def _pad_to_nhwc_nchw(x, xp, pt, pl, h_, w_, ssh):
+    launch(_bind_pad_nchw((x, xp, pt, pl, h_, w_, ssh)), xp.shape[0] * xp.shape[1])
+
+
+@jit
+def _pad_to_nhwc_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw):
+    launch(_bind_pad_nhwc((x, xp, pt, pl, h_, w_, ssh, ssw)), xp.shape[0] * xp.shape[1])
+
+
+@jit
+def _pad_to_nhwc_strided(x, xp, pt, pl, h_, w_, ssh, ssw):
+    launch(_bind_pad_strided((x, xp, pt, pl, h_, w_, ssh, ssw)), xp.shape[0] * xp.shape[1])
+
+
 def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (or the NHWC source's) for
-    ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1)."""
+    ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1).
+    Rows split across threads by :func:`numbaconv.cpu._launch.launch` (a ``prange`` copy loop
+    cost ~1.2 s more compile on a fresh install: Numba's parfor passes)."""
     if not nchw:
-        _pad_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw)
+        _pad_to_nhwc_nhwc(x, xp, pt, pl, h_, w_, ssh, ssw)
     elif ssw == 1:
-        _pad_nchw_to_nhwc(x, xp, pt, pl, h_, w_, ssh)
+        _pad_to_nhwc_nchw(x, xp, pt, pl, h_, w_, ssh)
     else:
-        _pad_nchw_strided(x, xp, pt, pl, h_, w_, ssh, ssw)
+        _pad_to_nhwc_strided(x, xp, pt, pl, h_, w_, ssh, ssw)
 
 
 @jit
@@ -252,9 +280,10 @@ def _pack_weights(w, wp, groups, kbg, cb, v_):
                             else:
                                 wp[idx + v] = 0
 
-@pjit
-def _pack_hwio(w, wp, groups, kbg, cb, v_):
-    """HWIO ``w`` (R, S, C/G, K) -> the same packed layout.
+@jit
+def _pack_hwio(lo, hi, w, wp, groups, kbg, cb, v_):
+    """Jobs ``[lo, hi)`` (job: input-channel block x tap) of HWIO ``w`` (R, S, C/G, K) -> the
+    same packed layout.
 
     Reads ``w`` row by row (a row: the ``K`` outputs of one tap and input channel) and
     scatters each row's ``V``-runs to the ``K/V`` output-channel blocks: one sequential
@@ -264,8 +293,7 @@ def _pack_hwio(w, wp, groups, kbg, cb, v_):
     rs = r_ * s_
     kg = k_ // groups
     wf = w.reshape(-1)
-    nblk = (cg + cb - 1) // cb
-    for job in prange(nblk * rs):
+    for job in range(lo, hi):
         cbi = job // rs
         t = job % rs
         c0 = cbi * cb
@@ -277,8 +305,10 @@ def _pack_hwio(w, wp, groups, kbg, cb, v_):
                     nk = min(v_, kg - kb * v_)
                     dst = ((g * kbg + kb) * rs * cg + c0 * rs + t * cl + c) * v_
                     s0 = src + g * kg + kb * v_
-                    wp[dst:dst + nk] = wf[s0:s0 + nk]  # slices: vectorised, no wraparound checks
-                    wp[dst + nk:dst + v_] = 0
+                    for v in range(nk):  # (element loops: see _pad_nhwc)
+                        wp[dst + v] = wf[s0 + v]
+                    for v in range(nk, v_):
+                        wp[dst + v] = 0
 
 
 # --- packed-weight cache -------------------------------------------------------------------
@@ -297,7 +327,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
         if wlayout == "OIHW":
             _pack_weights(w, wpk, groups, kbg, cb, v_)
         else:
-            _pack_hwio(w, wpk, groups, kbg, cb, v_)
+            parallel_copy(_pack_hwio, (cg + cb - 1) // cb * r_ * s_, wpk.nbytes, w, wpk, groups, kbg, cb, v_)
         return wpk
     return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)
 
@@ -403,7 +433,7 @@ def bind(p, w, bias):
     geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
                 p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio, b["P"])
 
-    def launch(x, out, epi):
+    def call(x, out, epi):
         if in_place:
             xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
         else:
@@ -411,7 +441,7 @@ def bind(p, w, bias):
             _pad_to_nhwc(x, xp, *pad_args)
         of = out.reshape(-1)
         driver(xp.reshape(-1), wpk, bp, of, *geometry, epi.kernel_arg(of))
-    return launch
+    return call
 
 
 # --- code generation -----------------------------------------------------------------------
@@ -426,9 +456,9 @@ whole convolution with it.
 
 import numba
 import numpy as np
-from numba import prange
 
-from ._jit import pjit, prefetchw
+from ._jit import prefetchw
+from ._launch import binder, launch
 from ._vec import conv_block
 from .epilogue import finish_2d
 
@@ -439,74 +469,81 @@ _ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
 _DRIVER = '''
 
 @_ukjit
-def tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, i1, g, kb_lo, kb_hi, ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_,
-            sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_, epi):
-    """Output rows [i0, i1) x channel blocks [kb_lo, kb_hi) (of {V}) of group g, image n, in
-    blocks of ``p_`` pixels (one of {PS}: a runtime choice, so every layer shares this code),
-    then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached, part.
+def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of {V}) of group g, image n, in blocks of ``p_`` pixels (one of {PS}: a
+    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
+    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
     ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
     of {V}); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
     if nchw:
         os_p = 1
         os_k = ho_ * wo_
     else:
         os_p = k_
         os_k = 1
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        for i in range(i0, i1):
-            xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-            for j0 in range(0, wo_, p_):
-                for kb in range(kb_lo, kb_hi):
-                    nk = min({V}, kg - kb * {V})
-                    kb0 = g * kg + kb * {V}
-                    if hwio:
-                        wb = c0 * k_ + kb0
-                        ws_c = k_
-                        ws_t = cg * k_
-                    else:
-                        wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
-                        ws_c = {V}
-                        ws_t = cl * {V}
-                    if nchw:
-                        orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
-                    else:
-                        orow = (n * ho_ + i) * wo_ * k_ + kb0
-                    xb = xrow + j0 * sw * c_
-                    ob = orow + j0 * os_p
-                    np_ = min(p_, wo_ - j0)
-{CALLS}
-    if epi is not None:  # (pruned at compile time without an epilogue)
-        for kb in range(kb_lo, kb_hi):
-            nk = min({V}, kg - kb * {V})
-            kb0 = g * kg + kb * {V}
-            if nchw:
-                finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            else:
-                for i in range(i0, i1):
-                    finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
-
-
-@pjit
-def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
-            cb, rows, kbs, nchw, zero, hwio, p_, epi):
-    """The whole convolution: prange over (image, row band, group, run of kbs channel blocks)."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    for t in prange(n_ * nrb * inner):
-        tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
+    for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
-        rb = rest // inner
         gk = rest % inner
-        i0 = rb * rows
-        kr = gk % nkr
-        tile_{V}_{TAG}(xf, wf, of, tmp, n, i0, min(i0 + rows, ho_), gk // nkr, kr * kbs, min(kbg, kr * kbs + kbs),
-                  ho_, wo_, hp, wp, c_, k_, cg, kg, kbg, r_, s_, sh, sw, dh, dw, cb, nchw, bias, zero, hwio, p_,
-                  epi)
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                for j0 in range(0, wo_, p_):
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min({V}, kg - kb * {V})
+                        kb0 = g * kg + kb * {V}
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
+                            ws_c = {V}
+                            ws_t = cl * {V}
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(p_, wo_ - j0)
+{CALLS}
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min({V}, kg - kb * {V})
+                kb0 = g * kg + kb * {V}
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+_bind_{V}_{TAG} = binder(tasks_{V}_{TAG})
+
+
+@_ukjit
+def conv_{V}_{TAG}(xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+            cb, rows, kbs, nchw, zero, hwio, p_, epi):
+    """The whole convolution: its tasks in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    tasks = n_ * ((ho_ + rows - 1) // rows) * groups * ((kbg + kbs - 1) // kbs)
+    launch(_bind_{V}_{TAG}((xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh, dw,
+                         cb, rows, kbs, nchw, zero, hwio, p_, epi)), tasks)
 '''
 
 
@@ -515,12 +552,12 @@ def _gen_driver(v_, ps):
     for i, p_ in enumerate(sorted(ps, reverse=True)):
         head = "if" if i == 0 else "elif"
         if i == len(ps) - 1:
-            calls.append("                    else:")
+            calls.append("                        else:")
         else:
-            calls.append(f"                    {head} p_ == {p_}:")
-        calls.append(f"                        uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, "
-                     "sw * c_, os_p, os_k,")
-        calls.append("                                 bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)")
+            calls.append(f"                        {head} p_ == {p_}:")
+        calls.append(f"                            uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, "
+                     "dw * c_, sw * c_, os_p,")
+        calls.append("                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)")
     if len(ps) == 1:
         calls = [c[4:] for c in calls[1:]]
     return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), CALLS="\n".join(calls))

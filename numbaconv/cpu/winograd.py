@@ -40,10 +40,10 @@ from fractions import Fraction
 
 import numba
 import numpy as np
-from numba import prange
 
 from . import tiled
-from ._jit import jit, parallel_for, pjit
+from ._jit import jit, parallel_for
+from ._launch import binder, launch
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
 from .epilogue import NONE, after, finish_2d
@@ -169,7 +169,7 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
     return _OUT2(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
 
 
-@jit
+@jit(inline="always")  # into _tasks: a function level less to compile, link and emit
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
           cb, v_, nchw, epi):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
@@ -238,25 +238,34 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
     return chk
 
 
-@pjit
-def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, epi):
-    """The convolution: prange over tasks = (image, block of ``T`` tiles, group, run of
-    ``kbr`` output-channel blocks), each a :func:`_task`.  ``xf``: zero-padded NHWC input
-    ``(N, hp, wp, C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its
-    layout, flat; ``bad[task]``: 0, or NaN where the task produced a non-finite value.
-    ``geo``: the geometry's integers ``hp, wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th,
-    tw, T, cb, kbr, V, N``."""
+@jit
+def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, epi):
+    """Tasks ``[lo, hi)`` of :func:`_winograd`, each a :func:`_task`."""
     hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
     ntb = (th * tw + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
     per_n = ntb * groups * nkr
-    for task in prange(n_ * per_n):
-        t = np.int64(task)  # the parfor's index is unsigned: keep _task's signature int64
+    for t in range(lo, hi):
         rest = t % per_n
         kb_lo = (rest % nkr) * kbr
         bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
                        min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
                        epi)
+
+
+_bind_tasks = binder(_tasks)
+
+
+@jit
+def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, epi):
+    """The convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr``
+    output-channel blocks), each a :func:`_task`, in parallel
+    (:func:`numbaconv.cpu._launch.launch`).  ``xf``: zero-padded NHWC input ``(N, hp, wp,
+    C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its layout, flat;
+    ``bad[task]``: 0, or NaN where the task produced a non-finite value.  ``geo``: the
+    geometry's integers ``hp, wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb,
+    kbr, V, N``."""
+    launch(_bind_tasks((xf, uf, bias, of, bad, zeros, geo, nchw, epi)), bad.size)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -443,7 +452,7 @@ def bind(p, w, bias, m=None, flip=False):
     geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
                     b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
 
-    def launch(x, out, epi):
+    def call(x, out, epi):
         if in_place:
             xp = x  # NHWC without padding, whole tiles: already the layout the transforms read
         else:
@@ -456,7 +465,7 @@ def bind(p, w, bias, m=None, flip=False):
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
             tiled.run(p, x, flipped_weights(w, wlayout, p.groups) if flip else w, bias, out, epi)
-    return launch
+    return call
 
 
 def _run_live(p, x, w, bias, out, m, flip):

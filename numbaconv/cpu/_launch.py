@@ -1,0 +1,115 @@
+"""One parallel loop for every kernel: ``launch(bind(args), jobs)``.
+
+A ``prange`` driver costs 1-2 s of compile per function on a fresh install (Numba's parfor
+passes, then the parallel body compiled again as a gufunc), and numbaconv had one per
+kernel family, so a model's first forward paid it a dozen times.  Here the only ``prange``
+in the fast paths is :func:`_run_parts`, whose arguments are four integers: it compiles once
+per install (and per CPU) and is loaded from Numba's cache afterwards.
+
+A kernel is a serial ``@jit`` function ``task(lo, hi, *args)`` over a range of independent
+jobs.  :func:`launch` (``@jit``, called from a small serial entry per kernel) stores
+``args`` in its own stack frame and passes :func:`_run_parts` the address of a trampoline
+``void(i64 lo, i64 hi, i64 frame)`` that it emits next to the call: the trampoline loads the
+arguments back and calls ``task`` with Numba's calling convention.  ``_run_parts`` splits
+``[0, jobs)`` into ``parts`` contiguous ranges and runs them on Numba's threading layer, as
+``prange`` over the jobs did (same static split, same threads, ~5 us per launch; a pool of
+Python threads costs ~25).
+
+The caller blocks until every part is done, so the frame outlives the call; arrays are
+borrowed, not reference-counted.  A task must not raise (kernels run without bounds checks
+and report problems through their outputs): a Numba exception inside it would be lost.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange
+from numba.core import cgutils, types
+from numba.core.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
+
+from ._jit import FASTMATH
+
+_I64 = ir.IntType(64)
+_TRAMPOLINE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64])
+
+
+@intrinsic
+def _call(typingctx, fn, lo, hi, frame):
+    """``fn(lo, hi, frame)``: ``fn`` the address of a trampoline."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.call(builder.inttoptr(args[0], _TRAMPOLINE.as_pointer()), args[1:])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _num_threads(typingctx):
+    """``numba.get_num_threads()`` through the threading layer's symbol, as Numba's own parfor
+    launch calls it (the library function goes through a ctypes pointer, which would keep
+    the caller out of the on-disk cache).  The threading layer is started here at compile
+    time and, from the cache, by :func:`_run_parts`'s reload hook, which its callers inherit."""
+    _launch_threads()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []), "get_num_threads")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+def _run_parts(fn, frame, jobs, parts):
+    for i in prange(parts):
+        lo = np.int64(jobs) * i // parts
+        hi = np.int64(jobs) * (i + 1) // parts
+        if hi > lo:
+            _call(fn, lo, hi, frame)
+
+
+def binder(task):
+    """An intrinsic ``bind(args) -> (trampoline, frame)`` for ``task(lo, hi, *args)``, to hand
+    to :func:`launch` in the same function: the frame is a copy of ``args`` in the caller's
+    stack frame.  (A per-task intrinsic, not the task as an argument: a dispatcher passed as
+    a value is lowered as a pointer to the Python object, which keeps the caller out of the
+    on-disk cache.)  ``task`` must take its arguments one by one (no ``*args``)."""
+    @intrinsic
+    def bind(typingctx, args):
+        if not isinstance(args, types.BaseTuple):
+            return None
+        call_sig = typingctx.resolve_function_type(task, (types.int64, types.int64, *args.types), {})
+        if call_sig is None:  # (compiling ``task`` for these types failed)
+            return None
+        sig = types.UniTuple(types.int64, 2)(args)
+
+        def codegen(context, builder, signature, llargs):
+            cres = task.get_compile_result(call_sig)
+            context.add_linking_libs([cres.library])
+            frame = cgutils.alloca_once_value(builder, llargs[0])
+            module = builder.module
+            tramp = cgutils.get_or_insert_function(module, _TRAMPOLINE, f"numbaconv_task_{cres.fndesc.mangled_name}")
+            if tramp.is_declaration:
+                tramp.linkage = "internal"
+                b = ir.IRBuilder(tramp.append_basic_block())
+                lo, hi, addr = tramp.args
+                tup = b.load(b.inttoptr(addr, frame.type))
+                vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
+                func = context.declare_function(module, cres.fndesc)
+                context.call_conv.call_function(b, func, cres.signature.return_type, cres.signature.args, vals)
+                b.ret_void()
+            return cgutils.pack_array(builder, [builder.ptrtoint(tramp, _I64), builder.ptrtoint(frame, _I64)])
+        return sig, codegen
+    return bind
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def launch(bound, jobs):
+    """The bound task (``bind(args)`` of :func:`binder`) over ``[0, jobs)``, one contiguous
+    range per thread (``numba.get_num_threads()``), in parallel; serially for one."""
+    fn, frame = bound
+    parts = min(_num_threads(), jobs)
+    if parts <= 1:
+        _call(fn, 0, jobs, frame)
+    else:
+        _run_parts(fn, frame, jobs, parts)
