@@ -32,6 +32,7 @@ ALLOWED = {
                       "numbaconv.problem", "numbaconv.registry"},
     "numbaconv.cpu._jit": set(),
     "numbaconv.cpu._vec": set(),
+    "numbaconv.cpu._launch": {"numbaconv.cpu._jit"},
     "numbaconv.cpu": {"numbaconv.cpu", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.auto", "numbaconv.problem",
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},

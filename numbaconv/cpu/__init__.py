@@ -5,6 +5,8 @@
 * ``_vec``      -- explicit-vector register blocks (LLVM vector IR from ``@intrinsic``) and the
   compile target's vector width; ``asm`` reads their machine code (the codegen tests);
   ``peak`` measures this machine's FMA peak (for ``numbaconv bench``);
+* ``_launch``   -- the one shared parallel loop: a kernel's serial task function over ranges of
+  independent jobs, on Numba's threads (one ``prange`` compiled per install, not one per kernel);
 * ``naive``     -- the direct loop nest (the correctness baseline, a plain-Python twin beside it);
 * ``im2col``    -- im2col + BLAS with a bounded workspace, and the public ``im2col`` / ``col2im``;
 * ``tiled``     -- the cache- and register-blocked direct convolution (the fast path), and
@@ -26,5 +28,5 @@ its ``run`` also takes ``epi=`` (an :class:`~numbaconv.cpu.epilogue.Epilogue`).
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
 ``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` and ``_vec`` import nothing of
-numbaconv; ``_wcache`` only ``_jit``.
+numbaconv; ``_launch`` only ``_jit``; ``_wcache`` only ``_jit`` and ``_launch``.
 """

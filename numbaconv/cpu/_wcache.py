@@ -18,9 +18,9 @@ import threading
 import weakref
 
 import numpy as np
-from numba import prange
 
-from ._jit import jit, pjit
+from ._jit import jit
+from ._launch import binder, launch
 
 __all__ = ["WeightCache", "own"]
 
@@ -45,18 +45,25 @@ def _xor_or(a, b):
     return d != 0
 
 
-@pjit
+@jit
+def _differ_chunks(lo, hi, a, b, chunk, flags):
+    for t in range(lo, hi):
+        flags[t] = _xor_or(a[t * chunk:min(a.size, (t + 1) * chunk)], b[t * chunk:min(a.size, (t + 1) * chunk)])
+
+
+_bind_differ = binder(_differ_chunks)
+
+
+@jit
 def _bits_differ(a, b):
-    """True when the unsigned-integer views ``a`` and ``b`` (same size >= 1) differ anywhere."""
+    """True when the unsigned-integer views ``a`` and ``b`` (same size >= 1) differ anywhere
+    (chunks in parallel: :func:`numbaconv.cpu._launch.launch`)."""
     n = a.size
     nch = min(n, 64)
     chunk = (n + nch - 1) // nch
     nch = (n + chunk - 1) // chunk
     flags = np.zeros(nch, dtype=np.bool_)
-    for t in prange(nch):
-        lo = t * chunk
-        hi = min(n, lo + chunk)
-        flags[t] = _xor_or(a[lo:hi], b[lo:hi])
+    launch(_bind_differ((a, b, chunk, flags)), nch)
     return flags.any()
 
 

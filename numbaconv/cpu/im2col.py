@@ -23,6 +23,7 @@ from numba import prange
 
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
+from ._launch import binder, launch
 from .epilogue import NONE, finish_2d
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -116,8 +117,8 @@ def _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups
 # of the workspace and multiplies it with BLAS restricted to the calling thread.  (Letting
 # OpenBLAS spawn its own threads next to Numba's left two spinning pools fighting over the
 # cores: calls were quantised to scheduler ticks, 8 ms for a 1 ms layer.)
-@pjit
-def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
+@jit
+def _conv_nchw_tasks(lo, hi, x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
     n_, c_ = x.shape[0], x.shape[1]
     k_, cg, r_, s_ = w.shape
     ho_, wo_ = out.shape[2], out.shape[3]
@@ -127,7 +128,7 @@ def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, gro
     of = out.ravel()
     tiles = (ho_ + tile_rows - 1) // tile_rows
     per_thread = cols.size // nthreads
-    for thread in prange(nthreads):
+    for thread in range(lo, hi):
         buf = cols[thread * per_thread:(thread + 1) * per_thread]
         previous = blas_threads_local(1)
         for item in range(thread, n_ * tiles, nthreads):
@@ -143,8 +144,17 @@ def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, gro
         blas_threads_local(previous)
 
 
-@pjit
-def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
+_bind_conv_nchw = binder(_conv_nchw_tasks)
+
+
+@jit
+def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
+    """:func:`_conv_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_conv_nchw((x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups)), nthreads)
+
+
+@jit
+def _conv_nhwc_tasks(lo, hi, x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
     n_ = x.shape[0]
     r_, s_, cg, k_ = w_hwio.shape
     ho_, wo_ = out.shape[1], out.shape[2]
@@ -155,7 +165,7 @@ def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw
     total = n_ * ho_
     tiles = (total + tile_rows - 1) // tile_rows
     per_thread = cols.size // nthreads
-    for thread in prange(nthreads):
+    for thread in range(lo, hi):
         buf = cols[thread * per_thread:(thread + 1) * per_thread]
         previous = blas_threads_local(1)
         for tile in range(thread, tiles, nthreads):
@@ -171,9 +181,18 @@ def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw
         blas_threads_local(previous)
 
 
+_bind_conv_nhwc = binder(_conv_nhwc_tasks)
+
+
+@jit
+def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
+    """:func:`_conv_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_conv_nhwc((x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups)), nthreads)
+
+
 # 1x1, stride 1, no padding: the input already is the GEMM operand, no column buffer.
-@pjit
-def _pointwise_nchw(x, w, out, nthreads, groups):
+@jit
+def _pointwise_nchw_tasks(lo, hi, x, w, out, nthreads, groups):
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     cg, kg = c_ // groups, k_ // groups
@@ -182,7 +201,7 @@ def _pointwise_nchw(x, w, out, nthreads, groups):
     wf = w.ravel()
     of = out.ravel()
     span = (hw + nthreads - 1) // nthreads
-    for thread in prange(nthreads):
+    for thread in range(lo, hi):
         p0 = thread * span
         length = min(hw, p0 + span) - p0
         if length > 0:
@@ -194,8 +213,17 @@ def _pointwise_nchw(x, w, out, nthreads, groups):
             blas_threads_local(previous)
 
 
-@pjit
-def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
+_bind_pointwise_nchw = binder(_pointwise_nchw_tasks)
+
+
+@jit
+def _pointwise_nchw(x, w, out, nthreads, groups):
+    """:func:`_pointwise_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_pointwise_nchw((x, w, out, nthreads, groups)), nthreads)
+
+
+@jit
+def _pointwise_nhwc_tasks(lo, hi, x, w_hwio, out, nthreads, groups):
     c_ = x.shape[3]
     k_ = w_hwio.shape[3]
     cg, kg = c_ // groups, k_ // groups
@@ -204,7 +232,7 @@ def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
     wf = w_hwio.ravel()
     of = out.ravel()
     span = (pixels + nthreads - 1) // nthreads
-    for thread in prange(nthreads):
+    for thread in range(lo, hi):
         p0 = thread * span
         length = min(pixels, p0 + span) - p0
         if length > 0:
@@ -214,14 +242,23 @@ def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
             blas_threads_local(previous)
 
 
-@pjit
-def _finish_nchw(out, bias, epi):
+_bind_pointwise_nhwc = binder(_pointwise_nhwc_tasks)
+
+
+@jit
+def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
+    """:func:`_pointwise_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_pointwise_nhwc((x, w_hwio, out, nthreads, groups)), nthreads)
+
+
+@jit
+def _finish_nchw_tasks(lo, hi, out, bias, epi):
     """The bias, then the epilogue (``epi``: None, pruned; see ``epilogue.finish_2d``), in one
     pass over the GEMMs' result, plane by plane."""
     n_, k_ = out.shape[0], out.shape[1]
     hw = out.shape[2] * out.shape[3]
     of = out.reshape(-1)
-    for job in prange(n_ * k_):
+    for job in range(lo, hi):
         b = bias[job % k_]
         plane = of[job * hw:(job + 1) * hw]
         for i in range(hw):
@@ -230,17 +267,35 @@ def _finish_nchw(out, bias, epi):
             finish_2d(of, epi, job * hw, 1, 0, hw)
 
 
-@pjit
-def _finish_nhwc(out, bias, epi):
+_bind_finish_nchw = binder(_finish_nchw_tasks)
+
+
+@jit
+def _finish_nchw(out, bias, epi):
+    """:func:`_finish_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_finish_nchw((out, bias, epi)), out.shape[0] * out.shape[1])
+
+
+@jit
+def _finish_nhwc_tasks(lo, hi, out, bias, epi):
     """:func:`_finish_nchw` for NHWC, pixel by pixel."""
     k_ = out.shape[3]
     of = out.reshape(-1)
-    for pix in prange(of.size // k_):
+    for pix in range(lo, hi):
         row = of[pix * k_:(pix + 1) * k_]
         for i in range(k_):
             row[i] += bias[i]
         if epi is not None:
             finish_2d(of, epi, pix * k_, 1, 0, k_)
+
+
+_bind_finish_nhwc = binder(_finish_nhwc_tasks)
+
+
+@jit
+def _finish_nhwc(out, bias, epi):
+    """:func:`_finish_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
+    launch(_bind_finish_nhwc((out, bias, epi)), out.size // out.shape[3])
 
 
 #: a thread's column tile stays about L2-sized, so its GEMM reads it from cache

@@ -118,7 +118,7 @@ def microkernel_asm(dtype=np.float32, p_=P):
 
 
 # --- layout preparation ----------------------------------------------------------------------
-@jit
+@jit(inline="always")  # (into its callers: one function less to compile)
 def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
     """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i < ni, j < nj`` (flat arrays), in
     8 x 8 blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`): an NCHW
@@ -136,7 +136,7 @@ def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
             dst[d0 + j * ds + i] = src[s0 + i * ss + j]
 
 
-@jit
+@jit(inline="always")  # (into each copy: one function less to compile per copy)
 def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
     """Padded row ``job`` (over ``n * Hp``) of the flat NHWC copy ``of``: zero its padding
     columns and return the image row it holds, or zero all of it and return -1 (a row of

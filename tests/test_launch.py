@@ -1,0 +1,106 @@
+"""The shared parallel loop (``numbaconv.cpu._launch``): every job once, on several threads,
+and kernels that use it load from Numba's on-disk cache (nothing compiles in a new process)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from numbaconv.cpu._launch import binder, launch
+
+
+@numba.njit(nogil=True)
+def _count(lo, hi, hits, scale):
+    for j in range(lo, hi):
+        hits[j] += scale
+
+
+@numba.njit(nogil=True)
+def _who(lo, hi, ids, spin):
+    acc = 0.0
+    for _ in range(spin):  # long enough that one thread cannot take every part
+        acc += 1e-9
+    for j in range(lo, hi):
+        ids[j] = numba.get_thread_id() + (acc < 0)
+
+
+_bind_count = binder(_count)
+_bind_who = binder(_who)
+
+
+@numba.njit(nogil=True)
+def _run_count(hits, scale, jobs):
+    launch(_bind_count((hits, scale)), jobs)
+
+
+@numba.njit(nogil=True)
+def _run_who(ids, spin):
+    launch(_bind_who((ids, spin)), ids.size)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("jobs", [0, 1, 2, 3, 7, 100])
+def test_every_job_runs_once(jobs, threads):
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        hits = np.zeros(jobs + 5, np.int64)
+        _run_count(hits, 3, jobs)
+        assert hits[:jobs].tolist() == [3] * jobs
+        assert hits[jobs:].tolist() == [0] * 5  # nothing past the job range
+    finally:
+        numba.set_num_threads(saved)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_parts_run_on_different_threads():
+    numba.set_num_threads(2)
+    ids = np.full(2, -1, np.int64)
+    _run_who(ids, 20_000_000)
+    assert len(set(ids.tolist())) == 2, ids
+
+
+CODE = textwrap.dedent("""
+    import json, sys, warnings
+    import numpy as np
+    from numba.core.event import install_recorder
+    import numbaconv
+    warnings.simplefilter("always")
+    layers = [  # (x NCHW, w OIHW, stride, padding, algorithm)
+        ((1, 16, 10, 10), (16, 16, 3, 3), 1, 1, "tiled"),
+        ((1, 16, 10, 10), (16, 16, 3, 3), 1, 1, "winograd"),
+        ((1, 16, 10, 10), (32, 16, 1, 1), 1, 0, "im2col"),
+        ((1, 16, 10, 10), (32, 16, 3, 3), 2, 1, "im2col"),
+        ((1, 256, 6, 6), (512, 256, 3, 3), 1, 1, "auto"),  # deep NCHW: numbaconv.cpu.dot
+    ]
+    with warnings.catch_warnings(record=True) as caught, install_recorder("numba:compile") as rec:
+        for xs, ws, stride, pad, algorithm in layers:
+            for layout in ("NCHW", "NHWC"):
+                x = np.ones(xs, np.float32)
+                if layout == "NHWC":
+                    x = numbaconv.convert_layout(x, "NCHW", "NHWC")
+                numbaconv.conv2d(x, np.ones(ws, np.float32), stride=stride, padding=pad, layout=layout,
+                                 weight_layout="OIHW", algorithm=algorithm)
+    compiled = sorted({ev.data["dispatcher"].py_func.__qualname__ for _, ev in rec.buffer
+                       if ev.is_end and "dispatcher" in ev.data})
+    print(json.dumps({"compiled": compiled, "uncached": [str(w.message) for w in caught if "cache" in str(w.message)]}))
+""")
+
+
+def test_launched_kernels_load_from_the_cache(tmp_path):
+    """A kernel that embedded a Python object (a dispatcher passed as a value, a ctypes
+    pointer) could not be cached and would compile again in every process."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "launch" in runs[0]["compiled"] and "_run_parts" in runs[0]["compiled"]
+    assert runs[0]["uncached"] == []
+    assert runs[1]["compiled"] == []
