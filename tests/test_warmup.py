@@ -88,7 +88,7 @@ def test_cache_entries_depend_on_every_kernel_source(tmp_path):
     import shutil
 
     from numbaconv.cpu import _jit, tiled, winograd
-    for kernel in (winograd._winograd, tiled._pad_nhwc):
+    for kernel in (winograd._tasks, tiled._pad_nhwc):
         locator = kernel._cache._impl.locator
         assert type(locator).__name__.startswith("Numbaconv")
         assert locator.get_source_stamp()[1] == _jit.package_stamp()

@@ -113,3 +113,87 @@ def launch(bound, jobs):
         _call(fn, 0, jobs, frame)
     else:
         _run_parts(fn, frame, jobs, parts)
+
+
+# --- by address: the entry does not link the task ------------------------------------------
+# An entry that links its task (``binder``) compiles, optimises and emits the task's whole
+# code once more: ~0.5 s per kernel family on a fresh install (Zen 4).  ``Task`` hands the
+# task's address to :func:`launch_address` at run time instead: one small entry per argument
+# types, nothing of the task linked in.
+def task_address(task, argtypes):
+    """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``."""
+    sig = (types.int64, types.int64, *argtypes)
+    cres = task.overloads.get(sig)
+    if cres is None:
+        task.compile(sig)
+        cres = task.overloads[sig]
+    if cres.signature.return_type != types.none:
+        raise TypeError(f"a task returns nothing, {task.__name__} returns {cres.signature.return_type}")
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+
+
+@intrinsic
+def _bind_address(typingctx, address, args):
+    """``(trampoline, frame)`` for the task at ``address`` (see :func:`task_address`) with
+    ``args``: the trampoline calls it through the pointer, with Numba's calling convention
+    for those argument types (the task's exceptions, if any, are dropped)."""
+    if not isinstance(args, types.BaseTuple):
+        return None
+    argtys = (types.int64, types.int64, *args.types)
+    sig = types.UniTuple(types.int64, 2)(types.int64, args)
+
+    def codegen(context, builder, signature, llargs):
+        frame = cgutils.alloca_once_value(builder, cgutils.make_anonymous_struct(builder, llargs))
+        tramp = cgutils.get_or_insert_function(builder.module, _TRAMPOLINE, "numbaconv_by_address")
+        if tramp.is_declaration:  # (one per entry: the entry is specialised on ``args``)
+            tramp.linkage = "internal"
+            b = ir.IRBuilder(tramp.append_basic_block())
+            lo, hi, addr = tramp.args
+            st = b.load(b.inttoptr(addr, frame.type))
+            fnty = context.call_conv.get_function_type(types.none, argtys)
+            tup = b.extract_value(st, 1)
+            vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
+            ret = cgutils.alloca_once(b, fnty.args[0].pointee)
+            b.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
+            exc = cgutils.alloca_once(b, fnty.args[1].pointee)
+            packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(b, vals))
+            b.call(b.inttoptr(b.extract_value(st, 0), fnty.as_pointer()), [ret, exc] + packed)
+            b.ret_void()
+        return cgutils.pack_array(builder, [builder.ptrtoint(tramp, _I64), builder.ptrtoint(frame, _I64)])
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def launch_address(address, jobs, *args):
+    """The task at ``address`` over ``[0, jobs)`` with ``args``, in parallel (:func:`launch`)."""
+    launch(_bind_address(address, args), jobs)
+
+
+def type_key(a):
+    """What decides Numba's type of ``a`` (cheaper than ``numba.typeof``)."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return a.dtype.num, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned
+    if isinstance(a, tuple):
+        return tuple(map(type_key, a))
+    return type(a)
+
+
+class Task:
+    """A serial task ``task(lo, hi, *args)`` run in parallel from Python by its address
+    (:func:`launch_address`).  ``task(jobs, *args)`` keys the address on the arguments'
+    types (a few microseconds); ``task.run(key, jobs, *args)`` takes the caller's key, for
+    callers that know which arguments can change type (most are fixed per layer)."""
+
+    def __init__(self, task):
+        self.task = task
+        self._by_key = {}
+
+    def run(self, key, jobs, *args):
+        address = self._by_key.get(key)
+        if address is None:
+            address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
+        launch_address(address, jobs, *args)
+
+    def __call__(self, jobs, *args):
+        self.run(tuple(map(type_key, args)), jobs, *args)

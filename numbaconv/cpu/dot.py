@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from ._jit import jit
-from ._launch import binder, launch
+from ._launch import Task
 from ._vec import dot_block, target_vector_bytes
 from .epilogue import NONE, finish_2d
 
@@ -151,18 +151,9 @@ def _dot_conv(lo, hi, wm, cols, bias, out, pixels, epi):
                 finish_2d(of, epi, (n * k_ + k0) * hw, kn, hw, hw)
 
 
-_bind_pad = binder(_pad_planes)
-_bind_fill = binder(_fill_cols)
-_bind_conv = binder(_dot_conv)
-
-
-@jit
-def _dot(x, xp, taps, cols, wm, bias, out, pt, pl, sh, sw, pixels, epi):
-    """The layer: padded planes, then the columns, then the products, each step's parts in
-    parallel (:func:`numbaconv.cpu._launch.launch`; one entry for the three)."""
-    launch(_bind_pad((x, xp, pt, pl)), x.shape[0] * x.shape[1])
-    launch(_bind_fill((xp, cols, taps, sh, sw, out.shape[2], out.shape[3])), cols.shape[0])
-    launch(_bind_conv((wm, cols, bias, out, pixels, epi)), (wm.shape[0] + KB - 1) // KB)
+_PAD = Task(_pad_planes)
+_FILL = Task(_fill_cols)
+_CONV = Task(_dot_conv)
 
 
 def microkernel_asm(dtype=np.float32):
@@ -187,5 +178,8 @@ def run(p, x, w, bias, out, epi=NONE):
     taps = np.array([r * p.dil_h * wp + s * p.dil_w for r in range(p.r) for s in range(p.s)], dtype=np.uintp)
     cols = np.empty((-(-pixels // PB) * PB, p.c * p.r * p.s), dtype=p.dtype)
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
-    _dot(x, xp, taps, cols, np.ascontiguousarray(w).reshape(p.k, -1), b, out, p.pad_top, p.pad_left, p.stride_h,
-         p.stride_w, pixels, epi.kernel_arg(out.reshape(-1)))
+    # padded planes, then the columns, then the products, each step's parts in parallel
+    _PAD(p.n * p.c, x, xp, p.pad_top, p.pad_left)
+    _FILL(cols.shape[0], xp, cols, taps, p.stride_h, p.stride_w, p.ho, p.wo)
+    _CONV(-(-p.k // KB), np.ascontiguousarray(w).reshape(p.k, -1), cols, b, out, pixels,
+          epi.kernel_arg(out.reshape(-1)))

@@ -23,7 +23,7 @@ from numba import prange
 
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
-from ._launch import binder, launch
+from ._launch import Task
 from .epilogue import NONE, finish_2d
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -144,13 +144,7 @@ def _conv_nchw_tasks(lo, hi, x, w, out, cols, tile_rows, nthreads, sh, sw, pt, p
         blas_threads_local(previous)
 
 
-_bind_conv_nchw = binder(_conv_nchw_tasks)
-
-
-@jit
-def _conv_nchw(x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
-    """:func:`_conv_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_conv_nchw((x, w, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups)), nthreads)
+_CONV_NCHW = Task(_conv_nchw_tasks)  # jobs: nthreads
 
 
 @jit
@@ -181,13 +175,7 @@ def _conv_nhwc_tasks(lo, hi, x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, 
         blas_threads_local(previous)
 
 
-_bind_conv_nhwc = binder(_conv_nhwc_tasks)
-
-
-@jit
-def _conv_nhwc(x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups):
-    """:func:`_conv_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_conv_nhwc((x, w_hwio, out, cols, tile_rows, nthreads, sh, sw, pt, pl, dh, dw, groups)), nthreads)
+_CONV_NHWC = Task(_conv_nhwc_tasks)  # jobs: nthreads
 
 
 # 1x1, stride 1, no padding: the input already is the GEMM operand, no column buffer.
@@ -213,13 +201,7 @@ def _pointwise_nchw_tasks(lo, hi, x, w, out, nthreads, groups):
             blas_threads_local(previous)
 
 
-_bind_pointwise_nchw = binder(_pointwise_nchw_tasks)
-
-
-@jit
-def _pointwise_nchw(x, w, out, nthreads, groups):
-    """:func:`_pointwise_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_pointwise_nchw((x, w, out, nthreads, groups)), nthreads)
+_POINTWISE_NCHW = Task(_pointwise_nchw_tasks)  # jobs: nthreads
 
 
 @jit
@@ -242,18 +224,12 @@ def _pointwise_nhwc_tasks(lo, hi, x, w_hwio, out, nthreads, groups):
             blas_threads_local(previous)
 
 
-_bind_pointwise_nhwc = binder(_pointwise_nhwc_tasks)
-
-
-@jit
-def _pointwise_nhwc(x, w_hwio, out, nthreads, groups):
-    """:func:`_pointwise_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_pointwise_nhwc((x, w_hwio, out, nthreads, groups)), nthreads)
+_POINTWISE_NHWC = Task(_pointwise_nhwc_tasks)  # jobs: nthreads
 
 
 @jit
 def _finish_nchw_tasks(lo, hi, out, bias, epi):
-    """The bias, then the epilogue (``epi``: None, pruned; see ``epilogue.finish_2d``), in one
+    """Planes ``[lo, hi)``: the bias, then the epilogue (``epi``: None, pruned; see ``epilogue.finish_2d``), in one
     pass over the GEMMs' result, plane by plane."""
     n_, k_ = out.shape[0], out.shape[1]
     hw = out.shape[2] * out.shape[3]
@@ -267,18 +243,12 @@ def _finish_nchw_tasks(lo, hi, out, bias, epi):
             finish_2d(of, epi, job * hw, 1, 0, hw)
 
 
-_bind_finish_nchw = binder(_finish_nchw_tasks)
-
-
-@jit
-def _finish_nchw(out, bias, epi):
-    """:func:`_finish_nchw_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_finish_nchw((out, bias, epi)), out.shape[0] * out.shape[1])
+_FINISH_NCHW = Task(_finish_nchw_tasks)  # jobs: out.shape[0] * out.shape[1]
 
 
 @jit
 def _finish_nhwc_tasks(lo, hi, out, bias, epi):
-    """:func:`_finish_nchw` for NHWC, pixel by pixel."""
+    """:func:`_finish_nchw_tasks` for NHWC, pixels ``[lo, hi)``."""
     k_ = out.shape[3]
     of = out.reshape(-1)
     for pix in range(lo, hi):
@@ -289,13 +259,7 @@ def _finish_nhwc_tasks(lo, hi, out, bias, epi):
             finish_2d(of, epi, pix * k_, 1, 0, k_)
 
 
-_bind_finish_nhwc = binder(_finish_nhwc_tasks)
-
-
-@jit
-def _finish_nhwc(out, bias, epi):
-    """:func:`_finish_nhwc_tasks` in parallel (:func:`numbaconv.cpu._launch.launch`)."""
-    launch(_bind_finish_nhwc((out, bias, epi)), out.size // out.shape[3])
+_FINISH_NHWC = Task(_finish_nhwc_tasks)  # jobs: out.size // out.shape[3]
 
 
 #: a thread's column tile stays about L2-sized, so its GEMM reads it from cache
@@ -324,7 +288,10 @@ def _finish(p, out, bias, epi):
         return
     if bias is None:
         bias = np.zeros(p.k, dtype=p.dtype)
-    (_finish_nchw if p.layout == "NCHW" else _finish_nhwc)(out, bias, epi.kernel_arg(out.reshape(-1)))
+    if p.layout == "NCHW":
+        _FINISH_NCHW(p.n * p.k, out, bias, epi.kernel_arg(out.reshape(-1)))
+    else:
+        _FINISH_NHWC(p.n * p.ho * p.wo, out, bias, epi.kernel_arg(out.reshape(-1)))
 
 
 def run(p, x, w, bias, out, epi=NONE):
@@ -332,15 +299,15 @@ def run(p, x, w, bias, out, epi=NONE):
     epilogue, applied with the bias in one pass."""
     nthreads = numba.get_num_threads()
     if p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding:
-        (_pointwise_nchw if p.layout == "NCHW" else _pointwise_nhwc)(x, w, out, nthreads, p.groups)
+        (_POINTWISE_NCHW if p.layout == "NCHW" else _POINTWISE_NHWC)(nthreads, x, w, out, nthreads, p.groups)
         return _finish(p, out, bias, epi)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
     rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
     cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
     if p.layout == "NCHW":
-        _conv_nchw(x, w, out, cols, rows, nthreads, *geometry)
+        _CONV_NCHW(nthreads, x, w, out, cols, rows, nthreads, *geometry)
     else:
-        _conv_nhwc(x, w, out, cols, rows, nthreads, *geometry)
+        _CONV_NHWC(nthreads, x, w, out, cols, rows, nthreads, *geometry)
     _finish(p, out, bias, epi)
 
 

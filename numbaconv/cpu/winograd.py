@@ -43,7 +43,7 @@ import numpy as np
 
 from . import tiled
 from ._jit import jit, parallel_for
-from ._launch import binder, launch
+from ._launch import Task, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
 from .epilogue import NONE, after, finish_2d
@@ -240,7 +240,7 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
 
 @jit
 def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, epi):
-    """Tasks ``[lo, hi)`` of :func:`_winograd`, each a :func:`_task`."""
+    """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`), each a :func:`_task`."""
     hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
     ntb = (th * tw + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
@@ -253,19 +253,12 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, epi):
                        epi)
 
 
-_bind_tasks = binder(_tasks)
-
-
-@jit
-def _winograd(xf, uf, bias, of, bad, zeros, geo, nchw, epi):
-    """The convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr``
-    output-channel blocks), each a :func:`_task`, in parallel
-    (:func:`numbaconv.cpu._launch.launch`).  ``xf``: zero-padded NHWC input ``(N, hp, wp,
-    C)``, flat; ``uf``: packed transformed weights; ``of``: the output in its layout, flat;
-    ``bad[task]``: 0, or NaN where the task produced a non-finite value.  ``geo``: the
-    geometry's integers ``hp, wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb,
-    kbr, V, N``."""
-    launch(_bind_tasks((xf, uf, bias, of, bad, zeros, geo, nchw, epi)), bad.size)
+#: the convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr`` output-channel
+#: blocks), each a :func:`_task`, in parallel.  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``,
+#: flat; ``uf``: packed transformed weights; ``of``: the output in its layout, flat; ``bad[task]``:
+#: 0, or NaN where the task produced a non-finite value.  ``geo``: the geometry's integers ``hp,
+#: wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb, kbr, V, N``.
+_WINOGRAD = Task(_tasks)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -281,7 +274,7 @@ def _transform_blocks(job_lo, job_hi, w, uf, gm, hwio, flip, kg, cg, kbg, v_):
         _transform_block(w, uf, gm, hwio, flip, job // kbg, job % kbg, kg, cg, kbg, v_)
 
 
-@jit
+@jit(inline="always")  # (into _transform_blocks: a function level less to compile)
 def _transform_block(w, uf, gm, hwio, flip, g, kb, kg, cg, kbg, v_):
     """Output-channel block ``kb`` of group ``g`` (see :func:`_transform_weights`)."""
     a = gm.shape[0]
@@ -460,7 +453,10 @@ def bind(p, w, bias, m=None, flip=False):
             tiled._pad_to_nhwc(x, xp, nchw, p.pad_top, p.pad_left, p.h, p.w, 1, 1)
         bad = np.zeros(ntasks, dtype=p.dtype)
         of = out.reshape(-1)
-        _winograd(xp.reshape(-1), uf, bp, of, bad, zeros, geo, nchw, epi.kernel_arg(of))
+        ea = epi.kernel_arg(of)
+        xf = xp.reshape(-1)
+        # (weights, bias and geometry keep their types for the layer: only these vary)
+        _WINOGRAD.run((type_key(xf), type_key(of), type_key(ea)), ntasks, xf, uf, bp, of, bad, zeros, geo, nchw, ea)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
