@@ -82,6 +82,7 @@ def _fill_row_nchw(x, n, i0, i1, cols, row, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
 def _fill_row_nhwc(x, t, t0, t1, g, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups):
     """cols[g, (t - t0) * wo_ + j, (r, s, c)] = x[n, hi, wi, g*cg + c] for output row t = n*ho_ + i."""
     h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(-1)
     cg = c_ // groups
     patch = r_ * s_ * cg
     n = t // ho_
@@ -93,10 +94,14 @@ def _fill_row_nhwc(x, t, t0, t1, g, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, w
             for s in range(s_):
                 wi = j * sw + s * dw - pl
                 d = dst + (r * s_ + s) * cg
+                # (element loops: a slice assignment compiles Numba's shape-mismatch message)
                 if hi < 0 or hi >= h_ or wi < 0 or wi >= w_:
-                    cols[d:d + cg] = 0
+                    for c in range(cg):
+                        cols[d + c] = 0
                 else:
-                    cols[d:d + cg] = x[n, hi, wi, g * cg:(g + 1) * cg]
+                    src = ((n * h_ + hi) * w_ + wi) * c_ + g * cg
+                    for c in range(cg):
+                        cols[d + c] = xf[src + c]
 
 
 @pjit

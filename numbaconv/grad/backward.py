@@ -43,6 +43,7 @@ from .. import auto
 from ..api import convolve
 from ..cpu import winograd
 from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
+from ..cpu._launch import Task
 from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from ..layout import to_layout
 from ..padding import _MODE_CODE, _index_map, pad_input, padding_products_grad_weight
@@ -288,8 +289,9 @@ def _dw_shifts_nhwc(xp, dyp, dwt, r_, s_, dh, dw, groups, parts):
 # the calling thread); the copies are summed at the end.  Splitting each GEMM's output
 # between threads instead (``_gemm_par``) left them waiting for each other after every
 # fill and gave each a half-width GEMM: res2 NHWC 2.4-2.9 ms vs 1.2 ms for torch.
-@pjit
-def _dw_tiles_nchw(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw, groups, r_, s_):
+@jit
+def _dw_tiles_nchw(lo, hi, x, dy, partial, cols, tile_rows, sh, sw, pt, pl, dh, dw, groups, r_, s_):
+    """Threads ``[lo, hi)``: each its share of the tiles into its own ``partial[t]``."""
     n_, k_, ho_, wo_ = dy.shape
     c_ = x.shape[1]
     cg = c_ // groups
@@ -301,10 +303,11 @@ def _dw_tiles_nchw(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw,
     tpi = (ho_ + tile_rows - 1) // tile_rows
     items = n_ * tpi
     yf = dy.ravel()
-    for t in prange(nthreads):
+    for t in range(lo, hi):
         buf = cols[t * per:(t + 1) * per]
         pf = partial[t].ravel()
-        pf[:] = 0
+        for q in range(pf.size):  # (a loop: a serial slice fill compiles Numba's shape messages)
+            pf[q] = 0
         previous = blas_threads_local(1)
         for item in range(t * items // nthreads, (t + 1) * items // nthreads):
             n = item // tpi
@@ -318,11 +321,11 @@ def _dw_tiles_nchw(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw,
                 gemm(True, False, patch, kg, length, buf, g * patch * length, length,
                      yf, (n * k_ + g * kg) * plane + i0 * wo_, plane, 1.0, pf, g * kg * patch, patch)
         blas_threads_local(previous)
-    _sum_partials(partial, dwt)
 
 
-@pjit
-def _dw_tiles_nhwc(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw, groups, r_, s_):
+@jit
+def _dw_tiles_nhwc(lo, hi, x, dy, partial, cols, tile_rows, sh, sw, pt, pl, dh, dw, groups, r_, s_):
+    """Threads ``[lo, hi)``: each its share of the tiles into its own ``partial[t]``."""
     n_, ho_, wo_, k_ = dy.shape
     c_ = x.shape[3]
     cg = c_ // groups
@@ -333,10 +336,11 @@ def _dw_tiles_nhwc(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw,
     total = n_ * ho_
     items = (total + tile_rows - 1) // tile_rows
     yf = dy.ravel()
-    for t in prange(nthreads):
+    for t in range(lo, hi):
         buf = cols[t * per:(t + 1) * per]
         pf = partial[t].ravel()
-        pf[:] = 0
+        for q in range(pf.size):  # (a loop: a serial slice fill compiles Numba's shape messages)
+            pf[q] = 0
         previous = blas_threads_local(1)
         for item in range(t * items // nthreads, (t + 1) * items // nthreads):
             t0 = item * tile_rows
@@ -353,7 +357,6 @@ def _dw_tiles_nhwc(x, dy, partial, dwt, cols, tile_rows, sh, sw, pt, pl, dh, dw,
                 gemm(False, True, kg, patch, length, yf, t0 * wo_ * k_ + g * kg, k_,
                      buf, g * length * patch, patch, 1.0, pf, g * kg, k_)
         blas_threads_local(previous)
-    _sum_partials(partial, dwt)
 
 
 @jit
@@ -413,6 +416,10 @@ _TILE_MIN_PIXELS = 256
 _TILE_BYTES = 2 << 20
 
 
+_DW_TILES_NCHW = Task(_dw_tiles_nchw)
+_DW_TILES_NHWC = Task(_dw_tiles_nhwc)
+
+
 def _dw_by_tiles(p):
     if _DW_METHOD != "auto":
         return _DW_METHOD == "tiles"
@@ -434,9 +441,10 @@ def _dw_tiles(p, x, dy, w_shape):
     cols = _scratch("cols_tiles", (nthreads * tile_rows * p.wo * p.c * p.r * p.s,), p.dtype)
     partial = np.empty((nthreads,) + tuple(w_shape), dtype=p.dtype)
     dwt = np.empty(w_shape, dtype=p.dtype)
-    kernel = _dw_tiles_nchw if p.layout == "NCHW" else _dw_tiles_nhwc
-    kernel(x, dy, partial, dwt, cols, tile_rows, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w,
-           p.groups, p.r, p.s)
+    kernel = _DW_TILES_NCHW if p.layout == "NCHW" else _DW_TILES_NHWC
+    kernel(nthreads, x, dy, partial, cols, tile_rows, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h,
+           p.dil_w, p.groups, p.r, p.s)
+    _sum_partials(partial, dwt)
     return dwt
 
 
@@ -716,12 +724,13 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
     return p, dx, dwt, db
 
 
-@pjit
-def _bias_grad_nchw(dy, db):
+@jit
+def _bias_grad_nchw(lo, hi, dy, db):
+    """Channels ``[lo, hi)``."""
     n_, k_ = dy.shape[0], dy.shape[1]
     plane = dy.shape[2] * dy.shape[3]
     f = dy.ravel()
-    for k in prange(k_):
+    for k in range(lo, hi):
         acc = np.zeros(1, dtype=db.dtype)
         t = acc[0]
         for n in range(n_):
@@ -731,22 +740,28 @@ def _bias_grad_nchw(dy, db):
         db[k] = t
 
 
-@pjit
-def _bias_grad_nhwc(dy, partial, pix):
-    """partial[chunk, p*K + k]: the chunk's sum of channel k over pixels ``p (mod pix)``:
-    runs of ``pix * K`` contiguous values (~256) keep the loops long when K is small."""
+@jit
+def _bias_grad_nhwc(lo, hi, dy, partial, pix):
+    """Chunks ``[lo, hi)``: partial[chunk, p*K + k]: the chunk's sum of channel k over pixels
+    ``p (mod pix)``: runs of ``pix * K`` contiguous values (~256) keep the loops long when K is
+    small."""
     chunks, pk = partial.shape
     k_ = pk // pix
     pixels = dy.size // k_
     f = dy.ravel()
-    for ch in prange(chunks):
+    for ch in range(lo, hi):
         acc = partial[ch]
-        acc[:] = 0
+        for q in range(acc.size):  # (a loop: see _dw_tiles_nchw)
+            acc[q] = 0
         p1 = (ch + 1) * pixels // chunks
         for p0 in range(ch * pixels // chunks, p1, pix):
             base = np.uintp(p0 * k_)
             for q in range(np.uintp(min(pix, p1 - p0) * k_)):
                 acc[q] += f[base + q]
+
+
+_BIAS_GRAD_NCHW = Task(_bias_grad_nchw)
+_BIAS_GRAD_NHWC = Task(_bias_grad_nhwc)
 
 
 def _bias_grad(dy, layout):
@@ -756,11 +771,11 @@ def _bias_grad(dy, layout):
         return np.zeros(k, dtype=dy.dtype)
     if layout == "NCHW":
         db = np.empty(k, dtype=dy.dtype)
-        _bias_grad_nchw(dy, db)
+        _BIAS_GRAD_NCHW(k, dy, db)
         return db
     pix = max(1, 256 // k)
     partial = np.empty((int(min(dy.size // k // pix + 1, 4 * numba.get_num_threads())), pix * k), dtype=dy.dtype)
-    _bias_grad_nhwc(dy, partial, pix)
+    _BIAS_GRAD_NHWC(partial.shape[0], dy, partial, pix)
     return partial.reshape(-1, k).sum(axis=0)
 
 
