@@ -6,9 +6,9 @@ image with :func:`source_index`, so no read ever leaves the input.
 """
 
 import numpy as np
-from numba import prange
 
-from .cpu._jit import jit, pjit
+from .cpu._jit import jit
+from .cpu._launch import Task
 
 __all__ = ["pad_input", "source_index", "gather", "gather_compacted", "source_indices"]
 
@@ -37,34 +37,45 @@ def _index_map(before, size, after, mode):
     return m
 
 
-@pjit
-def _gather_nchw(x, rows, cols, out):
-    """``out[n, c, i, j] = x[n, c, rows[i], cols[j]]``, or 0 where either index is -1."""
-    n_, c_ = x.shape[0], x.shape[1]
+@jit
+def _gather_nchw(lo, hi, x, rows, cols, out):
+    """Planes ``[lo, hi)`` (over ``n * C``) of ``out[n, c, i, j] = x[n, c, rows[i], cols[j]]``,
+    or 0 where either index is -1.  (Element loops: a slice assignment in a serial function
+    compiles Numba's shape-mismatch message, seconds of string code.)"""
+    c_ = x.shape[1]
     zero = out.dtype.type(0)
-    for job in prange(n_ * c_):
+    for job in range(lo, hi):
         n = job // c_
         c = job % c_
         for i in range(rows.size):
             if rows[i] < 0:
-                out[n, c, i, :] = zero
+                for j in range(cols.size):
+                    out[n, c, i, j] = zero
                 continue
             for j in range(cols.size):
                 out[n, c, i, j] = x[n, c, rows[i], cols[j]] if cols[j] >= 0 else zero
 
 
-@pjit
-def _gather_nhwc(x, rows, cols, out):
-    """``out[n, i, j, :] = x[n, rows[i], cols[j], :]``, or 0 where either index is -1."""
-    n_ = x.shape[0]
-    for job in prange(n_ * rows.size):
+@jit
+def _gather_nhwc(lo, hi, x, rows, cols, out):
+    """Rows ``[lo, hi)`` (over ``n * rows``) of ``out[n, i, j, :] = x[n, rows[i], cols[j], :]``,
+    or 0 where either index is -1."""
+    c_ = x.shape[3]
+    zero = out.dtype.type(0)
+    for job in range(lo, hi):
         n = job // rows.size
         i = job % rows.size
         for j in range(cols.size):
             if rows[i] < 0 or cols[j] < 0:
-                out[n, i, j, :] = 0
+                for c in range(c_):
+                    out[n, i, j, c] = zero
             else:
-                out[n, i, j, :] = x[n, rows[i], cols[j], :]
+                for c in range(c_):
+                    out[n, i, j, c] = x[n, rows[i], cols[j], c]
+
+
+_GATHER_NCHW = Task(_gather_nchw)
+_GATHER_NHWC = Task(_gather_nhwc)
 
 
 def gather(x, layout, rows, cols):
@@ -73,10 +84,10 @@ def gather(x, layout, rows, cols):
     n, c = x.shape[0], x.shape[1 if layout == "NCHW" else 3]
     if layout == "NCHW":
         out = np.empty((n, c, rows.size, cols.size), dtype=x.dtype)
-        _gather_nchw(x, rows, cols, out)
+        _GATHER_NCHW(n * c, x, rows, cols, out)
     else:
         out = np.empty((n, rows.size, cols.size, c), dtype=x.dtype)
-        _gather_nhwc(x, rows, cols, out)
+        _GATHER_NHWC(n * rows.size, x, rows, cols, out)
     return out
 
 
@@ -122,18 +133,26 @@ def _max_exponent(bits, exponent):
     return m
 
 
-@pjit
+@jit
+def _nonfinite_parts(lo, hi, bits, exponent, chunk, flags):
+    for t in range(lo, hi):
+        a = t * chunk
+        b = min(bits.size, a + chunk)
+        if a < b:
+            flags[t] = _max_exponent(bits[a:b], exponent) == exponent
+
+
+_NONFINITE_PARTS = Task(_nonfinite_parts)
+
+
 def _any_nonfinite(bits, exponent):
-    """Any element of the float's bit view ``bits`` with an all-ones exponent (Inf or NaN)."""
+    """Any element of the float's bit view ``bits`` with an all-ones exponent (Inf or NaN),
+    in up to 16 parts in parallel."""
     n = bits.size
     parts = min(n, 16)
     chunk = (n + parts - 1) // parts
     flags = np.zeros(parts, dtype=np.bool_)
-    for t in prange(parts):
-        lo = t * chunk
-        hi = min(n, lo + chunk)
-        if lo < hi:
-            flags[t] = _max_exponent(bits[lo:hi], exponent) == exponent
+    _NONFINITE_PARTS(parts, bits, exponent, chunk, flags)
     return flags.any()
 
 

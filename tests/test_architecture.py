@@ -25,7 +25,7 @@ ALLOWED = {
     "numbaconv.registry": set(),
     "numbaconv.auto": {"numbaconv.registry"},
     "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
-    "numbaconv.padding": {"numbaconv.cpu._jit"},
+    "numbaconv.padding": {"numbaconv.cpu._jit", "numbaconv.cpu._launch"},
     "numbaconv.plan": {"numbaconv.api", "numbaconv.auto", "numbaconv.layout", "numbaconv.problem",
                        "numbaconv.registry", "numbaconv.cpu._wcache", "numbaconv.cpu.epilogue"},
     "numbaconv.api": {"numbaconv.cpu.epilogue", "numbaconv.auto", "numbaconv.layout", "numbaconv.padding",
