@@ -19,14 +19,15 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import literal_unroll, prange
+from numba import literal_unroll
 from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from ..problem import ACTIVATION_CODES as CODES
 from ..problem import ACTIVATIONS
-from ._jit import FASTMATH, jit, pjit
+from ._jit import FASTMATH, jit
+from ._launch import Task
 
 __all__ = ["ACTIVATIONS", "CODES", "Epilogue", "NONE", "activate", "after", "apply", "finish", "finish_2d",
            "python_reference"]
@@ -173,11 +174,15 @@ def finish_2d(y, epi, base, count, stride, length):
 _CHUNK = 16384
 
 
-@pjit
-def _apply(y, r, act, has_res):
+@jit
+def _apply(lo, hi, y, r, act, has_res):
+    """Chunks ``[lo, hi)``."""
     n = y.size
-    for t in prange((n + _CHUNK - 1) // _CHUNK):
+    for t in range(lo, hi):
         finish(y, r, t * _CHUNK, min(n, t * _CHUNK + _CHUNK), act, has_res)
+
+
+_APPLY = Task(_apply)
 
 
 def apply(out, residual, act):
@@ -185,7 +190,8 @@ def apply(out, residual, act):
     if residual is None and act == 0:
         return
     y = out.reshape(-1)
-    _apply(y, y if residual is None else residual.reshape(-1), act, residual is not None)
+    _APPLY((y.size + _CHUNK - 1) // _CHUNK, y, y if residual is None else residual.reshape(-1), act,
+           residual is not None)
 
 
 def after(run):

@@ -4,15 +4,15 @@ The plain-Python :func:`conv2d_python` is the seed notebook's loop nest generali
 the whole contract (stride, padding, dilation, groups, bias); it is kept for reading and
 for cross-checking on tiny shapes.  The ``@njit`` kernels are the same arithmetic with
 two changes that make them usable: the loop order puts a unit-stride loop innermost
-(output width in NCHW, output channels in NHWC) so LLVM vectorises it, and the ``prange``
+(output width in NCHW, output channels in NHWC) so LLVM vectorises it, and the parallel loop
 runs over batch x output channels (NCHW) or batch x output rows (NHWC), so batch 1 keeps
 both cores busy.  Zero padding is handled by clipping each tap's loop to the valid range.
 """
 
 import numpy as np
-from numba import prange
 
-from ._jit import pjit, valid_range
+from ._jit import jit, valid_range
+from ._launch import Task
 
 __all__ = ["conv2d_python", "run"]
 
@@ -47,20 +47,23 @@ def conv2d_python(x, w, bias, stride, padding, dilation, groups):
 
 # Inner loops index flat views with unsigned ints: Numba adds a negative-index wraparound
 # select to every signed index LLVM cannot prove >= 0, and that select blocks vectorisation.
-@pjit
-def _naive_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+@jit
+def _naive_nchw(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """Jobs ``[lo, hi)`` over (image, output channel)."""
     n_, c_, h_, w_ = x.shape
     k_, cg, r_, s_ = w.shape
     ho_, wo_ = out.shape[2], out.shape[3]
     kg = k_ // groups
     xf = x.ravel()
-    for job in prange(n_ * k_):
+    of = out.reshape(-1)
+    row = np.empty(wo_, dtype=out.dtype)
+    for job in range(lo, hi):
         n = job // k_
         k = job % k_
         g = k // kg
-        row = np.empty(wo_, dtype=out.dtype)
         for i in range(ho_):
-            row[:] = bias[k]
+            for j in range(wo_):  # (element loops: serial slice assignments compile Numba's shape messages)
+                row[j] = bias[k]
             for c in range(cg):
                 for r in range(r_):
                     hi = i * sh + r * dh - pt
@@ -74,23 +77,28 @@ def _naive_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                         src = line + off
                         for j in range(lo, hi_j):
                             row[np.uintp(j)] += xf[np.uintp(src + j * sw)] * wv
-            out[n, k, i, :] = row
+            base = ((n * k_ + k) * ho_ + i) * wo_
+            for j in range(wo_):
+                of[base + j] = row[j]
 
 
-@pjit
-def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
-    # w is HWIO: (R, S, C/groups, K), so the innermost loop over output channels is unit-stride.
+@jit
+def _naive_nhwc(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """Jobs ``[lo, hi)`` over (image, output row); ``w`` is HWIO: (R, S, C/groups, K), so the
+    innermost loop over output channels is unit-stride."""
     n_, h_, w_, c_ = x.shape
     r_, s_, cg, k_ = w.shape
     ho_, wo_ = out.shape[1], out.shape[2]
     kg = k_ // groups
     wf = w.ravel()
-    for job in prange(n_ * ho_):
+    of = out.reshape(-1)
+    acc = np.empty(k_, dtype=out.dtype)
+    for job in range(lo, hi):
         n = job // ho_
         i = job % ho_
-        acc = np.empty(k_, dtype=out.dtype)
         for j in range(wo_):
-            acc[:] = bias
+            for kk in range(k_):
+                acc[kk] = bias[kk]
             for r in range(r_):
                 hi = i * sh + r * dh - pt
                 if hi < 0 or hi >= h_:
@@ -105,8 +113,13 @@ def _naive_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                             wrow = ((r * s_ + s) * cg + c) * k_ + g * kg
                             for kk in range(kg):
                                 acc[np.uintp(g * kg + kk)] += xv * wf[np.uintp(wrow + kk)]
-            out[n, i, j, :] = acc
+            base = ((n * ho_ + i) * wo_ + j) * k_
+            for kk in range(k_):
+                of[base + kk] = acc[kk]
 
+
+_NAIVE_NCHW = Task(_naive_nchw)
+_NAIVE_NHWC = Task(_naive_nhwc)
 
 WEIGHT_LAYOUTS = (("NCHW", "OIHW"), ("NHWC", "HWIO"))
 
@@ -115,5 +128,7 @@ def run(p, x, w, bias, out):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`)."""
     b = np.zeros(p.k, dtype=p.dtype) if bias is None else bias
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
-    kernel = _naive_nchw if p.layout == "NCHW" else _naive_nhwc
-    kernel(x, w, b, out, *geometry)
+    if p.layout == "NCHW":
+        _NAIVE_NCHW(p.n * p.k, x, w, b, out, *geometry)
+    else:
+        _NAIVE_NHWC(p.n * p.ho, x, w, b, out, *geometry)
