@@ -104,3 +104,30 @@ def test_launched_kernels_load_from_the_cache(tmp_path):
     assert "launch" in runs[0]["compiled"] and "_run_parts" in runs[0]["compiled"]
     assert runs[0]["uncached"] == []
     assert runs[1]["compiled"] == []
+
+
+STEP = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import numbaconv
+    if sys.argv[1] == "dense":
+        x, w, kw = np.ones((1, 8, 10, 10), np.float32), np.ones((8, 8, 3, 3), np.float32), {"algorithm": "tiled"}
+    else:  # NHWC depthwise 5x5: nothing on its path starts Numba's threads from Python
+        x, w = np.ones((1, 10, 10, 16), np.float32), np.ones((16, 1, 5, 5), np.float32)
+        kw = {"groups": 16, "layout": "NHWC", "weight_layout": "OIHW"}
+    print(float(numbaconv.conv2d(x, w, padding=w.shape[2] // 2, **kw).sum()))
+""")
+
+
+def test_an_entry_compiled_against_a_cached_launch_starts_the_threads(tmp_path):
+    """Process 1 caches ``launch``; process 2 compiles a new kernel's entry against the cached
+    ``launch`` (Numba drops the reload hook that starts the threading layer from cached
+    libraries); process 3 loads only that entry: it must start the layer itself (it crashed,
+    jumping to a null thread-count function, before the entries recorded the hook)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    outs = []
+    for step in ("dense", "depthwise", "depthwise"):
+        proc = subprocess.run([sys.executable, "-c", STEP, step], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (step, proc.returncode, proc.stderr[-2000:])
+        outs.append(float(proc.stdout.strip().splitlines()[-1]))
+    assert outs[1] == outs[2] > 0

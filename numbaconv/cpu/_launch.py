@@ -68,6 +68,34 @@ def _run_parts(fn, frame, jobs, parts):
             _call(fn, lo, hi, frame)
 
 
+def _borrowed(context, builder, ty, value):
+    """``value`` (of Numba type ``ty``) with every array's memory owner set to null, as
+    ``prange`` bodies see arrays: a task's views then take no reference count, an atomic add
+    on a cache line every thread shares (2 threads ran view-heavy kernels up to 2x slower).
+    The entry keeps the arrays alive until the launch returns."""
+    if isinstance(ty, types.Array):
+        ary = context.make_array(ty)(context, builder, value=value)
+        ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+        return ary._getvalue()
+    if isinstance(ty, types.BaseTuple):
+        for i, t in enumerate(ty.types):
+            value = builder.insert_value(value, _borrowed(context, builder, t, builder.extract_value(value, i)), i)
+    return value
+
+
+def _keep_threads_started(context):
+    """A function that launches needs Numba's threading layer started before it is loaded
+    (its code calls the layer's symbols).  Numba records that as a reload hook on parallel
+    functions and their callers, but drops it from libraries loaded from the cache: an entry
+    compiled in a process where ``launch`` came from the cache would not carry it, and a
+    process loading only that entry would call into an unstarted layer.  So each entry that
+    binds a launch records the hook itself."""
+    from numba.core.typed_passes import _reload_parfors
+    library = getattr(context, "active_code_library", None)
+    if library is not None and hasattr(library, "_reload_init"):
+        library._reload_init.add(_reload_parfors)
+
+
 def binder(task):
     """An intrinsic ``bind(args) -> (trampoline, frame)`` for ``task(lo, hi, *args)``, to hand
     to :func:`launch` in the same function: the frame is a copy of ``args`` in the caller's
@@ -86,6 +114,7 @@ def binder(task):
         def codegen(context, builder, signature, llargs):
             cres = task.get_compile_result(call_sig)
             context.add_linking_libs([cres.library])
+            _keep_threads_started(context)
             frame = cgutils.alloca_once_value(builder, llargs[0])
             module = builder.module
             tramp = cgutils.get_or_insert_function(module, _TRAMPOLINE, f"numbaconv_task_{cres.fndesc.mangled_name}")
@@ -93,7 +122,7 @@ def binder(task):
                 tramp.linkage = "internal"
                 b = ir.IRBuilder(tramp.append_basic_block())
                 lo, hi, addr = tramp.args
-                tup = b.load(b.inttoptr(addr, frame.type))
+                tup = _borrowed(context, b, args, b.load(b.inttoptr(addr, frame.type)))
                 vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
                 func = context.declare_function(module, cres.fndesc)
                 context.call_conv.call_function(b, func, cres.signature.return_type, cres.signature.args, vals)
@@ -143,6 +172,7 @@ def _bind_address(typingctx, address, args):
     sig = types.UniTuple(types.int64, 2)(types.int64, args)
 
     def codegen(context, builder, signature, llargs):
+        _keep_threads_started(context)
         frame = cgutils.alloca_once_value(builder, cgutils.make_anonymous_struct(builder, llargs))
         tramp = cgutils.get_or_insert_function(builder.module, _TRAMPOLINE, "numbaconv_by_address")
         if tramp.is_declaration:  # (one per entry: the entry is specialised on ``args``)
@@ -151,7 +181,7 @@ def _bind_address(typingctx, address, args):
             lo, hi, addr = tramp.args
             st = b.load(b.inttoptr(addr, frame.type))
             fnty = context.call_conv.get_function_type(types.none, argtys)
-            tup = b.extract_value(st, 1)
+            tup = _borrowed(context, b, args, b.extract_value(st, 1))
             vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
             ret = cgutils.alloca_once(b, fnty.args[0].pointee)
             b.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
@@ -192,6 +222,7 @@ class Task:
     def run(self, key, jobs, *args):
         address = self._by_key.get(key)
         if address is None:
+            _launch_threads()  # (what the reload hook does; cheap once started)
             address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
         launch_address(address, jobs, *args)
 

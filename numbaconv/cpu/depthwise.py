@@ -13,7 +13,9 @@ and a GEMM formulation (im2col) or a general direct kernel wastes most of its wo
   by :func:`~numbaconv.cpu._jit.valid_range` (zero padding, never an out-of-bounds read).
 
 No padded copy of the input is made; the bias is the accumulators' initial value.
-``prange`` runs over (image x output rows) in NHWC and (image x channel) planes in NCHW.
+Each kernel is a serial task over a range of (image x output rows) in NHWC and (image x
+channel) planes in NCHW, run in parallel by :func:`numbaconv.cpu._launch.launch` (no
+``prange`` driver to compile per kernel: first-call latency).
 
 :func:`run_streaming` is the same idea for dense convolutions with few channels (the seed
 notebook's C = K = 3 at 1000 x 1000): too few output channels to fill the tiled
@@ -25,9 +27,9 @@ once, and the arithmetic is vectorised along the output width.
 
 import numba
 import numpy as np
-from numba import prange
 
-from ._jit import jit, pjit, valid_range
+from ._jit import jit, valid_range
+from ._launch import binder, launch
 from ._vec import dw3x3_block, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
 
@@ -69,7 +71,7 @@ def _pass(o, xr, w, wb, s_, sw, dw, off, w_, first, b):
     lo = max(lo, lo2)
     hi = min(hi, hi2)
     lo, hi = _border_range(lo, hi, wo_)
-    _border(o, xr, w, wb, s_, sw, dw, off, w_, first, b, 0, lo)
+    _border(o, xr, w, wb, s_, sw, dw, off, w_, first, b, np.int64(0), lo)
     _border(o, xr, w, wb, s_, sw, dw, off, w_, first, b, hi, wo_)
     if hi <= lo:
         return
@@ -159,11 +161,14 @@ def _pass3(o, x0, x1, x2, w, wb, sw, dw, off, w_, b, first=True):
     lo, hi = valid_range(off, sw, w_, wo_)
     lo2, hi2 = valid_range(off + 2 * dw, sw, w_, wo_)
     lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
+    # (typed arguments, not literals: every call shares one compile of _border)
+    s3 = np.int64(3)
+    acc = np.bool_(False)
     for t in range(2):
         j0, j1 = (0, lo) if t == 0 else (hi, wo_)
-        _border(o, x0, w, wb, 3, sw, dw, off, w_, first, b, j0, j1)
-        _border(o, x1, w, wb + 3, 3, sw, dw, off, w_, False, b, j0, j1)
-        _border(o, x2, w, wb + 6, 3, sw, dw, off, w_, False, b, j0, j1)
+        _border(o, x0, w, wb, s3, sw, dw, off, w_, first, b, j0, j1)
+        _border(o, x1, w, wb + 3, s3, sw, dw, off, w_, acc, b, j0, j1)
+        _border(o, x2, w, wb + 6, s3, sw, dw, off, w_, acc, b, j0, j1)
     if hi <= lo:
         return
     n = np.uintp(hi - lo)
@@ -222,15 +227,16 @@ def _plane_nchw(x, w_krs, bias, out, n, k, sh, sw, pt, pl, dh, dw, m):
         return
     for i in range(ho_):
         o = out[n, k, i]
-        first = True
+        first = np.bool_(True)  # (not a literal: no second compile of _pass for it)
         for r in range(r_):
             hi = i * sh + r * dh - pt
             if hi < 0 or hi >= h_:
                 continue
             _pass(o, xc[hi], wk, r * s_, s_, sw, dw, -pl, w_, first, b)
             first = False
-        if first:
-            o[:] = b
+        if first:  # (no kernel row inside the image)
+            for j in range(o.shape[0]):
+                o[j] = b
 
 
 @jit
@@ -317,18 +323,41 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
             of[i * wo_ + j] = acc
 
 
-@pjit
-def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, wq, epi):
+@jit
+def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, cx, h_, w_, k_, ho_, wo_, r_, s_, sh, sw, pt, pl, dh, m,
+                          hq, wq, epi):
+    """Planes ``[lo, hi)`` (over ``N * K``) of :func:`_dw_nchw_phases`."""
+    # zeroed once per range: the padding positions are the same for every plane, the rest
+    # is overwritten; the slack past the end covers the sweep's last, partly used, block
+    buf = np.zeros(sh * sw * hq * wq + 2 * _LANES, dtype=xf.dtype)
+    op = np.empty(hq * wq + _LANES, dtype=of.dtype)
+    filled = -1  # input plane (n * C + c) now in buf
+    for q in range(lo, hi):
+        n = q // k_
+        k = q % k_
+        src = n * cx + k // m
+        if src != filled:
+            _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
+            filled = src
+        if r_ == 3 and s_ == 3:  # (its wide-plane path shares loads between kernel rows)
+            _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
+        else:
+            _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            finish_2d(of, epi, q * ho_ * wo_, 1, 0, ho_ * wo_)
+
+
+_bind_dw_nchw_phases = binder(_dw_nchw_phases_tasks)
+
+
+@jit
+def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, hq, wq, epi):
     """Planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes of
-    ``hq x wq``, allocated once per chunk of planes (3x3: :func:`_plane_phases`; other kernel
+    ``hq x wq``, allocated once per range of planes (3x3: :func:`_plane_phases`; other kernel
     sizes: :func:`_plane_phases_taps`), each plane then through the epilogue ``epi`` (None:
-    pruned; see ``epilogue.finish_2d``).
+    pruned; see ``epilogue.finish_2d``); ranges of planes in parallel.
     Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
-    n_, k_ = out.shape[0], out.shape[1]
-    planes = n_ * k_
     xf, wf, of = x.ravel(), w_krs.ravel(), out.ravel()
-    cx, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
-    ho_, wo_ = out.shape[2], out.shape[3]
     # each tap's flat offset from its output pixel, computed once (36 integer divisions per
     # plane cost as much as a 14x14 plane's arithmetic)
     r_, s_ = w_krs.shape[1], w_krs.shape[2]
@@ -336,36 +365,30 @@ def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks, hq, 
     for r in range(r_):
         for s in range(s_):
             offs[s_ * r + s] = ((((r * dh) % sh) * sw + (s * dw) % sw) * hq + (r * dh) // sh) * wq + (s * dw) // sw
-    for t in prange(chunks):
-        # zeroed once: the padding positions are the same for every plane, the rest is
-        # overwritten; the slack past the end covers the sweep's last, partly used, block
-        buf = np.zeros(sh * sw * hq * wq + 2 * _LANES, dtype=x.dtype)
-        op = np.empty(hq * wq + _LANES, dtype=out.dtype)
-        filled = -1  # input plane (n * C + c) now in buf
-        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
-            n = q // k_
-            k = q % k_
-            src = n * cx + k // m
-            if src != filled:
-                _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
-                filled = src
-            if r_ == 3 and s_ == 3:  # (its wide-plane path shares loads between kernel rows)
-                _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
-            else:
-                _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
-            if epi is not None:  # (pruned at compile time without an epilogue)
-                finish_2d(of, epi, q * ho_ * wo_, 1, 0, ho_ * wo_)
+    launch(_bind_dw_nchw_phases((xf, wf, bias, of, offs, x.shape[1],
+                                 x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], r_, s_, sh, sw,
+                                 pt, pl, dh, m, hq, wq, epi)),
+           out.shape[0] * out.shape[1])
 
 
-@pjit
-def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, chunks):
-    """Any kernel size, plane by plane (:func:`_plane_nchw`): its own entry point, so the common
-    3x3 case compiles only :func:`_dw_nchw_phases` (first-call latency)."""
-    n_, k_ = out.shape[0], out.shape[1]
-    planes = n_ * k_
-    for t in prange(chunks):
-        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
-            _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
+@jit
+def _dw_nchw_tasks(lo, hi, x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m):
+    """Planes ``[lo, hi)`` (over ``N * K``) of :func:`_dw_nchw`."""
+    k_ = out.shape[1]
+    for q in range(lo, hi):
+        _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
+
+
+_bind_dw_nchw = binder(_dw_nchw_tasks)
+
+
+@jit
+def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m):
+    """Any kernel size, plane by plane (:func:`_plane_nchw`), ranges of planes in parallel: its
+    own entry point, so the common 3x3 case compiles only :func:`_dw_nchw_phases` (first-call
+    latency)."""
+    launch(_bind_dw_nchw((x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m)),
+           out.shape[0] * out.shape[1])
 
 
 @jit
@@ -544,7 +567,7 @@ def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
     wf = w_rsk.ravel()
     of = out.ravel()
     uk = np.uintp(k_)
-    rows_ok = True
+    rows_ok = np.bool_(True)  # (typed, not literal: one compile of _row_nhwc_pixels)
     for r in range(r_):
         hi = i * sh + r * dh - pt
         if hi < 0 or hi >= h_:
@@ -578,7 +601,7 @@ def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
                               + xf[x8 + q] * wt[8 * run + q])
             j += pix
         # pixels [0, max(0, pl)) and the tail go pixel by pixel below
-        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, 0, max(0, pl), rows_ok)
+        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, np.int64(0), max(0, pl), rows_ok)
     _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j, wo_, rows_ok)
 
 
@@ -659,7 +682,7 @@ def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
 
 
 @jit
-def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, epi):
+def _dw_nhwc_ring_rows(t0, t1, x, w_rsk, bias, out, sh, sw, pt, pl, epi):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
     depthwise problem with column stride ``sw`` of 1 or 2 (any row stride), in 4-pixel
     register blocks (:data:`block4_s1` / :data:`block4_s2`; the last block of a row overlaps
@@ -706,19 +729,32 @@ def _dw_nhwc_ring_rows(x, w_rsk, bias, out, t0, t1, sh, sw, pt, pl, epi):
             finish_2d(of, epi, orow * k_, 1, 0, wo_ * k_)
 
 
-@pjit
-def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, chunks, epi):
-    rows = out.shape[0] * out.shape[1]
-    for t in prange(chunks):
-        _dw_nhwc_ring_rows(x, w_rsk, bias, out, t * rows // chunks, (t + 1) * rows // chunks, sh, sw, pt, pl,
-                           epi)
+_bind_dw_nhwc_ring = binder(_dw_nhwc_ring_rows)
 
 
-@pjit
-def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
-    n_, ho_ = out.shape[0], out.shape[1]
-    for t in prange(n_ * ho_):
+@jit
+def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, epi):
+    """:func:`_dw_nhwc_ring_rows` over ranges of the ``N * Ho`` output rows, in parallel."""
+    launch(_bind_dw_nhwc_ring((x, w_rsk, bias, out, sh, sw, pt, pl, epi)),
+           out.shape[0] * out.shape[1])
+
+
+@jit
+def _dw_nhwc_tasks(lo, hi, x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
+    """Output rows ``[lo, hi)`` (over ``N * Ho``) of :func:`_dw_nhwc`."""
+    ho_ = out.shape[1]
+    for t in range(lo, hi):
         _row_nhwc(x, w_rsk, bias, out, t // ho_, t % ho_, sh, sw, pt, pl, dh, dw, m, wt, pix)
+
+
+_bind_dw_nhwc = binder(_dw_nhwc_tasks)
+
+
+@jit
+def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
+    """:func:`_row_nhwc` over ranges of the ``N * Ho`` output rows, in parallel."""
+    launch(_bind_dw_nhwc((x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m,
+                          wt, pix)), out.shape[0] * out.shape[1])
 
 
 #: 3x3 NCHW planes up to this output width go through zero-padded stride-phase copies
@@ -764,7 +800,7 @@ def bind(p, w, bias, wlayout="OIHW"):
         w_rsk = w.reshape(p.r, p.s, p.k) if wlayout == "HWIO" else np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         if (m == 1 and p.r == 3 and p.s == 3 and p.stride_w <= 2 and p.dil_h == 1
                 and p.dil_w == 1 and p.k >= 8 and p.wo >= 4):
-            ring = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, max(1, min(p.n * p.ho, numba.get_num_threads())))
+            ring = (p.stride_h, p.stride_w, p.pad_top, p.pad_left)
             return lambda x, out, epi: _dw_nhwc_ring(x, w_rsk, b, out, *ring, epi.kernel_arg(out.reshape(-1)))
         # pixels per contiguous run of the stride-1 path: ~256 values per vector loop
         pix = 1
@@ -778,15 +814,14 @@ def bind(p, w, bias, wlayout="OIHW"):
         else:
             wt = np.zeros(1, dtype=p.dtype)
         return after(lambda x, out: _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix))
-    chunks = max(1, min(p.n * p.k, numba.get_num_threads()))
     w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
     if p.wo <= _PHASES_MAX_W:
         # phase planes reach every tap of every output pixel (see _plane_phases)
         hq = p.ho + (p.r - 1) * p.dil_h // p.stride_h
         wq = p.wo + (p.s - 1) * p.dil_w // p.stride_w
-        return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, chunks, hq, wq,
+        return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, hq, wq,
                                                    epi.kernel_arg(out.reshape(-1)))
-    return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry, chunks))
+    return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
 
 
 # --- streaming kernel for few-channel dense problems ------------------------------------------
@@ -801,15 +836,16 @@ def _pass3_k3(o0, o1, o2, x0, x1, x2, w, cc, first, bias, w_, pl):
     lo, hi = valid_range(-pl, 1, w_, wo_)
     lo2, hi2 = valid_range(2 - pl, 1, w_, wo_)
     lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
+    s3, one, acc = np.int64(3), np.int64(1), np.bool_(False)  # (as in _pass3: one _border)
     for k in range(3):
         o = o0 if k == 0 else (o1 if k == 1 else o2)
         wb = (k * cg + cc) * 9
         b = bias[k]
         for t in range(2):
             j0, j1 = (0, lo) if t == 0 else (hi, wo_)
-            _border(o, x0, wf, wb, 3, 1, 1, -pl, w_, first, b, j0, j1)
-            _border(o, x1, wf, wb + 3, 3, 1, 1, -pl, w_, False, b, j0, j1)
-            _border(o, x2, wf, wb + 6, 3, 1, 1, -pl, w_, False, b, j0, j1)
+            _border(o, x0, wf, wb, s3, one, one, -pl, w_, first, b, j0, j1)
+            _border(o, x1, wf, wb + 3, s3, one, one, -pl, w_, acc, b, j0, j1)
+            _border(o, x2, wf, wb + 6, s3, one, one, -pl, w_, acc, b, j0, j1)
     if hi <= lo:
         return
     n = np.uintp(hi - lo)
@@ -850,14 +886,15 @@ def _pass3_k3(o0, o1, o2, x0, x1, x2, w, cc, first, bias, w_, pl):
             p2[j] += z0 * a0 + z1 * a1 + z2 * a2 + z3 * c0 + z4 * c1 + z5 * c2 + z6 * e0 + z7 * e1 + z8 * e2
 
 
-@pjit
-def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
-    n_, k_, ho_ = out.shape[0], out.shape[1], out.shape[2]
+@jit
+def _stream_nchw_tasks(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """Output rows ``[lo, hi)`` (over ``N * Ho``) of :func:`_stream_nchw`, all channels."""
+    k_, ho_ = out.shape[1], out.shape[2]
     cg, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
     h_, w_ = x.shape[2], x.shape[3]
     kg = k_ // groups
     k3 = k_ == 3 and groups == 1 and r_ == 3 and s_ == 3 and sw == 1 and dw == 1
-    for t in prange(n_ * ho_):
+    for t in range(lo, hi):
         n = t // ho_
         i = t % ho_
         h0 = i * sh - pt
@@ -872,22 +909,32 @@ def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
             o = out[n, k, i]
             wk = w[k].ravel()
             b = bias[k]
-            first = True
+            first = np.bool_(True)  # (not a literal: one compile of _pass and _pass3)
             for cc in range(cg):
                 xc = x[n, g * cg + cc]
-                h0 = i * sh - pt
                 if r_ == 3 and s_ == 3 and h0 >= 0 and h0 + 2 * dh < h_:
                     _pass3(o, xc[h0], xc[h0 + dh], xc[h0 + 2 * dh], wk, cc * 9, sw, dw, -pl, w_, b, first)
                     first = False
                     continue
                 for r in range(r_):
-                    hi = i * sh + r * dh - pt
-                    if hi < 0 or hi >= h_:
+                    hi_ = h0 + r * dh
+                    if hi_ < 0 or hi_ >= h_:
                         continue
-                    _pass(o, xc[hi], wk, (cc * r_ + r) * s_, s_, sw, dw, -pl, w_, first, b)
+                    _pass(o, xc[hi_], wk, (cc * r_ + r) * s_, s_, sw, dw, -pl, w_, first, b)
                     first = False
-            if first:
-                o[:] = b
+            if first:  # (a loop: no slice assignment in a serial function)
+                for j in range(o.shape[0]):
+                    o[j] = b
+
+
+_bind_stream_nchw = binder(_stream_nchw_tasks)
+
+
+@jit
+def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """:func:`_stream_nchw_tasks` over ranges of the ``N * Ho`` output rows, in parallel."""
+    launch(_bind_stream_nchw((x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)),
+           out.shape[0] * out.shape[2])
 
 
 @jit
@@ -942,7 +989,7 @@ def _store_row_interleaved(acc, orow):
 
 
 @jit
-def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
+def _stream_nhwc_rows(i0, i1, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     """Output rows ``t in [i0, i1)`` (over ``n * Ho``) of an NHWC problem: each input row is
     transposed once into a ring of planar rows, computed planar, written back interleaved."""
     n_, ho_, wo_, k_ = out.shape
@@ -979,7 +1026,7 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
             o = acc[k]
             wk = w[k].ravel()
             b = bias[k]
-            first = True
+            first = np.bool_(True)  # (not a literal: one compile of _pass and _pass3)
             for cc in range(cg):
                 c = g * cg + cc
                 if r_ == 3 and s_ == 3 and top >= 0 and top + 2 * dh < h_:
@@ -994,16 +1041,20 @@ def _stream_nhwc_rows(x, w, bias, out, i0, i1, sh, sw, pt, pl, dh, dw, groups):
                     _pass(o, ring[c, hi % rb], wk, (cc * r_ + r) * s_, s_, sw, dw, -pl, w_, first, b)
                     first = False
             if first:
-                o[:] = b
+                for j in range(o.shape[0]):
+                    o[j] = b
         _store_row_interleaved(acc, out[n, i].ravel())
 
 
-@pjit
-def _stream_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups, chunks):
-    rows = out.shape[0] * out.shape[1]
-    for t in prange(chunks):
-        _stream_nhwc_rows(x, w, bias, out, t * rows // chunks, (t + 1) * rows // chunks,
-                          sh, sw, pt, pl, dh, dw, groups)
+_bind_stream_nhwc = binder(_stream_nhwc_rows)
+
+
+@jit
+def _stream_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """:func:`_stream_nhwc_rows` over ranges of the ``N * Ho`` output rows, in parallel (one
+    ring of rows per range)."""
+    launch(_bind_stream_nhwc((x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)),
+           out.shape[0] * out.shape[1])
 
 
 def run_streaming(p, x, w_oihw, bias, out):
@@ -1014,9 +1065,8 @@ def run_streaming(p, x, w_oihw, bias, out):
         _stream_nchw(x, w, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w,
                      p.groups)
     else:
-        chunks = max(1, min(p.n * p.ho, 4 * numba.get_num_threads()))
         _stream_nhwc(x, w, b, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w,
-                     p.groups, chunks)
+                     p.groups)
 
 
 # --- NHWC register blocks ---------------------------------------------------------------------
