@@ -7,7 +7,7 @@ image with :func:`source_index`, so no read ever leaves the input.
 
 import numpy as np
 
-from .cpu._jit import jit
+from .cpu._jit import copy_run, fill_run, jit
 from .cpu._launch import Task
 
 __all__ = ["pad_input", "source_index", "gather", "gather_compacted", "source_indices"]
@@ -50,7 +50,7 @@ def _gather_nchw(lo, hi, x, rows, cols, out):
         for i in range(rows.size):
             if rows[i] < 0:
                 for j in range(cols.size):
-                    out[n, c, i, j] = zero
+                    out[n, c, i, j] = zero  # (not a slice assignment: see cpu._jit.copy_run)
                 continue
             for j in range(cols.size):
                 out[n, c, i, j] = x[n, c, rows[i], cols[j]] if cols[j] >= 0 else zero
@@ -60,18 +60,19 @@ def _gather_nchw(lo, hi, x, rows, cols, out):
 def _gather_nhwc(lo, hi, x, rows, cols, out):
     """Rows ``[lo, hi)`` (over ``n * rows``) of ``out[n, i, j, :] = x[n, rows[i], cols[j], :]``,
     or 0 where either index is -1."""
-    c_ = x.shape[3]
+    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
     zero = out.dtype.type(0)
     for job in range(lo, hi):
         n = job // rows.size
         i = job % rows.size
         for j in range(cols.size):
+            dst = ((n * rows.size + i) * cols.size + j) * c_
             if rows[i] < 0 or cols[j] < 0:
-                for c in range(c_):
-                    out[n, i, j, c] = zero
+                fill_run(of, dst, c_, zero)
             else:
-                for c in range(c_):
-                    out[n, i, j, c] = x[n, rows[i], cols[j], c]
+                copy_run(of, dst, xf, ((n * h_ + rows[i]) * w_ + cols[j]) * c_, c_)
 
 
 _GATHER_NCHW = Task(_gather_nchw)

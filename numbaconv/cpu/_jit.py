@@ -119,6 +119,26 @@ def parallel_copy(kernel, jobs, nbytes, *args):
     return parallel_for(kernel, jobs, *args)
 
 @jit(inline="always")
+def copy_run(dst, d0, src, s0, n):
+    """``dst[d0:d0 + n] = src[s0:s0 + n]`` on flat arrays, as a zero-based loop over views: it
+    vectorises (indices LLVM cannot prove >= 0 carry Numba's negative-index wraparound
+    select), and unlike a slice assignment it compiles no shape-mismatch message (seconds
+    of string code in a serial function)."""
+    d = dst[d0:d0 + n]
+    s = src[s0:s0 + n]
+    for e in range(n):
+        d[e] = s[e]
+
+
+@jit(inline="always")
+def fill_run(dst, d0, n, value):
+    """``dst[d0:d0 + n] = value`` (see :func:`copy_run`)."""
+    d = dst[d0:d0 + n]
+    for e in range(n):
+        d[e] = value
+
+
+@jit(inline="always")
 def valid_range(offset, stride, size, out_size):
     """Output indices ``o`` in ``[lo, hi)`` for which ``0 <= o * stride + offset < size``.
 

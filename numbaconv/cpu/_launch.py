@@ -201,9 +201,8 @@ def launch_address(address, jobs, *args):
 
 def type_key(a):
     """What decides Numba's type of ``a`` (cheaper than ``numba.typeof``)."""
-    if isinstance(a, np.ndarray):
-        f = a.flags
-        return a.dtype.num, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned
+    if isinstance(a, np.ndarray):  # (flags.num: contiguity, alignment, writeability, ...)
+        return a.dtype.num, a.ndim, a.flags.num
     if isinstance(a, tuple):
         return tuple(map(type_key, a))
     return type(a)

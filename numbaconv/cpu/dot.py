@@ -22,7 +22,7 @@ of ``KB`` output channels.
 import numba
 import numpy as np
 
-from ._jit import jit
+from ._jit import copy_run, fill_run, jit
 from ._launch import Task
 from ._vec import dot_block, target_vector_bytes
 from .epilogue import NONE, finish_2d
@@ -58,7 +58,7 @@ def applies(p):
 def _pad_planes(lo, hi, x, xp, pt, pl):
     """Planes ``[lo, hi)`` (over ``n * C``): ``xp[n, c] =`` plane ``x[n, c]`` inside a zero
     border (``pt`` rows above, ``pl`` columns to the left, the rest below / to the right).
-    (Element loops: a serial slice assignment compiles Numba's shape-mismatch message.)"""
+    (copy_run: see :func:`numbaconv.cpu._jit.copy_run`.)"""
     h_, w_ = x.shape[2], x.shape[3]
     hp, wp = xp.shape[2], xp.shape[3]
     xf = x.reshape(-1)
@@ -66,13 +66,9 @@ def _pad_planes(lo, hi, x, xp, pt, pl):
     zero = of.dtype.type(0)
     for q in range(lo, hi):
         base = q * hp * wp
-        for e in range(hp * wp):
-            of[base + e] = zero
+        fill_run(of, base, hp * wp, zero)
         for i in range(h_):
-            d = base + (pt + i) * wp + pl
-            s = (q * h_ + i) * w_
-            for j in range(w_):
-                of[d + j] = xf[s + j]
+            copy_run(of, base + (pt + i) * wp + pl, xf, (q * h_ + i) * w_, w_)
 
 
 @jit
@@ -90,8 +86,7 @@ def _fill_cols(lo, hi, xp, cols, taps, sh, sw, ho_, wo_):
     for row in range(lo, hi):
         dst = cols[row]
         if row >= n_ * hw:
-            for e in range(dst.size):
-                dst[e] = zero
+            fill_run(dst, 0, dst.size, zero)
             continue
         n = row // hw
         i = (row % hw) // wo_

@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
-from ._jit import blas_threads_local, gemm, jit, pjit, valid_range
+from ._jit import blas_threads_local, copy_run, fill_run, gemm, jit, pjit, valid_range
 from ._launch import Task
 from .epilogue import NONE, finish_2d
 
@@ -94,14 +94,11 @@ def _fill_row_nhwc(x, t, t0, t1, g, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, w
             for s in range(s_):
                 wi = j * sw + s * dw - pl
                 d = dst + (r * s_ + s) * cg
-                # (element loops: a slice assignment compiles Numba's shape-mismatch message)
+                # (not slice assignments: see numbaconv.cpu._jit.copy_run)
                 if hi < 0 or hi >= h_ or wi < 0 or wi >= w_:
-                    for c in range(cg):
-                        cols[d + c] = 0
+                    fill_run(cols, d, cg, cols.dtype.type(0))
                 else:
-                    src = ((n * h_ + hi) * w_ + wi) * c_ + g * cg
-                    for c in range(cg):
-                        cols[d + c] = xf[src + c]
+                    copy_run(cols, d, xf, ((n * h_ + hi) * w_ + wi) * c_ + g * cg, cg)
 
 
 @pjit

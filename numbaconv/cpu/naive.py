@@ -11,7 +11,7 @@ both cores busy.  Zero padding is handled by clipping each tap's loop to the val
 
 import numpy as np
 
-from ._jit import jit, valid_range
+from ._jit import copy_run, fill_run, jit, valid_range
 from ._launch import Task
 
 __all__ = ["conv2d_python", "run"]
@@ -62,8 +62,7 @@ def _naive_nchw(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
         k = job % k_
         g = k // kg
         for i in range(ho_):
-            for j in range(wo_):  # (element loops: serial slice assignments compile Numba's shape messages)
-                row[j] = bias[k]
+            fill_run(row, 0, wo_, bias[k])  # (not a slice assignment: see _jit.copy_run)
             for c in range(cg):
                 for r in range(r_):
                     hi = i * sh + r * dh - pt
@@ -77,9 +76,7 @@ def _naive_nchw(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                         src = line + off
                         for j in range(lo, hi_j):
                             row[np.uintp(j)] += xf[np.uintp(src + j * sw)] * wv
-            base = ((n * k_ + k) * ho_ + i) * wo_
-            for j in range(wo_):
-                of[base + j] = row[j]
+            copy_run(of, ((n * k_ + k) * ho_ + i) * wo_, row, 0, wo_)
 
 
 @jit
@@ -97,8 +94,7 @@ def _naive_nhwc(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
         n = job // ho_
         i = job % ho_
         for j in range(wo_):
-            for kk in range(k_):
-                acc[kk] = bias[kk]
+            copy_run(acc, 0, bias, 0, k_)
             for r in range(r_):
                 hi = i * sh + r * dh - pt
                 if hi < 0 or hi >= h_:
@@ -113,9 +109,7 @@ def _naive_nhwc(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                             wrow = ((r * s_ + s) * cg + c) * k_ + g * kg
                             for kk in range(kg):
                                 acc[np.uintp(g * kg + kk)] += xv * wf[np.uintp(wrow + kk)]
-            base = ((n * ho_ + i) * wo_ + j) * k_
-            for kk in range(k_):
-                of[base + kk] = acc[kk]
+            copy_run(of, ((n * ho_ + i) * wo_ + j) * k_, acc, 0, k_)
 
 
 _NAIVE_NCHW = Task(_naive_nchw)

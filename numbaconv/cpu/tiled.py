@@ -21,8 +21,8 @@ tap it loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2
 ``2 + P`` loads.  Cache blocking: input channels in blocks of ``cb`` so the packed
 weights of one block (``R*S*cb*V`` values) stay in L2 while a band of output rows is
 swept; partial sums of later channel blocks are added into the output.  Work is split
-with ``prange`` over (batch x output-row bands x groups x output-channel blocks), so
-batch 1 uses every core.
+across threads (:mod:`numbaconv.cpu._launch`) over (batch x output-row bands x groups x
+output-channel blocks), so batch 1 uses every core.
 
 The register block is written as explicit LLVM vectors (:func:`numbaconv.cpu._vec.conv_block`:
 ``<W x float>`` loads, broadcasts, ``llvm.fmuladd``): it compiles in a fraction of a second
@@ -44,10 +44,9 @@ import dataclasses
 
 import numba
 import numpy as np
-from numba import prange
 
 from . import depthwise, dot, naive
-from ._jit import jit, parallel_copy, pjit
+from ._jit import copy_run, fill_run, jit, parallel_copy
 from ._launch import Task, type_key
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
@@ -152,13 +151,10 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
     o = job * wp * c_
     zero = of.dtype.type(0)
     if h < 0 or h >= h_:
-        for e in range(wp * c_):
-            of[o + e] = zero
+        fill_run(of, o, wp * c_, zero)
         return -1
-    for e in range(pl * c_):
-        of[o + e] = zero
-    for e in range((pl + w_) * c_, wp * c_):
-        of[o + e] = zero
+    fill_run(of, o, pl * c_, zero)
+    fill_run(of, o + (pl + w_) * c_, (wp - pl - w_) * c_, zero)
     return h
 
 
@@ -199,15 +195,12 @@ def _pad_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh, ssw):
         o = job * wp * c_
         src = (n * x.shape[1] + h * ssh) * row
         dst = o + pl * c_
-        # (element loops, not slice copies: a serial slice assignment compiles Numba's
-        # shape-mismatch message formatting, seconds of string code, into the kernel)
+        # (copy_run, not slice assignments: see numbaconv.cpu._jit.copy_run)
         if ssw == 1:  # one contiguous run
-            for e in range(w_ * c_):
-                of[dst + e] = xf[src + e]
+            copy_run(of, dst, xf, src, w_ * c_)
         else:
             for j in range(w_):
-                for c in range(c_):
-                    of[dst + j * c_ + c] = xf[src + j * ssw * c_ + c]
+                copy_run(of, dst + j * c_, xf, src + j * ssw * c_, c_)
 
 
 @jit
@@ -238,12 +231,14 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     Rows split across threads by :class:`numbaconv.cpu._launch.Task` (a ``prange`` copy loop
     cost ~1.2 s more compile on a fresh install: Numba's parfor passes)."""
     rows = xp.shape[0] * xp.shape[1]
+    key = (type_key(x), type_key(xp))  # (the geometry: Python ints)
+    g = (int(pt), int(pl), int(h_), int(w_), int(ssh))
     if not nchw:
-        _PAD_NHWC(rows, x, xp, pt, pl, h_, w_, ssh, ssw)
+        _PAD_NHWC.run(key, rows, x, xp, *g, int(ssw))
     elif ssw == 1:
-        _PAD_NCHW(rows, x, xp, pt, pl, h_, w_, ssh)
+        _PAD_NCHW.run(key, rows, x, xp, *g)
     else:
-        _PAD_STRIDED(rows, x, xp, pt, pl, h_, w_, ssh, ssw)
+        _PAD_STRIDED.run(key, rows, x, xp, *g, int(ssw))
 
 
 @jit
@@ -298,10 +293,8 @@ def _pack_hwio(lo, hi, w, wp, groups, kbg, cb, v_):
                     nk = min(v_, kg - kb * v_)
                     dst = ((g * kbg + kb) * rs * cg + c0 * rs + t * cl + c) * v_
                     s0 = src + g * kg + kb * v_
-                    for v in range(nk):  # (element loops: see _pad_nhwc)
-                        wp[dst + v] = wf[s0 + v]
-                    for v in range(nk, v_):
-                        wp[dst + v] = 0
+                    copy_run(wp, dst, wf, s0, nk)
+                    fill_run(wp, dst + nk, v_ - nk, wp.dtype.type(0))
 
 
 # --- packed-weight cache -------------------------------------------------------------------
