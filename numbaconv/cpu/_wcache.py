@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 from ._jit import jit
-from ._launch import binder, launch
+from ._launch import Task, type_key
 
 __all__ = ["WeightCache", "own"]
 
@@ -51,20 +51,17 @@ def _differ_chunks(lo, hi, a, b, chunk, flags):
         flags[t] = _xor_or(a[t * chunk:min(a.size, (t + 1) * chunk)], b[t * chunk:min(a.size, (t + 1) * chunk)])
 
 
-_bind_differ = binder(_differ_chunks)
+_DIFFER = Task(_differ_chunks)
 
 
-@jit
 def _bits_differ(a, b):
     """True when the unsigned-integer views ``a`` and ``b`` (same size >= 1) differ anywhere
-    (chunks in parallel: :func:`numbaconv.cpu._launch.launch`)."""
+    (up to 64 chunks in parallel)."""
     n = a.size
-    nch = min(n, 64)
-    chunk = (n + nch - 1) // nch
-    nch = (n + chunk - 1) // chunk
-    flags = np.zeros(nch, dtype=np.bool_)
-    launch(_bind_differ((a, b, chunk, flags)), nch)
-    return flags.any()
+    chunk = -(-n // min(n, 64))
+    flags = np.zeros(-(-n // chunk), dtype=np.bool_)
+    _DIFFER.run((type_key(a), type_key(b)), flags.size, a, b, chunk, flags)
+    return bool(flags.any())
 
 
 def _as_bits(a):
