@@ -25,11 +25,13 @@ memory (NHWC rows are first transposed, in cache, to planar rows), every output 
 once, and the arithmetic is vectorised along the output width.
 """
 
+import functools
+
 import numba
 import numpy as np
 
 from ._jit import jit, valid_range
-from ._launch import binder, launch
+from ._launch import Task, type_key
 from ._vec import dw3x3_block, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
 
@@ -324,9 +326,11 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @jit
-def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, cx, h_, w_, k_, ho_, wo_, r_, s_, sh, sw, pt, pl, dh, m,
-                          hq, wq, epi):
-    """Planes ``[lo, hi)`` (over ``N * K``) of :func:`_dw_nchw_phases`."""
+def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi):
+    """Planes ``[lo, hi)`` (over ``N * K``) through stride-phase planes (see :func:`bind`);
+    ``geo``: the integers ``C, H, W, K, Ho, Wo, R, S, sh, sw, pt, pl, dh, m, hq, wq`` (one
+    array: a launch's arguments are typed one by one on every call)."""
+    cx, h_, w_, k_, ho_, wo_, r_, s_, sh, sw, pt, pl, dh, m, hq, wq = geo
     # zeroed once per range: the padding positions are the same for every plane, the rest
     # is overwritten; the slack past the end covers the sweep's last, partly used, block
     buf = np.zeros(sh * sw * hq * wq + 2 * _LANES, dtype=xf.dtype)
@@ -347,28 +351,20 @@ def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, cx, h_, w_, k_, ho_, w
             finish_2d(of, epi, q * ho_ * wo_, 1, 0, ho_ * wo_)
 
 
-_bind_dw_nchw_phases = binder(_dw_nchw_phases_tasks)
+_DW_NCHW_PHASES = Task(_dw_nchw_phases_tasks)
 
 
-@jit
-def _dw_nchw_phases(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m, hq, wq, epi):
-    """Planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes of
-    ``hq x wq``, allocated once per range of planes (3x3: :func:`_plane_phases`; other kernel
-    sizes: :func:`_plane_phases_taps`), each plane then through the epilogue ``epi`` (None:
-    pruned; see ``epilogue.finish_2d``); ranges of planes in parallel.
-    Flat views are taken here, once: ``ravel`` per plane cost a quarter of a 14x14 plane."""
-    xf, wf, of = x.ravel(), w_krs.ravel(), out.ravel()
-    # each tap's flat offset from its output pixel, computed once (36 integer divisions per
-    # plane cost as much as a 14x14 plane's arithmetic)
-    r_, s_ = w_krs.shape[1], w_krs.shape[2]
+@functools.lru_cache(maxsize=256)
+def _tap_offsets(r_, s_, sh, sw, dh, dw, hq, wq):
+    """Each tap's flat offset from its output pixel in the stride-phase planes (computed once
+    per geometry: 36 integer divisions per plane cost as much as a 14x14 plane's arithmetic;
+    cached: ``conv2d`` binds on every call)."""
     offs = np.empty(r_ * s_, dtype=np.uintp)
     for r in range(r_):
         for s in range(s_):
             offs[s_ * r + s] = ((((r * dh) % sh) * sw + (s * dw) % sw) * hq + (r * dh) // sh) * wq + (s * dw) // sw
-    launch(_bind_dw_nchw_phases((xf, wf, bias, of, offs, x.shape[1],
-                                 x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], r_, s_, sh, sw,
-                                 pt, pl, dh, m, hq, wq, epi)),
-           out.shape[0] * out.shape[1])
+    offs.flags.writeable = False  # (shared between calls)
+    return offs
 
 
 @jit
@@ -379,16 +375,14 @@ def _dw_nchw_tasks(lo, hi, x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m):
         _plane_nchw(x, w_krs, bias, out, q // k_, q % k_, sh, sw, pt, pl, dh, dw, m)
 
 
-_bind_dw_nchw = binder(_dw_nchw_tasks)
+_DW_NCHW = Task(_dw_nchw_tasks)
 
 
-@jit
 def _dw_nchw(x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m):
     """Any kernel size, plane by plane (:func:`_plane_nchw`), ranges of planes in parallel: its
     own entry point, so the common 3x3 case compiles only :func:`_dw_nchw_phases` (first-call
     latency)."""
-    launch(_bind_dw_nchw((x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m)),
-           out.shape[0] * out.shape[1])
+    _DW_NCHW(out.shape[0] * out.shape[1], x, w_krs, bias, out, sh, sw, pt, pl, dh, dw, m)
 
 
 @jit
@@ -729,14 +723,14 @@ def _dw_nhwc_ring_rows(t0, t1, x, w_rsk, bias, out, sh, sw, pt, pl, epi):
             finish_2d(of, epi, orow * k_, 1, 0, wo_ * k_)
 
 
-_bind_dw_nhwc_ring = binder(_dw_nhwc_ring_rows)
+_DW_NHWC_RING = Task(_dw_nhwc_ring_rows)
 
 
-@jit
 def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, epi):
     """:func:`_dw_nhwc_ring_rows` over ranges of the ``N * Ho`` output rows, in parallel."""
-    launch(_bind_dw_nhwc_ring((x, w_rsk, bias, out, sh, sw, pt, pl, epi)),
-           out.shape[0] * out.shape[1])
+    # (weights, bias and geometry keep their types for the layer: only these vary)
+    _DW_NHWC_RING.run((type_key(x), type_key(out), type_key(epi)), out.shape[0] * out.shape[1], x, w_rsk, bias,
+                      out, sh, sw, pt, pl, epi)
 
 
 @jit
@@ -747,14 +741,12 @@ def _dw_nhwc_tasks(lo, hi, x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, p
         _row_nhwc(x, w_rsk, bias, out, t // ho_, t % ho_, sh, sw, pt, pl, dh, dw, m, wt, pix)
 
 
-_bind_dw_nhwc = binder(_dw_nhwc_tasks)
+_DW_NHWC = Task(_dw_nhwc_tasks)
 
 
-@jit
 def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
     """:func:`_row_nhwc` over ranges of the ``N * Ho`` output rows, in parallel."""
-    launch(_bind_dw_nhwc((x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m,
-                          wt, pix)), out.shape[0] * out.shape[1])
+    _DW_NHWC(out.shape[0] * out.shape[1], x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix)
 
 
 #: 3x3 NCHW planes up to this output width go through zero-padded stride-phase copies
@@ -819,8 +811,21 @@ def bind(p, w, bias, wlayout="OIHW"):
         # phase planes reach every tap of every output pixel (see _plane_phases)
         hq = p.ho + (p.r - 1) * p.dil_h // p.stride_h
         wq = p.wo + (p.s - 1) * p.dil_w // p.stride_w
-        return lambda x, out, epi: _dw_nchw_phases(x, w_krs, b, out, *geometry, hq, wq,
-                                                   epi.kernel_arg(out.reshape(-1)))
+        # planes through (L1/L2-resident) zero-padded stride-phase copies of ``sh*sw`` planes
+        # of ``hq x wq``, allocated once per range of planes (3x3: _plane_phases, other sizes:
+        # _plane_phases_taps), each then through the epilogue; ranges of planes in parallel.
+        # Flat views here, once: ``ravel`` per plane cost a quarter of a 14x14 plane.
+        offs = _tap_offsets(p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w, hq, wq)
+        wf = w_krs.reshape(-1)
+        geo = np.array([p.c, p.h, p.w, p.k, p.ho, p.wo, p.r, p.s, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
+                        p.dil_h, m, hq, wq], dtype=np.int64)
+
+        def phases(x, out, epi):
+            xf, of = x.reshape(-1), out.reshape(-1)
+            ea = epi.kernel_arg(of)
+            # (weights, bias and geometry keep their types for the layer: only these vary)
+            _DW_NCHW_PHASES.run((type_key(xf), type_key(of), type_key(ea)), p.n * p.k, xf, wf, b, of, offs, geo, ea)
+        return phases
     return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
 
 
@@ -927,14 +932,12 @@ def _stream_nchw_tasks(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
                     o[j] = b
 
 
-_bind_stream_nchw = binder(_stream_nchw_tasks)
+_STREAM_NCHW = Task(_stream_nchw_tasks)
 
 
-@jit
 def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     """:func:`_stream_nchw_tasks` over ranges of the ``N * Ho`` output rows, in parallel."""
-    launch(_bind_stream_nchw((x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)),
-           out.shape[0] * out.shape[2])
+    _STREAM_NCHW(out.shape[0] * out.shape[2], x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)
 
 
 @jit
@@ -1046,15 +1049,13 @@ def _stream_nhwc_rows(i0, i1, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
         _store_row_interleaved(acc, out[n, i].ravel())
 
 
-_bind_stream_nhwc = binder(_stream_nhwc_rows)
+_STREAM_NHWC = Task(_stream_nhwc_rows)
 
 
-@jit
 def _stream_nhwc(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     """:func:`_stream_nhwc_rows` over ranges of the ``N * Ho`` output rows, in parallel (one
     ring of rows per range)."""
-    launch(_bind_stream_nhwc((x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)),
-           out.shape[0] * out.shape[1])
+    _STREAM_NHWC(out.shape[0] * out.shape[1], x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)
 
 
 def run_streaming(p, x, w_oihw, bias, out):
