@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from numbaconv.cpu._launch import binder, launch
+from numbaconv.cpu._launch import Task
 
 
 @numba.njit(nogil=True)
@@ -29,18 +29,16 @@ def _who(lo, hi, ids, spin):
         ids[j] = numba.get_thread_id() + (acc < 0)
 
 
-_bind_count = binder(_count)
-_bind_who = binder(_who)
+_COUNT = Task(_count)
+_WHO = Task(_who)
 
 
-@numba.njit(nogil=True)
 def _run_count(hits, scale, jobs):
-    launch(_bind_count((hits, scale)), jobs)
+    _COUNT(jobs, hits, scale)
 
 
-@numba.njit(nogil=True)
 def _run_who(ids, spin):
-    launch(_bind_who((ids, spin)), ids.size)
+    _WHO(ids.size, ids, spin)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -131,3 +129,22 @@ def test_an_entry_compiled_against_a_cached_launch_starts_the_threads(tmp_path):
         assert proc.returncode == 0, (step, proc.returncode, proc.stderr[-2000:])
         outs.append(float(proc.stdout.strip().splitlines()[-1]))
     assert outs[1] == outs[2] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "winograd", "auto"])
+def test_argument_types_that_change_between_calls_get_their_own_task(algorithm):
+    """A launch's task is compiled per argument types and found by a key of the arguments
+    that can change (input, output, epilogue): a read-only input, then a writable one, then
+    an activation, each must run the task compiled for it (a wrong address would crash or
+    read the arguments wrongly)."""
+    import numbaconv
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)  # NHWC, no padding: read in place
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    kw = dict(layout="NHWC", weight_layout="OIHW", algorithm=algorithm)
+    expected = numbaconv.conv2d(x, w, **kw)
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(numbaconv.conv2d(ro, w, **kw), expected)
+    np.testing.assert_array_equal(numbaconv.conv2d(x, w, **kw), expected)
+    np.testing.assert_array_equal(numbaconv.conv2d(x, w, activation="relu", **kw), np.maximum(expected, 0))

@@ -1,23 +1,23 @@
-"""One parallel loop for every kernel: ``launch(bind(args), jobs)``.
+"""One parallel loop for every kernel: ``Task(task)(jobs, *args)``.
 
 A ``prange`` driver costs 1-2 s of compile per function on a fresh install (Numba's parfor
 passes, then the parallel body compiled again as a gufunc), and numbaconv had one per
-kernel family, so a model's first forward paid it a dozen times.  Here the only ``prange``
-in the fast paths is :func:`_run_parts`, whose arguments are four integers: it compiles once
-per install (and per CPU) and is loaded from Numba's cache afterwards.
+kernel and copy, so a model's first forward paid it a dozen times.  Here the only
+``prange`` is :func:`_run_parts`, whose arguments are four integers: it compiles once per
+install (and per CPU) and is loaded from Numba's cache afterwards.
 
 A kernel is a serial ``@jit`` function ``task(lo, hi, *args)`` over a range of independent
-jobs.  :func:`launch` (``@jit``, called from a small serial entry per kernel) stores
-``args`` in its own stack frame and passes :func:`_run_parts` the address of a trampoline
-``void(i64 lo, i64 hi, i64 frame)`` that it emits next to the call: the trampoline loads the
-arguments back and calls ``task`` with Numba's calling convention.  ``_run_parts`` splits
-``[0, jobs)`` into ``parts`` contiguous ranges and runs them on Numba's threading layer, as
-``prange`` over the jobs did (same static split, same threads, ~5 us per launch; a pool of
-Python threads costs ~25).
-
-The caller blocks until every part is done, so the frame outlives the call; arrays are
-borrowed, not reference-counted.  A task must not raise (kernels run without bounds checks
-and report problems through their outputs): a Numba exception inside it would be lost.
+jobs (returning nothing, raising nothing: a Numba exception inside it would be lost).
+:class:`Task` gets its address from its own compile or cache entry and calls
+:func:`launch_address`, a small entry (one per argument types) that stores ``args`` in its
+stack frame and passes :func:`_run_parts` the address of a trampoline ``void(i64 lo, i64 hi,
+i64 frame)``: the trampoline loads the arguments back (arrays without their memory owner,
+as ``prange`` bodies see them: no reference counting in the task) and calls the task
+through its address with Numba's calling convention.  So nothing links the task's code a
+second time: an entry that links a kernel compiles, optimises and emits all of it again
+(~0.5 s per kernel family).  ``_run_parts`` splits ``[0, jobs)`` into one contiguous range
+per thread and runs them on Numba's threading layer, as ``prange`` over the jobs did (same
+static split, same threads, ~5 us per launch; a pool of Python threads costs ~25).
 """
 
 import numba
@@ -96,46 +96,11 @@ def _keep_threads_started(context):
         library._reload_init.add(_reload_parfors)
 
 
-def binder(task):
-    """An intrinsic ``bind(args) -> (trampoline, frame)`` for ``task(lo, hi, *args)``, to hand
-    to :func:`launch` in the same function: the frame is a copy of ``args`` in the caller's
-    stack frame.  (A per-task intrinsic, not the task as an argument: a dispatcher passed as
-    a value is lowered as a pointer to the Python object, which keeps the caller out of the
-    on-disk cache.)  ``task`` must take its arguments one by one (no ``*args``)."""
-    @intrinsic
-    def bind(typingctx, args):
-        if not isinstance(args, types.BaseTuple):
-            return None
-        call_sig = typingctx.resolve_function_type(task, (types.int64, types.int64, *args.types), {})
-        if call_sig is None:  # (compiling ``task`` for these types failed)
-            return None
-        sig = types.UniTuple(types.int64, 2)(args)
-
-        def codegen(context, builder, signature, llargs):
-            cres = task.get_compile_result(call_sig)
-            context.add_linking_libs([cres.library])
-            _keep_threads_started(context)
-            frame = cgutils.alloca_once_value(builder, llargs[0])
-            module = builder.module
-            tramp = cgutils.get_or_insert_function(module, _TRAMPOLINE, f"numbaconv_task_{cres.fndesc.mangled_name}")
-            if tramp.is_declaration:
-                tramp.linkage = "internal"
-                b = ir.IRBuilder(tramp.append_basic_block())
-                lo, hi, addr = tramp.args
-                tup = _borrowed(context, b, args, b.load(b.inttoptr(addr, frame.type)))
-                vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
-                func = context.declare_function(module, cres.fndesc)
-                context.call_conv.call_function(b, func, cres.signature.return_type, cres.signature.args, vals)
-                b.ret_void()
-            return cgutils.pack_array(builder, [builder.ptrtoint(tramp, _I64), builder.ptrtoint(frame, _I64)])
-        return sig, codegen
-    return bind
-
-
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def launch(bound, jobs):
-    """The bound task (``bind(args)`` of :func:`binder`) over ``[0, jobs)``, one contiguous
-    range per thread (``numba.get_num_threads()``), in parallel; serially for one."""
+    """The bound task (``(trampoline, frame)`` of :func:`_bind_address`) over ``[0, jobs)``,
+    one contiguous range per thread (``numba.get_num_threads()``), in parallel; serially for
+    one."""
     fn, frame = bound
     parts = min(_num_threads(), jobs)
     if parts <= 1:
