@@ -99,7 +99,7 @@ def test_launched_kernels_load_from_the_cache(tmp_path):
         proc = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert "launch" in runs[0]["compiled"] and "_run_parts" in runs[0]["compiled"]
+    assert "launch_address" in runs[0]["compiled"] and "_run_parts" in runs[0]["compiled"]
     assert runs[0]["uncached"] == []
     assert runs[1]["compiled"] == []
 

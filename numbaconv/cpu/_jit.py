@@ -7,12 +7,10 @@
   ``__pycache__``) so a new process loads them instead of compiling again.
 """
 
-import concurrent.futures
 import functools
 import hashlib
 import os
 import pathlib
-import threading
 
 import numba
 import numpy as np
@@ -81,42 +79,6 @@ jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 #: parallel kernel: owns a ``prange`` over independent work
 pjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
 
-_pool = None
-_pool_lock = threading.Lock()
-
-
-def parallel_for(kernel, jobs, *args):
-    """``kernel(lo, hi, *args)`` (a ``@jit`` function: ``nogil``) over ``[0, jobs)`` split into
-    ``numba.get_num_threads()`` contiguous parts, on a persistent pool of Python threads.
-
-    The alternative to a ``prange`` driver where compile time matters more than the few tens
-    of microseconds a call costs more: a ``prange`` loop costs 1-4 s of compile on a fresh
-    install (Numba's parfor passes), a plain loop a fraction of that."""
-    global _pool
-    parts = max(1, min(numba.get_num_threads(), jobs))
-    if parts == 1:
-        return kernel(0, jobs, *args)
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS,
-                                                          thread_name_prefix="numbaconv")
-    futures = [_pool.submit(kernel, jobs * i // parts, jobs * (i + 1) // parts, *args) for i in range(1, parts)]
-    kernel(0, jobs // parts, *args)  # the caller's thread takes the first part
-    for f in futures:
-        f.result()
-
-
-#: copies smaller than this run on the calling thread: the pool's hand-off (~20 us) costs
-#: more than a second core saves
-PARALLEL_COPY_BYTES = 1 << 20
-
-
-def parallel_copy(kernel, jobs, nbytes, *args):
-    """:func:`parallel_for` for a copy loop that writes ``nbytes``: on the calling thread
-    below :data:`PARALLEL_COPY_BYTES`."""
-    if nbytes < PARALLEL_COPY_BYTES:
-        return kernel(0, jobs, *args)
-    return parallel_for(kernel, jobs, *args)
 
 @jit(inline="always")
 def copy_run(dst, d0, src, s0, n):

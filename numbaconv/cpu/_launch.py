@@ -50,7 +50,7 @@ def _num_threads(typingctx):
     """``numba.get_num_threads()`` through the threading layer's symbol, as Numba's own parfor
     launch calls it (the library function goes through a ctypes pointer, which would keep
     the caller out of the on-disk cache).  The threading layer is started here at compile
-    time and, from the cache, by :func:`_run_parts`'s reload hook, which its callers inherit."""
+    time and, from the cache, by the reload hook :func:`_keep_threads_started` records."""
     _launch_threads()
 
     def codegen(context, builder, signature, args):
@@ -96,24 +96,7 @@ def _keep_threads_started(context):
         library._reload_init.add(_reload_parfors)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def launch(bound, jobs):
-    """The bound task (``(trampoline, frame)`` of :func:`_bind_address`) over ``[0, jobs)``,
-    one contiguous range per thread (``numba.get_num_threads()``), in parallel; serially for
-    one."""
-    fn, frame = bound
-    parts = min(_num_threads(), jobs)
-    if parts <= 1:
-        _call(fn, 0, jobs, frame)
-    else:
-        _run_parts(fn, frame, jobs, parts)
-
-
 # --- by address: the entry does not link the task ------------------------------------------
-# An entry that links its task (``binder``) compiles, optimises and emits the task's whole
-# code once more: ~0.5 s per kernel family on a fresh install (Zen 4).  ``Task`` hands the
-# task's address to :func:`launch_address` at run time instead: one small entry per argument
-# types, nothing of the task linked in.
 def task_address(task, argtypes):
     """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``."""
     sig = (types.int64, types.int64, *argtypes)
@@ -160,8 +143,14 @@ def _bind_address(typingctx, address, args):
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def launch_address(address, jobs, *args):
-    """The task at ``address`` over ``[0, jobs)`` with ``args``, in parallel (:func:`launch`)."""
-    launch(_bind_address(address, args), jobs)
+    """The task at ``address`` over ``[0, jobs)`` with ``args``, one contiguous range per
+    thread (``numba.get_num_threads()``), in parallel; serially for one."""
+    fn, frame = _bind_address(address, args)
+    parts = min(_num_threads(), jobs)
+    if parts <= 1:
+        _call(fn, 0, jobs, frame)
+    else:
+        _run_parts(fn, frame, jobs, parts)
 
 
 def type_key(a):

@@ -48,7 +48,9 @@ def _xor_or(a, b):
 @jit
 def _differ_chunks(lo, hi, a, b, chunk, flags):
     for t in range(lo, hi):
-        flags[t] = _xor_or(a[t * chunk:min(a.size, (t + 1) * chunk)], b[t * chunk:min(a.size, (t + 1) * chunk)])
+        c0 = t * chunk
+        c1 = min(a.size, c0 + chunk)
+        flags[t] = _xor_or(a[c0:c1], b[c0:c1])
 
 
 _DIFFER = Task(_differ_chunks)

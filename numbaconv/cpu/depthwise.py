@@ -14,7 +14,7 @@ and a GEMM formulation (im2col) or a general direct kernel wastes most of its wo
 
 No padded copy of the input is made; the bias is the accumulators' initial value.
 Each kernel is a serial task over a range of (image x output rows) in NHWC and (image x
-channel) planes in NCHW, run in parallel by :func:`numbaconv.cpu._launch.launch` (no
+channel) planes in NCHW, run in parallel by :class:`numbaconv.cpu._launch.Task` (no
 ``prange`` driver to compile per kernel: first-call latency).
 
 :func:`run_streaming` is the same idea for dense convolutions with few channels (the seed

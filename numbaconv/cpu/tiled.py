@@ -46,7 +46,7 @@ import numba
 import numpy as np
 
 from . import depthwise, dot, naive
-from ._jit import copy_run, fill_run, jit, parallel_copy
+from ._jit import copy_run, fill_run, jit
 from ._launch import Task, type_key
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
@@ -297,6 +297,9 @@ def _pack_hwio(lo, hi, w, wp, groups, kbg, cb, v_):
                     fill_run(wp, dst + nk, v_ - nk, wp.dtype.type(0))
 
 
+_PACK_HWIO = Task(_pack_hwio)
+
+
 # --- packed-weight cache -------------------------------------------------------------------
 #: packed copies of weights from 64 KiB on, reused while the weights are bit-for-bit unchanged
 _CACHE = WeightCache(min_bytes=64 << 10, max_bytes=256 << 20)
@@ -313,7 +316,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
         if wlayout == "OIHW":
             _pack_weights(w, wpk, groups, kbg, cb, v_)
         else:
-            parallel_copy(_pack_hwio, (cg + cb - 1) // cb * r_ * s_, wpk.nbytes, w, wpk, groups, kbg, cb, v_)
+            _PACK_HWIO((cg + cb - 1) // cb * r_ * s_, w, wpk, groups, kbg, cb, v_)
         return wpk
     return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)
 

@@ -10,7 +10,7 @@ GEMMs ``M[xi] = V[xi] (tiles x C) . U[xi] (C x K)``.
 
 Blocking (one pass over memory): the work is split into tasks of ``T`` tiles x a run of
 output-channel blocks (batch x tile blocks x groups x channel runs, split over the threads by
-:func:`numbaconv.cpu._jit.parallel_for`).  A task
+:class:`numbaconv.cpu._launch.Task`).  A task
 transforms its tiles' inputs one channel block at a time into ``V`` (``alpha^2 x T x cb``,
 in L2), multiplies them on ``tiled``'s register-blocked micro-kernel
 (:func:`numbaconv.cpu._vec.conv_block`: ``P`` tiles x ``V`` output channels, the
@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 from . import tiled
-from ._jit import jit, parallel_for
+from ._jit import jit
 from ._launch import Task, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
@@ -305,13 +305,16 @@ def _transform_block(w, uf, gm, hwio, flip, g, kb, kg, cg, kbg, v_):
                     uf[o + v] = 0
 
 
+_TRANSFORM = Task(_transform_blocks)
+
+
 def _transform_weights(w, uf, gm, hwio, flip, groups, kg, cg, kbg, v_):
     """``uf`` (packed ``(G, alpha^2, K/G/V, C/G, V)``) = ``G g G^T`` of every 3x3 kernel ``g``
     of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``: the (group,
-    output-channel block) jobs in parallel (:func:`numbaconv.cpu._jit.parallel_for`).
+    output-channel block) jobs in parallel (:class:`numbaconv.cpu._launch.Task`).
     ``flip``: the kernels of the grad-input convolution instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]`` (channels swapped, taps reversed;
     ``kg``, ``cg`` are that convolution's)."""
-    parallel_for(_transform_blocks, groups * kbg, w, uf, gm, hwio, flip, kg, cg, kbg, v_)
+    _TRANSFORM(groups * kbg, w, uf, gm, hwio, flip, kg, cg, kbg, v_)
 
 
 def transformed_weights(w, wlayout, groups, m, v_, flip=False):
