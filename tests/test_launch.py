@@ -148,3 +148,49 @@ def test_argument_types_that_change_between_calls_get_their_own_task(algorithm):
     np.testing.assert_array_equal(numbaconv.conv2d(ro, w, **kw), expected)
     np.testing.assert_array_equal(numbaconv.conv2d(x, w, **kw), expected)
     np.testing.assert_array_equal(numbaconv.conv2d(x, w, activation="relu", **kw), np.maximum(expected, 0))
+
+
+@numba.njit(nogil=True)
+def _fail_at(lo, hi, hits, bad):
+    for j in range(lo, hi):
+        if j == bad:
+            raise ValueError("bad job")
+        hits[j] = 1
+
+
+_FAIL = Task(_fail_at)
+
+
+def test_a_task_that_raises_makes_the_launch_raise():
+    """Kernels raise only under NUMBA_BOUNDSCHECK=1 (the extreme-geometry suite relies on it
+    to catch out-of-bounds accesses); the trampoline cannot carry the exception, so the
+    launch raises after every part is done."""
+    hits = np.zeros(8, np.int64)
+    with pytest.raises(IndexError, match="task raised"):
+        _FAIL(8, hits, 5)
+    hits[:] = 0
+    _FAIL(8, hits, -1)  # nothing left over from the failed launch
+    assert hits.tolist() == [1] * 8
+
+
+BOUNDS = textwrap.dedent("""
+    import numba, numpy as np
+    from numbaconv.cpu._launch import Task
+
+    @numba.njit(nogil=True)
+    def past_the_end(lo, hi, a):
+        for j in range(lo, hi):
+            a[j + 1] = 1.0
+
+    try:
+        Task(past_the_end)(4, np.zeros(4))
+    except IndexError as e:
+        print("IndexError", e)
+""")
+
+
+def test_an_out_of_bounds_index_under_boundscheck_reaches_the_caller(tmp_path):
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", BOUNDS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("IndexError"), proc.stdout

@@ -7,7 +7,8 @@ kernel and copy, so a model's first forward paid it a dozen times.  Here the onl
 install (and per CPU) and is loaded from Numba's cache afterwards.
 
 A kernel is a serial ``@jit`` function ``task(lo, hi, *args)`` over a range of independent
-jobs (returning nothing, raising nothing: a Numba exception inside it would be lost).
+jobs (returning nothing; if it raises, as kernels do only under ``NUMBA_BOUNDSCHECK=1``, the
+launch raises ``IndexError`` after it).
 :class:`Task` gets its address from its own compile or cache entry and calls
 :func:`launch_address`, a small entry (one per argument types) that stores ``args`` in its
 stack frame and passes :func:`_run_parts` the address of a trampoline ``void(i64 lo, i64 hi,
@@ -109,25 +110,30 @@ def task_address(task, argtypes):
     return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
 
 
+_I32 = ir.IntType(32)
+
+
 @intrinsic
 def _bind_address(typingctx, address, args):
-    """``(trampoline, frame)`` for the task at ``address`` (see :func:`task_address`) with
-    ``args``: the trampoline calls it through the pointer, with Numba's calling convention
-    for those argument types (the task's exceptions, if any, are dropped)."""
+    """``(trampoline, frame, failed)`` for the task at ``address`` (see :func:`task_address`)
+    with ``args``: the trampoline calls it through the pointer, with Numba's calling
+    convention for those argument types, and sets the int32 at ``failed`` when the task
+    raised (kernels raise only under ``NUMBA_BOUNDSCHECK=1``: an out-of-bounds index)."""
     if not isinstance(args, types.BaseTuple):
         return None
     argtys = (types.int64, types.int64, *args.types)
-    sig = types.UniTuple(types.int64, 2)(types.int64, args)
+    sig = types.UniTuple(types.int64, 3)(types.int64, args)
 
     def codegen(context, builder, signature, llargs):
         _keep_threads_started(context)
-        frame = cgutils.alloca_once_value(builder, cgutils.make_anonymous_struct(builder, llargs))
+        frame = cgutils.alloca_once_value(builder, cgutils.make_anonymous_struct(builder, [*llargs, _I32(0)]))
         tramp = cgutils.get_or_insert_function(builder.module, _TRAMPOLINE, "numbaconv_by_address")
         if tramp.is_declaration:  # (one per entry: the entry is specialised on ``args``)
             tramp.linkage = "internal"
             b = ir.IRBuilder(tramp.append_basic_block())
             lo, hi, addr = tramp.args
-            st = b.load(b.inttoptr(addr, frame.type))
+            fp = b.inttoptr(addr, frame.type)
+            st = b.load(fp)
             fnty = context.call_conv.get_function_type(types.none, argtys)
             tup = _borrowed(context, b, args, b.extract_value(st, 1))
             vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
@@ -135,22 +141,40 @@ def _bind_address(typingctx, address, args):
             b.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
             exc = cgutils.alloca_once(b, fnty.args[1].pointee)
             packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(b, vals))
-            b.call(b.inttoptr(b.extract_value(st, 0), fnty.as_pointer()), [ret, exc] + packed)
+            code = b.call(b.inttoptr(b.extract_value(st, 0), fnty.as_pointer()), [ret, exc] + packed)
+            # Numba's status codes: 0 (returned a value) or -2 (returned None) is success
+            ok = b.or_(b.icmp_signed("==", code, code.type(0)), b.icmp_signed("==", code, code.type(-2)))
+            with b.if_then(b.not_(ok), likely=False):
+                b.store(_I32(1), b.gep(fp, [_I32(0), _I32(2)]))
             b.ret_void()
-        return cgutils.pack_array(builder, [builder.ptrtoint(tramp, _I64), builder.ptrtoint(frame, _I64)])
+        failed = builder.gep(frame, [_I32(0), _I32(2)])
+        return cgutils.pack_array(builder, [builder.ptrtoint(tramp, _I64), builder.ptrtoint(frame, _I64),
+                                            builder.ptrtoint(failed, _I64)])
     return sig, codegen
+
+
+@intrinsic
+def _load_flag(typingctx, address):
+    """The int32 at ``address``."""
+    def codegen(context, builder, signature, args):
+        return builder.sext(builder.load(builder.inttoptr(args[0], _I32.as_pointer())), _I64)
+    return types.int64(types.int64), codegen
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def launch_address(address, jobs, *args):
     """The task at ``address`` over ``[0, jobs)`` with ``args``, one contiguous range per
-    thread (``numba.get_num_threads()``), in parallel; serially for one."""
-    fn, frame = _bind_address(address, args)
+    thread (``numba.get_num_threads()``), in parallel; serially for one.  A task that raised
+    (only under ``NUMBA_BOUNDSCHECK=1``) makes it raise ``IndexError`` once every part is done
+    (the task's own exception cannot cross the trampoline)."""
+    fn, frame, failed = _bind_address(address, args)
     parts = min(_num_threads(), jobs)
     if parts <= 1:
         _call(fn, 0, jobs, frame)
     else:
         _run_parts(fn, frame, jobs, parts)
+    if _load_flag(failed) != 0:
+        raise IndexError("a numbaconv kernel task raised (an index out of bounds under NUMBA_BOUNDSCHECK=1)")
 
 
 def type_key(a):
