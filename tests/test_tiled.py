@@ -31,6 +31,7 @@ DENSE = [
     (2, 10, 4, 8, 40, 1, 1, {}),                                      # NHWC 1x1: input used in place
     (1, 9, 6, 9, 64, 3, 3, dict(padding=1)),                          # NHWC: K a multiple of V, HWIO in place
     (2, 12, 7, 8, 64, 3, 3, dict(groups=2, stride=2, padding=1)),     # ... grouped, 32 per group
+    (1, 9, 5, 6, 256, 3, 3, dict(padding=1)),                         # NHWC: K * itemsize >= 1 KiB, packed
 ]
 DEPTHWISE = [
     (2, 6, 9, 11, 6, 3, 3, dict(groups=6, padding=1)),
