@@ -158,17 +158,21 @@ def _any_nonfinite(bits, exponent):
 
 
 _PARALLEL_SCAN_BYTES = 1 << 20
+_EXP32 = np.uint32(0x7F800000)
+_EXP64 = np.uint64(0x7FF0000000000000)
 
 
 def any_nonfinite(a):
     """Whether ``a`` holds an Inf or a NaN (one vectorised pass over its bits, no temporaries)."""
     if a.size == 0:
         return False
-    a = np.ascontiguousarray(a).reshape(-1)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    # (a C-contiguous view of any shape viewed as unsigned ints of its width, then flat)
     if a.dtype.itemsize == 4:
-        bits, exponent = a.view(np.uint32), np.uint32(0x7F800000)
+        bits, exponent = a.view(np.uint32).reshape(-1), _EXP32
     else:
-        bits, exponent = a.view(np.uint64), np.uint64(0x7FF0000000000000)
+        bits, exponent = a.view(np.uint64).reshape(-1), _EXP64
     if a.nbytes < _PARALLEL_SCAN_BYTES:  # a parallel region costs more than the scan
         return _max_exponent(bits, exponent) == exponent
     return bool(_any_nonfinite(bits, exponent))
@@ -184,11 +188,11 @@ def padding_products(p, weight, out):
     """
     if not p.has_padding or p.padding_mode != "zeros" or out.size == 0:
         return
-    w = np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])  # (K, C/G, R, S) view
     if weight.size <= out.size:
         if not any_nonfinite(weight):  # before tap_reads: O(Ho * R + Wo * S) bytes
             return
-    elif not any_nonfinite(out):
+    w = np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])  # (K, C/G, R, S) view
+    if weight.size > out.size and not any_nonfinite(out):
         rows, cols = p.tap_reads
         dead = ~rows.any(axis=0)[:, None] | ~cols.any(axis=0)[None, :]  # (R, S): never meets the image
         if not dead.any() or np.isfinite(w[:, :, dead]).all():
