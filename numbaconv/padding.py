@@ -178,6 +178,11 @@ def any_nonfinite(a):
     return bool(_any_nonfinite(bits, exponent))
 
 
+def _as_oihw(p, weight):
+    """``weight`` (in ``p.weight_layout``) as a (K, C/G, R, S) view."""
+    return np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])
+
+
 def padding_products(p, weight, out):
     """Give ``out`` (``p.out_shape``, in ``p.layout``) torch's NaNs where zero padding met a
     non-finite weight of ``weight`` (in ``p.weight_layout``).
@@ -191,12 +196,11 @@ def padding_products(p, weight, out):
     if weight.size <= out.size:
         if not any_nonfinite(weight):  # before tap_reads: O(Ho * R + Wo * S) bytes
             return
-    w = np.transpose(weight, [p.weight_layout.index(a) for a in "OIHW"])  # (K, C/G, R, S) view
-    if weight.size > out.size and not any_nonfinite(out):
-        rows, cols = p.tap_reads
-        dead = ~rows.any(axis=0)[:, None] | ~cols.any(axis=0)[None, :]  # (R, S): never meets the image
-        if not dead.any() or np.isfinite(w[:, :, dead]).all():
+    elif not any_nonfinite(out):
+        dead, any_dead = p.dead_taps  # (R, S): never meets the image
+        if not any_dead or np.isfinite(_as_oihw(p, weight)[:, :, dead]).all():
             return
+    w = _as_oihw(p, weight)
     rows, cols = p.tap_reads
     nf = ~np.isfinite(w).all(axis=1)  # (K, R, S): a non-finite weight at that tap
     o = out if p.layout == "NCHW" else out.transpose(0, 3, 1, 2)

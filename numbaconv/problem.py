@@ -306,6 +306,16 @@ class ConvProblem:
                 reads(self.w, self.s, self.stride_w, self.dil_w, self.pad_left, self.wo))
 
     @cached_property
+    def dead_taps(self):
+        """``(R, S)`` bool: the taps that meet only zero padding, at every output pixel; and
+        whether there is any (per problem: ``conv2d`` reuses its problems, and these numpy
+        reductions cost ~15 us a call on small layers)."""
+        rows, cols = self.tap_reads
+        dead = ~rows.any(axis=0)[:, None] | ~cols.any(axis=0)[None, :]
+        dead.flags.writeable = False
+        return dead, bool(dead.any())
+
+    @cached_property
     def compaction(self):
         """How to shrink a wasteful geometry, or ``None`` (see :class:`Compaction`)."""
         return Compaction.of(self)

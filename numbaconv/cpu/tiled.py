@@ -41,6 +41,7 @@ Regenerate :mod:`numbaconv.cpu._ukernels` with ``python -m numbaconv.cpu.tiled``
 """
 
 import dataclasses
+import functools
 
 import numba
 import numpy as np
@@ -328,7 +329,14 @@ def clear_cache():
 
 # --- planning --------------------------------------------------------------------------------
 def plan(p):
-    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp)."""
+    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp) (a fresh copy)."""
+    return dict(_plan(p, numba.get_num_threads()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(p, threads):
+    """:func:`plan`, once per problem and thread count (``conv2d`` binds on every call: on a
+    small layer the planning arithmetic cost as much as the kernel)."""
     v_ = block_width(p.dtype)
     p_ = pixel_block(p.wo)
     item = p.dtype.itemsize
@@ -339,7 +347,6 @@ def plan(p):
     cb = -(-p.cg // nblk)  # balance the blocks
     # Output-row bands: enough tasks for the threads, each band's input rows within ~L2.
     kbg = -(-p.kg // v_)
-    threads = numba.get_num_threads()
     jobs_per_row = p.n * p.groups * kbg
     rows = p.ho
     while rows > 1 and jobs_per_row * (-(-p.ho // rows)) < 4 * threads:

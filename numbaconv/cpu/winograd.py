@@ -387,7 +387,14 @@ def tile_size(p):
 
 def plan(p, m=None):
     """Blocking for ``p``: dict(m, V, T tiles per task, cb input channels per block, kbr
-    output-channel blocks per task, th x tw tiles, hp x wp padded input)."""
+    output-channel blocks per task, th x tw tiles, hp x wp padded input) (a fresh copy)."""
+    return dict(_plan(p, m, numba.get_num_threads()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(p, m, threads):
+    """:func:`plan`, once per problem, tile size and thread count (``conv2d`` binds on every
+    call: on a small layer the planning cost a fifth of the call)."""
     m = m or tile_size(p)
     v_ = 2 * lanes(_VB, p.dtype.itemsize)
     item = p.dtype.itemsize
@@ -401,7 +408,6 @@ def plan(p, m=None):
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)
-    threads = numba.get_num_threads()
     while tt_ > _P and p.n * -(-(th * tw) // tt_) * p.groups * kbg < threads:
         tt_ -= _P
     # output channels per task: M (alpha^2 x T x kw) within ~512 KiB, and the runs split so
