@@ -230,7 +230,7 @@ def padding_products_grad_weight(p, dy, dw):
         if np.isfinite(d[:, :, dead_rows]).all() and np.isfinite(d[:, :, :, dead_cols]).all():
             return
     nfk = ~np.isfinite(d).all(axis=0)  # (K, Ho, Wo)
-    w = np.transpose(dw, [p.weight_layout.index(a) for a in "OIHW"])  # a writable view
+    w = _as_oihw(p, dw)  # a writable view
     for r in range(p.r):
         for s in range(p.s):
             pad = ~rows[:, r][:, None] | ~cols[:, s][None, :]
