@@ -49,9 +49,10 @@ arrays -- a warm-up run (compilation, first touch) and then the best of
 import os
 import time
 
+from . import tuning
 from .registry import REGISTRY, usable
 
-__all__ = ["choose", "benchmark", "winograd", "measured", "forget_measurements", "BENCHMARK_REPEATS"]
+__all__ = ["choose", "heuristic", "candidates", "benchmark", "winograd", "measured", "forget_measurements", "BENCHMARK_REPEATS"]
 
 #: time the candidates on the first call per problem geometry instead of the heuristic
 benchmark = os.environ.get("NUMBACONV_AUTOTUNE", "") not in ("", "0")
@@ -103,7 +104,17 @@ def choose_measured(p, run_with):
 
 
 def choose(p):
-    """Name of the algorithm ``auto`` runs for problem ``p`` (a host algorithm)."""
+    """Name of the algorithm ``auto`` runs for problem ``p`` (a host algorithm): the one
+    ``numbaconv tune`` measured fastest for exactly this geometry on this CPU, if any
+    (:mod:`numbaconv.tuning`), else the heuristic's."""
+    tuned = tuning.choice(p)
+    if tuned is not None and tuned in candidates(p):
+        return tuned
+    return heuristic(p)
+
+
+def heuristic(p):
+    """The algorithm the rules above pick for ``p`` (no tuning consulted)."""
     pointwise = p.r == p.s == 1 and not p.has_padding and p.dil_h == p.dil_w == 1
     if pointwise and not p.is_depthwise and (p.stride_h == p.stride_w == 1 or p.layout == "NHWC"):
         return "im2col"

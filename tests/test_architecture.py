@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "numbaconv"
 
 #: the front door and what every path shares (issue: at most 14 modules at the top level)
 TOP_LEVEL = {"__init__", "__main__", "api", "auto", "cache", "dask", "layout", "padding", "plan", "problem",
-             "registry"}
+             "registry", "tuning"}
 
 #: importer (module or package prefix) -> the numbaconv modules / packages it may import.
 #: The most specific key applies.  ``numbaconv`` alone means the public package itself.
@@ -23,7 +23,8 @@ ALLOWED = {
     "numbaconv.layout": set(),
     "numbaconv.problem": {"numbaconv.layout"},
     "numbaconv.registry": set(),
-    "numbaconv.auto": {"numbaconv.registry"},
+    "numbaconv.auto": {"numbaconv.registry", "numbaconv.tuning"},
+    "numbaconv.tuning": {"numbaconv.cpu._vec"},
     "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
     "numbaconv.padding": {"numbaconv.cpu._jit", "numbaconv.cpu._launch"},
     "numbaconv.plan": {"numbaconv.api", "numbaconv.auto", "numbaconv.layout", "numbaconv.problem",
@@ -33,12 +34,14 @@ ALLOWED = {
     "numbaconv.cpu._jit": set(),
     "numbaconv.cpu._vec": set(),
     "numbaconv.cpu._launch": {"numbaconv.cpu._jit"},
-    "numbaconv.cpu": {"numbaconv.cpu", "numbaconv.problem", "numbaconv.layout"},
+    "numbaconv.cpu": {"numbaconv.cpu", "numbaconv.problem", "numbaconv.layout", "numbaconv.tuning"},
     "numbaconv.grad": {"numbaconv.grad", "numbaconv.cpu", "numbaconv.api", "numbaconv.auto", "numbaconv.problem",
                        "numbaconv.layout", "numbaconv.padding", "numbaconv.registry", "numbaconv.cuda.backward"},
     "numbaconv.cuda": {"numbaconv.cuda", "numbaconv.problem", "numbaconv.layout"},
     "numbaconv.bench": {"numbaconv", "numbaconv.bench", "numbaconv.cache", "numbaconv.cuda.conv", "numbaconv.cpu.peak",
-                        "numbaconv.cpu._vec", "numbaconv.torch"},
+                        "numbaconv.cpu._vec", "numbaconv.torch",
+                        "numbaconv.tuning", "numbaconv.auto", "numbaconv.api", "numbaconv.problem",
+                        "numbaconv.registry"},
     "numbaconv.dask": {"numbaconv", "numbaconv.problem"},
     "numbaconv.torch": {"numbaconv", "numbaconv.torch", "numbaconv.cuda.backward", "numbaconv.problem"},
 }

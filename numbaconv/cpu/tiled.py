@@ -46,6 +46,7 @@ import functools
 import numba
 import numpy as np
 
+from .. import tuning
 from . import depthwise, dot, naive
 from ._jit import copy_run, fill_run, jit
 from ._launch import Task, type_key
@@ -329,19 +330,20 @@ def clear_cache():
 
 # --- planning --------------------------------------------------------------------------------
 def plan(p):
-    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp) (a fresh copy)."""
-    return dict(_plan(p, numba.get_num_threads()))
+    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp, hwio) (a fresh copy)."""
+    return dict(_plan(p, numba.get_num_threads(), tuning.generation()))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(p, threads):
-    """:func:`plan`, once per problem and thread count (``conv2d`` binds on every call: on a
-    small layer the planning arithmetic cost as much as the kernel)."""
+def _plan(p, threads, _generation):
+    """:func:`plan`, once per problem, thread count and set of tuning knobs (``conv2d`` binds
+    on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
     v_ = block_width(p.dtype)
     p_ = pixel_block(p.wo)
     item = p.dtype.itemsize
-    # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2).
-    cb = max(8, (128 * 1024) // (p.r * p.s * v_ * item))
+    # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2;
+    # the budget is a tuning knob, numbaconv.tuning).
+    cb = max(8, tuning.value("tiled.cb_bytes") // (p.r * p.s * v_ * item))
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)  # balance the blocks
@@ -352,13 +354,28 @@ def _plan(p, threads):
     while rows > 1 and jobs_per_row * (-(-p.ho // rows)) < 4 * threads:
         rows = (rows + 1) // 2
     row_bytes = ((rows - 1) * p.stride_h + (p.r - 1) * p.dil_h + 1) * (p.w + p.pad_left + p.pad_right) * p.c * item
-    while rows > 1 and row_bytes > 512 * 1024:
+    band_bytes = tuning.value("tiled.band_bytes")
+    while rows > 1 and row_bytes > band_bytes:
         rows = (rows + 1) // 2
         row_bytes //= 2
     hp = p.h + p.pad_top + p.pad_bottom
     wblocks = -(-p.wo // p_)
     wp = max(p.w + p.pad_left + p.pad_right, (wblocks * p_ - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
-    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp)
+    # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short
+    hwio = p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
+    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
+
+
+def generic(p):
+    """Whether :func:`bind` runs ``p`` on the micro-kernel driver (the path :func:`plan` and the
+    tuning knobs shape), not on the depthwise, streaming, deep-NCHW or direct-loop kernels."""
+    return not (p.is_depthwise or uses_streaming(p) or _oversized(p) or dot.applies(p))
+
+
+def _oversized(p):
+    item = p.dtype.itemsize
+    padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * item
+    return padded > (p.n * p.c * p.h * p.w + p.n * p.k * p.ho * p.wo) * item + PADDED_SLACK_BYTES
 
 
 def uses_streaming(p):
@@ -395,9 +412,7 @@ def bind(p, w, bias):
     if uses_streaming(p):
         w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
         return after(lambda x, out: depthwise.run_streaming(p, x, w_oihw, bias, out))
-    item = p.dtype.itemsize
-    padded = p.n * (p.h + p.pad_top + p.pad_bottom) * (p.w + p.pad_left + p.pad_right) * p.c * item
-    if padded > (p.n * p.c * p.h * p.w + p.n * p.k * p.ho * p.wo) * item + PADDED_SLACK_BYTES:
+    if _oversized(p):
         # padding and dilation far beyond the image (what the front door's compaction leaves):
         # the zero-padded copy would outgrow the input and the result together, so the direct
         # loop, which clips the padding in place, runs instead (memory never grows with padding)
@@ -421,8 +436,9 @@ def bind(p, w, bias):
     # weights twice).  From K * itemsize = 1 KiB on, the block's rows are 1 KiB+ apart: they
     # fall into few cache sets and defeat the stride prefetcher (one line per row), and the
     # packed copy wins even with its check (Zen 1, NHWC: res5 3x3 8.4 -> 5.2 ms, ResNet-50's
-    # 1x1 512->2048 at 7x7 3.7 -> 2.4 ms, 3x3 s2 256->512 4.3 -> 2.9 ms, res4 3x3 5.4 -> 4.5)
-    hwio = wlayout == "HWIO" and p.kg % v_ == 0 and p.k * item < 1024
+    # 1x1 512->2048 at 7x7 3.7 -> 2.4 ms, 3x3 s2 256->512 4.3 -> 2.9 ms, res4 3x3 5.4 -> 4.5).
+    # (The 1 KiB is the tuning knob ``tiled.hwio_inplace_bytes``: plan(p)["hwio"].)
+    hwio = b["hwio"]
     w = np.ascontiguousarray(w)
     wpk = w.reshape(-1) if hwio else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_)
     bp = np.zeros(p.k + v_, dtype=p.dtype)

@@ -41,6 +41,7 @@ from fractions import Fraction
 import numba
 import numpy as np
 
+from .. import tuning
 from . import tiled
 from ._jit import jit
 from ._launch import Task, type_key
@@ -388,11 +389,11 @@ def tile_size(p):
 def plan(p, m=None):
     """Blocking for ``p``: dict(m, V, T tiles per task, cb input channels per block, kbr
     output-channel blocks per task, th x tw tiles, hp x wp padded input) (a fresh copy)."""
-    return dict(_plan(p, m, numba.get_num_threads()))
+    return dict(_plan(p, m, numba.get_num_threads(), tuning.generation()))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(p, m, threads):
+def _plan(p, m, threads, _generation):
     """:func:`plan`, once per problem, tile size and thread count (``conv2d`` binds on every
     call: on a small layer the planning cost a fifth of the call)."""
     m = m or tile_size(p)
@@ -404,7 +405,7 @@ def _plan(p, m, threads):
     tt_ = min(2 * _P, -(-(th * tw) // _P) * _P)  # no more tile slots than tiles
     # input channels per block: the block's transformed tiles (alpha^2 x T x cb) within ~512 KiB
     # (half of Zen 4's L2; res5 ran 10 % faster with all 512 channels in one block than in two)
-    cb = max(16, (512 << 10) // (a * a * tt_ * item))
+    cb = max(16, tuning.value("winograd.cb_bytes") // (a * a * tt_ * item))
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)
@@ -415,7 +416,7 @@ def _plan(p, m, threads):
     # transform each run repeats, ~half a block's GEMMs), then the fewest runs.  (res4 ran
     # 0.72 ms in 3 tasks of (3, 3, 2) blocks on 2 threads, 0.50 ms in 2 of 4; res2 0.53 ms
     # in 26 tasks of 1 block, 0.46 ms in 13 of 2)
-    kbr_max = max(1, min(kbg, (512 << 10) // (a * a * tt_ * v_ * item)))
+    kbr_max = max(1, min(kbg, tuning.value("winograd.m_bytes") // (a * a * tt_ * v_ * item)))
     other = p.n * -(-(th * tw) // tt_) * p.groups
 
     def span(nkr):
