@@ -80,6 +80,28 @@ def _parser():
     w.add_argument("--processes", type=int, default=None, help="worker processes (default: one per dtype x layout)")
     w.add_argument("--epilogue", action="store_true",
                    help="also the fused-epilogue variants (activation=, residual=, numbaconv.torch.convert)")
+
+    t = sub.add_parser(
+        "tune", help="measure this machine's block sizes and auto's choices; store them as wisdom",
+        description="Measure numbaconv's tuning knobs (cache-block budgets, thresholds) and auto's algorithm "
+                    "choices on this machine, and store what beats the defaults in a JSON file keyed by the "
+                    "CPU Numba compiles for (beside Numba's cache); later processes on this CPU use it "
+                    "(NUMBACONV_WISDOM=0: ignore it).")
+    t.add_argument("--model", choices=sorted(cache.MODELS), help="also a named architecture's conv layers")
+    t.add_argument("--layer", action="append", default=[], metavar="N,C,H,W,K,R,S[,STRIDE[,PAD[,GROUPS]]]",
+                   help="also this layer geometry (repeatable)")
+    t.add_argument("--no-suite", action="store_true", help="leave the public benchmark suite out")
+    t.add_argument("--layouts", type=_csv, default=list(bench.LAYOUTS), metavar="L,L", help="default: NCHW,NHWC")
+    t.add_argument("--dtypes", type=_csv, default=["float32"], metavar="D,D", help="default: float32")
+    t.add_argument("--knobs", type=_csv, default=None, metavar="K,K", help="only these knobs (default: all)")
+    t.add_argument("--no-choices", action="store_true", help="tune the knobs only, not auto's per-layer choices")
+    t.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default 5)")
+    t.add_argument("--threads", type=int, default=None, help="threads (default: Numba's, i.e. every core)")
+    t.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    t.add_argument("--output", metavar="FILE", help="write the wisdom here instead of this machine's wisdom path")
+    t.add_argument("--show", action="store_true", help="print the wisdom in use and its path, measure nothing")
+    t.add_argument("--forget", action="store_true", help="delete this machine's wisdom file, measure nothing")
+    t.add_argument("--suite", choices=("public", "tiny"), default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -186,6 +208,9 @@ def cmd_bench(args, out=None):
           f"{machine['onnxruntime'] or 'not installed'}; FMA peak {peak['fma_gflops']:.0f} GFLOP/s "
           f"({'given' if args.peak is not None else 'measured'}), sgemm {peak['sgemm_gflops']:.0f} GFLOP/s "
           "(numpy BLAS, 2048^3)", file=out)
+    wisdom = machine.get("wisdom")
+    print("  tuning: " + (f"wisdom {wisdom['path']} ({len(wisdom['knobs'])} knobs, {wisdom['choices']} choices)"
+                          if wisdom else "defaults (no `numbaconv tune` wisdom for this CPU)"), file=out)
     results = []
     if not args.first_call_only:
         shapes = [suite[name] for name in shape_names]
@@ -239,12 +264,46 @@ def cmd_warmup(args, out=None):
     return 0
 
 
+def cmd_tune(args, out=None):
+    import numbaconv.tuning as tuning
+
+    out = out if out is not None else sys.stdout
+    if args.forget:
+        path = tuning.wisdom_path()
+        print(f"{'deleted' if tuning.forget() else 'no wisdom at'} {path}", file=out)
+        return 0
+    if args.show:
+        w = tuning.wisdom()
+        if w is None:
+            print(f"no wisdom for this CPU ({tuning.wisdom_path()}): defaults and auto's heuristic", file=out)
+        else:
+            print(f"wisdom {tuning.wisdom_path()} ({w['target']['cpu']}):", file=out)
+            print(json.dumps(dict(knobs=w["knobs"], choices=w["choices"]), indent=1), file=out)
+        return 0
+    from . import tune
+
+    if args.threads is not None:
+        bench.set_threads(args.threads)
+    try:
+        report = tune.tune(args.layer, model=args.model, suite=(args.suite or True) if not args.no_suite else False,
+                           layouts=_select("layouts", args.layouts, list(bench.LAYOUTS)), dtypes=args.dtypes,
+                           knobs=args.knobs, choices=not args.no_choices, rounds=args.rounds,
+                           write=not args.dry_run, path=args.output,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as exc:
+        raise SystemExit(f"numbaconv tune: {exc}")
+    print(tune.format_report(report), file=out)
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return cmd_bench(args)
     if args.command == "warmup":
         return cmd_warmup(args)
+    if args.command == "tune":
+        return cmd_tune(args)
     return 2  # pragma: no cover -- argparse rejects unknown commands
 
 

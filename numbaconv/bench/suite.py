@@ -536,7 +536,15 @@ def machine_info(threads=None, peak=None):
     except ImportError:
         pass
     peak = peak if peak is not None else measure_peak(threads)
-    return dict(
+    wisdom = None
+    try:  # the per-machine tuning in use (numbaconv tune), if any
+        from numbaconv import tuning
+        w = tuning.wisdom()
+        if w is not None:
+            wisdom = dict(path=tuning.wisdom_path(), knobs=w["knobs"], choices=len(w["choices"]))
+    except ImportError:  # an older numbaconv
+        pass
+    return dict(wisdom=wisdom, 
         hostname=platform.node(), platform=platform.platform(), cpu=_cpu_model(), isa=_isa_flags(),
         llvm_target=target, cpu_count=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
         numba=numba.__version__, torch=getattr(torch, "__version__", None),
