@@ -42,6 +42,10 @@ class Knob(NamedTuple):
 
 #: tunable planner parameters: name -> (default, values ``numbaconv tune`` measures, meaning)
 KNOBS = {
+    "tiled.pixel_block": Knob(
+        0, (0, 4, 6, 7, 8),
+        "output pixels per micro-kernel call (the register block): 0 = the least padded work for the row's width; "
+        "else this P where the target's micro-kernels have it (4 or 6 on AVX2 and SSE, 7 or 8 on AVX-512)"),
     "tiled.cb_bytes": Knob(
         128 << 10, (64 << 10, 128 << 10, 256 << 10, 512 << 10),
         "bytes of packed weights per input-channel block (R*S*cb*V values kept in L2 while a row band is swept)"),

@@ -131,6 +131,17 @@ def test_tiled_channel_block_knob_reaches_the_plan_and_stays_exact():
     check(y, x, w, 1)
 
 
+def test_pixel_block_knob_forces_each_register_block_of_the_target():
+    x, w = arrays((1, 16, 13, 13), (32, 16, 3, 3))
+    p = problem(x, w, padding=1)
+    for choice in tiled.P_CHOICES[tiled.vector_bytes()]:
+        with tuning.override({"tiled.pixel_block": choice}):
+            assert tiled.plan(p)["P"] == choice
+            check(numbaconv.conv2d(x, w, padding=1, algorithm="tiled"), x, w, 1)
+    with tuning.override({"tiled.pixel_block": 5}):  # no such micro-kernel: the default rule
+        assert tiled.plan(p)["P"] == tiled.pixel_block(p.wo)
+
+
 def test_band_knob_changes_the_row_bands():
     x, w = arrays((1, 64, 40, 40), (32, 64, 3, 3))
     p = problem(x, w, padding=1)

@@ -339,7 +339,8 @@ def _plan(p, threads, _generation):
     """:func:`plan`, once per problem, thread count and set of tuning knobs (``conv2d`` binds
     on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
     v_ = block_width(p.dtype)
-    p_ = pixel_block(p.wo)
+    forced = tuning.value("tiled.pixel_block")  # 0: by the output width
+    p_ = forced if forced in P_CHOICES[vector_bytes()] else pixel_block(p.wo)
     item = p.dtype.itemsize
     # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2;
     # the budget is a tuning knob, numbaconv.tuning).
