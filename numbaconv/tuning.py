@@ -3,9 +3,9 @@ on this CPU by ``numbaconv tune`` (:mod:`numbaconv.bench.tune`), read by the pla
 
 Two kinds of entries:
 
-* **knobs** (:data:`KNOBS`): the cache-blocking budgets and thresholds the kernels' planners
-  use (``tiled``'s input-channel block and row band, when NHWC reads HWIO weights in place,
-  Winograd's channel block).  Their defaults are what measured best on the CPUs this
+* **knobs** (:data:`KNOBS`): the register block, cache-blocking budgets and thresholds the
+  kernels' planners use (``tiled``'s pixel block, input-channel block and row band, when NHWC
+  reads HWIO weights in place, Winograd's blocks) and ``auto``'s threshold for Winograd.  Their defaults are what measured best on the CPUs this
   project has run on; a tuned value replaces the default on this machine only.
 * **choices**: the algorithm ``auto`` runs for an exact problem geometry (dtype, layout,
   shapes, stride, padding, dilation, groups), where ``numbaconv tune`` measured another
@@ -42,6 +42,10 @@ class Knob(NamedTuple):
 
 #: tunable planner parameters: name -> (default, values ``numbaconv tune`` measures, meaning)
 KNOBS = {
+    "auto.winograd_min_channels": Knob(
+        16, (8, 16, 32, 64),
+        "auto runs a stride-1 3x3 layer with Winograd from this many input channels per group on (fewer: "
+        "the GEMMs are too short to repay the transforms)"),
     "tiled.pixel_block": Knob(
         0, (0, 4, 6, 7, 8),
         "output pixels per micro-kernel call (the register block): 0 = the least padded work for the row's width; "

@@ -175,6 +175,16 @@ def test_winograd_knobs_reach_its_plan():
     check(y, x, w, 1)
 
 
+def test_winograd_threshold_knob_moves_auto():
+    x, w = arrays((1, 8, 20, 20), (8, 8, 3, 3))  # 8 channels: under the default threshold
+    p = problem(x, w, padding=1)
+    assert tuning.KNOBS["auto.winograd_min_channels"].default > p.cg
+    assert auto.choose(p) != "winograd"
+    with tuning.override({"auto.winograd_min_channels": p.cg}):
+        assert auto.choose(p) == "winograd"
+        check(numbaconv.conv2d(x, w, padding=1), x, w, 1)
+
+
 def test_a_stored_choice_reaches_auto():
     x, w = arrays((1, 16, 12, 12), (24, 16, 3, 3))
     p = problem(x, w, padding=1)

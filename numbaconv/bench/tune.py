@@ -15,7 +15,8 @@ Method (float32 unless asked, the threads Numba runs with, one process):
    stored only where another algorithm beat the heuristic's pick by more than ``margin``;
    elsewhere the heuristic stays in charge (so noise cannot make ``auto`` worse).
 
-Layers: the public suite by default, plus the conv layers of a named architecture
+Layers: the public suite by default (with a few few-channel 3x3 layers that straddle
+``auto``'s Winograd threshold, :data:`THRESHOLD_LAYERS`), plus the conv layers of a named architecture
 (``model=``, :data:`numbaconv.cache.MODELS`) and any given geometries, in each layout.
 """
 
@@ -37,10 +38,20 @@ __all__ = ["tune", "suite_layers", "format_report", "MARGIN"]
 MARGIN = 0.03
 
 
+#: with the public suite: stride-1 3x3 layers with few channels, on both sides of ``auto``'s
+#: Winograd threshold (the suite's 3x3 layers have 3 or 64+ channels)
+THRESHOLD_LAYERS = [(1, c, 56, 56, c, 3, 3, 1, 1) for c in (8, 16, 32)] + \
+                   [(1, c, 28, 28, 2 * c, 3, 3, 1, 1) for c in (12, 24, 48)]
+
+
 def suite_layers(name=None):
-    """The public suite (or ``"tiny"``) as layer dicts (``x_shape`` NCHW, ``w_shape`` OIHW)."""
-    return [dict(label=s.name, x_shape=s.x_shape("NCHW"), w_shape=s.w_shape("NCHW"), stride=s.stride,
-                 padding=s.pad, groups=s.groups) for s in bench.active_suite(name).values()]
+    """The public suite (or ``"tiny"``) as layer dicts (``x_shape`` NCHW, ``w_shape`` OIHW), and
+    with the public suite the :data:`THRESHOLD_LAYERS`."""
+    layers = [dict(label=s.name, x_shape=s.x_shape("NCHW"), w_shape=s.w_shape("NCHW"), stride=s.stride,
+                   padding=s.pad, groups=s.groups) for s in bench.active_suite(name).values()]
+    if bench.suite_name(name) == "public":
+        layers += [_as_layer(layer) for layer in THRESHOLD_LAYERS]
+    return layers
 
 
 class _Case:
@@ -101,6 +112,8 @@ def _geomean(values):
 
 
 def _plan_signature(algorithm, p):
+    if algorithm == "auto":  # auto's own thresholds: what it picks
+        return auto.heuristic(p)
     impl = REGISTRY[algorithm].impl
     if algorithm == "tiled":
         return repr(sorted(impl.plan(p).items())) if impl.generic(p) else None

@@ -365,10 +365,11 @@ def applies(p):
 
 def profitable(p):
     """Whether ``auto`` should run ``p`` here (measured on Zen 4, numbaconv/auto.py): it
-    applies, has 16+ input channels per group (shorter GEMMs do not repay the transforms)
+    applies, has 16+ input channels per group (shorter GEMMs do not repay the transforms;
+    the tuning knob ``auto.winograd_min_channels``)
     and at least two micro-kernel blocks of tiles (fewer only stream the transformed
     weights: 4x4 outputs at 512 channels ran 0.4-0.8x ``tiled``)."""
-    if not applies(p) or p.cg < 16:
+    if not applies(p) or p.cg < tuning.value("auto.winograd_min_channels"):
         return False
     m = tile_size(p)
     return p.n * -(-p.ho // m) * -(-p.wo // m) >= 2 * _P
