@@ -117,7 +117,7 @@ def bind(problem, weight, bias, algorithm="auto"):
     if (problem.compaction is not None or (problem.padding_mode != "zeros" and problem.has_padding)
             or (algorithm == "auto" and auto.benchmark)):
         return None
-    name = auto.choose(problem) if algorithm == "auto" else algorithm
+    name = auto.choose(problem, prepared=True) if algorithm == "auto" else algorithm
     algo = REGISTRY[name]
     w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
     bias = None if bias is None else np.ascontiguousarray(bias)

@@ -103,11 +103,12 @@ def choose_measured(p, run_with):
     return best
 
 
-def choose(p):
+def choose(p, prepared=False):
     """Name of the algorithm ``auto`` runs for problem ``p`` (a host algorithm): the one
-    ``numbaconv tune`` measured fastest for exactly this geometry on this CPU, if any
+    ``numbaconv tune`` measured fastest for exactly this geometry on this CPU (for a
+    :class:`numbaconv.Conv2dPlan`'s prepared weights: ``prepared``), if any
     (:mod:`numbaconv.tuning`), else the heuristic's."""
-    tuned = tuning.choice(p)
+    tuned = tuning.choice(p, prepared)
     if tuned is not None and tuned in candidates(p):
         return tuned
     return heuristic(p)

@@ -200,22 +200,25 @@ def defaults_only():
         _bump()
 
 
-def problem_key(p):
-    """A problem geometry as a string (JSON key): every field that shapes the computation."""
+def problem_key(p, prepared=False):
+    """A problem geometry as a string (JSON key): every field that shapes the computation, and
+    ``[plan]`` for a :class:`numbaconv.Conv2dPlan`'s calls (``prepared``: its weights are
+    prepared once, so no algorithm pays the weight caches' check, and the best choice can
+    differ from ``conv2d``'s)."""
     return (f"{p.dtype.name} {p.layout}/{p.weight_layout} n{p.n} c{p.c} h{p.h} w{p.w} k{p.k} r{p.r} s{p.s} "
             f"stride{p.stride_h},{p.stride_w} pad{p.pad_top},{p.pad_bottom},{p.pad_left},{p.pad_right} "
-            f"dil{p.dil_h},{p.dil_w} g{p.groups} {p.padding_mode}")
+            f"dil{p.dil_h},{p.dil_w} g{p.groups} {p.padding_mode}" + (" [plan]" if prepared else ""))
 
 
-def choice(p):
-    """The algorithm tuned for exactly ``p``'s geometry, or ``None``."""
+def choice(p, prepared=False):
+    """The algorithm tuned for exactly ``p``'s geometry (through a plan: ``prepared``), or ``None``."""
     w = wisdom()
     if w is None or not w["choices"]:
         return None
     memo = w["_memo"]  # (formatting the key costs microseconds; conv2d asks on every call)
-    if p not in memo:
-        memo[p] = w["choices"].get(problem_key(p))
-    return memo[p]
+    if (p, prepared) not in memo:
+        memo[p, prepared] = w["choices"].get(problem_key(p, prepared))
+    return memo[p, prepared]
 
 
 def save(knobs, choices, measurements=None, path=None):

@@ -199,6 +199,29 @@ def test_a_stored_choice_reaches_auto():
     check(y, x, w, 1)
 
 
+def test_plan_choices_are_stored_apart_from_conv2d_choices(monkeypatch):
+    """A Conv2dPlan's weights are prepared once: its best algorithm can differ from conv2d's."""
+    x, w = arrays((1, 16, 12, 12), (24, 16, 3, 3))
+    p = problem(x, w, padding=1)
+    heuristic = auto.heuristic(p)
+    other = next(a for a in auto.candidates(p) if a != heuristic)
+    tuning.save({}, {tuning.problem_key(p, prepared=True): other})
+    assert auto.choose(p) == heuristic
+    assert auto.choose(p, prepared=True) == other
+    picked = []
+    real_choose = auto.choose
+
+    def spy(q, prepared=False):
+        picked.append(real_choose(q, prepared))
+        return picked[-1]
+    monkeypatch.setattr(auto, "choose", spy)
+    plan = numbaconv.Conv2dPlan(w, None, padding=1)
+    check(plan(x), x, w, 1)
+    assert picked == [other]  # the plan asked for the prepared-weights choice
+    check(numbaconv.conv2d(x, w, padding=1), x, w, 1)
+    assert picked == [other, heuristic]
+
+
 def test_a_stored_choice_that_does_not_apply_is_ignored():
     x, w = arrays((1, 16, 12, 12), (24, 16, 5, 5))
     p = problem(x, w, padding=2)
@@ -225,12 +248,14 @@ def test_tune_measures_and_writes_wisdom(tmp_path):
     assert set(k["ratios"]) == {str(v) for v in tuning.KNOBS["tiled.cb_bytes"].candidates}
     assert k["ratios"][str(k["default"])] == 1.0
     assert k["chosen"] in tuning.KNOBS["tiled.cb_bytes"].candidates
-    (key, row), = report["layers"].items()
     x, w = arrays((1, 6, 6, 256), (3, 3, 256, 32))
-    assert set(row["ms"]) == set(auto.candidates(problem(x, w, padding=1, layout="NHWC")))
-    assert row["stored"] == (key in report["choices"])
-    assert row["stored"] == (row["best"] != row["heuristic"]
-                             and row["ms"][row["best"]] < (1 - tune_mod.MARGIN) * row["ms"][row["heuristic"]])
+    p = problem(x, w, padding=1, layout="NHWC")
+    assert set(report["layers"]) == {tuning.problem_key(p), tuning.problem_key(p, prepared=True)}  # conv2d, plan
+    for key, row in report["layers"].items():
+        assert set(row["ms"]) == set(auto.candidates(p))
+        assert row["stored"] == (key in report["choices"])
+        assert row["stored"] == (row["best"] != row["heuristic"]
+                                 and row["ms"][row["best"]] < (1 - tune_mod.MARGIN) * row["ms"][row["heuristic"]])
     assert report["path"] == tuning.wisdom_path()
     data = json.loads(open(report["path"]).read())
     assert (data["target"]["triple"], data["target"]["cpu"], data["target"]["features"]) == tuning.target_key()

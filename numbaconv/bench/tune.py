@@ -11,7 +11,9 @@ Method (float32 unless asked, the threads Numba runs with, one process):
    if the geometric mean of its times over those layers is ``margin`` (3 %) below the
    default's.
 2. **choices**, under the tuned knobs: every candidate algorithm of ``auto``
-   (:func:`numbaconv.auto.candidates`) on every layer, interleaved the same way.  An entry is
+   (:func:`numbaconv.auto.candidates`) on every layer, interleaved the same way, through
+   ``conv2d`` and through a :class:`numbaconv.Conv2dPlan` (its weights are prepared once, so
+   no algorithm pays a weight cache's check there: the best can differ).  An entry is
    stored only where another algorithm beat the heuristic's pick by more than ``margin``;
    elsewhere the heuristic stays in charge (so noise cannot make ``auto`` worse).
 
@@ -70,6 +72,7 @@ class _Case:
         self.x, self.w = x, w
         self.p = ConvProblem.from_args(x, w, None, **self.kw)
         self.out = np.empty(self.p.out_shape, dtype=dtype)
+        self._plans = {}
         self.label = f"{layer.get('label') or _describe(layer)} {layout}" + ("" if dtype == "float32" else f" {dtype}")
         self.flops = self.p.flops
 
@@ -78,8 +81,15 @@ class _Case:
         """The front door hands ``auto`` this very problem (no padding mode, no compaction)."""
         return self.p.compaction is None and self.p.padding_mode == "zeros"
 
-    def runner(self, algorithm):
+    def runner(self, algorithm, prepared=False):
+        """``conv2d`` with ``algorithm``, or (``prepared``) a :class:`numbaconv.Conv2dPlan` of it."""
         import numbaconv
+
+        if prepared:
+            if algorithm not in self._plans:
+                self._plans[algorithm] = numbaconv.Conv2dPlan(self.w, None, algorithm=algorithm, **self.kw)
+            plan = self._plans[algorithm]
+            return lambda: plan(self.x, out=self.out)
 
         def run():
             numbaconv.conv2d(self.x, self.w, algorithm=algorithm, out=self.out, **self.kw)
@@ -136,20 +146,20 @@ def _affected(name, cases, fixed):
     return algorithm, out
 
 
-def _sweep(variants, cases, rounds, budget_s, step):
+def _sweep(variants, cases, rounds, budget_s):
     """``{variant: {case index: best seconds}}``: every (variant, case) cell timed once per
-    round, rounds interleaved.  ``variants``: ``{label: (override dict, algorithm per case)}``."""
+    round, rounds interleaved.  ``variants``: ``{label: (override dict, runner_of(case) ->
+    callable or None)}``."""
     times = {v: {} for v in variants}
     for r in range(rounds):
         for i, case in enumerate(cases):
-            for v, (values, algorithm_of) in variants.items():
-                algorithm = algorithm_of(case)
-                if algorithm is None:
-                    continue
+            for v, (values, runner_of) in variants.items():
                 with tuning.override(values):
-                    t = _best_call(case.runner(algorithm), budget_s, warm=r > 0)
+                    run = runner_of(case)
+                    if run is None:
+                        continue
+                    t = _best_call(run, budget_s, warm=r > 0)
                 times[v][i] = min(times[v].get(i, float("inf")), t)
-            step()
     return times
 
 
@@ -196,8 +206,8 @@ def tune(layers=None, *, model=None, suite=True, layouts=bench.LAYOUTS, dtypes=(
                 say(f"{name}: no layer's plan depends on it; default {knob.default} kept")
                 continue
             say(f"{name}: {len(knob.candidates)} values x {len(affected)} layers ({algorithm}) x {rounds} rounds")
-            variants = {v: (dict(fixed, **{name: v}), lambda case, a=algorithm: a) for v in knob.candidates}
-            times = _sweep(variants, affected, rounds, budget_s, lambda: None)
+            variants = {v: (dict(fixed, **{name: v}), lambda case, a=algorithm: case.runner(a)) for v in knob.candidates}
+            times = _sweep(variants, affected, rounds, budget_s)
             ratios = {v: _geomean([times[v][i] / times[knob.default][i] for i in times[knob.default]])
                       for v in knob.candidates}
             best = min(knob.candidates, key=lambda v: ratios[v])
@@ -208,22 +218,26 @@ def tune(layers=None, *, model=None, suite=True, layouts=bench.LAYOUTS, dtypes=(
                                          ratios={str(v): round(r, 4) for v, r in ratios.items()},
                                          layer_labels=[c.label for c in affected])
         if choices:
-            say(f"choices: {len(cases)} layers x auto's candidates x {rounds} rounds")
+            say(f"choices: {len(cases)} layers x auto's candidates x (conv2d, Conv2dPlan) x {rounds} rounds")
             with tuning.override(fixed):
                 per_case = [(case, auto.heuristic(case.p), auto.candidates(case.p)) for case in cases]
                 algos = sorted({a for _, _, cands in per_case for a in cands})
-                variants = {a: (fixed, lambda case, a=a: a if a in auto.candidates(case.p) else None) for a in algos}
-                times = _sweep(variants, cases, rounds, budget_s, lambda: None)
+                variants = {(a, prepared): (fixed, lambda case, a=a, prepared=prepared:
+                                            case.runner(a, prepared) if a in auto.candidates(case.p) else None)
+                            for a in algos for prepared in (False, True)}
+                times = _sweep(variants, cases, rounds, budget_s)
             for i, (case, heuristic, cands) in enumerate(per_case):
-                measured = {a: times[a][i] for a in cands if i in times[a]}
-                best = min(measured, key=measured.get)
-                stored = best != heuristic and measured[best] < (1 - margin) * measured[heuristic]
-                key = tuning.problem_key(case.p)
-                report["layers"][key] = dict(label=case.label, heuristic=heuristic, best=best, stored=stored,
-                                             ms={a: round(t * 1e3, 4) for a, t in measured.items()},
-                                             gflops=round(case.flops / measured[best] / 1e9, 2))
-                if stored:
-                    report["choices"][key] = best
+                for prepared in (False, True):
+                    measured = {a: times[a, prepared][i] for a in cands if i in times[a, prepared]}
+                    best = min(measured, key=measured.get)
+                    stored = best != heuristic and measured[best] < (1 - margin) * measured[heuristic]
+                    key = tuning.problem_key(case.p, prepared)
+                    report["layers"][key] = dict(label=case.label + (" plan" if prepared else ""), heuristic=heuristic,
+                                                 best=best, stored=stored,
+                                                 ms={a: round(t * 1e3, 4) for a, t in measured.items()},
+                                                 gflops=round(case.flops / measured[best] / 1e9, 2))
+                    if stored:
+                        report["choices"][key] = best
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["tuned_knobs"] = dict(fixed)
     if write:
