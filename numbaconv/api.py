@@ -100,7 +100,8 @@ def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_
         _run_compacted(algorithm, problem, compaction, x, weight, bias, out)
         epi.apply(out)  # the outputs that meet only padding were set aside from the kernels
     elif problem.padding_mode != "zeros" and problem.has_padding:
-        _dispatch(algorithm, problem.materialised(), pad_input(x, problem), weight, bias, out, epi)
+        xm = pad_input(x, problem)
+        _dispatch(_for_materialised(algorithm, x, xm, out), problem.materialised(), xm, weight, bias, out, epi)
     else:
         _dispatch(algorithm, problem, x, weight, bias, out, epi)
     if with_padding_products:
@@ -124,6 +125,26 @@ def bind(problem, weight, bias, algorithm="auto"):
     if getattr(algo.impl, "FUSES_EPILOGUE", False) and hasattr(algo.impl, "bind"):
         return algo.impl.bind(problem, w, bias)
     return lambda x, out, epi: _run(name, problem, x, w, bias, out, epi)
+
+
+#: how much more than the image and the result a padding mode's materialised input may hold
+#: before the direct loop reads it in place (see :func:`_for_materialised`)
+MATERIALISED_SLACK_BYTES = 32 << 20
+
+#: algorithms that copy their input once more into a blocked layout (tiled's padded NHWC,
+#: Winograd's tiles), and ``auto``, which picks them
+_COPYING = ("auto", "tiled", "winograd")
+
+
+def _for_materialised(algorithm, x, xm, out):
+    """The algorithm to run on ``xm``, the input as a padding mode materialised it (the size of
+    the padded image, as torch's ``F.pad``).  tiled and Winograd would copy it once more; where
+    the padding dominates -- ``xm`` outgrows the image and the result together (a few pixels
+    padded by thousands) -- the direct loop reads it in place instead, so memory stays within
+    one padded copy and the result (tests/extreme_geometry.py's bound)."""
+    if algorithm in _COPYING and xm.nbytes > x.nbytes + out.nbytes + MATERIALISED_SLACK_BYTES:
+        return "naive"
+    return algorithm
 
 
 def _dispatch(algorithm, problem, x, weight, bias, out, epi=epilogue.NONE):
@@ -162,6 +183,8 @@ def _run_compacted(algorithm, problem, c, x, weight, bias, out):
     if region.size == 0:
         return
     xs = gather_compacted(x, problem, c)
+    if problem.padding_mode != "zeros":  # the gathered input holds materialised padding
+        algorithm = _for_materialised(algorithm, x, xs, out)
     wl = c.problem.weight_layout
     taps = [slice(None)] * 4
     taps[wl.index("H")] = slice(c.rows.tap_lo, c.rows.tap_hi)

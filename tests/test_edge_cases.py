@@ -231,3 +231,25 @@ def test_tiled_memory_does_not_grow_with_dilated_padding(layout):
     expected = ref.direct_conv2d(x, w, None, (1, 1), (1000,) * 4, (1000, 1000), 1, out_rows=[0, 1, 999, 1000],
                                  out_cols=[0, 500, 1000])
     ref.assert_close(got[:, :, [0, 1, 999, 1000]][:, :, :, [0, 500, 1000]], expected, np.float32, 64)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "tiled", "winograd"])
+@pytest.mark.parametrize("stride, k, rs, dilation", [(2, 16, 2, 1000), (3, 16, 2, 1000), (1, 1, 3, 1)])
+def test_padding_mode_far_beyond_the_image_keeps_one_padded_copy(algorithm, stride, k, rs, dilation):
+    """A 1x1 image replicate-padded by 1000: the materialised input (torch's F.pad, 192 MB here)
+    was copied once more into tiled's / Winograd's layout (found by the property suite at 25x
+    its budget: 449 MB where one padded copy, twice the result and 64 MB were allowed)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 1, 1))
+    w = rng.standard_normal((k, 3, rs, rs))
+    kw = dict(stride=stride, dilation=dilation, padding=1000, padding_mode="replicate")
+    tracemalloc.start()
+    try:
+        got = numbaconv.conv2d(x, w, algorithm=algorithm, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    padded = x.shape[0] * x.shape[1] * 2001 * 2001 * x.itemsize
+    assert peak <= padded + 2 * got.nbytes + (64 << 20), f"allocated {peak >> 20} MiB"
+    expected = ref.torch_conv2d(x, w, **kw)
+    ref.assert_close(got, expected, np.float64, 3 * rs * rs)
