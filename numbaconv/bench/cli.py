@@ -285,7 +285,7 @@ def cmd_tune(args, out=None):
     if args.threads is not None:
         bench.set_threads(args.threads)
     try:
-        report = tune.tune(args.layer, model=args.model, suite=(args.suite or True) if not args.no_suite else False,
+        report = tune.tune(args.layer, model=args.model, suite=False if args.no_suite else (args.suite or True),
                            layouts=_select("layouts", args.layouts, list(bench.LAYOUTS)), dtypes=args.dtypes,
                            knobs=args.knobs, choices=not args.no_choices, rounds=args.rounds,
                            write=not args.dry_run, path=args.output,

@@ -544,11 +544,12 @@ def machine_info(threads=None, peak=None):
             wisdom = dict(path=tuning.wisdom_path(), knobs=w["knobs"], choices=len(w["choices"]))
     except ImportError:  # an older numbaconv
         pass
-    return dict(wisdom=wisdom, 
+    return dict(
         hostname=platform.node(), platform=platform.platform(), cpu=_cpu_model(), isa=_isa_flags(),
         llvm_target=target, cpu_count=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
         numba=numba.__version__, torch=getattr(torch, "__version__", None),
         onnxruntime=getattr(ort[1], "__version__", None) if ort else None,
         numbaconv=numbaconv.__version__, commit=_git_commit(), threads=threads,
         peak_gflops=peak["fma_gflops"], sgemm_gflops=peak["sgemm_gflops"], algorithms=list(numbaconv.algorithms()),
+        wisdom=wisdom,
     )

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from numbaconv import auto, tuning
+from numbaconv import auto, convert_layout, tuning
 from numbaconv.cache import MODELS, _as_layer, model_layers
 from numbaconv.problem import ConvProblem
 from numbaconv.registry import REGISTRY
@@ -65,10 +65,9 @@ class _Case:
         x = rng.standard_normal(layer["x_shape"]).astype(dtype)
         w = rng.standard_normal(layer["w_shape"]).astype(dtype)
         w *= 1.0 / math.sqrt(np.prod(layer["w_shape"][1:]))
-        if layout == "NHWC":
-            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-            w = np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # HWIO
-        self.kw = dict(kw, layout=layout, weight_layout="OIHW" if layout == "NCHW" else "HWIO")
+        weight_layout = bench.WEIGHT_LAYOUT[layout]
+        x, w = convert_layout(x, "NCHW", layout), convert_layout(w, "OIHW", weight_layout)
+        self.kw = dict(kw, layout=layout, weight_layout=weight_layout)
         self.x, self.w = x, w
         self.p = ConvProblem.from_args(x, w, None, **self.kw)
         self.out = np.empty(self.p.out_shape, dtype=dtype)
@@ -99,8 +98,8 @@ class _Case:
 def _describe(layer):
     n, c, h, w = layer["x_shape"]
     k, _, r, s = layer["w_shape"]
-    extra = "".join(f" {k_}={layer[k_]}" for k_ in ("stride", "padding", "groups") if layer.get(k_, 1 if k_ != "padding" else 0)
-                    not in (1, 0) or (k_ == "padding" and layer.get(k_)))
+    extra = "".join(f" {name}={layer[name]}" for name, default in (("stride", 1), ("padding", 0), ("groups", 1))
+                    if layer.get(name, default) != default)
     return f"{n}x{c}x{h}x{w} {k}x{r}x{s}{extra}"
 
 

@@ -395,8 +395,8 @@ def plan(p, m=None):
 
 @functools.lru_cache(maxsize=1024)
 def _plan(p, m, threads, _generation):
-    """:func:`plan`, once per problem, tile size and thread count (``conv2d`` binds on every
-    call: on a small layer the planning cost a fifth of the call)."""
+    """:func:`plan`, once per problem, tile size, thread count and set of tuning knobs
+    (``conv2d`` binds on every call: on a small layer the planning cost a fifth of the call)."""
     m = m or tile_size(p)
     v_ = 2 * lanes(_VB, p.dtype.itemsize)
     item = p.dtype.itemsize
