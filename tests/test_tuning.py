@@ -294,3 +294,12 @@ def test_cli_show_tune_and_forget(tmp_path, capsys):
     assert cli.main(["tune", "--forget"]) == 0
     assert "deleted" in capsys.readouterr().out
     assert tuning.wisdom() is None
+
+
+def test_wisdom_is_keyed_on_the_released_version():
+    """The key reads numbaconv.__version__ (cheap); it must be the version pip installs, so
+    an upgrade never reads the previous release's wisdom."""
+    import pathlib
+    import tomllib
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert tuning._version() == numbaconv.__version__ == pyproject["project"]["version"]
