@@ -161,15 +161,14 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
 
 
 @jit
-def _pad_nchw_to_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh):
+def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh):
     """Padded rows ``[lo, hi)`` (over ``n * Hp``) of ``xp[n, pt + i, pl + j, c] = x[n, c,
-    i*ssh, j]`` (NCHW source) for ``i < h_, j < w_``; every other entry 0.  Flat indices,
-    the image part of a row through 8 x 8 register transposes.  (One function per source
-    layout: a layer compiles only the copy it needs.)"""
-    n_, hp, wp, c_ = xp.shape
-    xf = x.reshape(-1)
-    of = xp.reshape(-1)
-    hw = x.shape[2] * x.shape[3]
+    i*ssh, j]`` (NCHW source ``x`` (N, C, xh, xw), both flat) for ``i < h_, j < w_``; every
+    other entry 0.  The image part of a row through 8 x 8 register transposes.  (One function
+    per source layout: a layer compiles only the copy it needs.  Flat arguments: a
+    ``reshape`` in the kernel compiled Numba's reshape helper, 0.5 s of a fresh install's first
+    call on Zen 1.)"""
+    hw = xh * xw
     for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
@@ -177,7 +176,7 @@ def _pad_nchw_to_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh):
         n = job // hp
         o = job * wp * c_
         # of[dst + w*C + c] = xf[src + c*H*W + w]: the row's channels become its pixels' vectors
-        transpose_block(xf, of, n * c_ * hw + h * ssh * x.shape[3], hw, o + pl * c_, c_, c_, w_)
+        transpose_block(xf, of, n * c_ * hw + h * ssh * xw, hw, o + pl * c_, c_, c_, w_)
 
 
 @jit
@@ -238,7 +237,8 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     if not nchw:
         _PAD_NHWC.run(key, rows, x, xp, *g, int(ssw))
     elif ssw == 1:
-        _PAD_NCHW.run(key, rows, x, xp, *g)
+        xf, of = x.reshape(-1), xp.reshape(-1)
+        _PAD_NCHW.run((type_key(xf), type_key(of)), rows, xf, of, *map(int, xp.shape[1:]), *map(int, x.shape[2:]), *g)
     else:
         _PAD_STRIDED.run(key, rows, x, xp, *g, int(ssw))
 
