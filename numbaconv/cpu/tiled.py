@@ -180,21 +180,18 @@ def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh):
 
 
 @jit
-def _pad_nhwc(lo, hi, x, xp, pt, pl, h_, w_, ssh, ssw):
+def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw):
     """Padded rows ``[lo, hi)`` of ``xp[n, pt + i, pl + j, c] = x[n, i*ssh, j*ssw, c]`` (NHWC
-    source) for ``i < h_, j < w_``; every other entry 0 (``ssh, ssw > 1``: a strided 1x1
-    layer's subsampling)."""
-    n_, hp, wp, c_ = xp.shape
-    xf = x.reshape(-1)
-    of = xp.reshape(-1)
-    row = x.shape[2] * c_
+    source ``x`` (N, xh, xw, C), both flat) for ``i < h_, j < w_``; every other entry 0
+    (``ssh, ssw > 1``: a strided 1x1 layer's subsampling).  (Flat: see :func:`_pad_nchw_to_nhwc`.)"""
+    row = xw * c_
     for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
             continue
         n = job // hp
         o = job * wp * c_
-        src = (n * x.shape[1] + h * ssh) * row
+        src = (n * xh + h * ssh) * row
         dst = o + pl * c_
         # (copy_run, not slice assignments: see numbaconv.cpu._jit.copy_run)
         if ssw == 1:  # one contiguous run
@@ -232,15 +229,17 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     Rows split across threads by :class:`numbaconv.cpu._launch.Task` (a ``prange`` copy loop
     cost ~1.2 s more compile on a fresh install: Numba's parfor passes)."""
     rows = xp.shape[0] * xp.shape[1]
-    key = (type_key(x), type_key(xp))  # (the geometry: Python ints)
-    g = (int(pt), int(pl), int(h_), int(w_), int(ssh))
-    if not nchw:
-        _PAD_NHWC.run(key, rows, x, xp, *g, int(ssw))
-    elif ssw == 1:
+    g = (int(pt), int(pl), int(h_), int(w_), int(ssh))  # (the geometry: Python ints)
+    if not nchw or ssw == 1:
         xf, of = x.reshape(-1), xp.reshape(-1)
-        _PAD_NCHW.run((type_key(xf), type_key(of)), rows, xf, of, *map(int, xp.shape[1:]), *map(int, x.shape[2:]), *g)
+        hp, wp, c_ = map(int, xp.shape[1:])
+        xh, xw = map(int, x.shape[1:3] if not nchw else x.shape[2:])
+        if nchw:
+            _PAD_NCHW.run((type_key(xf), type_key(of)), rows, xf, of, hp, wp, c_, xh, xw, *g)
+        else:
+            _PAD_NHWC.run((type_key(xf), type_key(of)), rows, xf, of, hp, wp, c_, xh, xw, *g, int(ssw))
     else:
-        _PAD_STRIDED.run(key, rows, x, xp, *g, int(ssw))
+        _PAD_STRIDED.run((type_key(x), type_key(xp)), rows, x, xp, *g, int(ssw))
 
 
 @jit
