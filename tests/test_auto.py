@@ -83,6 +83,17 @@ def test_winograd_environment_switch():
         assert out.stdout.split() == expected.split()
 
 
+def test_thin_1x1_gemms_go_to_tiled():
+    """The 1x1 rule's exception (the table in numbaconv/auto.py): NHWC batches of 7x7 images."""
+    assert auto.choose(prob(1, 960, 7, 320, 1, layout="NHWC")) == "tiled"
+    assert auto.choose(prob(1, 2048, 7, 512, 1, layout="NHWC")) == "tiled"
+    assert auto.choose(prob(2, 2048, 7, 512, 1, layout="NHWC")) == "tiled"  # 98 pixels
+    assert auto.choose(prob(8, 2048, 7, 512, 1, layout="NHWC")) == "im2col"  # 392 pixels
+    assert auto.choose(prob(1, 2048, 7, 512, 1, layout="NCHW")) == "im2col"
+    assert auto.choose(prob(1, 576, 14, 96, 1, layout="NHWC")) == "im2col"  # 196 pixels
+    assert auto.choose(prob(1, 1024, 14, 256, 1, stride=2, layout="NHWC")) == "tiled"  # strided: 7x7 out
+
+
 def test_padded_or_dilated_1x1_is_not_treated_as_a_plain_gemm():
     assert auto.choose(prob(1, 64, 28, 64, 1, 1, 1)) == "tiled"
     assert auto.choose(prob(1, 64, 28, 64, 1, 2, 0, layout="NCHW")) == "tiled"
