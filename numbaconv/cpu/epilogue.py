@@ -125,35 +125,27 @@ def activate(v, act):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _loop(ys, rs, n, act, has_res):
+def _loop(ys, rs, count, stride, n, act, has_res):
+    """``count`` runs of ``n`` elements, ``stride`` apart, from ``ys[0]``: ``ys = act(ys + rs)``.
+    Unsigned indices (no negative-index wraparound select), so each run vectorises."""
+    un = np.uintp(n)
+    us = np.uintp(stride)
     if has_res:
-        for i in range(n):
-            ys[i] = _activation(act, ys[i] + rs[i])
+        for i in range(np.uintp(count)):
+            o = i * us
+            for j in range(un):
+                ys[o + j] = _activation(act, ys[o + j] + rs[o + j])
     else:
-        for i in range(n):
-            ys[i] = _activation(act, ys[i])
+        for i in range(np.uintp(count)):
+            o = i * us
+            for j in range(un):
+                ys[o + j] = _activation(act, ys[o + j])
 
 
 @jit
 def finish(y, r, lo, hi, act, has_res):
-    """``y[lo:hi] = act(y[lo:hi] + r[lo:hi])`` (``r`` ignored without a residual).  One loop
-    per activation, each zero-based over slices and in the array's own float type, so that
-    it vectorises."""
-    ys = y[lo:hi]
-    rs = r[lo:hi] if has_res else ys
-    n = hi - lo
-    if act == 0:
-        if has_res:
-            for i in range(n):
-                ys[i] += rs[i]
-    elif act == 1:
-        _loop(ys, rs, n, 1, has_res)
-    elif act == 2:
-        _loop(ys, rs, n, 2, has_res)
-    elif act == 3:
-        _loop(ys, rs, n, 3, has_res)
-    else:
-        _loop(ys, rs, n, 4, has_res)
+    """``y[lo:hi] = act(y[lo:hi] + r[lo:hi])`` (``r`` ignored without a residual)."""
+    _runs(y, r, lo, 1, 0, hi - lo, act, has_res)
 
 
 @jit
@@ -165,9 +157,31 @@ def finish_2d(y, epi, base, count, stride, length):
     if epi is None:
         return
     r, act, has_res = epi
-    for i in range(count):
-        lo = base + i * stride
-        finish(y, r, lo, lo + length, act, has_res)
+    _runs(y, r, base, count, stride, length, act, has_res)
+
+
+@jit
+def _runs(y, r, base, count, stride, length, act, has_res):
+    """The runs of :func:`finish_2d` through one loop nest per activation, each over slices
+    from ``base`` and in the array's own float type, so that it vectorises.  (One call per
+    run cost more than the run on NHWC blocks: 16-channel runs, one per pixel, took tiled's
+    MobileNetV2 expansions from 1.2 to 2.7 ms with ReLU6 on Zen 1.)"""
+    if count <= 0 or length <= 0:
+        return
+    end = base + (count - 1) * stride + length
+    ys = y[base:end]
+    rs = r[base:end] if has_res else ys
+    if act == 0:
+        if has_res:
+            _loop(ys, rs, count, stride, length, 0, has_res)
+    elif act == 1:
+        _loop(ys, rs, count, stride, length, 1, has_res)
+    elif act == 2:
+        _loop(ys, rs, count, stride, length, 2, has_res)
+    elif act == 3:
+        _loop(ys, rs, count, stride, length, 3, has_res)
+    else:
+        _loop(ys, rs, count, stride, length, 4, has_res)
 
 
 #: elements per parallel chunk: 64 KiB of float32, in L2 with its residual
