@@ -250,15 +250,18 @@ _FINISH_NCHW = Task(_finish_nchw_tasks)  # jobs: out.shape[0] * out.shape[1]
 
 @jit
 def _finish_nhwc_tasks(lo, hi, out, bias, epi):
-    """:func:`_finish_nchw_tasks` for NHWC, pixels ``[lo, hi)``."""
+    """:func:`_finish_nchw_tasks` for NHWC, pixels ``[lo, hi)``, 64 at a time: the bias, then
+    the epilogue on those pixels' run while it is cached (one call per chunk, not per pixel)."""
     k_ = out.shape[3]
     of = out.reshape(-1)
-    for pix in range(lo, hi):
-        row = of[pix * k_:(pix + 1) * k_]
-        for i in range(k_):
-            row[i] += bias[i]
+    for p0 in range(lo, hi, 64):
+        p1 = min(hi, p0 + 64)
+        for pix in range(p0, p1):
+            row = of[pix * k_:(pix + 1) * k_]
+            for i in range(k_):
+                row[i] += bias[i]
         if epi is not None:
-            finish_2d(of, epi, pix * k_, 1, 0, k_)
+            finish_2d(of, epi, p0 * k_, 1, 0, (p1 - p0) * k_)
 
 
 _FINISH_NHWC = Task(_finish_nhwc_tasks)  # jobs: out.size // out.shape[3]
