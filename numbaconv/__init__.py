@@ -23,12 +23,11 @@ The training functions load on first use (PEP 562), so ``import numbaconv`` stay
 import importlib
 import sys
 
+from ._version import __version__
 from .api import conv2d
 from .layout import convert_layout
 from .plan import Conv2dPlan
 from .registry import algorithms
-
-__version__ = "0.1.0"
 __all__ = ["conv2d", "Conv2dPlan", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
            "conv_transpose2d", "clear_caches", "warmup"]

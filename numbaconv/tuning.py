@@ -81,7 +81,7 @@ def target_key():
 def _version():
     # (the package's own constant: importlib.metadata scans the installed distributions, 3 ms
     # of a process's first conv2d on Zen 1 after `import numbaconv`, 58 ms before it)
-    from . import __version__
+    from ._version import __version__
     return __version__
 
 
