@@ -28,6 +28,7 @@ from .api import conv2d
 from .layout import convert_layout
 from .plan import Conv2dPlan
 from .registry import algorithms
+
 __all__ = ["conv2d", "Conv2dPlan", "algorithms", "im2col", "col2im", "convert_layout", "__version__",
            "conv2d_backward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
            "conv_transpose2d", "clear_caches", "warmup"]

@@ -202,11 +202,9 @@ def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw):
 
 
 @jit
-def _pad_nchw_strided(lo, hi, x, xp, pt, pl, h_, w_, ssh, ssw):
-    """Padded rows ``[lo, hi)`` of the strided-1x1 subsampling copy from NCHW (``ssw > 1``):
-    element by element."""
-    n_, hp, wp, c_ = xp.shape
-    of = xp.reshape(-1)
+def _pad_nchw_strided(lo, hi, x, of, hp, wp, c_, pt, pl, h_, w_, ssh, ssw):
+    """Padded rows ``[lo, hi)`` of the strided-1x1 subsampling copy from NCHW (``ssw > 1``),
+    into the flat ``of``: element by element.  (Flat: see :func:`_pad_nchw_to_nhwc`.)"""
     for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
@@ -229,17 +227,18 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     Rows split across threads by :class:`numbaconv.cpu._launch.Task` (a ``prange`` copy loop
     cost ~1.2 s more compile on a fresh install: Numba's parfor passes)."""
     rows = xp.shape[0] * xp.shape[1]
+    of = xp.reshape(-1)
+    padded = tuple(map(int, xp.shape[1:]))  # Hp, Wp, C
     g = (int(pt), int(pl), int(h_), int(w_), int(ssh))  # (the geometry: Python ints)
-    if not nchw or ssw == 1:
-        xf, of = x.reshape(-1), xp.reshape(-1)
-        hp, wp, c_ = map(int, xp.shape[1:])
-        xh, xw = map(int, x.shape[1:3] if not nchw else x.shape[2:])
-        if nchw:
-            _PAD_NCHW.run((type_key(xf), type_key(of)), rows, xf, of, hp, wp, c_, xh, xw, *g)
-        else:
-            _PAD_NHWC.run((type_key(xf), type_key(of)), rows, xf, of, hp, wp, c_, xh, xw, *g, int(ssw))
+    if nchw and ssw != 1:
+        _PAD_STRIDED.run((type_key(x), type_key(of)), rows, x, of, *padded, *g, int(ssw))
+        return
+    xf = x.reshape(-1)
+    key = (type_key(xf), type_key(of))
+    if nchw:
+        _PAD_NCHW.run(key, rows, xf, of, *padded, int(x.shape[2]), int(x.shape[3]), *g)
     else:
-        _PAD_STRIDED.run((type_key(x), type_key(xp)), rows, x, xp, *g, int(ssw))
+        _PAD_NHWC.run(key, rows, xf, of, *padded, int(x.shape[1]), int(x.shape[2]), *g, int(ssw))
 
 
 @jit
