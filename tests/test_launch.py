@@ -194,3 +194,34 @@ def test_an_out_of_bounds_index_under_boundscheck_reaches_the_caller(tmp_path):
     proc = subprocess.run([sys.executable, "-c", BOUNDS], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("IndexError"), proc.stdout
+
+
+# --- kernels for compiled callers only (numbaconv.cpu._jit.NO_WRAPPERS) -------------------------
+def test_jit_kernels_compile_no_python_wrapper_yet_run_from_python():
+    """``jit`` compiles the kernel alone (no CPython / C wrapper: a third of a small kernel's
+    compile); a call from Python (tests, debugging) must run a twin with a wrapper, not jump to
+    the missing wrapper's null address; a task runs it by address."""
+    from numbaconv.cpu._jit import Compiled, jit
+
+    k = jit(cache=False)(_count.py_func)
+    assert isinstance(k, Compiled)
+    hits = np.zeros(6, np.int64)
+    k(1, 4, hits, 2)  # from Python: the twin
+    assert hits.tolist() == [0, 2, 2, 2, 0, 0]
+    Task(k)(6, hits, 1)  # by address: the kernel itself
+    assert hits.tolist() == [1, 3, 3, 3, 1, 1]
+    ir = next(iter(k.overloads.values())).library.get_llvm_str()
+    assert "define" in ir and "@cpython." not in ir and "@cfunc." not in ir
+
+
+def test_package_kernels_run_from_python():
+    from numbaconv.cpu import tiled
+    from numbaconv.cpu._jit import Compiled
+
+    assert isinstance(tiled._pad_nhwc, Compiled)
+    x = np.arange(2 * 3 * 4, dtype=np.float32)  # N=1, H=2, W=3, C=4, padded by one pixel
+    of = np.full(4 * 5 * 4, np.nan, np.float32)
+    tiled._pad_nhwc(0, 4, x, of, 4, 5, 4, 2, 3, 1, 1, 2, 3, 1, 1)
+    want = np.zeros((4, 5, 4), np.float32)
+    want[1:3, 1:4] = x.reshape(2, 3, 4)
+    np.testing.assert_array_equal(of.reshape(4, 5, 4), want)

@@ -29,7 +29,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 from numba.np.ufunc.parallel import _launch_threads
 
-from ._jit import FASTMATH
+from ._jit import FASTMATH, NO_WRAPPERS, twin
 
 _I64 = ir.IntType(64)
 _TRAMPOLINE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64])
@@ -60,7 +60,7 @@ def _num_threads(typingctx):
     return types.int64(), codegen
 
 
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, **NO_WRAPPERS)
 def _run_parts(fn, frame, jobs, parts):
     for i in prange(parts):
         lo = np.int64(jobs) * i // parts
@@ -161,7 +161,7 @@ def _load_flag(typingctx, address):
     return types.int64(types.int64), codegen
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)  # (Python calls it)
 def launch_address(address, jobs, *args):
     """The task at ``address`` over ``[0, jobs)`` with ``args``, one contiguous range per
     thread (``numba.get_num_threads()``), in parallel; serially for one.  A task that raised
@@ -193,14 +193,18 @@ class Task:
     callers that know which arguments can change type (most are fixed per layer)."""
 
     def __init__(self, task):
-        self.task = task
+        self.task = task  # (Python and compiled callers keep using ``task`` itself)
+        self._twin = None
         self._by_key = {}
 
     def run(self, key, jobs, *args):
         address = self._by_key.get(key)
         if address is None:
             _launch_threads()  # (what the reload hook does; cheap once started)
-            address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
+            if self._twin is None:  # (a task by address needs no wrappers: see NO_WRAPPERS)
+                nw = self.task.targetoptions.get("no_cpython_wrapper")
+                self._twin = self.task if nw else twin(self.task, "by_address", **NO_WRAPPERS)
+            address = self._by_key[key] = task_address(self._twin, tuple(numba.typeof(a) for a in args))
         launch_address(address, jobs, *args)
 
     def __call__(self, jobs, *args):

@@ -10,12 +10,12 @@ range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._la
 import numba
 import numpy as np
 
-from ._jit import prefetchw
+from ._jit import jit, prefetchw
 from ._vec import conv_block
 from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation
-_ukjit = numba.njit(cache=True, nogil=True, fastmath={"contract"})
+_ukjit = jit(fastmath={"contract"})
 
 
 _block4_8 = conv_block(4, 2, 4)
