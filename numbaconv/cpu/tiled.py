@@ -473,7 +473,6 @@ kernel taps, then stores it (bias on the first channel block).  ``tasks_V_TAG`` 
 range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._launch.Task``).
 """
 
-import numba
 import numpy as np
 
 from ._jit import jit, prefetchw
