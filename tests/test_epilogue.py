@@ -196,12 +196,12 @@ def test_activation_loops_vectorise(tmp_path):
     import subprocess
     import sys
     code = (
-        "import re, numpy as np\n"
+        "import re, numba, numpy as np\n"
         "from numbaconv.cpu import epilogue as e\n"
-        "y = np.zeros(64, np.float32)\n"
-        "for act in (3, 4):\n"
-        "    e.finish(y, y, 0, 64, act, True)\n"
-        "asm = e.finish.inspect_asm(e.finish.signatures[0])\n"
+        "a, i = numba.float32[::1], numba.int64\n"
+        "sig = (a, a, i, i, i, numba.boolean)\n"
+        "e.finish.compile(sig)  # (the kernel compiled callers link; a Python call runs a wrapped twin)\n"
+        "asm = e.finish.inspect_asm(sig)\n"
         "print(len(re.findall(r'vfmadd\\S*ps\\s+%[xyz]mm', asm)), len(re.findall(r'vdivps', asm)))\n")
     env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
