@@ -28,6 +28,7 @@ PATHS = [
     ("compacted_far_padding", (1, 4, 5, 5, 6, 3, 3), {"padding": 9}),
     ("reflect", (1, 4, 6, 7, 8, 3, 3), {"padding": 2, "padding_mode": "reflect"}),
     ("winograd_wide_padding", (1, 16, 8, 8, 16, 3, 3), {"padding": 3}),
+    ("pointwise_1x1", (2, 16, 12, 11, 24, 1, 1), {}),
 ]
 
 
@@ -63,6 +64,28 @@ def test_every_activation_and_residual_against_torch(name, shape, kwargs, algori
                                        residual=residual, **kwargs)
                 assert got.dtype == dtype
                 np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"{activation} {residual is None}")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name,shape,kwargs", [("pointwise", (2, 16, 12, 11, 24, 1, 1), {}),
+                                               ("conv_3x3", (2, 8, 12, 11, 24, 3, 3), {"padding": 1})])
+def test_im2col_finishes_each_chunk_and_tile(name, shape, kwargs, layout, monkeypatch):
+    """im2col applies the bias and epilogue to each chunk of pixels (1x1) or tile of rows right
+    after its GEMMs: with the smallest chunks and tiles every output is finished exactly once
+    (twice would add the bias or residual twice)."""
+    from numbaconv.cpu import im2col
+
+    monkeypatch.setattr(im2col, "CHUNK_BYTES", 1)  # NCHW: 64-pixel chunks, several per thread
+    monkeypatch.setattr(im2col, "TILE_BYTES", 1)  # one output row per tile
+    x, wt, b, res, red = _case(shape, kwargs, np.float32, seed=3)
+    xa, wa = to_act(x, layout), to_weight(wt, "OIHW" if layout == "NCHW" else "HWIO")
+    for activation in ACTIVATIONS:
+        for residual in (None, to_act(res, layout)):
+            want = to_act(_expected(x, wt, b, None if residual is None else res, activation, kwargs), layout)
+            got = numbaconv.conv2d(xa, wa, b, layout=layout, algorithm="im2col", activation=activation,
+                                   residual=residual, **kwargs)
+            np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(np.float32, red) * 4,
+                                       err_msg=f"{activation} {residual is None}")
 
 
 @pytest.mark.parametrize("algorithm", HOST)
