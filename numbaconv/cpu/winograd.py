@@ -172,11 +172,13 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
 
 @jit(inline="always")  # into _tasks: a function level less to compile, link and emit
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
-          cb, v_, nchw, epi):
+          cb, v_, nchw, nhwc, epi):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
     ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None:
     pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue)
-    result is not finite."""
+    result is not finite.  ``nchw`` / ``nhwc``: the output layout, one of them ``True`` and
+    the other ``None``, so that Numba prunes the other layout's output path before compiling
+    it (a bool would compile both; see :func:`_tasks`)."""
     a = m + 2
     aa = a * a
     ntiles = th * tw
@@ -196,7 +198,7 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
     k0 = g * kg + kb_lo * v_
     nt = min(tt_, ntiles - tb * tt_)
     chk = of.dtype.type(0)
-    if nchw:
+    if nchw is not None:
         # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
         # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
         for t in range(nt):
@@ -215,34 +217,38 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
                     finish_2d(of, epi, row, nk, ho_ * wo_, npix)
             t += run
         return chk
-    for t in range(nt):
-        tile = tb * tt_ + t
-        y0 = (tile // tw) * m
-        x0 = (tile % tw) * m
-        if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
-            chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw, ((n * ho_ + y0) * wo_ + x0) * k_ + k0,
-                             wo_ * k_, k_, nk, k0)
-            for i in range(m):
+    if nhwc is not None:  # (see the docstring)
+        for t in range(nt):
+            tile = tb * tt_ + t
+            y0 = (tile // tw) * m
+            x0 = (tile % tw) * m
+            if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
+                chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
+                                 ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0)
+                for i in range(m):
+                    if epi is not None:  # (pruned at compile time without an epilogue)
+                        finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
+                continue
+            # (dst ``k0 - k0``, not ``0``: a literal argument compiled a second _out_tile, 0.35 s cold)
+            chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, k0 - k0, m * kw, kw, nk, k0)
+            for i in range(min(m, ho_ - y0)):
+                for j in range(min(m, wo_ - x0)):
+                    o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
+                    src = (i * m + j) * kw
+                    for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
+                        of[o + k] = obuf[src + k]
                 if epi is not None:  # (pruned at compile time without an epilogue)
-                    finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
-            continue
-        # (dst ``k0 - k0``, not ``0``: a literal argument compiled a second _out_tile, 0.35 s cold)
-        chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, k0 - k0, m * kw, kw, nk, k0)
-        for i in range(min(m, ho_ - y0)):
-            for j in range(min(m, wo_ - x0)):
-                o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
-                src = (i * m + j) * kw
-                for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
-                    of[o + k] = obuf[src + k]
-            if epi is not None:  # (pruned at compile time without an epilogue)
-                finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
-                          nk)
+                    finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
+                              nk)
     return chk
 
 
 @jit
-def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, epi):
-    """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`), each a :func:`_task`."""
+def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi):
+    """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`), each a :func:`_task`.
+    ``nchw, nhwc``: ``(True, None)`` or ``(None, True)``: Numba's dead-branch pruning resolves
+    ``arg is None`` from the argument's type, so a layer compiles only its layout's output path
+    (a fresh install's first NCHW Winograd layer on Zen 1: `_tasks` 5.25 -> 4.77 s)."""
     hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
     ntb = (th * tw + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
@@ -252,7 +258,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, epi):
         kb_lo = (rest % nkr) * kbr
         bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
                        min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
-                       epi)
+                       nhwc, epi)
 
 
 #: the convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr`` output-channel
@@ -448,6 +454,7 @@ def bind(p, w, bias, m=None, flip=False):
         return after(lambda x, out: _run_live(p, x, w, bias, out, m, flip))
     b = plan(p, m)
     nchw = p.layout == "NCHW"
+    layout = (True, None) if nchw else (None, True)  # (see _tasks)
     in_place = not nchw and p.h == b["hp"] and p.w == b["wp"] and not p.has_padding
     padded_shape = (p.n, b["hp"], b["wp"], p.c)
     uf = transformed_weights(np.ascontiguousarray(w), wlayout, p.groups, b["m"], b["V"], flip)
@@ -468,7 +475,8 @@ def bind(p, w, bias, m=None, flip=False):
         ea = epi.kernel_arg(of)
         xf = xp.reshape(-1)
         # (weights, bias and geometry keep their types for the layer: only these vary)
-        _WINOGRAD.run((type_key(xf), type_key(of), type_key(ea)), ntasks, xf, uf, bp, of, bad, zeros, geo, nchw, ea)
+        _WINOGRAD.run((type_key(xf), type_key(of), type_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo,
+                      *layout, ea)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
