@@ -262,7 +262,7 @@ class ConvProblem:
     def is_depthwise(self):
         return self.groups == self.c and self.groups > 1
 
-    @property
+    @cached_property  # (read on every call of a plan)
     def out_shape(self):
         if self.layout == "NCHW":
             return (self.n, self.k, self.ho, self.wo)

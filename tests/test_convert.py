@@ -155,3 +155,32 @@ def test_model_benchmark_rows():
     assert all(r["max_rel_diff"] < 1e-4 for r in rows)
     assert rows[0]["onnxruntime_max_rel_diff"] < 1e-4 and "onnxruntime_ms" not in rows[1]
     assert "resnet18" in models.format_rows(rows)
+
+
+def test_fused_layers_follow_changes_to_their_buffers():
+    """A FusedConv2d's plan holds prepared copies of its weights: an in-place change of a buffer
+    (its version counter), a replaced buffer (assignment, ``load_state_dict`` into it, a dtype
+    change) must reach the next call, in both memory formats."""
+    torch.manual_seed(1)
+    fused = nt.FusedConv2d(torch.nn.Conv2d(4, 6, 3, padding=1), None, "relu").eval()
+    x = torch.randn(2, 4, 7, 7)
+
+    def want(mod, inp):
+        y = torch.nn.functional.conv2d(inp.double(), mod.weight.double(), mod.bias.double(), padding=1)
+        return torch.relu(y)
+
+    with torch.no_grad():
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xc = x.contiguous(memory_format=fmt)
+            fused(xc)
+            fused.weight.mul_(-2.0)  # in place
+            _assert_close(fused(xc).double(), want(fused, xc))
+            fused.bias.add_(1.0)
+            _assert_close(fused(xc).double(), want(fused, xc))
+            fused.weight = torch.randn_like(fused.weight)  # a new tensor
+            _assert_close(fused(xc).double(), want(fused, xc))
+            state = {k: torch.randn_like(v) for k, v in fused.state_dict().items()}
+            fused.load_state_dict(state)
+            _assert_close(fused(xc).double(), want(fused, xc))
+        fused64 = fused.double()
+        _assert_close(fused64(x.double()), want(fused64, x.double()), 1e-12)

@@ -29,7 +29,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 from numba.np.ufunc.parallel import _launch_threads
 
-from ._jit import FASTMATH, NO_WRAPPERS, twin
+from ._jit import FASTMATH, NO_WRAPPERS, Compiled, twin
 
 _I64 = ir.IntType(64)
 _TRAMPOLINE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64])
@@ -67,6 +67,9 @@ def _run_parts(fn, frame, jobs, parts):
         hi = np.int64(jobs) * (i + 1) // parts
         if hi > lo:
             _call(fn, lo, hi, frame)
+
+
+_run_parts.__class__ = Compiled  # (wrapperless: a call from Python runs a wrapped twin)
 
 
 def _borrowed(context, builder, ty, value):

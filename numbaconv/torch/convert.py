@@ -72,24 +72,30 @@ class FusedConv2d(torch.nn.Module):
                 f"kernel_size={tuple(self.weight.shape[2:])}, batchnorm_folded={self.folded_batchnorm}, "
                 f"activation={self.activation!r}")
 
-    def _plan(self, layout):
-        w, b = self.weight, self.bias
-        key = (layout, w.dtype, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+    def _plan(self, layout, w, b):
+        """The plan of the weights ``w`` and bias ``b`` (this module's buffers) for ``layout``,
+        made again when a buffer was replaced (``.to()``, assignment) or changed in place
+        (its version counter)."""
         plan = self._plans.get(layout)
-        if plan is None or plan[0] != key:
-            plan = (key, _nc.Conv2dPlan(w.detach().numpy(), None if b is None else b.detach().numpy(),
-                                        layout=layout, weight_layout="OIHW", activation=self.activation,
-                                        **self.geometry))
+        if (plan is None or plan[0] is not w or plan[1] != w._version or plan[2] is not b
+                or (b is not None and plan[3] != b._version)):
+            plan = (w, w._version, b, None if b is None else b._version,
+                    _nc.Conv2dPlan(w.detach().numpy(), None if b is None else b.detach().numpy(), layout=layout,
+                                   weight_layout="OIHW", activation=self.activation, **self.geometry))
             self._plans[layout] = plan
-        return plan[1]
+        return plan[4]
 
     def forward(self, x, residual=None):
-        if x.device.type != "cpu" or x.dtype not in HOST_DTYPES or self.weight.dtype != x.dtype:
+        # (the buffers from their dict: each ``self.weight`` is a Python-level Module.__getattr__,
+        # ~3 us on Zen 1, and this runs for every layer of a converted model)
+        buffers = self._buffers
+        w = buffers["weight"]
+        if x.device.type != "cpu" or x.dtype is not w.dtype or x.dtype not in HOST_DTYPES:
             return self._torch_forward(x, residual)
         if not ops.eager(x, residual):
             return self._operator_forward(x, residual)
         layout = layout_of(x)
-        plan = self._plan(layout)
+        plan = self._plan(layout, w, buffers["bias"])
         unbatched = x.dim() == 3
         xa = act_to_numpy(x.unsqueeze(0) if unbatched else x, layout)
         ra = None

@@ -45,7 +45,8 @@ def layout_of(x):
 
 def act_to_numpy(t, layout):
     """NumPy view of an NCHW-shaped tensor in ``layout`` (no copy; numbaconv accepts any strides)."""
-    t = t.detach()
+    if t.requires_grad:  # (``numpy()`` refuses those; ``detach()`` costs ~1.5 us a call)
+        t = t.detach()
     return t.permute(0, 2, 3, 1).numpy() if layout == "NHWC" else t.numpy()
 
 
@@ -286,9 +287,19 @@ def eager(*tensors):
     """Plain eager call on plain tensors: nothing traces it, the kernels may run directly."""
     if torch.compiler.is_compiling():  # (first: Dynamo may not look at the mode stacks)
         return False
-    return (not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+    # (torch._C's checks, not their Python wrappers, and a loop, not all(<generator>): this
+    # runs on every layer of a converted model, ~2.4 -> ~1 us on Zen 1)
+    if _is_tracing() or _dispatch_stack() != 0 or _function_mode():
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+_is_tracing = torch._C._is_tracing
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_function_mode = torch._C._is_torch_function_mode_enabled
 
 
 def _needs_grad(*tensors):
