@@ -84,16 +84,17 @@ _stamp_numba_cache()
 NO_WRAPPERS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
-def twin(dispatcher, suffix, **options):
-    """A new dispatcher of ``dispatcher``'s function and options (updated by ``options``),
-    named ``<qualname>.<suffix>`` so its cache entries never meet the original's."""
+def _with_wrappers(dispatcher):
+    """A new dispatcher of the ``NO_WRAPPERS`` ``dispatcher``'s function and other options,
+    with wrappers, named ``<qualname>.from_python`` so its cache entries never meet the
+    original's."""
     f = dispatcher.py_func
     g = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    g.__qualname__ = f"{f.__qualname__}.{suffix}"
+    g.__qualname__ = f"{f.__qualname__}.from_python"
     g.__module__, g.__doc__ = f.__module__, f.__doc__
-    base = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("nopython", *NO_WRAPPERS)}
+    options = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("nopython", *NO_WRAPPERS)}
     cached = type(dispatcher._cache).__name__ != "NullCache"  # (as ``dispatcher`` is)
-    return numba.njit(cache=cached, **{**base, **options})(g)
+    return numba.njit(cache=cached, **options)(g)
 
 
 class Compiled(CPUDispatcher):
@@ -103,7 +104,7 @@ class Compiled(CPUDispatcher):
     def __call__(self, *args, **kwargs):
         from_python = self.__dict__.get("_from_python")
         if from_python is None:
-            from_python = self._from_python = twin(self, "from_python")
+            from_python = self._from_python = _with_wrappers(self)
         return from_python(*args, **kwargs)
 
 

@@ -29,7 +29,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 from numba.np.ufunc.parallel import _launch_threads
 
-from ._jit import FASTMATH, NO_WRAPPERS, Compiled, twin
+from ._jit import FASTMATH, NO_WRAPPERS, Compiled
 
 _I64 = ir.IntType(64)
 _TRAMPOLINE = ir.FunctionType(ir.VoidType(), [_I64, _I64, _I64])
@@ -196,18 +196,14 @@ class Task:
     callers that know which arguments can change type (most are fixed per layer)."""
 
     def __init__(self, task):
-        self.task = task  # (Python and compiled callers keep using ``task`` itself)
-        self._twin = None
+        self.task = task
         self._by_key = {}
 
     def run(self, key, jobs, *args):
         address = self._by_key.get(key)
         if address is None:
             _launch_threads()  # (what the reload hook does; cheap once started)
-            if self._twin is None:  # (a task by address needs no wrappers: see NO_WRAPPERS)
-                nw = self.task.targetoptions.get("no_cpython_wrapper")
-                self._twin = self.task if nw else twin(self.task, "by_address", **NO_WRAPPERS)
-            address = self._by_key[key] = task_address(self._twin, tuple(numba.typeof(a) for a in args))
+            address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
         launch_address(address, jobs, *args)
 
     def __call__(self, jobs, *args):
