@@ -160,12 +160,28 @@ def test_band_knob_changes_the_row_bands():
 
 @pytest.mark.parametrize("threshold,in_place", [(0, False), (1 << 40, True)])
 def test_hwio_in_place_knob(threshold, in_place):
-    x, w = arrays((1, 6, 6, 32), (3, 3, 32, 256))  # NHWC, HWIO, K * 4 = 1 KiB
+    x, w = arrays((1, 6, 6, 16), (3, 3, 16, 256))  # NHWC, HWIO, K * 4 = 1 KiB
     p = problem(x, w, padding=1, layout="NHWC")
     with tuning.override({"tiled.hwio_inplace_bytes": threshold}):
         assert tiled.plan(p)["hwio"] is in_place
         y = numbaconv.conv2d(x, w, padding=1, layout="NHWC", algorithm="tiled")
     check(y, x, w, 1, layout="NHWC")
+
+
+def test_hwio_in_place_only_for_small_blocks():
+    """Whatever the K threshold, a block whose R * S * C/G weight rows exceed
+    HWIO_INPLACE_BLOCK_BYTES is packed (rows read in place K * itemsize apart crowd a few
+    cache sets per page: their speed depended on the pages' physical placement)."""
+    x, w = arrays((1, 6, 6, 64), (3, 3, 64, 32))
+    p = problem(x, w, padding=1, layout="NHWC")
+    assert 9 * 64 * tiled.block_width(np.float32) * 4 > tiled.HWIO_INPLACE_BLOCK_BYTES
+    with tuning.override({"tiled.hwio_inplace_bytes": 1 << 40}):
+        assert tiled.plan(p)["hwio"] is False
+        y = numbaconv.conv2d(x, w, padding=1, layout="NHWC", algorithm="tiled")
+    check(y, x, w, 1, layout="NHWC")
+    x1, w1 = arrays((1, 6, 6, 64), (1, 1, 64, 32))  # a 1x1 layer's block: 64 rows
+    with tuning.override({"tiled.hwio_inplace_bytes": 1 << 40}):
+        assert tiled.plan(problem(x1, w1, layout="NHWC"))["hwio"] is True
 
 
 def test_winograd_knobs_reach_its_plan():

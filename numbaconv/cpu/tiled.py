@@ -360,8 +360,10 @@ def _plan(p, threads, _generation):
     hp = p.h + p.pad_top + p.pad_bottom
     wblocks = -(-p.wo // p_)
     wp = max(p.w + p.pad_left + p.pad_right, (wblocks * p_ - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
-    # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short
-    hwio = p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
+    # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
+    # block's rows are few
+    hwio = (p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
+            and p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES)
     return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
@@ -381,6 +383,11 @@ def uses_streaming(p):
     """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)."""
     return 4 * p.kg <= block_width(p.dtype)
 
+
+#: largest one-block footprint (R * S * C/G rows of V weights) that NHWC reads from HWIO weights
+#: in place; larger layers pack (see bind): float32 1x1 layers up to 256 input channels per
+#: group read in place, 3x3 ones up to 28
+HWIO_INPLACE_BLOCK_BYTES = 16 << 10
 
 #: how much larger than input + result the zero-padded copies (tiled's NHWC copy, dot's
 #: planes) may be before :func:`run` hands the layer to the direct loop
@@ -436,7 +443,12 @@ def bind(p, w, bias):
     # fall into few cache sets and defeat the stride prefetcher (one line per row), and the
     # packed copy wins even with its check (Zen 1, NHWC: res5 3x3 8.4 -> 5.2 ms, ResNet-50's
     # 1x1 512->2048 at 7x7 3.7 -> 2.4 ms, 3x3 s2 256->512 4.3 -> 2.9 ms, res4 3x3 5.4 -> 4.5).
-    # (The 1 KiB is the tuning knob ``tiled.hwio_inplace_bytes``: plan(p)["hwio"].)
+    # (The 1 KiB is the tuning knob ``tiled.hwio_inplace_bytes``: plan(p)["hwio"].)  And only
+    # while a block's rows are few (HWIO_INPLACE_BLOCK_BYTES): rows K * itemsize apart share a
+    # few sets of each 4 KiB page, so whether a block's rows fit in L2 at all depends on where
+    # the weights' pages happen to lie in physical memory: on Zen 1, 1-2 of every 6 weight
+    # arrays of a 3x3 128-channel layer ran 25-30 % slower, for as long as they lived, and a
+    # Conv2dPlan's private copy drew the same lottery.  The packed copy is contiguous.
     hwio = b["hwio"]
     w = np.ascontiguousarray(w)
     wpk = w.reshape(-1) if hwio else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_)
