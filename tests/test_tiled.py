@@ -120,8 +120,31 @@ def test_plan_blocks_cover_the_problem():
     p = ConvProblem(n=1, c=512, h=7, w=7, k=512, r=3, s=3, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
     b = tiled.plan(p)
     assert b["V"] in (8, 16, 32) and 1 <= b["cb"] <= p.c and 1 <= b["rows"] <= p.ho
-    assert b["wp"] >= (-(-p.wo // b["P"]) * b["P"] - 1) + p.s  # last pixel block stays in bounds
+    assert b["wp"] >= (_row_end(p.wo, b["P"], b["split"]) - 1) + p.s  # the last pixel block stays in bounds
     assert b["kbg"] * b["V"] >= p.k
+
+
+def _row_end(wo, p_, split, small=None):
+    """Where the driver's last pixel block of a row ends (its loop over ``j0``)."""
+    small = min(tiled.P_CHOICES[tiled.vector_bytes()]) if small is None else small
+    j0 = 0
+    while j0 < wo:
+        j0 += p_ if j0 < split else small
+    return j0
+
+
+@pytest.mark.parametrize("wo", range(1, 70))
+def test_pixel_blocks_cover_each_row_with_little_padding(wo):
+    """Mixed pixel blocks (the larger P up to ``split``, then the smaller): the row is covered
+    with no more padded work than one block size alone, and for AVX2's sizes (4, 6) with none
+    wherever 4s and 6s add up to the width."""
+    for choices in ((4, 6), (7, 8)):
+        p_, split = tiled.pixel_blocks(wo, choices)
+        assert p_ in choices and 0 <= split <= wo
+        end = _row_end(wo, p_, split, min(choices))
+        assert wo <= end <= min(-(-wo // q) * q for q in choices)
+        if choices == (4, 6) and wo % 2 == 0 and wo >= 4:
+            assert end == wo, (p_, split)
 
 
 def test_depthwise_is_dispatched(monkeypatch):

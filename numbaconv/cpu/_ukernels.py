@@ -355,11 +355,12 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
 
 @_ukjit
 def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of 8) of group g, image n, in blocks of ``p_`` pixels (one of (4, 6): a
-    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
-    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    [kb_lo, kb_hi) (of 8) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 4 (of (4, 6): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
@@ -388,7 +389,9 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
             cl = min(cb, cg - c0)
             for i in range(i0, i1):
                 xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                for j0 in range(0, wo_, p_):
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 4
                     for kb in range(kb_lo, kb_hi):
                         nk = min(8, kg - kb * 8)
                         kb0 = g * kg + kb * 8
@@ -406,13 +409,14 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
-                        np_ = min(p_, wo_ - j0)
-                        if p_ == 6:
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 6:
                             uk6_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk4_8(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min(8, kg - kb * 8)
@@ -426,11 +430,12 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
 
 @_ukjit
 def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels (one of (4, 6): a
-    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
-    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 4 (of (4, 6): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
@@ -459,7 +464,9 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
             cl = min(cb, cg - c0)
             for i in range(i0, i1):
                 xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                for j0 in range(0, wo_, p_):
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 4
                     for kb in range(kb_lo, kb_hi):
                         nk = min(16, kg - kb * 16)
                         kb0 = g * kg + kb * 16
@@ -477,13 +484,14 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
-                        np_ = min(p_, wo_ - j0)
-                        if p_ == 6:
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 6:
                             uk6_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk4_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min(16, kg - kb * 16)
@@ -497,11 +505,12 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
 
 @_ukjit
 def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels (one of (7, 8): a
-    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
-    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 8): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
@@ -530,7 +539,9 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
             cl = min(cb, cg - c0)
             for i in range(i0, i1):
                 xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                for j0 in range(0, wo_, p_):
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
                     for kb in range(kb_lo, kb_hi):
                         nk = min(16, kg - kb * 16)
                         kb0 = g * kg + kb * 16
@@ -548,13 +559,14 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
-                        np_ = min(p_, wo_ - j0)
-                        if p_ == 8:
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 8:
                             uk8_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min(16, kg - kb * 16)
@@ -568,11 +580,12 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
 
 @_ukjit
 def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of 32) of group g, image n, in blocks of ``p_`` pixels (one of (7, 8): a
-    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
-    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    [kb_lo, kb_hi) (of 32) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 8): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
@@ -601,7 +614,9 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
             cl = min(cb, cg - c0)
             for i in range(i0, i1):
                 xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                for j0 in range(0, wo_, p_):
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
                     for kb in range(kb_lo, kb_hi):
                         nk = min(32, kg - kb * 32)
                         kb0 = g * kg + kb * 32
@@ -619,13 +634,14 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
-                        np_ = min(p_, wo_ - j0)
-                        if p_ == 8:
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 8:
                             uk8_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_32(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min(32, kg - kb * 32)

@@ -106,10 +106,29 @@ def _driver(dtype):
 
 
 def pixel_block(wo):
-    """``P`` for output rows of ``wo`` pixels: least padded work, ~1.5 pixels' worth of
-    fixed cost (weight loads, loop and store overhead) per micro-kernel call."""
-    choices = P_CHOICES[vector_bytes()]
-    return min(choices, key=lambda p_: (-(-wo // p_) * (p_ + 1.5), -p_))
+    """``P`` for output rows of ``wo`` pixels (the larger block of :func:`pixel_blocks`)."""
+    return pixel_blocks(wo)[0]
+
+
+def pixel_blocks(wo, choices=None):
+    """``(P, split)``: a row of ``wo`` output pixels runs as blocks of ``P`` up to pixel
+    ``split``, then blocks of the target's smaller ``P`` (the last one may run past the
+    row): the least work, counting ~1.5 pixels' worth of fixed cost (weight loads, loop and
+    store overhead) per micro-kernel call.  Mixing the two removes most of the padded work
+    a single ``P`` leaves on narrow rows (14 = 6 + 4 + 4, not 4 x 4 = 16; 56 = 8 x 6 + 2 x 4,
+    not 10 x 6 = 60)."""
+    choices = P_CHOICES[vector_bytes()] if choices is None else choices
+    big, small = max(choices), min(choices)
+    best = None
+    for a in range(-(-wo // big) + 1):
+        b = -(-max(0, wo - a * big) // small)
+        cost = (a * big + b * small + 1.5 * (a + b), -a)
+        if best is None or cost < best[0]:
+            best = (cost, a, b)
+    _, a, b = best
+    if b == 0 or a == 0:  # one size: the larger when it is all big blocks
+        return (big, wo) if b == 0 else (small, wo)
+    return big, a * big
 
 
 def microkernel_asm(dtype=np.float32, p_=P):
@@ -338,7 +357,7 @@ def _plan(p, threads, _generation):
     on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
     v_ = block_width(p.dtype)
     forced = tuning.value("tiled.pixel_block")  # 0: by the output width
-    p_ = forced if forced in P_CHOICES[vector_bytes()] else pixel_block(p.wo)
+    p_, split = (forced, p.wo) if forced in P_CHOICES[vector_bytes()] else pixel_blocks(p.wo)
     item = p.dtype.itemsize
     # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2;
     # the budget is a tuning knob, numbaconv.tuning).
@@ -358,13 +377,16 @@ def _plan(p, threads, _generation):
         rows = (rows + 1) // 2
         row_bytes //= 2
     hp = p.h + p.pad_top + p.pad_bottom
-    wblocks = -(-p.wo // p_)
-    wp = max(p.w + p.pad_left + p.pad_right, (wblocks * p_ - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
+    if split >= p.wo:  # where the row's last pixel block ends (past wo)
+        covered = -(-p.wo // p_) * p_
+    else:
+        covered = split + -(-(p.wo - split) // min(P_CHOICES[vector_bytes()])) * min(P_CHOICES[vector_bytes()])
+    wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
     # block's rows are few
     hwio = (p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
             and p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES)
-    return dict(P=p_, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
+    return dict(P=p_, split=split, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
 def generic(p):
@@ -457,7 +479,7 @@ def bind(p, w, bias):
         bp[:p.k] = bias
     driver = _driver(p.dtype)
     geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
-                p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio, b["P"])
+                p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio, b["P"], b["split"])
 
     jobs = p.n * -(-p.ho // b["rows"]) * p.groups * -(-b["kbg"] // b["kbs"])
 
@@ -499,11 +521,12 @@ _DRIVER = '''
 
 @_ukjit
 def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, epi):
+             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of {V}) of group g, image n, in blocks of ``p_`` pixels (one of {PS}: a
-    runtime choice, so every layer shares this code), then the epilogue ``epi`` (None, or see
-    finish_2d) on that finished, still cached, part.  (One function with the task loop: each
+    [kb_lo, kb_hi) (of {V}) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of {PMIN} (of {PS}: runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
 
     The channel-block loop is innermost: one input pixel block (in L1) serves every block.
@@ -532,7 +555,9 @@ def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
             cl = min(cb, cg - c0)
             for i in range(i0, i1):
                 xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                for j0 in range(0, wo_, p_):
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else {PMIN}
                     for kb in range(kb_lo, kb_hi):
                         nk = min({V}, kg - kb * {V})
                         kb0 = g * kg + kb * {V}
@@ -550,8 +575,9 @@ def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
-                        np_ = min(p_, wo_ - j0)
+                        np_ = min(pb, wo_ - j0)
 {CALLS}
+                    j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min({V}, kg - kb * {V})
@@ -571,13 +597,13 @@ def _gen_driver(v_, ps):
         if i == len(ps) - 1:
             calls.append("                        else:")
         else:
-            calls.append(f"                        {head} p_ == {p_}:")
+            calls.append(f"                        {head} pb == {p_}:")
         calls.append(f"                            uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, "
                      "dw * c_, sw * c_, os_p,")
         calls.append("                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)")
     if len(ps) == 1:
         calls = [c[4:] for c in calls[1:]]
-    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), CALLS="\n".join(calls))
+    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps), CALLS="\n".join(calls))
 
 
 def _gen_ukernel(p_, v_):
