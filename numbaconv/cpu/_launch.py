@@ -16,7 +16,8 @@ i64 frame)``: the trampoline loads the arguments back (arrays without their memo
 as ``prange`` bodies see them: no reference counting in the task) and calls the task
 through its address with Numba's calling convention.  So nothing links the task's code a
 second time: an entry that links a kernel compiles, optimises and emits all of it again
-(~0.5 s per kernel family).  ``_run_parts`` splits ``[0, jobs)`` into one contiguous range
+(~0.5 s per kernel family).  The entry reaches :func:`_run_parts` by its address too
+(:func:`run_parts_address`), so the parallel loop is not re-optimised in every entry.  ``_run_parts`` splits ``[0, jobs)`` into one contiguous range
 per thread and runs them on Numba's threading layer, as ``prange`` over the jobs did (same
 static split, same threads, ~5 us per launch; a pool of Python threads costs ~25).
 """
@@ -71,6 +72,37 @@ def _run_parts(fn, frame, jobs, parts):
 
 _run_parts.__class__ = Compiled  # (wrapperless: a call from Python runs a wrapped twin)
 
+_RUN_PARTS_SIG = (types.int64,) * 4
+_run_parts_address = [0]
+
+
+def run_parts_address():
+    """Address of :func:`_run_parts` (compiled or loaded from the cache once per process).
+    Entries call it through this address, like tasks: an entry that called it directly
+    linked its parallel loop (the parfor and its gufunc) and optimised and emitted all of it
+    again, once per entry (argument types): 0.2-0.3 s of each on a fresh install, Zen 1."""
+    if not _run_parts_address[0]:
+        _launch_threads()
+        _run_parts_address[0] = task_address(_run_parts, _RUN_PARTS_SIG, lo_hi=False)
+    return _run_parts_address[0]
+
+
+@intrinsic
+def _call_run_parts(typingctx, address, fn, frame, jobs, parts):
+    """``_run_parts(fn, frame, jobs, parts)`` through its address (Numba's calling convention;
+    it raises nothing)."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        fnty = context.call_conv.get_function_type(types.none, _RUN_PARTS_SIG)
+        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
+        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
+        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
+        packed = list(context.call_conv._get_arg_packer(_RUN_PARTS_SIG).as_arguments(builder, list(args[1:])))
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [ret, exc] + packed)
+        return context.get_dummy_value()
+    return sig, codegen
+
 
 def _borrowed(context, builder, ty, value):
     """``value`` (of Numba type ``ty``) with every array's memory owner set to null, as
@@ -101,9 +133,10 @@ def _keep_threads_started(context):
 
 
 # --- by address: the entry does not link the task ------------------------------------------
-def task_address(task, argtypes):
-    """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``."""
-    sig = (types.int64, types.int64, *argtypes)
+def task_address(task, argtypes, lo_hi=True):
+    """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``
+    (``lo_hi=False``: for ``argtypes`` alone)."""
+    sig = (types.int64, types.int64, *argtypes) if lo_hi else tuple(argtypes)
     cres = task.overloads.get(sig)
     if cres is None:
         task.compile(sig)
@@ -165,17 +198,18 @@ def _load_flag(typingctx, address):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, no_cfunc_wrapper=True)  # (Python calls it)
-def launch_address(address, jobs, *args):
+def launch_address(address, run_parts, jobs, *args):
     """The task at ``address`` over ``[0, jobs)`` with ``args``, one contiguous range per
-    thread (``numba.get_num_threads()``), in parallel; serially for one.  A task that raised
-    (only under ``NUMBA_BOUNDSCHECK=1``) makes it raise ``IndexError`` once every part is done
-    (the task's own exception cannot cross the trampoline)."""
+    thread (``numba.get_num_threads()``), in parallel through :func:`_run_parts` at address
+    ``run_parts``; serially for one.  A task that raised (only under
+    ``NUMBA_BOUNDSCHECK=1``) makes it raise ``IndexError`` once every part is done (the
+    task's own exception cannot cross the trampoline)."""
     fn, frame, failed = _bind_address(address, args)
     parts = min(_num_threads(), jobs)
     if parts <= 1:
         _call(fn, 0, jobs, frame)
     else:
-        _run_parts(fn, frame, jobs, parts)
+        _call_run_parts(run_parts, fn, frame, jobs, parts)
     if _load_flag(failed) != 0:
         raise IndexError("a numbaconv kernel task raised (an index out of bounds under NUMBA_BOUNDSCHECK=1)")
 
@@ -204,7 +238,7 @@ class Task:
         if address is None:
             _launch_threads()  # (what the reload hook does; cheap once started)
             address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
-        launch_address(address, jobs, *args)
+        launch_address(address, _run_parts_address[0] or run_parts_address(), jobs, *args)
 
     def __call__(self, jobs, *args):
         self.run(tuple(map(type_key, args)), jobs, *args)
