@@ -120,6 +120,61 @@ def jit(fn=None, **options):
 pjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
 
 
+def _run_pointer(context, builder, aryty, ary, start, n):
+    """``(i8*, bytes)`` of ``ary[start:start + n]`` (flat, C-contiguous); under
+    ``NUMBA_BOUNDSCHECK=1`` an ``IndexError`` unless ``0 <= start`` and ``start + n <= size``."""
+    a = context.make_array(aryty)(context, builder, ary)
+    i64 = ir.IntType(64)
+    start = builder.sext(start, i64) if start.type.width < 64 else start
+    n = builder.sext(n, i64) if n.type.width < 64 else n
+    if numba.core.config.BOUNDSCHECK:
+        size = builder.extract_value(a.shape, 0)
+        bad = builder.or_(builder.icmp_signed("<", start, i64(0)),
+                          builder.icmp_signed(">", builder.add(start, n), size))
+        with builder.if_then(builder.and_(builder.icmp_signed(">", n, i64(0)), bad), likely=False):
+            context.call_conv.return_user_exc(builder, IndexError, ("copy or fill run out of bounds",))
+    item = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
+    ptr = builder.bitcast(builder.gep(a.data, [start]), ir.IntType(8).as_pointer())
+    nbytes = builder.mul(builder.select(builder.icmp_signed(">", n, i64(0)), n, i64(0)), i64(item))
+    return ptr, nbytes
+
+
+def _flat_array(t):
+    return isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C"
+
+
+@intrinsic
+def move_run(typingctx, dst, d0, src, s0, n):
+    """``dst[d0:d0 + n] = src[s0:s0 + n]`` on flat C-contiguous arrays of one dtype, as one
+    ``llvm.memmove`` (nothing for ``n <= 0``), for long runs (whole rows): the element loop of
+    :func:`copy_run` is compiled and vectorised again in each caller (tiled's padded copies
+    spent most of their compile on their three fills and a copy), a library call is not.
+    Short runs (a pixel's channels) stay with :func:`copy_run`: a call per run costs more."""
+    if not (_flat_array(dst) and _flat_array(src) and dst.dtype == src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dp, nbytes = _run_pointer(context, builder, signature.args[0], args[0], args[1], args[4])
+        sp, _ = _run_pointer(context, builder, signature.args[2], args[2], args[3], args[4])
+        cgutils.raw_memmove(builder, dp, sp, nbytes, 1)
+        return context.get_dummy_value()
+    return types.void(dst, d0, src, s0, n), codegen
+
+
+@intrinsic
+def zero_run(typingctx, dst, d0, n):
+    """``dst[d0:d0 + n] = 0`` on a flat C-contiguous array, as one ``llvm.memset`` (nothing for
+    ``n <= 0``; long runs: see :func:`move_run`)."""
+    if not _flat_array(dst):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dp, nbytes = _run_pointer(context, builder, signature.args[0], args[0], args[1], args[2])
+        cgutils.memset(builder, dp, nbytes, 0)
+        return context.get_dummy_value()
+    return types.void(dst, d0, n), codegen
+
+
 @jit(inline="always")
 def copy_run(dst, d0, src, s0, n):
     """``dst[d0:d0 + n] = src[s0:s0 + n]`` on flat arrays, as a zero-based loop over views: it

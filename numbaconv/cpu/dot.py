@@ -22,7 +22,7 @@ of ``KB`` output channels.
 import numba
 import numpy as np
 
-from ._jit import copy_run, fill_run, jit
+from ._jit import copy_run, jit, zero_run
 from ._launch import Task
 from ._vec import dot_block, target_vector_bytes
 from .epilogue import NONE, finish_2d
@@ -63,10 +63,9 @@ def _pad_planes(lo, hi, x, xp, pt, pl):
     hp, wp = xp.shape[2], xp.shape[3]
     xf = x.reshape(-1)
     of = xp.reshape(-1)
-    zero = of.dtype.type(0)
     for q in range(lo, hi):
         base = q * hp * wp
-        fill_run(of, base, hp * wp, zero)
+        zero_run(of, base, hp * wp)
         for i in range(h_):
             copy_run(of, base + (pt + i) * wp + pl, xf, (q * h_ + i) * w_, w_)
 
@@ -82,11 +81,10 @@ def _fill_cols(lo, hi, xp, cols, taps, sh, sw, ho_, wo_):
     rs = taps.size
     plane = np.uintp(hp * wp)
     xf = xp.reshape(-1)
-    zero = xf.dtype.type(0)
     for row in range(lo, hi):
         dst = cols[row]
         if row >= n_ * hw:
-            fill_run(dst, 0, dst.size, zero)
+            zero_run(dst, 0, dst.size)
             continue
         n = row // hw
         i = (row % hw) // wo_

@@ -48,7 +48,7 @@ import numpy as np
 
 from .. import tuning
 from . import depthwise, dot, naive
-from ._jit import copy_run, fill_run, jit
+from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._launch import Task, type_key
 from ._vec import target_vector_bytes, transpose8
 from ._wcache import WeightCache
@@ -170,12 +170,11 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
     top / bottom padding)."""
     h = job % hp - pt
     o = job * wp * c_
-    zero = of.dtype.type(0)
     if h < 0 or h >= h_:
-        fill_run(of, o, wp * c_, zero)
+        zero_run(of, o, wp * c_)
         return -1
-    fill_run(of, o, pl * c_, zero)
-    fill_run(of, o + (pl + w_) * c_, (wp - pl - w_) * c_, zero)
+    zero_run(of, o, pl * c_)
+    zero_run(of, o + (pl + w_) * c_, (wp - pl - w_) * c_)
     return h
 
 
@@ -214,7 +213,7 @@ def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw):
         dst = o + pl * c_
         # (copy_run, not slice assignments: see numbaconv.cpu._jit.copy_run)
         if ssw == 1:  # one contiguous run
-            copy_run(of, dst, xf, src, w_ * c_)
+            move_run(of, dst, xf, src, w_ * c_)
         else:
             for j in range(w_):
                 copy_run(of, dst + j * c_, xf, src + j * ssw * c_, c_)
@@ -383,9 +382,10 @@ def _plan(p, threads, _generation):
         covered = split + -(-(p.wo - split) // min(P_CHOICES[vector_bytes()])) * min(P_CHOICES[vector_bytes()])
     wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
-    # block's rows are few
+    # block's rows are few, or the weights too small to be cached packed (packed every call)
     hwio = (p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
-            and p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES)
+            and (p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES
+                 or p.r * p.s * p.cg * p.k * item < _CACHE.min_bytes))
     return dict(P=p_, split=split, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
@@ -407,8 +407,10 @@ def uses_streaming(p):
 
 
 #: largest one-block footprint (R * S * C/G rows of V weights) that NHWC reads from HWIO weights
-#: in place; larger layers pack (see bind): float32 1x1 layers up to 256 input channels per
-#: group read in place, 3x3 ones up to 28
+#: in place; larger layers pack (see bind) unless all their weights are under the packed-weight
+#: cache's 64 KiB (16 pages at most: too few for the page lottery, and they would be packed
+#: again on every call): float32 1x1 layers up to 256 input channels per group read in place,
+#: 3x3 ones up to 28
 HWIO_INPLACE_BLOCK_BYTES = 16 << 10
 
 #: how much larger than input + result the zero-padded copies (tiled's NHWC copy, dot's
