@@ -175,13 +175,16 @@ def test_hwio_in_place_only_for_small_blocks():
     x, w = arrays((1, 6, 6, 64), (3, 3, 64, 32))
     p = problem(x, w, padding=1, layout="NHWC")
     assert 9 * 64 * tiled.block_width(np.float32) * 4 > tiled.HWIO_INPLACE_BLOCK_BYTES
+    assert w.nbytes >= 64 << 10  # (smaller weights would be packed on every call: read in place)
     with tuning.override({"tiled.hwio_inplace_bytes": 1 << 40}):
         assert tiled.plan(p)["hwio"] is False
         y = numbaconv.conv2d(x, w, padding=1, layout="NHWC", algorithm="tiled")
     check(y, x, w, 1, layout="NHWC")
     x1, w1 = arrays((1, 6, 6, 64), (1, 1, 64, 32))  # a 1x1 layer's block: 64 rows
+    x2, w2 = arrays((1, 6, 6, 32), (3, 3, 32, 32))  # 36 KiB of weights: not cached, so in place
     with tuning.override({"tiled.hwio_inplace_bytes": 1 << 40}):
         assert tiled.plan(problem(x1, w1, layout="NHWC"))["hwio"] is True
+        assert tiled.plan(problem(x2, w2, padding=1, layout="NHWC"))["hwio"] is True
 
 
 def test_winograd_knobs_reach_its_plan():
