@@ -17,6 +17,22 @@ from .epilogue import finish_2d
 _ukjit = jit(fastmath={"contract"})
 
 
+@_ukjit
+def _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, vw):
+    """of[ob + p*os_p + v*os_k] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores
+    a block does not make itself (NCHW's transposed ones, partial blocks), shared by every
+    micro-kernel (one compile, not one per pixel block)."""
+    for v in range(nk):
+        o = ob + v * os_k
+        if first:
+            bv = bias[kb0 + v]
+            for p in range(np_):
+                of[o + p * os_p] = tmp[p * vw + v] + bv
+        else:
+            for p in range(np_):
+                of[o + p * os_p] += tmp[p * vw + v]
+
+
 _block4_8 = conv_block(4, 2, 4)
 
 
@@ -37,26 +53,8 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
         mode = 1 if first else 2
     _block4_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 8 and np_ == 4:
-        for v in range(8):
-            dst = of[ob + v * os_k:ob + v * os_k + 4]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(4):
-                    dst[p] = tmp[p * 8 + v] + bv
-            else:
-                for p in range(4):
-                    dst[p] += tmp[p * 8 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 8 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 8 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
 
 
 _block4_16 = conv_block(4, 2, 8)
@@ -79,26 +77,8 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block4_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 16 and np_ == 4:
-        for v in range(16):
-            dst = of[ob + v * os_k:ob + v * os_k + 4]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(4):
-                    dst[p] = tmp[p * 16 + v] + bv
-            else:
-                for p in range(4):
-                    dst[p] += tmp[p * 16 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 16 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 16 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
 _block6_8 = conv_block(6, 2, 4)
@@ -121,26 +101,8 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
         mode = 1 if first else 2
     _block6_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 8 and np_ == 6:
-        for v in range(8):
-            dst = of[ob + v * os_k:ob + v * os_k + 6]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(6):
-                    dst[p] = tmp[p * 8 + v] + bv
-            else:
-                for p in range(6):
-                    dst[p] += tmp[p * 8 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 8 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 8 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
 
 
 _block6_16 = conv_block(6, 2, 8)
@@ -163,26 +125,8 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block6_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 16 and np_ == 6:
-        for v in range(16):
-            dst = of[ob + v * os_k:ob + v * os_k + 6]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(6):
-                    dst[p] = tmp[p * 16 + v] + bv
-            else:
-                for p in range(6):
-                    dst[p] += tmp[p * 16 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 16 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 16 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
 _block7_16 = conv_block(7, 2, 8)
@@ -205,26 +149,8 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block7_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 16 and np_ == 7:
-        for v in range(16):
-            dst = of[ob + v * os_k:ob + v * os_k + 7]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(7):
-                    dst[p] = tmp[p * 16 + v] + bv
-            else:
-                for p in range(7):
-                    dst[p] += tmp[p * 16 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 16 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 16 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
 _block7_32 = conv_block(7, 2, 16)
@@ -247,26 +173,8 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block7_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 32 and np_ == 7:
-        for v in range(32):
-            dst = of[ob + v * os_k:ob + v * os_k + 7]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(7):
-                    dst[p] = tmp[p * 32 + v] + bv
-            else:
-                for p in range(7):
-                    dst[p] += tmp[p * 32 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 32 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 32 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 32)
 
 
 _block8_16 = conv_block(8, 2, 8)
@@ -289,26 +197,8 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block8_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 16 and np_ == 8:
-        for v in range(16):
-            dst = of[ob + v * os_k:ob + v * os_k + 8]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(8):
-                    dst[p] = tmp[p * 16 + v] + bv
-            else:
-                for p in range(8):
-                    dst[p] += tmp[p * 16 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 16 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 16 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
 _block8_32 = conv_block(8, 2, 16)
@@ -331,26 +221,8 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
         mode = 1 if first else 2
     _block8_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
-    if mode != 0:
-        return
-    if nk == 32 and np_ == 8:
-        for v in range(32):
-            dst = of[ob + v * os_k:ob + v * os_k + 8]
-            if first:
-                bv = bias[kb0 + v]
-                for p in range(8):
-                    dst[p] = tmp[p * 32 + v] + bv
-            else:
-                for p in range(8):
-                    dst[p] += tmp[p * 32 + v]
-        return
-    for p in range(np_):
-        for v in range(nk):
-            o = ob + p * os_p + v * os_k
-            if first:
-                of[o] = tmp[p * 32 + v] + bias[kb0 + v]
-            else:
-                of[o] += tmp[p * 32 + v]
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 32)
 
 
 @_ukjit

@@ -517,6 +517,22 @@ from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation
 _ukjit = jit(fastmath={"contract"})
+
+
+@_ukjit
+def _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, vw):
+    """of[ob + p*os_p + v*os_k] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores
+    a block does not make itself (NCHW's transposed ones, partial blocks), shared by every
+    micro-kernel (one compile, not one per pixel block)."""
+    for v in range(nk):
+        o = ob + v * os_k
+        if first:
+            bv = bias[kb0 + v]
+            for p in range(np_):
+                of[o + p * os_p] = tmp[p * vw + v] + bv
+        else:
+            for p in range(np_):
+                of[o + p * os_p] += tmp[p * vw + v]
 '''
 
 _DRIVER = '''
@@ -630,27 +646,8 @@ def _gen_ukernel(p_, v_):
     L.append(f"        mode = 1 if first else 2")
     L.append(f"    _block{p_}_{v_}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
     L.append("                  mode)")
-    L.append("    if mode != 0:")
-    L.append("        return")
-    # (slices: zero-based loops with no negative-index wraparound checks, so they vectorise)
-    L.append(f"    if nk == {v_} and np_ == {p_}:")
-    L.append(f"        for v in range({v_}):")
-    L.append(f"            dst = of[ob + v * os_k:ob + v * os_k + {p_}]")
-    L.append("            if first:")
-    L.append("                bv = bias[kb0 + v]")
-    L.append(f"                for p in range({p_}):")
-    L.append(f"                    dst[p] = tmp[p * {v_} + v] + bv")
-    L.append("            else:")
-    L.append(f"                for p in range({p_}):")
-    L.append(f"                    dst[p] += tmp[p * {v_} + v]")
-    L.append("        return")
-    L.append("    for p in range(np_):")
-    L.append("        for v in range(nk):")
-    L.append("            o = ob + p * os_p + v * os_k")
-    L.append("            if first:")
-    L.append(f"                of[o] = tmp[p * {v_} + v] + bias[kb0 + v]")
-    L.append("            else:")
-    L.append(f"                of[o] += tmp[p * {v_} + v]")
+    L.append("    if mode == 0:")
+    L.append(f"        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, {v_})")
     return "\n".join(L) + "\n"
 
 
