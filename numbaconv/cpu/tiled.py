@@ -432,23 +432,22 @@ def run(p, x, w, bias, out, epi=NONE):
     bind(p, w, bias)(x, out, epi)
 
 
-def bind(p, w, bias):
-    """:func:`run`'s decisions and prepared weights for problem ``p``, as a function of
-    ``(x, out, epi)`` (a :class:`numbaconv.Conv2dPlan` keeps it per input shape: a call is
-    then the allocation of the padded copy and the two kernel calls)."""
-    wlayout = _WEIGHT_LAYOUT[p.layout]
+@functools.lru_cache(maxsize=1024)
+def _layer(p, threads, _generation):
+    """:func:`bind`'s decisions that depend on the problem alone (and the thread count and
+    tuning knobs), once per problem: ``conv2d`` binds on every call, and on a 1 ms layer
+    these decisions cost ~5 % of it.  ``(kind, ...)``; for the micro-kernel path
+    ``("generic", p, plan, in_place, padded_shape, pad_args, geometry, jobs)`` with ``p``
+    rewritten for a strided 1x1 layer.  (Tests that patch the planners or thresholds clear
+    it: tests/conftest.py.)"""
     if p.is_depthwise:
-        return depthwise.bind(p, w, bias, wlayout)
+        return ("depthwise",)
     if uses_streaming(p):
-        w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-        return after(lambda x, out: depthwise.run_streaming(p, x, w_oihw, bias, out))
+        return ("streaming",)
     if _oversized(p):
-        # padding and dilation far beyond the image (what the front door's compaction leaves):
-        # the zero-padded copy would outgrow the input and the result together, so the direct
-        # loop, which clips the padding in place, runs instead (memory never grows with padding)
-        return after(lambda x, out: naive.run(p, x, w, bias, out))
+        return ("naive",)
     if dot.applies(p):
-        return lambda x, out, epi: dot.run(p, x, w, bias, out, epi)  # deep NCHW: OIHW weights read in place
+        return ("dot",)
     nchw = p.layout == "NCHW"
     ssh = ssw = 1
     if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):
@@ -456,10 +455,37 @@ def bind(p, w, bias):
         ssh, ssw = p.stride_h, p.stride_w
         p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
     b = plan(p)
-    v_ = b["V"]
     in_place = not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w
     padded_shape = (p.n, b["hp"], b["wp"], p.c)
     pad_args = (nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
+    geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
+                p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), b["hwio"], b["P"],
+                b["split"])
+    jobs = p.n * -(-p.ho // b["rows"]) * p.groups * -(-b["kbg"] // b["kbs"])
+    return ("generic", p, b, in_place, padded_shape, pad_args, geometry, jobs)
+
+
+def bind(p, w, bias):
+    """:func:`run`'s decisions and prepared weights for problem ``p``, as a function of
+    ``(x, out, epi)`` (a :class:`numbaconv.Conv2dPlan` keeps it per input shape: a call is
+    then the allocation of the padded copy and the two kernel calls)."""
+    wlayout = _WEIGHT_LAYOUT[p.layout]
+    layer = _layer(p, numba.get_num_threads(), tuning.generation())
+    kind = layer[0]
+    if kind == "depthwise":
+        return depthwise.bind(p, w, bias, wlayout)
+    if kind == "streaming":
+        w_oihw = w if wlayout == "OIHW" else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+        return after(lambda x, out: depthwise.run_streaming(p, x, w_oihw, bias, out))
+    if kind == "naive":
+        # padding and dilation far beyond the image (what the front door's compaction leaves):
+        # the zero-padded copy would outgrow the input and the result together, so the direct
+        # loop, which clips the padding in place, runs instead (memory never grows with padding)
+        return after(lambda x, out: naive.run(p, x, w, bias, out))
+    if kind == "dot":
+        return lambda x, out, epi: dot.run(p, x, w, bias, out, epi)  # deep NCHW: OIHW weights read in place
+    _, p, b, in_place, padded_shape, pad_args, geometry, jobs = layer
+    v_ = b["V"]
     # HWIO weights whose channel blocks are whole are read in place when K is small: each
     # (tap, input channel) row holds the V weights of a block contiguously, as packing would
     # (only further apart), so no pack and no packed-weight cache (whose exact check reads the
@@ -473,23 +499,19 @@ def bind(p, w, bias):
     # the weights' pages happen to lie in physical memory: on Zen 1, 1-2 of every 6 weight
     # arrays of a 3x3 128-channel layer ran 25-30 % slower, for as long as they lived, and a
     # Conv2dPlan's private copy drew the same lottery.  The packed copy is contiguous.
-    hwio = b["hwio"]
     w = np.ascontiguousarray(w)
-    wpk = w.reshape(-1) if hwio else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_)
+    wpk = w.reshape(-1) if b["hwio"] else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_)
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
     driver = _driver(p.dtype)
-    geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
-                p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), hwio, b["P"], b["split"])
-
-    jobs = p.n * -(-p.ho // b["rows"]) * p.groups * -(-b["kbg"] // b["kbs"])
+    dtype = p.dtype
 
     def call(x, out, epi):
         if in_place:
             xp = x  # NHWC without padding or overhang: the input is already the kernel's layout
         else:
-            xp = np.empty(padded_shape, dtype=p.dtype)
+            xp = np.empty(padded_shape, dtype=dtype)
             _pad_to_nhwc(x, xp, *pad_args)
         of = out.reshape(-1)
         ea = epi.kernel_arg(of)
