@@ -17,9 +17,10 @@ as ``prange`` bodies see them: no reference counting in the task) and calls the 
 through its address with Numba's calling convention.  So nothing links the task's code a
 second time: an entry that links a kernel compiles, optimises and emits all of it again
 (~0.5 s per kernel family).  The entry reaches :func:`_run_parts` by its address too
-(:func:`run_parts_address`), so the parallel loop is not re-optimised in every entry.  ``_run_parts`` splits ``[0, jobs)`` into one contiguous range
-per thread and runs them on Numba's threading layer, as ``prange`` over the jobs did (same
-static split, same threads, ~5 us per launch; a pool of Python threads costs ~25).
+(:func:`run_parts_address`), so the parallel loop is not re-optimised in every entry.
+``_run_parts`` splits ``[0, jobs)`` into one contiguous range per thread and runs them on
+Numba's threading layer, as ``prange`` over the jobs did (same static split, same threads,
+~5 us per launch; a pool of Python threads costs ~25).
 """
 
 import numba
@@ -238,7 +239,7 @@ class Task:
         if address is None:
             _launch_threads()  # (what the reload hook does; cheap once started)
             address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
-        launch_address(address, _run_parts_address[0] or run_parts_address(), jobs, *args)
+        launch_address(address, run_parts_address(), jobs, *args)
 
     def __call__(self, jobs, *args):
         self.run(tuple(map(type_key, args)), jobs, *args)

@@ -376,10 +376,9 @@ def _plan(p, threads, _generation):
         rows = (rows + 1) // 2
         row_bytes //= 2
     hp = p.h + p.pad_top + p.pad_bottom
-    if split >= p.wo:  # where the row's last pixel block ends (past wo)
-        covered = -(-p.wo // p_) * p_
-    else:
-        covered = split + -(-(p.wo - split) // min(P_CHOICES[vector_bytes()])) * min(P_CHOICES[vector_bytes()])
+    # where the row's last pixel block ends (past wo): blocks of p_ up to split, then the smaller
+    after, size = (0, p_) if split >= p.wo else (split, min(P_CHOICES[vector_bytes()]))
+    covered = after + -(-(p.wo - after) // size) * size
     wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
     # block's rows are few, or the weights too small to be cached packed (packed every call)
