@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 def _fresh_tiled_decisions():
     """tiled caches its per-problem decisions (numbaconv.cpu.tiled._layer); tests that patch the
     planner or a threshold (dot's, streaming's) must not meet an earlier test's decision."""
-    from numbaconv.cpu import tiled
+    from numbaconv.cpu import pointwise, tiled
     tiled._layer.cache_clear()
+    pointwise._layer.cache_clear()
     yield
     tiled._layer.cache_clear()
+    pointwise._layer.cache_clear()

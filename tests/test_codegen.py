@@ -1,7 +1,8 @@
 """Codegen on every x86-64 family, from any x86-64 machine.
 
-Each case compiles numbaconv's register-blocked kernels (tiled's micro-kernels, dot's
-block, the NHWC depthwise block, Winograd's GEMM block and tile transforms) for a named CPU in a subprocess
+Each case compiles numbaconv's register-blocked kernels (tiled's micro-kernels and the
+NCHW 1x1 task that inlines them, dot's block, the NHWC depthwise block, Winograd's GEMM
+block and tile transforms) for a named CPU in a subprocess
 (``NUMBA_CPU_NAME`` with ``NUMBA_CPU_FEATURES=""``: LLVM's own feature set and tuning for
 that CPU, as a user on it would get) and reads the hot loop of the machine code: packed
 FMAs on the register class the plan assumes, exactly one plan step (``2P`` FMAs per
@@ -74,6 +75,13 @@ def _check_plan(report, vector_bytes):
             assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
         else:  # the tile transforms: channel vectors of the full width (1/2, 2, 4, 8 ... as FMAs)
             assert stats["packed"][reg] > 0, f"{name}: {stats}"
+    assert report["pointwise"], "no pointwise task was reported"
+    for name, stats in report["pointwise"].items():  # tiled's block inlined into the NCHW 1x1 task
+        p_ = int(name.split("/P")[1].split("/")[0])
+        assert stats["packed"][reg] == 2 * p_ and stats["scalar"] == 0, f"{name}: {stats}"
+        # P weight-row addresses + the input column + counters: one integer reload per step
+        # (one load beside the 2 + P the step makes) where the 15 general registers run out
+        assert stats["stack"] == 0 and stats["gpr_stack"] <= 1, f"{name}: stack traffic in the hot loop: {stats}"
     assert report["dot"], "no dot block was reported"
     for name, stats in report["dot"].items():  # KB x PB accumulators along the reduction
         kb, pb = int(name.split("/KB")[1].split("/")[0]), int(name.split("/PB")[1])

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import numbaconv
-from numbaconv.cpu import depthwise, dot, tiled
+from numbaconv.cpu import depthwise, dot, pointwise, tiled
 from numbaconv.problem import ConvProblem
+from numbaconv.cpu.epilogue import python_reference
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
 DTYPES = [np.float32, np.float64]
@@ -114,6 +115,83 @@ def test_dot_path_is_taken_for_res5_like_layers():
     assert not applies(1, 16, 5, 16)  # small weights pack cheaply
     assert not applies(1, 512, 7, 512, groups=2)
     _check((1, 256, 5, 5, 128, 3, 3, dict(padding=1)), "NCHW", np.float32)
+
+
+# (n, c, h, w, k): NCHW 1x1 layers for numbaconv.cpu.pointwise
+POINTWISE = [
+    (1, 7, 4, 4, 16),     # one whole pixel block (V = 16 float32 on AVX2); K = 6 + 6 + 4
+    (2, 5, 3, 7, 13),     # pixel tail only (21 < V or 21 = V + 5), odd K: zero weight rows appended
+    (1, 40, 9, 9, 30),    # 81 pixels: whole blocks and a tail; mixed channel blocks
+    (3, 1, 2, 3, 5),      # C = 1, 6 pixels, K = 5: one block (fewer K go to the streaming kernel)
+    (1, 33, 5, 7, 7),     # K = 7 = 4 + 3 (or one zero-padded block of 8 on AVX-512)
+]
+
+
+def _pointwise_check(case, dtype, activation=None, residual=False, bias=True):
+    n, c, h, w, k = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x, wt, b = make_problem(rng, n, c, h, w, k, 1, 1, dtype=dtype, bias=bias)
+    r = rng.standard_normal((n, k, h, w)).astype(dtype) if residual else None
+    expected = torch_conv2d(x, wt, b)
+    if r is not None:
+        expected = expected + r
+    expected = np.vectorize(lambda v: python_reference(v, activation), otypes=[np.float64])(expected)
+    got = numbaconv.conv2d(x, wt, b, algorithm="tiled", activation=activation, residual=r)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    assert_close(got, expected, dtype, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c)))
+def test_pointwise_path_for_nchw_1x1(case, dtype, monkeypatch):
+    """NCHW 1x1 layers run as a GEMM on the input in place (numbaconv.cpu.pointwise): every
+    remainder of its blocks (pixel tails, odd K, K below the smaller block), with and
+    without bias, fused activation and residual."""
+    called = []
+    real = pointwise.bind
+    monkeypatch.setattr(pointwise, "bind", lambda *a: called.append(1) or real(*a))
+    _pointwise_check(case, dtype)
+    _pointwise_check(case, dtype, bias=False)
+    _pointwise_check(case, dtype, activation="relu6", residual=True)
+    assert called
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pointwise_channel_blocks_and_task_splits(dtype, monkeypatch):
+    """Input channels in several L1 blocks (later blocks added into the output, partial
+    blocks through the scatter), and tasks split along pixel blocks and channel blocks."""
+    monkeypatch.setattr(pointwise, "PANEL_BYTES", 8 * 8 * 8)  # 8 channels per block
+    for task_bytes in (1, 1 << 20):
+        monkeypatch.setattr(pointwise, "TASK_BYTES", task_bytes)
+        pointwise._layer.cache_clear()
+        for case in [(2, 19, 5, 9, 14), (1, 20, 7, 7, 37)]:
+            _pointwise_check(case, dtype, activation="silu", residual=True)
+            _pointwise_check(case, dtype, bias=False)
+    pointwise._layer.cache_clear()
+
+
+@pytest.mark.parametrize("k", range(1, 70))
+def test_pointwise_channel_blocks_cover_k(k):
+    """The output-channel blocks start at 0, follow each other by the target's two block
+    sizes and cover K; weight rows are appended (a copy) only when K is not a sum of them."""
+    p = ConvProblem(n=1, c=8, h=5, w=5, k=k, r=1, s=1)
+    starts = pointwise.layer(p)[0]
+    sizes = set(np.diff(starts).tolist())
+    assert starts[0] == 0 and starts[-1] >= k and starts[-2] < k
+    assert sizes <= set(tiled.P_CHOICES[tiled.vector_bytes()])
+    if k % 2 == 0 and k >= 4 and tiled.P_CHOICES[tiled.vector_bytes()] == (4, 6):
+        assert starts[-1] == k
+
+
+def test_pointwise_applies_only_to_plain_nchw_1x1():
+    def applies(**kw):
+        return pointwise.applies(ConvProblem(**{**dict(n=1, c=8, h=5, w=5, k=8, r=1, s=1), **kw}))
+    assert applies()
+    assert not applies(layout="NHWC", weight_layout="HWIO")
+    assert not applies(r=3, s=3)
+    assert not applies(stride_h=2, stride_w=2)
+    assert not applies(pad_top=1)
+    assert not applies(groups=2, c=8, k=8)
 
 
 def test_plan_blocks_cover_the_problem():

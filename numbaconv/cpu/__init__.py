@@ -9,9 +9,12 @@
   independent jobs, on Numba's threads (one ``prange`` compiled per install, not one per kernel);
 * ``naive``     -- the direct loop nest (the correctness baseline, a plain-Python twin beside it);
 * ``im2col``    -- im2col + BLAS with a bounded workspace, and the public ``im2col`` / ``col2im``;
-* ``tiled``     -- the cache- and register-blocked direct convolution (the fast path), and
-  ``_ukernels`` its generated micro-kernels (``python -m numbaconv.cpu.tiled``);
+* ``tiled``     -- the cache- and register-blocked direct convolution (the fast path),
+  ``_ukernels`` its generated micro-kernels and task functions (``python -m
+  numbaconv.cpu.tiled``), ``_blocking`` their register-block sizes on the compile target;
 * ``dot``       -- tiled's path for deep NCHW layers (OIHW weights read in place);
+* ``pointwise`` -- tiled's path for NCHW 1x1 layers (a GEMM on the input in place, tiled's
+  register blocks with their roles swapped);
 * ``depthwise`` -- depthwise and few-channel streaming kernels (the NHWC stride-1 register
   block: ``_vec.dw3x3_block``);
 * ``winograd``  -- Winograd F(4x4 / 2x2, 3x3) for stride-1 3x3 layers (transforms:
@@ -28,5 +31,6 @@ its ``run`` also takes ``epi=`` (an :class:`~numbaconv.cpu.epilogue.Epilogue`).
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
 ``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` and ``_vec`` import nothing of
-numbaconv; ``_launch`` only ``_jit``; ``_wcache`` only ``_jit`` and ``_launch``.
+numbaconv; ``_launch`` only ``_jit``; ``_wcache`` only ``_jit`` and ``_launch``; ``_blocking``
+only ``_vec``.
 """

@@ -4,12 +4,13 @@ Register-blocked micro-kernels of the ``tiled`` algorithm and their task functio
 ``ukP_V`` computes a block of ``P`` output pixels x ``V`` output channels in explicit vector
 registers (``_blockP_V``, see numbaconv/cpu/_vec.py) while it streams input channels and
 kernel taps, then stores it (bias on the first channel block).  ``tasks_V_TAG`` sweeps a
-range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._launch.Task``).
+range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._launch.Task``);
+``pointwise_V_TAG`` the tasks of an NCHW 1x1 layer (numbaconv/cpu/pointwise.py).
 """
 
 import numpy as np
 
-from ._jit import jit, prefetchw
+from ._jit import copy_run, jit, prefetchw, zero_run
 from ._vec import conv_block
 from .epilogue import finish_2d
 
@@ -523,3 +524,315 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                 else:
                     for i in range(i0, i1):
                         finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+_rows4_8 = conv_block(4, 2, 4, row_bias=True)
+
+_rows6_8 = conv_block(6, 2, 4, row_bias=True)
+
+
+@_ukjit
+def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc, kbs, cb, zero, epi):
+    """Tasks ``[lo, hi)`` of an NCHW 1x1 convolution (:mod:`numbaconv.cpu.pointwise`): the
+    register block with its roles swapped -- output channels broadcast from the OIHW weight
+    rows ``wf`` (its "pixels"), 8 output pixels loaded as vectors from the input's channel
+    planes ``xf`` (its "channels"), each row stored as vectors in place with its bias
+    (``bias``: one per weight row).  A task: image n, pixel blocks [qb_lo, qb_hi) of 8,
+    channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 4 or 6), input
+    channels in blocks of ``cb`` (one block's 8 columns stay in L1 for every channel block,
+    later ones added into the output); then the epilogue ``epi`` on that finished, still
+    cached, part.  A row's last pixel block, when
+    partial, reads a zero-padded copy of its columns."""
+    nkb = kstarts.size - 1
+    nkc = (nkb + kbs - 1) // kbs
+    tmp = np.empty(6 * 8, dtype=of.dtype)
+    panel = np.empty(c_ * 8, dtype=of.dtype)
+    for t in range(lo, hi):
+        n = t // (nqc * nkc)
+        rest = t % (nqc * nkc)
+        qb_lo = (rest // nkc) * qbs
+        qb_hi = min(nqb, qb_lo + qbs)
+        kb_lo = (rest % nkc) * kbs
+        kb_hi = min(nkb, kb_lo + kbs)
+        for qb in range(qb_lo, qb_hi):
+            q0 = qb * 8
+            nq = min(8, hw - q0)
+            src = xf
+            wb = n * c_ * hw + q0
+            ws_c = hw
+            if nq < 8:
+                for c in range(c_):
+                    copy_run(panel, c * 8, xf, wb + c * hw, nq)
+                    zero_run(panel, c * 8 + nq, 8 - nq)
+                src = panel
+                wb = 0
+                ws_c = 8
+            for c0 in range(0, c_, cb):
+                cl = min(cb, c_ - c0)
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kstarts[kb]
+                    pb = kstarts[kb + 1] - k0
+                    np_ = min(pb, k_ - k0)
+                    ob = (n * k_ + k0) * hw + q0
+                    whole = nq == 8 and np_ == pb
+                    for p in range(np_):
+                        prefetchw(of, ob + p * hw)
+                        prefetchw(of, ob + p * hw + nq - 1)
+                    mode = 0
+                    if whole:
+                        mode = 1 if c0 == 0 else 2
+                    if pb == 6:
+                        _rows6_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    else:
+                        _rows4_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    if not whole:
+                        for p in range(np_):
+                            o = ob + p * hw
+                            if c0 == 0:
+                                b = bias[k0 + p]
+                                for j in range(nq):
+                                    of[o + j] = tmp[p * 8 + j] + b
+                            else:
+                                for j in range(nq):
+                                    of[o + j] += tmp[p * 8 + j]
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            k_lo = kstarts[kb_lo]
+            q_lo = qb_lo * 8
+            finish_2d(of, epi, (n * k_ + k_lo) * hw + q_lo, min(k_, kstarts[kb_hi]) - k_lo, hw,
+                      min(hw, qb_hi * 8) - q_lo)
+
+
+_rows4_16 = conv_block(4, 2, 8, row_bias=True)
+
+_rows6_16 = conv_block(6, 2, 8, row_bias=True)
+
+
+@_ukjit
+def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc, kbs, cb, zero, epi):
+    """Tasks ``[lo, hi)`` of an NCHW 1x1 convolution (:mod:`numbaconv.cpu.pointwise`): the
+    register block with its roles swapped -- output channels broadcast from the OIHW weight
+    rows ``wf`` (its "pixels"), 16 output pixels loaded as vectors from the input's channel
+    planes ``xf`` (its "channels"), each row stored as vectors in place with its bias
+    (``bias``: one per weight row).  A task: image n, pixel blocks [qb_lo, qb_hi) of 16,
+    channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 4 or 6), input
+    channels in blocks of ``cb`` (one block's 16 columns stay in L1 for every channel block,
+    later ones added into the output); then the epilogue ``epi`` on that finished, still
+    cached, part.  A row's last pixel block, when
+    partial, reads a zero-padded copy of its columns."""
+    nkb = kstarts.size - 1
+    nkc = (nkb + kbs - 1) // kbs
+    tmp = np.empty(6 * 16, dtype=of.dtype)
+    panel = np.empty(c_ * 16, dtype=of.dtype)
+    for t in range(lo, hi):
+        n = t // (nqc * nkc)
+        rest = t % (nqc * nkc)
+        qb_lo = (rest // nkc) * qbs
+        qb_hi = min(nqb, qb_lo + qbs)
+        kb_lo = (rest % nkc) * kbs
+        kb_hi = min(nkb, kb_lo + kbs)
+        for qb in range(qb_lo, qb_hi):
+            q0 = qb * 16
+            nq = min(16, hw - q0)
+            src = xf
+            wb = n * c_ * hw + q0
+            ws_c = hw
+            if nq < 16:
+                for c in range(c_):
+                    copy_run(panel, c * 16, xf, wb + c * hw, nq)
+                    zero_run(panel, c * 16 + nq, 16 - nq)
+                src = panel
+                wb = 0
+                ws_c = 16
+            for c0 in range(0, c_, cb):
+                cl = min(cb, c_ - c0)
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kstarts[kb]
+                    pb = kstarts[kb + 1] - k0
+                    np_ = min(pb, k_ - k0)
+                    ob = (n * k_ + k0) * hw + q0
+                    whole = nq == 16 and np_ == pb
+                    for p in range(np_):
+                        prefetchw(of, ob + p * hw)
+                        prefetchw(of, ob + p * hw + nq - 1)
+                    mode = 0
+                    if whole:
+                        mode = 1 if c0 == 0 else 2
+                    if pb == 6:
+                        _rows6_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    else:
+                        _rows4_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    if not whole:
+                        for p in range(np_):
+                            o = ob + p * hw
+                            if c0 == 0:
+                                b = bias[k0 + p]
+                                for j in range(nq):
+                                    of[o + j] = tmp[p * 16 + j] + b
+                            else:
+                                for j in range(nq):
+                                    of[o + j] += tmp[p * 16 + j]
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            k_lo = kstarts[kb_lo]
+            q_lo = qb_lo * 16
+            finish_2d(of, epi, (n * k_ + k_lo) * hw + q_lo, min(k_, kstarts[kb_hi]) - k_lo, hw,
+                      min(hw, qb_hi * 16) - q_lo)
+
+
+_rows7_16 = conv_block(7, 2, 8, row_bias=True)
+
+_rows8_16 = conv_block(8, 2, 8, row_bias=True)
+
+
+@_ukjit
+def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc, kbs, cb, zero, epi):
+    """Tasks ``[lo, hi)`` of an NCHW 1x1 convolution (:mod:`numbaconv.cpu.pointwise`): the
+    register block with its roles swapped -- output channels broadcast from the OIHW weight
+    rows ``wf`` (its "pixels"), 16 output pixels loaded as vectors from the input's channel
+    planes ``xf`` (its "channels"), each row stored as vectors in place with its bias
+    (``bias``: one per weight row).  A task: image n, pixel blocks [qb_lo, qb_hi) of 16,
+    channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 7 or 8), input
+    channels in blocks of ``cb`` (one block's 16 columns stay in L1 for every channel block,
+    later ones added into the output); then the epilogue ``epi`` on that finished, still
+    cached, part.  A row's last pixel block, when
+    partial, reads a zero-padded copy of its columns."""
+    nkb = kstarts.size - 1
+    nkc = (nkb + kbs - 1) // kbs
+    tmp = np.empty(8 * 16, dtype=of.dtype)
+    panel = np.empty(c_ * 16, dtype=of.dtype)
+    for t in range(lo, hi):
+        n = t // (nqc * nkc)
+        rest = t % (nqc * nkc)
+        qb_lo = (rest // nkc) * qbs
+        qb_hi = min(nqb, qb_lo + qbs)
+        kb_lo = (rest % nkc) * kbs
+        kb_hi = min(nkb, kb_lo + kbs)
+        for qb in range(qb_lo, qb_hi):
+            q0 = qb * 16
+            nq = min(16, hw - q0)
+            src = xf
+            wb = n * c_ * hw + q0
+            ws_c = hw
+            if nq < 16:
+                for c in range(c_):
+                    copy_run(panel, c * 16, xf, wb + c * hw, nq)
+                    zero_run(panel, c * 16 + nq, 16 - nq)
+                src = panel
+                wb = 0
+                ws_c = 16
+            for c0 in range(0, c_, cb):
+                cl = min(cb, c_ - c0)
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kstarts[kb]
+                    pb = kstarts[kb + 1] - k0
+                    np_ = min(pb, k_ - k0)
+                    ob = (n * k_ + k0) * hw + q0
+                    whole = nq == 16 and np_ == pb
+                    for p in range(np_):
+                        prefetchw(of, ob + p * hw)
+                        prefetchw(of, ob + p * hw + nq - 1)
+                    mode = 0
+                    if whole:
+                        mode = 1 if c0 == 0 else 2
+                    if pb == 8:
+                        _rows8_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    else:
+                        _rows7_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    if not whole:
+                        for p in range(np_):
+                            o = ob + p * hw
+                            if c0 == 0:
+                                b = bias[k0 + p]
+                                for j in range(nq):
+                                    of[o + j] = tmp[p * 16 + j] + b
+                            else:
+                                for j in range(nq):
+                                    of[o + j] += tmp[p * 16 + j]
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            k_lo = kstarts[kb_lo]
+            q_lo = qb_lo * 16
+            finish_2d(of, epi, (n * k_ + k_lo) * hw + q_lo, min(k_, kstarts[kb_hi]) - k_lo, hw,
+                      min(hw, qb_hi * 16) - q_lo)
+
+
+_rows7_32 = conv_block(7, 2, 16, row_bias=True)
+
+_rows8_32 = conv_block(8, 2, 16, row_bias=True)
+
+
+@_ukjit
+def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc, kbs, cb, zero, epi):
+    """Tasks ``[lo, hi)`` of an NCHW 1x1 convolution (:mod:`numbaconv.cpu.pointwise`): the
+    register block with its roles swapped -- output channels broadcast from the OIHW weight
+    rows ``wf`` (its "pixels"), 32 output pixels loaded as vectors from the input's channel
+    planes ``xf`` (its "channels"), each row stored as vectors in place with its bias
+    (``bias``: one per weight row).  A task: image n, pixel blocks [qb_lo, qb_hi) of 32,
+    channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 7 or 8), input
+    channels in blocks of ``cb`` (one block's 32 columns stay in L1 for every channel block,
+    later ones added into the output); then the epilogue ``epi`` on that finished, still
+    cached, part.  A row's last pixel block, when
+    partial, reads a zero-padded copy of its columns."""
+    nkb = kstarts.size - 1
+    nkc = (nkb + kbs - 1) // kbs
+    tmp = np.empty(8 * 32, dtype=of.dtype)
+    panel = np.empty(c_ * 32, dtype=of.dtype)
+    for t in range(lo, hi):
+        n = t // (nqc * nkc)
+        rest = t % (nqc * nkc)
+        qb_lo = (rest // nkc) * qbs
+        qb_hi = min(nqb, qb_lo + qbs)
+        kb_lo = (rest % nkc) * kbs
+        kb_hi = min(nkb, kb_lo + kbs)
+        for qb in range(qb_lo, qb_hi):
+            q0 = qb * 32
+            nq = min(32, hw - q0)
+            src = xf
+            wb = n * c_ * hw + q0
+            ws_c = hw
+            if nq < 32:
+                for c in range(c_):
+                    copy_run(panel, c * 32, xf, wb + c * hw, nq)
+                    zero_run(panel, c * 32 + nq, 32 - nq)
+                src = panel
+                wb = 0
+                ws_c = 32
+            for c0 in range(0, c_, cb):
+                cl = min(cb, c_ - c0)
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kstarts[kb]
+                    pb = kstarts[kb + 1] - k0
+                    np_ = min(pb, k_ - k0)
+                    ob = (n * k_ + k0) * hw + q0
+                    whole = nq == 32 and np_ == pb
+                    for p in range(np_):
+                        prefetchw(of, ob + p * hw)
+                        prefetchw(of, ob + p * hw + nq - 1)
+                    mode = 0
+                    if whole:
+                        mode = 1 if c0 == 0 else 2
+                    if pb == 8:
+                        _rows8_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    else:
+                        _rows7_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
+                    if not whole:
+                        for p in range(np_):
+                            o = ob + p * hw
+                            if c0 == 0:
+                                b = bias[k0 + p]
+                                for j in range(nq):
+                                    of[o + j] = tmp[p * 32 + j] + b
+                            else:
+                                for j in range(nq):
+                                    of[o + j] += tmp[p * 32 + j]
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            k_lo = kstarts[kb_lo]
+            q_lo = qb_lo * 32
+            finish_2d(of, epi, (n * k_ + k_lo) * hw + q_lo, min(k_, kstarts[kb_hi]) - k_lo, hw,
+                      min(hw, qb_hi * 32) - q_lo)

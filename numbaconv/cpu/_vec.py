@@ -117,7 +117,7 @@ def lanes(vector_bytes, itemsize):
 
 
 @functools.lru_cache(maxsize=None)
-def conv_block(p_, nv, w_=None, vector_bytes=None):
+def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
     """An intrinsic ``block(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin,
     of, ob, os_p, bias, kb0, mode)`` computing, for ``p < p_`` output pixels and
     ``j < nv*w_`` output channels::
@@ -132,6 +132,8 @@ def conv_block(p_, nv, w_=None, vector_bytes=None):
     are element offsets (any integer type).  FMA is fused (one rounding), as with
     ``fastmath`` contraction; no other reordering of the sum over ``c``.  ``w_=None``: the
     lanes follow the dtype, :func:`lanes` of ``vector_bytes`` (one block for both dtypes).
+    ``row_bias``: mode 1 adds ``bias[kb0 + p]`` to every lane of row ``p`` instead (the
+    blocks of :mod:`numbaconv.cpu.pointwise`, whose rows are output channels).
     """
     @intrinsic
     def block(typingctx, xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
@@ -185,16 +187,23 @@ def conv_block(p_, nv, w_=None, vector_bytes=None):
                     with_bias = builder.icmp_signed("==", mode_, i64(1))
                     for p in range(p_):
                         orow = builder.add(ob_, builder.mul(osp, i64(p)))
+                        if row_bias:
+                            bs = builder.load(builder.gep(ba.data, [builder.add(kb0_, i64(p))]), align=align)
+                            bv = builder.shuffle_vector(builder.insert_element(undef, bs, ir.Constant(ir.IntType(32), 0)),
+                                                        undef, splat)
                         for v in range(nv):
                             dst = _vector_ptr(builder, oa.data, builder.add(orow, i64(v * wl)), vty)
-                            bsrc = _vector_ptr(builder, ba.data, builder.add(kb0_, i64(v * wl)), vty)
-                            addend = builder.load(builder.select(with_bias, bsrc, dst), align=align)
+                            if row_bias:
+                                addend = builder.select(with_bias, bv, builder.load(dst, align=align))
+                            else:
+                                bsrc = _vector_ptr(builder, ba.data, builder.add(kb0_, i64(v * wl)), vty)
+                                addend = builder.load(builder.select(with_bias, bsrc, dst), align=align)
                             builder.store(builder.fadd(builder.load(accs[p][v]), addend), dst, align=align)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    block.__name__ = f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}"
+    block.__name__ = (f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}") + "_rb" * row_bias
     return block
 
 

@@ -69,20 +69,24 @@ def loop_stats(asm):
 
 
 def report():
-    """Codegen of the tiled micro-kernels, the dot block, the NHWC depthwise block and
-    Winograd's stages on the target Numba compiles for (JSON-able)."""
+    """Codegen of the tiled micro-kernels (and pointwise's task, which inlines them), the dot
+    block, the NHWC depthwise block and Winograd's stages on the target Numba compiles for
+    (JSON-able)."""
     import numpy as np
 
-    from . import depthwise, dot, tiled, winograd
+    from . import depthwise, dot, pointwise, tiled, winograd
     from ._vec import target_description, target_vector_bytes
     out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
-           "dot": {}, "depthwise": {}, "winograd": {}}
+           "dot": {}, "depthwise": {}, "winograd": {}, "pointwise": {}}
     for dtype in (np.float32, np.float64):
         out["depthwise"][f"{np.dtype(dtype).name}/block4_s1"] = loop_stats(depthwise.microkernel_asm(dtype))
         out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
         for p_ in tiled.P_CHOICES[target_vector_bytes()]:
             stats = loop_stats(tiled.microkernel_asm(dtype, p_))
             out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype)}"] = stats
+        if dtype == np.float32:  # (the same register block as tiled's, inlined into its task)
+            p_ = max(tiled.P_CHOICES[target_vector_bytes()])
+            out["pointwise"][f"float32/P{p_}/V{tiled.block_width(dtype)}"] = loop_stats(pointwise.microkernel_asm(dtype))
         for part in ("gemm", "input", "output"):
             out["winograd"][f"{np.dtype(dtype).name}/{part}/P{winograd._P}"] = loop_stats(
                 winograd.microkernel_asm(dtype, part))

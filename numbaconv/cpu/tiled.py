@@ -47,46 +47,17 @@ import numba
 import numpy as np
 
 from .. import tuning
-from . import depthwise, dot, naive
+from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._launch import Task, type_key
-from ._vec import target_vector_bytes, transpose8
+from ._blocking import (_DRIVERS, _UK_SHAPES, P, P_CHOICES, block_width, driver_tag, pixel_block,  # noqa: F401
+                        pixel_blocks, vector_bytes)
+from ._vec import transpose8
 from ._wcache import WeightCache
 from .epilogue import NONE, after
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
-
-#: output pixels per micro-kernel call that fit the register file: 2P accumulators +
-#: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
-P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
-P = 6  # the default
-
-
-def _width(vb, item):
-    return max(8, min(32, 2 * vb // item))
-
-
-#: one parallel driver per (V, pixel-block choices): the pixel block is a runtime argument
-#: of the driver, so a new layer compiles nothing a layer of the same dtype compiled before
-_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in P_CHOICES.items() for item in (4, 8)}))
-_UK_SHAPES = tuple(sorted({(p_, v_) for v_, ps in _DRIVERS for p_ in ps}))
-
-
-def driver_tag(ps):
-    return f"p{min(ps)}{max(ps)}"
-
-
-def vector_bytes():
-    """SIMD register width of the target Numba compiles for: 64 (AVX-512), 32 (AVX2) or 16
-    (honours ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``, see :mod:`numbaconv.cpu._vec`)."""
-    return target_vector_bytes()
-
-
-def block_width(dtype):
-    """``V``: output channels per micro-kernel (two SIMD registers' worth, at least 8)."""
-    return _width(vector_bytes(), np.dtype(dtype).itemsize)
-
 
 def microkernel(dtype, p_=P):
     from . import _ukernels
@@ -103,32 +74,6 @@ def _driver(dtype):
         from . import _ukernels
         _TASKS[name] = Task(getattr(_ukernels, name))
     return _TASKS[name]
-
-
-def pixel_block(wo):
-    """``P`` for output rows of ``wo`` pixels (the larger block of :func:`pixel_blocks`)."""
-    return pixel_blocks(wo)[0]
-
-
-def pixel_blocks(wo, choices=None):
-    """``(P, split)``: a row of ``wo`` output pixels runs as blocks of ``P`` up to pixel
-    ``split``, then blocks of the target's smaller ``P`` (the last one may run past the
-    row): the least work, counting ~1.5 pixels' worth of fixed cost (weight loads, loop and
-    store overhead) per micro-kernel call.  Mixing the two removes most of the padded work
-    a single ``P`` leaves on narrow rows (14 = 6 + 4 + 4, not 4 x 4 = 16; 56 = 8 x 6 + 2 x 4,
-    not 10 x 6 = 60)."""
-    choices = P_CHOICES[vector_bytes()] if choices is None else choices
-    big, small = max(choices), min(choices)
-    best = None
-    for a in range(-(-wo // big) + 1):
-        b = -(-max(0, wo - a * big) // small)
-        cost = (a * big + b * small + 1.5 * (a + b), -a)
-        if best is None or cost < best[0]:
-            best = (cost, a, b)
-    _, a, b = best
-    if b == 0 or a == 0:  # one size: the larger when it is all big blocks
-        return (big, wo) if b == 0 else (small, wo)
-    return big, a * big
 
 
 def microkernel_asm(dtype=np.float32, p_=P):
@@ -391,7 +336,7 @@ def _plan(p, threads, _generation):
 def generic(p):
     """Whether :func:`bind` runs ``p`` on the micro-kernel driver (the path :func:`plan` and the
     tuning knobs shape), not on the depthwise, streaming, deep-NCHW or direct-loop kernels."""
-    return not (p.is_depthwise or uses_streaming(p) or _oversized(p) or dot.applies(p))
+    return not (p.is_depthwise or uses_streaming(p) or _oversized(p) or dot.applies(p) or pointwise.applies(p))
 
 
 def _oversized(p):
@@ -447,6 +392,8 @@ def _layer(p, threads, _generation):
         return ("naive",)
     if dot.applies(p):
         return ("dot",)
+    if pointwise.applies(p):
+        return ("pointwise",)
     nchw = p.layout == "NCHW"
     ssh = ssw = 1
     if p.r == 1 and p.s == 1 and not p.has_padding and (p.stride_h > 1 or p.stride_w > 1):
@@ -483,6 +430,8 @@ def bind(p, w, bias):
         return after(lambda x, out: naive.run(p, x, w, bias, out))
     if kind == "dot":
         return lambda x, out, epi: dot.run(p, x, w, bias, out, epi)  # deep NCHW: OIHW weights read in place
+    if kind == "pointwise":
+        return pointwise.bind(p, w, bias)  # NCHW 1x1: the input is the GEMM's matrix, read in place
     _, p, b, in_place, padded_shape, pad_args, geometry, jobs = layer
     v_ = b["V"]
     # HWIO weights whose channel blocks are whole are read in place when K is small: each
@@ -527,12 +476,13 @@ Register-blocked micro-kernels of the ``tiled`` algorithm and their task functio
 ``ukP_V`` computes a block of ``P`` output pixels x ``V`` output channels in explicit vector
 registers (``_blockP_V``, see numbaconv/cpu/_vec.py) while it streams input channels and
 kernel taps, then stores it (bias on the first channel block).  ``tasks_V_TAG`` sweeps a
-range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._launch.Task``).
+range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._launch.Task``);
+``pointwise_V_TAG`` the tasks of an NCHW 1x1 layer (numbaconv/cpu/pointwise.py).
 """
 
 import numpy as np
 
-from ._jit import jit, prefetchw
+from ._jit import copy_run, jit, prefetchw, zero_run
 from ._vec import conv_block
 from .epilogue import finish_2d
 
@@ -629,6 +579,91 @@ def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
 '''
 
 
+_POINTWISE = '''
+
+@_ukjit
+def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc, kbs, cb, zero, epi):
+    \"\"\"Tasks ``[lo, hi)`` of an NCHW 1x1 convolution (:mod:`numbaconv.cpu.pointwise`): the
+    register block with its roles swapped -- output channels broadcast from the OIHW weight
+    rows ``wf`` (its "pixels"), {V} output pixels loaded as vectors from the input's channel
+    planes ``xf`` (its "channels"), each row stored as vectors in place with its bias
+    (``bias``: one per weight row).  A task: image n, pixel blocks [qb_lo, qb_hi) of {V},
+    channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: {PS}), input
+    channels in blocks of ``cb`` (one block's {V} columns stay in L1 for every channel block,
+    later ones added into the output); then the epilogue ``epi`` on that finished, still
+    cached, part.  A row's last pixel block, when
+    partial, reads a zero-padded copy of its columns.\"\"\"
+    nkb = kstarts.size - 1
+    nkc = (nkb + kbs - 1) // kbs
+    tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
+    panel = np.empty(c_ * {V}, dtype=of.dtype)
+    for t in range(lo, hi):
+        n = t // (nqc * nkc)
+        rest = t % (nqc * nkc)
+        qb_lo = (rest // nkc) * qbs
+        qb_hi = min(nqb, qb_lo + qbs)
+        kb_lo = (rest % nkc) * kbs
+        kb_hi = min(nkb, kb_lo + kbs)
+        for qb in range(qb_lo, qb_hi):
+            q0 = qb * {V}
+            nq = min({V}, hw - q0)
+            src = xf
+            wb = n * c_ * hw + q0
+            ws_c = hw
+            if nq < {V}:
+                for c in range(c_):
+                    copy_run(panel, c * {V}, xf, wb + c * hw, nq)
+                    zero_run(panel, c * {V} + nq, {V} - nq)
+                src = panel
+                wb = 0
+                ws_c = {V}
+            for c0 in range(0, c_, cb):
+                cl = min(cb, c_ - c0)
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kstarts[kb]
+                    pb = kstarts[kb + 1] - k0
+                    np_ = min(pb, k_ - k0)
+                    ob = (n * k_ + k0) * hw + q0
+                    whole = nq == {V} and np_ == pb
+                    for p in range(np_):
+                        prefetchw(of, ob + p * hw)
+                        prefetchw(of, ob + p * hw + nq - 1)
+                    mode = 0
+                    if whole:
+                        mode = 1 if c0 == 0 else 2
+{CALLS}
+                    if not whole:
+                        for p in range(np_):
+                            o = ob + p * hw
+                            if c0 == 0:
+                                b = bias[k0 + p]
+                                for j in range(nq):
+                                    of[o + j] = tmp[p * {V} + j] + b
+                            else:
+                                for j in range(nq):
+                                    of[o + j] += tmp[p * {V} + j]
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            k_lo = kstarts[kb_lo]
+            q_lo = qb_lo * {V}
+            finish_2d(of, epi, (n * k_ + k_lo) * hw + q_lo, min(k_, kstarts[kb_hi]) - k_lo, hw,
+                      min(hw, qb_hi * {V}) - q_lo)
+'''
+
+
+def _gen_pointwise(v_, ps):
+    calls = []
+    for i, p_ in enumerate(sorted(ps, reverse=True)):
+        if i == len(ps) - 1:
+            calls.append("                    else:")
+        else:
+            calls.append(f"                    {'if' if i == 0 else 'elif'} pb == {p_}:")
+        calls.append(f"                        _rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,")
+        calls.append("                                   cl, of, ob, hw, bias, k0, mode)")
+    blocks = "".join(f"\n\n_rows{p_}_{v_} = conv_block({p_}, 2, {v_ // 2}, row_bias=True)" for p_ in sorted(ps))
+    return blocks + "\n" + _POINTWISE.format(V=v_, TAG=driver_tag(ps), PS=" or ".join(map(str, sorted(ps))),
+                                              PMAX=max(ps), CALLS="\n".join(calls))
+
+
 def _gen_driver(v_, ps):
     calls = []
     for i, p_ in enumerate(sorted(ps, reverse=True)):
@@ -675,7 +710,8 @@ def _gen_ukernel(p_, v_):
 def generate_source():
     """The text of :mod:`numbaconv.cpu._ukernels`."""
     return (_HEADER + "".join(_gen_ukernel(p_, v_) for p_, v_ in _UK_SHAPES)
-            + "".join(_gen_driver(v_, ps) for v_, ps in _DRIVERS))
+            + "".join(_gen_driver(v_, ps) for v_, ps in _DRIVERS)
+            + "".join(_gen_pointwise(v_, ps) for v_, ps in _DRIVERS))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""The register blocks of ``tiled``'s micro-kernels on the compile target: their sizes and
+how a row of pixels (or, in :mod:`numbaconv.cpu.pointwise`, a column of output channels)
+is covered by them.  Shared by :mod:`numbaconv.cpu.tiled` and the kernels that reuse its
+blocks, and by the generator of :mod:`numbaconv.cpu._ukernels`.
+"""
+
+import numpy as np
+
+from ._vec import target_vector_bytes
+
+__all__ = ["P", "P_CHOICES", "block_width", "driver_tag", "pixel_block", "pixel_blocks", "vector_bytes"]
+
+#: output pixels per micro-kernel call that fit the register file: 2P accumulators +
+#: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
+P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
+P = 6  # the default
+
+
+def _width(vb, item):
+    return max(8, min(32, 2 * vb // item))
+
+
+#: one parallel driver per (V, pixel-block choices): the pixel block is a runtime argument
+#: of the driver, so a new layer compiles nothing a layer of the same dtype compiled before
+_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in P_CHOICES.items() for item in (4, 8)}))
+_UK_SHAPES = tuple(sorted({(p_, v_) for v_, ps in _DRIVERS for p_ in ps}))
+
+
+def driver_tag(ps):
+    return f"p{min(ps)}{max(ps)}"
+
+
+def vector_bytes():
+    """SIMD register width of the target Numba compiles for: 64 (AVX-512), 32 (AVX2) or 16
+    (honours ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``, see :mod:`numbaconv.cpu._vec`)."""
+    return target_vector_bytes()
+
+
+def block_width(dtype):
+    """``V``: output channels per micro-kernel (two SIMD registers' worth, at least 8)."""
+    return _width(vector_bytes(), np.dtype(dtype).itemsize)
+
+
+def pixel_block(wo):
+    """``P`` for output rows of ``wo`` pixels (the larger block of :func:`pixel_blocks`)."""
+    return pixel_blocks(wo)[0]
+
+
+def pixel_blocks(wo, choices=None):
+    """``(P, split)``: a row of ``wo`` output pixels runs as blocks of ``P`` up to pixel
+    ``split``, then blocks of the target's smaller ``P`` (the last one may run past the
+    row): the least work, counting ~1.5 pixels' worth of fixed cost (weight loads, loop and
+    store overhead) per micro-kernel call.  Mixing the two removes most of the padded work
+    a single ``P`` leaves on narrow rows (14 = 6 + 4 + 4, not 4 x 4 = 16; 56 = 8 x 6 + 2 x 4,
+    not 10 x 6 = 60)."""
+    choices = P_CHOICES[vector_bytes()] if choices is None else choices
+    big, small = max(choices), min(choices)
+    best = None
+    for a in range(-(-wo // big) + 1):
+        b = -(-max(0, wo - a * big) // small)
+        cost = (a * big + b * small + 1.5 * (a + b), -a)
+        if best is None or cost < best[0]:
+            best = (cost, a, b)
+    _, a, b = best
+    if b == 0 or a == 0:  # one size: the larger when it is all big blocks
+        return (big, wo) if b == 0 else (small, wo)
+    return big, a * big
+
