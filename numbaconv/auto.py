@@ -83,6 +83,9 @@ benchmark = os.environ.get("NUMBACONV_AUTOTUNE", "") not in ("", "0")
 winograd = os.environ.get("NUMBACONV_WINOGRAD", "1") not in ("0", "false", "False", "no", "off")
 #: timed runs per candidate (after one untimed warm-up run)
 BENCHMARK_REPEATS = 3
+#: pixels per image from which NCHW 1x1 layers run on tiled's in-place GEMM: not 7x7 images,
+#: whose 49 pixels make 3 whole blocks of 16 and one of 1 (BLAS: 0.9-1.15x as fast there)
+MIN_NCHW_GEMM_PIXELS = 64
 #: ConvProblem -> algorithm name, filled when ``benchmark`` is on
 measured = {}
 
@@ -141,7 +144,7 @@ def heuristic(p):
     """The algorithm the rules above pick for ``p`` (no tuning consulted)."""
     pointwise = p.r == p.s == 1 and not p.has_padding and p.dil_h == p.dil_w == 1
     if pointwise and not p.is_depthwise and (p.stride_h == p.stride_w == 1 or p.layout == "NHWC"):
-        return "tiled" if _gemm_too_thin(p) and usable("tiled") else "im2col"
+        return "tiled" if (_gemm_too_thin(p) or _nchw_gemm(p)) and usable("tiled") else "im2col"
     if winograd and usable("winograd") and REGISTRY["winograd"].impl.profitable(p):
         return "winograd"
     if usable("tiled"):
@@ -158,6 +161,17 @@ def _gemm_too_thin(p):
     128 output pixels in the batch, ~25 columns per thread's GEMM on 7x7 images (``tiled``,
     splitting output channels, ran MobileNetV2's and ResNet-50's 1.2-2.1x faster)."""
     return p.layout == "NHWC" and p.n * p.ho * p.wo < 128
+
+
+def _nchw_gemm(p):
+    """An NCHW 1x1 layer that ``tiled`` runs as a GEMM on the input in place
+    (:mod:`numbaconv.cpu.pointwise`; its deep, few-pixel ones on :mod:`numbaconv.cpu.dot`):
+    faster than BLAS on every such layer of MobileNetV2 and ResNet-50 from 14x14 images up
+    (the table above), at batch 1 and 8 -- but not on small images, whose vector blocks of
+    16-32 pixels are partly padding (7x7) or mostly (EfficientNet's squeeze-and-excitation
+    layers on 1x1 images: the model ran 41.5 -> 51.1 ms on Zen 1 with those in tiled)."""
+    return (p.layout == "NCHW" and p.groups == 1 and p.stride_h == p.stride_w == 1
+            and p.ho * p.wo >= MIN_NCHW_GEMM_PIXELS)
 
 
 def _winograd_applies(p):

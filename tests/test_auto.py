@@ -25,7 +25,7 @@ SUITE = {
     "seed_notebook": ((3, 3, 1000, 3, 3, 1, 0, 1), "tiled", "tiled"),
     "resnet_conv1": ((1, 3, 224, 64, 7, 2, 3, 1), "tiled", "tiled"),
     "resnet_res2_3x3": ((1, 64, 56, 64, 3, 1, 1, 1), "winograd", "winograd"),
-    "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "im2col", "im2col"),
+    "resnet_res2_1x1": ((1, 64, 56, 256, 1, 1, 0, 1), "tiled", "im2col"),
     "resnet_res3_1x1_s2": ((1, 256, 56, 128, 1, 2, 0, 1), "tiled", "im2col"),
     "resnet_res4_3x3": ((1, 256, 14, 256, 3, 1, 1, 1), "winograd", "winograd"),
     "resnet_res5_3x3": ((1, 512, 7, 512, 3, 1, 1, 1), "winograd", "winograd"),
@@ -89,9 +89,21 @@ def test_thin_1x1_gemms_go_to_tiled():
     assert auto.choose(prob(1, 2048, 7, 512, 1, layout="NHWC")) == "tiled"
     assert auto.choose(prob(2, 2048, 7, 512, 1, layout="NHWC")) == "tiled"  # 98 pixels
     assert auto.choose(prob(8, 2048, 7, 512, 1, layout="NHWC")) == "im2col"  # 392 pixels
-    assert auto.choose(prob(1, 2048, 7, 512, 1, layout="NCHW")) == "im2col"
     assert auto.choose(prob(1, 576, 14, 96, 1, layout="NHWC")) == "im2col"  # 196 pixels
     assert auto.choose(prob(1, 1024, 14, 256, 1, stride=2, layout="NHWC")) == "tiled"  # strided: 7x7 out
+
+
+def test_nchw_1x1_gemms_go_to_tiled_unless_the_images_are_tiny():
+    """NCHW stride-1 1x1 layers run tiled's GEMM on the input in place (numbaconv.cpu.pointwise)
+    from 8x8 images on, at any batch; 7x7, 4x4 and 1x1 images (squeeze-and-excitation) stay with BLAS."""
+    assert auto.choose(prob(1, 576, 14, 96, 1)) == "tiled"
+    assert auto.choose(prob(1, 64, 8, 64, 1)) == "tiled"
+    assert auto.choose(prob(1, 2048, 7, 512, 1)) == "im2col"
+    assert auto.choose(prob(8, 96, 56, 24, 1)) == "tiled"
+    assert auto.choose(prob(1, 24, 112, 144, 1)) == "tiled"
+    assert auto.choose(prob(1, 960, 1, 240, 1)) == "im2col"
+    assert auto.choose(prob(8, 960, 4, 240, 1)) == "im2col"
+    assert auto.choose(prob(1, 64, 14, 64, 1, groups=2)) == "im2col"
 
 
 def test_padded_or_dilated_1x1_is_not_treated_as_a_plain_gemm():
