@@ -131,4 +131,51 @@ def test_depthwise_takes_hwio_weights(case, layout):
 def test_nchw_flat_plane_without_phase_copy(case, monkeypatch):
     """3x3 NCHW planes through the flat sweep with scalar borders (wide planes' path)."""
     monkeypatch.setattr(depthwise, "_PHASES_MAX_W", 0)
+    monkeypatch.setattr(depthwise, "BLOCKS_MAX_PIXELS", 0)
     test_depthwise_fast_paths(case, "NCHW", np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: "x".join(map(str, c[:7])) + str(sorted(c[7].items())))
+def test_nchw_phase_planes_without_channel_blocks(case, dtype, monkeypatch):
+    """The small 3x3 planes that go through channel blocks, through the phase planes instead
+    (what wider planes, dilation, multipliers and other kernel sizes run)."""
+    monkeypatch.setattr(depthwise, "BLOCKS_MAX_PIXELS", 0)
+    test_depthwise_fast_paths(case, "NCHW", dtype)
+
+
+# (n, c, h, w, kwargs): NCHW 3x3 depthwise through channel blocks (channels-last copies)
+CHANNEL_BLOCKS = [
+    (1, 37, 7, 7, dict(padding=1)),                          # 2 whole blocks of 16 (or 1 of 32) + a partial one
+    (2, 13, 9, 11, dict(stride=2, padding=1)),               # stride 2, fewer channels than a block, batch 2
+    (1, 32, 6, 6, dict(padding=((2, 0), (0, 0)))),           # Wo = 4: one block per row; asymmetric padding
+    (1, 20, 10, 9, dict(stride=(1, 2), padding=(0, 1))),     # row stride 1, column stride 2
+    (1, 8, 12, 13, dict(stride=(3, 1))),                     # row stride 3, no padding; Wo = 11: overlapping blocks
+    (1, 3, 28, 28, dict(padding=1)),                         # 30 x 30 = 900 padded pixels (under the limit)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CHANNEL_BLOCKS, ids=lambda c: "x".join(map(str, c[:4])) + str(sorted(c[4].items())))
+def test_nchw_channel_blocks(case, dtype, monkeypatch):
+    """Small NCHW planes in blocks of channels through channels-last copies and the NHWC
+    register blocks: partial blocks, strides, padding, overlapping last pixel block, bias or
+    none, and the fused epilogue (activation and residual) on the transposed-back planes."""
+    import numbaconv
+    from numbaconv.cpu.epilogue import python_reference
+
+    runs = []
+    real = depthwise._DW_NCHW_BLOCKS.run
+    monkeypatch.setattr(depthwise._DW_NCHW_BLOCKS, "run", lambda *a: runs.append(1) or real(*a))
+    n, c, h, w, kw = case
+    rng = np.random.default_rng(abs(hash(case[:4])) % 2**32)
+    x, wt, b = make_problem(rng, n, c, h, w, c, 3, 3, groups=c, dtype=dtype)
+    for bias, activation, residual in ((b, None, False), (None, None, False), (b, "hardswish", True)):
+        expected = torch_conv2d(x, wt, bias, groups=c, **kw)
+        r = rng.standard_normal(expected.shape).astype(dtype) if residual else None
+        if r is not None:
+            expected = expected + r
+        expected = np.vectorize(lambda v: python_reference(v, activation), otypes=[np.float64])(expected)
+        got = numbaconv.conv2d(x, wt, bias, groups=c, algorithm="tiled", activation=activation, residual=r, **kw)
+        assert_close(got, expected, dtype, 9)
+    assert len(runs) == 3

@@ -11,7 +11,8 @@
 * ``im2col``    -- im2col + BLAS with a bounded workspace, and the public ``im2col`` / ``col2im``;
 * ``tiled``     -- the cache- and register-blocked direct convolution (the fast path),
   ``_ukernels`` its generated micro-kernels and task functions (``python -m
-  numbaconv.cpu.tiled``), ``_blocking`` their register-block sizes on the compile target;
+  numbaconv.cpu.tiled``), ``_blocking`` their register-block sizes on the compile target and the 8 x 8
+  register transposes between NCHW planes and channel vectors;
 * ``dot``       -- tiled's path for deep NCHW layers (OIHW weights read in place);
 * ``pointwise`` -- tiled's path for NCHW 1x1 layers (a GEMM on the input in place, tiled's
   register blocks with their roles swapped);
@@ -32,5 +33,5 @@ May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain ar
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,
 ``auto``), ``grad``, ``cuda``, ``bench`` or ``torch``.  ``_jit`` and ``_vec`` import nothing of
 numbaconv; ``_launch`` only ``_jit``; ``_wcache`` only ``_jit`` and ``_launch``; ``_blocking``
-only ``_vec``.
+only ``_jit`` and ``_vec``.
 """

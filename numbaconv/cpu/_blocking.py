@@ -1,14 +1,17 @@
 """The register blocks of ``tiled``'s micro-kernels on the compile target: their sizes and
 how a row of pixels (or, in :mod:`numbaconv.cpu.pointwise`, a column of output channels)
-is covered by them.  Shared by :mod:`numbaconv.cpu.tiled` and the kernels that reuse its
-blocks, and by the generator of :mod:`numbaconv.cpu._ukernels`.
+is covered by them; and the 8 x 8 register transposes between NCHW planes and channel
+vectors.  Shared by :mod:`numbaconv.cpu.tiled` and the kernels that reuse its blocks
+(pointwise, winograd, depthwise), and by the generator of :mod:`numbaconv.cpu._ukernels`.
 """
 
 import numpy as np
 
-from ._vec import target_vector_bytes
+from ._jit import jit
+from ._vec import target_vector_bytes, transpose8
 
-__all__ = ["P", "P_CHOICES", "block_width", "driver_tag", "pixel_block", "pixel_blocks", "vector_bytes"]
+__all__ = ["P", "P_CHOICES", "block_width", "driver_tag", "pixel_block", "pixel_blocks", "transpose_block",
+           "vector_bytes"]
 
 #: output pixels per micro-kernel call that fit the register file: 2P accumulators +
 #: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
@@ -66,3 +69,20 @@ def pixel_blocks(wo, choices=None):
         return (big, wo) if b == 0 else (small, wo)
     return big, a * big
 
+
+@jit(inline="always")  # (into its callers: one function less to compile)
+def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
+    """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i < ni, j < nj`` (flat arrays), in
+    8 x 8 blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`): an NCHW
+    row's channels into NHWC pixels, or back."""
+    i8 = ni - ni % 8
+    j8 = nj - nj % 8
+    for i0 in range(0, i8, 8):
+        for j0 in range(0, j8, 8):
+            transpose8(src, dst, s0 + i0 * ss + j0, ss, d0 + j0 * ds + i0, ds)
+        for j in range(j8, nj):
+            for i in range(i0, i0 + 8):
+                dst[d0 + j * ds + i] = src[s0 + i * ss + j]
+    for i in range(i8, ni):
+        for j in range(nj):
+            dst[d0 + j * ds + i] = src[s0 + i * ss + j]

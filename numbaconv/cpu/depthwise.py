@@ -10,7 +10,10 @@ and a GEMM formulation (im2col) or a general direct kernel wastes most of its wo
   pixel's output row (``K`` values) stays in L1 while its ``R*S`` taps accumulate.
 * NCHW: vectorised along the output width -- ``out[n, k, i, lo:hi] += w[k, r, s] *
   x[n, k // m, hi, lo*sw + off : ...]`` for every tap, with each tap's column range clipped
-  by :func:`~numbaconv.cpu._jit.valid_range` (zero padding, never an out-of-bounds read).
+  by :func:`~numbaconv.cpu._jit.valid_range` (zero padding, never an out-of-bounds read),
+  or through zero-padded stride-phase copies of each plane.  Small 3x3 planes (MobileNet's
+  7x7-28x28; rows too short for vectors along them) go through blocks of channels instead:
+  transposed into a channels-last copy in cache, the NHWC register blocks, and back.
 
 No padded copy of the input is made; the bias is the accumulators' initial value.
 Each kernel is a serial task over a range of (image x output rows) in NHWC and (image x
@@ -30,7 +33,8 @@ import functools
 import numba
 import numpy as np
 
-from ._jit import jit, valid_range
+from ._blocking import block_width, transpose_block
+from ._jit import copy_run, jit, valid_range
 from ._launch import Task, type_key
 from ._vec import dw3x3_block, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
@@ -352,6 +356,80 @@ def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi):
 
 
 _DW_NCHW_PHASES = Task(_dw_nchw_phases_tasks)
+
+
+@jit
+def _dw_nchw_blocks_tasks(lo, hi, xf, wf, bias, of, geo, epi):
+    """Tasks ``[lo, hi)`` over (image, block of ``cb`` channels) of a 3x3, dilation-1,
+    multiplier-1 NCHW depthwise layer with column stride 1 or 2 on small planes: the block's
+    planes transposed (8 x 8 in registers) into a zero-padded channels-last copy, the NHWC
+    register blocks (:data:`block4_s1` / :data:`block4_s2`, channel vectors) over it into a
+    channels-last result, that transposed back into the output planes, and the epilogue
+    ``epi`` over them (one contiguous run; None: pruned).  Copy and result stay in L1/L2.
+    ``geo``: the integers ``K, H, W, Ho, Wo, sh, sw, pt, pl, Hp, Wp, cb``."""
+    k_, h_, w_, ho_, wo_, sh, sw, pt, pl, hp, wp, cb = geo
+    nkb = (k_ + cb - 1) // cb
+    # zeroed once per range: the padding positions are the same for every block (pixel
+    # stride cb whatever the block's channel count), the rest is overwritten
+    buf = np.zeros(hp * wp * cb, dtype=xf.dtype)
+    obuf = np.empty(ho_ * wo_ * cb, dtype=of.dtype)
+    xbuf = np.empty(h_ * w_ * cb, dtype=xf.dtype)
+    wt = np.empty(9 * cb, dtype=wf.dtype)
+    bt = np.empty(cb, dtype=bias.dtype)
+    hw = h_ * w_
+    howo = ho_ * wo_
+    for t in range(lo, hi):
+        n = t // nkb
+        c0 = (t % nkb) * cb
+        nc = min(cb, k_ - c0)
+        for k in range(nc):  # the block's weights as 9 rows of nc (the register block's order)
+            bt[k] = bias[c0 + k]
+            for tap in range(9):
+                wt[tap * nc + k] = wf[(c0 + k) * 9 + tap]
+        # the planes as one flat transpose (rows of a 7- or 14-pixel plane are too short for
+        # the 8 x 8 blocks), then each row into the padded copy
+        transpose_block(xf, xbuf, (n * k_ + c0) * hw, hw, 0, cb, nc, hw)
+        for h in range(h_):
+            copy_run(buf, ((h + pt) * wp + pl) * cb, xbuf, h * w_ * cb, w_ * cb)
+        for i in range(ho_):
+            b0 = i * sh * wp * cb
+            j = 0
+            while j < wo_:
+                if j + 4 > wo_:
+                    j = wo_ - 4  # overlap the previous block: same values rewritten
+                xb = b0 + j * sw * cb
+                if sw == 1:
+                    block4_s1(buf, wt, bt, obuf, xb, xb + wp * cb, xb + 2 * wp * cb, (i * wo_ + j) * nc, nc, cb)
+                else:
+                    block4_s2(buf, wt, bt, obuf, xb, xb + wp * cb, xb + 2 * wp * cb, (i * wo_ + j) * nc, nc, cb)
+                j += 4
+        dst = (n * k_ + c0) * howo
+        transpose_block(obuf, of, 0, nc, dst, howo, howo, nc)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            finish_2d(of, epi, dst, 1, 0, nc * howo)
+
+
+_DW_NCHW_BLOCKS = Task(_dw_nchw_blocks_tasks)
+
+#: planes (zero-padded) up to this many pixels go through channels-last blocks: up to 28x28
+#: outputs (Zen 1, MobileNetV2's layers, 2 threads: 960 @ 7x7 184 -> 71 us, 576 @ 14x14
+#: 202 -> 129, stride 2 162 -> 72, 192 @ 28x28 169 -> 148); 56x56 planes ran 1.3-1.5x slower
+#: (their copies outgrow L1 and the phase planes' row sweeps are long enough)
+BLOCKS_MAX_PIXELS = 1024
+
+
+def _blocks_geometry(p):
+    """``geo`` of :func:`_dw_nchw_blocks_tasks` for ``p``, or None where it does not apply."""
+    if not (p.k == p.c and p.r == 3 and p.s == 3 and p.dil_h == 1 and p.dil_w == 1 and p.stride_w <= 2
+            and p.wo >= 4):
+        return None
+    cb = block_width(p.dtype)
+    hp = max(p.h + p.pad_top, (p.ho - 1) * p.stride_h + 3)
+    wp = max(p.w + p.pad_left, (p.wo - 1) * p.stride_w + 3)
+    if hp * wp > BLOCKS_MAX_PIXELS:
+        return None
+    return np.array([p.k, p.h, p.w, p.ho, p.wo, p.stride_h, p.stride_w, p.pad_top, p.pad_left, hp, wp, cb],
+                    dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=256)
@@ -807,6 +885,19 @@ def bind(p, w, bias, wlayout="OIHW"):
             wt = np.zeros(1, dtype=p.dtype)
         return after(lambda x, out: _dw_nhwc(x, w_rsk, b, out, *geometry, wt, pix))
     w_krs = w.reshape(p.k, p.r, p.s) if wlayout == "OIHW" else np.ascontiguousarray(w[:, :, 0].transpose(2, 0, 1))
+    geo = _blocks_geometry(p)
+    if geo is not None:
+        # small planes: blocks of channels through channels-last copies and the NHWC register
+        # blocks (a 7x7 or 14x14 plane's rows are too short for vectors along them; see
+        # BLOCKS_MAX_PIXELS)
+        wf = w_krs.reshape(-1)
+
+        def blocks(x, out, epi):
+            xf, of = x.reshape(-1), out.reshape(-1)
+            ea = epi.kernel_arg(of)
+            _DW_NCHW_BLOCKS.run((type_key(xf), type_key(of), type_key(ea)), p.n * -(-p.k // int(geo[-1])), xf, wf,
+                                b, of, geo, ea)
+        return blocks
     if p.wo <= _PHASES_MAX_W:
         # phase planes reach every tap of every output pixel (see _plane_phases)
         hq = p.ho + (p.r - 1) * p.dil_h // p.stride_h

@@ -51,8 +51,7 @@ from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._launch import Task, type_key
 from ._blocking import (_DRIVERS, _UK_SHAPES, P, P_CHOICES, block_width, driver_tag, pixel_block,  # noqa: F401
-                        pixel_blocks, vector_bytes)
-from ._vec import transpose8
+                        pixel_blocks, transpose_block, vector_bytes)
 from ._wcache import WeightCache
 from .epilogue import NONE, after
 
@@ -90,24 +89,6 @@ def microkernel_asm(dtype=np.float32, p_=P):
 
 
 # --- layout preparation ----------------------------------------------------------------------
-@jit(inline="always")  # (into its callers: one function less to compile)
-def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
-    """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i < ni, j < nj`` (flat arrays), in
-    8 x 8 blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`): an NCHW
-    row's channels into NHWC pixels, or back."""
-    i8 = ni - ni % 8
-    j8 = nj - nj % 8
-    for i0 in range(0, i8, 8):
-        for j0 in range(0, j8, 8):
-            transpose8(src, dst, s0 + i0 * ss + j0, ss, d0 + j0 * ds + i0, ds)
-        for j in range(j8, nj):
-            for i in range(i0, i0 + 8):
-                dst[d0 + j * ds + i] = src[s0 + i * ss + j]
-    for i in range(i8, ni):
-        for j in range(nj):
-            dst[d0 + j * ds + i] = src[s0 + i * ss + j]
-
-
 @jit(inline="always")  # (into each copy: one function less to compile per copy)
 def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
     """Padded row ``job`` (over ``n * Hp``) of the flat NHWC copy ``of``: zero its padding
