@@ -83,9 +83,10 @@ benchmark = os.environ.get("NUMBACONV_AUTOTUNE", "") not in ("", "0")
 winograd = os.environ.get("NUMBACONV_WINOGRAD", "1") not in ("0", "false", "False", "no", "off")
 #: timed runs per candidate (after one untimed warm-up run)
 BENCHMARK_REPEATS = 3
-#: pixels per image from which NCHW 1x1 layers run on tiled's in-place GEMM: not 7x7 images,
-#: whose 49 pixels make 3 whole blocks of 16 and one of 1 (BLAS: 0.9-1.15x as fast there)
-MIN_NCHW_GEMM_PIXELS = 64
+#: pixels per image from which NCHW 1x1 layers run on tiled's in-place GEMM: 7x7 images too
+#: (49 pixels: 3 whole blocks of 16 and one of 1; BLAS runs them 0.97-1.15x as fast, but a
+#: model would compile im2col's task function as well: MobileNetV2's first forward, Zen 1)
+MIN_NCHW_GEMM_PIXELS = 32
 #: ConvProblem -> algorithm name, filled when ``benchmark`` is on
 measured = {}
 
@@ -167,9 +168,10 @@ def _nchw_gemm(p):
     """An NCHW 1x1 layer that ``tiled`` runs as a GEMM on the input in place
     (:mod:`numbaconv.cpu.pointwise`; its deep, few-pixel ones on :mod:`numbaconv.cpu.dot`):
     faster than BLAS on every such layer of MobileNetV2 and ResNet-50 from 14x14 images up
-    (the table above), at batch 1 and 8 -- but not on small images, whose vector blocks of
-    16-32 pixels are partly padding (7x7) or mostly (EfficientNet's squeeze-and-excitation
-    layers on 1x1 images: the model ran 41.5 -> 51.1 ms on Zen 1 with those in tiled)."""
+    (the table above), at batch 1 and 8, and about as fast on 7x7 ones -- but not on tiny
+    images, whose vector blocks of 16-32 pixels are mostly padding (EfficientNet's
+    squeeze-and-excitation layers on 1x1 images: the model ran 41.5 -> 51.1 ms on Zen 1
+    with those in tiled)."""
     return (p.layout == "NCHW" and p.groups == 1 and p.stride_h == p.stride_w == 1
             and p.ho * p.wo >= MIN_NCHW_GEMM_PIXELS)
 

@@ -135,12 +135,29 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
             t0 = time.perf_counter()
             with install_recorder("numba:compile") as rec:
                 numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm, **kw)
-                if epilogue:  # one variant serves every activation, with or without a residual
+                if epilogue:  # one variant of each kernel serves every activation, with or without a residual
                     numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm,
                                      activation="relu", **kw)
             compiled = sum(1 for _, ev in rec.buffer if ev.is_end)
             rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm=algorithm,
                              compiled=compiled, seconds=time.perf_counter() - t0))
+    if epilogue and layers:
+        # a fused epilogue's runs compile once per activation (whatever the kernel), and a
+        # plan without an activation hands kernels a no-op one: each once, on the first layer
+        layer = layers[0]
+        kw = {k: v for k, v in layer.items() if k not in ("x_shape", "w_shape")}
+        x = np.zeros(layer["x_shape"], dtype)
+        w = np.zeros(layer["w_shape"], dtype)
+        if layout == "NHWC":
+            x = numbaconv.convert_layout(x, "NCHW", "NHWC")
+        t0 = time.perf_counter()
+        with install_recorder("numba:compile") as rec:
+            for activation in ("relu6", "silu", "hardswish"):
+                numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithms[0],
+                                 activation=activation, **kw)
+            numbaconv.Conv2dPlan(w, layout=layout, weight_layout="OIHW", algorithm=algorithms[0], **kw)(x)
+        rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="epilogues",
+                         compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
     return rows
 
 

@@ -64,7 +64,9 @@ class Conv2dPlan:
         own(self._weight)
         # zero padding multiplies finite weights into zeros: the NaN fix-up can never apply
         self._finite = bool(np.isfinite(self._weight).all())
-        self._epi = Epilogue.of(activation)
+        # (kernels get the epilogue argument even without an activation: a model's plans then
+        # share one compiled signature per kernel; see Epilogue.always)
+        self._epi = Epilogue.of(activation)._replace(always=True)
         self._entries = {}
         self._lock = threading.Lock()
 

@@ -64,7 +64,28 @@ def test_warmup_compiles_the_epilogue_variants(tmp_path, monkeypatch):
     kw = dict(layouts=("NCHW",), algorithms=("naive",), verbose=False)
     assert numbaconv.warmup([layer], **kw)[0]["compiled"] > 0
     assert numbaconv.warmup([layer], epilogue=True, **kw)[0]["compiled"] > 0
-    assert numbaconv.warmup([layer], epilogue=True, **kw)[0]["compiled"] == 0
+    again = numbaconv.warmup([layer], epilogue=True, **kw)
+    assert [r["algorithm"] for r in again] == ["naive", "epilogues"]  # (the other activations, a plan)
+    assert [r["compiled"] for r in again] == [0, 0]
+
+
+def test_warmup_epilogues_leave_a_model_nothing_to_compile(tmp_path, monkeypatch):
+    """A fused kernel compiles one epilogue variant and its runs one per activation: after an
+    ``epilogue=True`` warmup, every activation and a plan without one compile nothing."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    layer = (1, 16, 8, 8, 16, 3, 3, 1, 1)
+    numbaconv.warmup([layer], layouts=("NCHW",), algorithms=("tiled",), epilogue=True, verbose=False)
+    code = ("import numpy as np, numbaconv; from numba.core.event import install_recorder\n"
+            "x = np.ones((1, 16, 8, 8), np.float32); w = np.ones((16, 16, 3, 3), np.float32)\n"
+            "with install_recorder('numba:compile') as rec:\n"
+            "    for a in (None, 'relu', 'relu6', 'silu', 'hardswish'):\n"
+            "        numbaconv.Conv2dPlan(w, padding=1, algorithm='tiled', activation=a)(x)\n"
+            "        numbaconv.conv2d(x, w, padding=1, algorithm='tiled', activation=a, residual=x)\n"
+            "print(sum(1 for _, ev in rec.buffer if ev.is_end))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"
 
 
 def test_cli_warmup(tmp_path):

@@ -20,14 +20,14 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import literal_unroll
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from ..problem import ACTIVATION_CODES as CODES
 from ..problem import ACTIVATIONS
 from ._jit import FASTMATH, jit
-from ._launch import Task
+from ._launch import Task, task_address
 
 __all__ = ["ACTIVATIONS", "CODES", "Epilogue", "NONE", "activate", "after", "apply", "finish", "finish_2d",
            "python_reference"]
@@ -151,13 +151,72 @@ def finish(y, r, lo, hi, act, has_res):
 @jit
 def finish_2d(y, epi, base, count, stride, length):
     """:func:`finish` on ``count`` runs of ``length`` elements, ``stride`` apart, from
-    ``base``.  ``epi``: ``None``, or ``(residual, act, has_res)`` (:meth:`Epilogue.kernel_arg`).
-    Kernels take ``epi`` as an argument: with ``None`` Numba prunes every epilogue branch at
-    compile time, so kernels run without one compile none of its code (first-call latency)."""
+    ``base``.  ``epi``: ``None``, or ``(residual, act, has_res, address)``
+    (:meth:`Epilogue.kernel_arg`).  Kernels take ``epi`` as an argument: with ``None`` Numba
+    prunes every epilogue branch at compile time, so kernels run without one compile none of
+    its code (first-call latency).  With one, the runs are done by :func:`_runs` compiled on
+    its own (per activation), called through its ``address``: a kernel that called it
+    directly linked its five activation loops and optimised and emitted them again (~1 s of every kernel
+    family's compile on Zen 1, 3.4 s for the first one)."""
     if epi is None:
         return
-    r, act, has_res = epi
-    _runs(y, r, base, count, stride, length, act, has_res)
+    r, act, has_res, address = epi
+    _runs_at(address, y, r, base, count, stride, length, act, has_res)
+
+
+@intrinsic
+def _runs_at(typingctx, address, y, r, base, count, stride, length, act, has_res):
+    """``_runs_literal(y, r, base, count, stride, length, act, has_res)`` through its ``address``
+    (:func:`_runs_address`: compiled for 1-D contiguous arrays of ``y``'s dtype -- any 1-D
+    array passes the same way -- and for ``act``'s value, passed as an int64 like any
+    integer literal).  Numba's calling convention; it raises nothing."""
+    if not (isinstance(y, types.Array) and isinstance(r, types.Array) and y.ndim == r.ndim == 1
+            and y.dtype == r.dtype):
+        return None
+    flat = types.Array(y.dtype, 1, "C")
+    argtys = (flat, flat) + (types.int64,) * 5 + (types.boolean,)
+    sig = types.void(address, y, r, base, count, stride, length, act, has_res)
+
+    def codegen(context, builder, signature, args):
+        vals = [args[1], args[2]] + [context.cast(builder, args[i], signature.args[i], argtys[i - 1])
+                                     for i in range(3, 9)]
+        fnty = context.call_conv.get_function_type(types.none, argtys)
+        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
+        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
+        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
+        packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(builder, vals))
+        fn = context.cast(builder, args[0], signature.args[0], types.int64)
+        builder.call(builder.inttoptr(fn, fnty.as_pointer()), [ret, exc] + packed)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@jit
+def _runs_literal(y, r, base, count, stride, length, act, has_res):
+    """:func:`_runs` for an activation code ``act`` known at compile time (an integer literal:
+    only its loop compiles; :func:`_runs_address`)."""
+    if count <= 0 or length <= 0 or (act == 0 and not has_res):
+        return
+    end = base + (count - 1) * stride + length
+    ys = y[base:end]
+    _loop(ys, r[base:end] if has_res else ys, count, stride, length, act, has_res)
+
+
+_RUNS_ADDRESS = {}
+
+
+def _runs_address(dtype, act):
+    """Address of :func:`_runs_literal` for ``dtype`` and activation code ``act`` (compiled, or
+    loaded from the cache, once per process): only that activation's loop compiles (all five
+    of :func:`_runs` took 3.3 s on Zen 1, SiLU's ``exp`` the most)."""
+    key = (dtype, act)
+    address = _RUNS_ADDRESS.get(key)
+    if address is None:
+        flat = numba.from_dtype(dtype)[::1]
+        address = task_address(_runs_literal, (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean),
+                               lo_hi=False)
+        _RUNS_ADDRESS[key] = address
+    return address
 
 
 @jit
@@ -223,6 +282,11 @@ class Epilogue(NamedTuple):
 
     act: int = 0
     residual: object = None
+    #: hand kernels the epilogue argument even when there is nothing to apply (a no-op at run
+    #: time): a kernel compiles one signature for ``None`` and one for the tuple, and a
+    #: plan's layers mix both (a converted model's 1x1 projections and downsampling layers
+    #: have no activation), which compiled tiled's task function twice (~5 s on Zen 1)
+    always: bool = False
 
     @classmethod
     def of(cls, activation=None, residual=None, in_place=False):
@@ -238,13 +302,15 @@ class Epilogue(NamedTuple):
         return self.act != 0 or self.residual is not None
 
     def kernel_arg(self, out_flat):
-        """What kernels take as ``epi``: ``None`` when inactive, else ``(residual, act,
-        has_res)`` with the flat residual (the output itself without one, so that every
-        active call compiles to one signature)."""
-        if not self.active:
+        """What kernels take as ``epi``: ``None`` when inactive (unless ``always``), else
+        ``(residual, act, has_res, address)`` with the flat residual (the output itself
+        without one, so that every active call compiles to one signature) and the address of
+        the compiled runs (see :func:`finish_2d`)."""
+        if not (self.active or self.always):
             return None
         has_res = self.residual is not None
-        return (self.residual.reshape(-1) if has_res else out_flat), self.act, has_res
+        r = self.residual.reshape(-1) if has_res else out_flat
+        return r, self.act, has_res, _runs_address(out_flat.dtype, self.act)
 
     def apply(self, out):
         """As a pass over the whole result (for kernels that do not fuse it)."""
