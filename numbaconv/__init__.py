@@ -62,7 +62,8 @@ def __dir__():
 def clear_caches():
     """Free the memory numbaconv keeps between calls.
 
-    That is: ``tiled``'s packed copies of large weights, ``winograd``'s transformed weights, the backward's reusable scratch
+    That is: ``tiled``'s packed copies of large weights (and its NCHW 1x1 path's padded ones),
+    ``winograd``'s transformed weights, the backward's reusable scratch
     buffers (of the calling thread), the memo of accepted ``conv2d`` arguments and
     ``auto``'s measured choices.  Numba's compiled kernels (on disk, ``NUMBA_CACHE_DIR``)
     are not touched.  Modules not yet imported hold nothing and are left unimported.

@@ -171,6 +171,21 @@ def test_pointwise_channel_blocks_and_task_splits(dtype, monkeypatch):
     pointwise._layer.cache_clear()
 
 
+def test_pointwise_padded_weights_see_changes(monkeypatch):
+    """An odd K's weights with appended zero rows are cached (checked bit for bit): a change
+    in place is seen, and ``clear_caches`` forgets them."""
+    monkeypatch.setattr(pointwise._CACHE, "min_bytes", 0)
+    rng = np.random.default_rng(5)
+    x, wt, b = make_problem(rng, 1, 12, 5, 6, 13, 1, 1, dtype=np.float32)
+    for _ in range(2):
+        assert_close(numbaconv.conv2d(x, wt, b, algorithm="tiled"), torch_conv2d(x, wt, b), np.float32, 12)
+    assert pointwise._CACHE.stats["hits"] >= 1
+    wt *= -1
+    assert_close(numbaconv.conv2d(x, wt, b, algorithm="tiled"), torch_conv2d(x, wt, b), np.float32, 12)
+    numbaconv.clear_caches()
+    assert not pointwise._CACHE._entries
+
+
 @pytest.mark.parametrize("k", range(1, 70))
 def test_pointwise_channel_blocks_cover_k(k):
     """The output-channel blocks start at 0, follow each other by the target's two block

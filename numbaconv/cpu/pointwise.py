@@ -34,7 +34,7 @@ from ._launch import Task, type_key
 from ._wcache import WeightCache
 from .epilogue import NONE
 
-__all__ = ["applies", "bind", "run", "layer", "microkernel_asm"]
+__all__ = ["applies", "bind", "run", "layer", "clear_cache", "microkernel_asm"]
 
 #: weights with appended zero rows (odd K): prepared once per weights, checked bit for bit
 _CACHE = WeightCache(min_bytes=64 << 10, max_bytes=64 << 20)
@@ -110,6 +110,11 @@ def _weight_rows(w, rows):
         wp[:k_] = w.reshape(k_, -1)
         return wp.reshape(-1)
     return _CACHE.get(("pointwise", rows), w, build)
+
+
+def clear_cache():
+    """Forget every cached weight array with appended rows (``numbaconv.clear_caches``)."""
+    _CACHE.clear()
 
 
 def bind(p, w, bias):

@@ -266,8 +266,10 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
 
 
 def clear_cache():
-    """Forget every cached packed weight array."""
+    """Forget every cached packed weight array (and :mod:`numbaconv.cpu.pointwise`'s weights
+    with zero rows appended)."""
     _CACHE.clear()
+    pointwise.clear_cache()
 
 
 # --- planning --------------------------------------------------------------------------------
