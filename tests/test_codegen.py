@@ -79,9 +79,12 @@ def _check_plan(report, vector_bytes):
     for name, stats in report["pointwise"].items():  # tiled's block inlined into the NCHW 1x1 task
         p_ = int(name.split("/P")[1].split("/")[0])
         assert stats["packed"][reg] == 2 * p_ and stats["scalar"] == 0, f"{name}: {stats}"
-        # P weight-row addresses + the input column + counters: one integer reload per step
-        # (one load beside the 2 + P the step makes) where the 15 general registers run out
-        assert stats["stack"] == 0 and stats["gpr_stack"] <= 1, f"{name}: stack traffic in the hot loop: {stats}"
+        # P weight-row addresses + the input column + counters outgrow the 15 general registers
+        # on some targets (1-3 integer reloads per step on Haswell and Skylake-SP); no vector
+        # may spill, and the step's loads (2 vectors, P broadcasts, the reloads) must stay
+        # within its 2P FMAs (both run two per cycle), so the FMAs still bound the loop
+        assert stats["stack"] == 0 and 2 + p_ + stats["gpr_stack"] <= 2 * p_, \
+            f"{name}: stack traffic in the hot loop: {stats}"
     assert report["dot"], "no dot block was reported"
     for name, stats in report["dot"].items():  # KB x PB accumulators along the reduction
         kb, pb = int(name.split("/KB")[1].split("/")[0]), int(name.split("/PB")[1])

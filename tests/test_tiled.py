@@ -125,6 +125,7 @@ POINTWISE = [
     (1, 40, 9, 9, 30),    # 81 pixels: whole blocks and a tail; mixed channel blocks
     (3, 1, 2, 3, 5),      # C = 1, 6 pixels, K = 5: one block (fewer K go to the streaming kernel)
     (1, 33, 5, 7, 7),     # K = 7 = 4 + 3 (or one zero-padded block of 8 on AVX-512)
+    (1, 9, 4, 7, 10),     # 28 pixels: a tail of 12 (the full-width block; tails up to V/2 run the half one)
 ]
 
 
