@@ -633,34 +633,36 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
 '''
 
 
-def _gen_pointwise(v_, ps):
-    calls = []
+def _on_block_size(ps, indent, call):
+    """Source lines running ``call(p_)`` (its lines, indented one level more) for the block
+    size ``pb`` in ``ps``: an if / elif / else chain, the smallest size last (the lines alone,
+    one level less, for a single size)."""
+    lines = []
     for i, p_ in enumerate(sorted(ps, reverse=True)):
         if i == len(ps) - 1:
-            calls.append("                    else:")
+            lines.append(f"{indent}else:")
         else:
-            calls.append(f"                    {'if' if i == 0 else 'elif'} pb == {p_}:")
-        calls.append(f"                        _rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,")
-        calls.append("                                   cl, of, ob, hw, bias, k0, mode)")
+            lines.append(f"{indent}{'if' if i == 0 else 'elif'} pb == {p_}:")
+        lines += [f"{indent}    {line}" for line in call(p_)]
+    if len(ps) == 1:
+        lines = [line[4:] for line in lines[1:]]
+    return "\n".join(lines)
+
+
+def _gen_pointwise(v_, ps):
+    calls = _on_block_size(ps, " " * 20, lambda p_: [
+        f"_rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,",
+        "           cl, of, ob, hw, bias, k0, mode)"])
     blocks = "".join(f"\n\n_rows{p_}_{v_} = conv_block({p_}, 2, {v_ // 2}, row_bias=True)" for p_ in sorted(ps))
     return blocks + "\n" + _POINTWISE.format(V=v_, TAG=driver_tag(ps), PS=" or ".join(map(str, sorted(ps))),
-                                              PMAX=max(ps), CALLS="\n".join(calls))
+                                              PMAX=max(ps), CALLS=calls)
 
 
 def _gen_driver(v_, ps):
-    calls = []
-    for i, p_ in enumerate(sorted(ps, reverse=True)):
-        head = "if" if i == 0 else "elif"
-        if i == len(ps) - 1:
-            calls.append("                        else:")
-        else:
-            calls.append(f"                        {head} pb == {p_}:")
-        calls.append(f"                            uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, "
-                     "dw * c_, sw * c_, os_p,")
-        calls.append("                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)")
-    if len(ps) == 1:
-        calls = [c[4:] for c in calls[1:]]
-    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps), CALLS="\n".join(calls))
+    calls = _on_block_size(ps, " " * 24, lambda p_: [
+        f"uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
+        "         os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
+    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps), CALLS=calls)
 
 
 def _gen_ukernel(p_, v_):
