@@ -124,13 +124,16 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
     from numba.core.event import install_recorder
 
     import numbaconv
-    rows = []
-    for layer in layers:
-        kw = {k: v for k, v in layer.items() if k not in ("x_shape", "w_shape")}
+    def arrays(layer):
+        """Zero input (in ``layout``) and OIHW weights of ``layer``, and its other keywords."""
         x = np.zeros(layer["x_shape"], dtype)
-        w = np.zeros(layer["w_shape"], dtype)
         if layout == "NHWC":
             x = numbaconv.convert_layout(x, "NCHW", "NHWC")
+        return x, np.zeros(layer["w_shape"], dtype), {k: v for k, v in layer.items() if k not in ("x_shape", "w_shape")}
+
+    rows = []
+    for layer in layers:
+        x, w, kw = arrays(layer)
         for algorithm in algorithms:
             t0 = time.perf_counter()
             with install_recorder("numba:compile") as rec:
@@ -145,11 +148,7 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
         # a fused epilogue's runs compile once per activation (whatever the kernel), and a
         # plan without an activation hands kernels a no-op one: each once, on the first layer
         layer = layers[0]
-        kw = {k: v for k, v in layer.items() if k not in ("x_shape", "w_shape")}
-        x = np.zeros(layer["x_shape"], dtype)
-        w = np.zeros(layer["w_shape"], dtype)
-        if layout == "NHWC":
-            x = numbaconv.convert_layout(x, "NCHW", "NHWC")
+        x, w, kw = arrays(layer)
         t0 = time.perf_counter()
         with install_recorder("numba:compile") as rec:
             for activation in ("relu6", "silu", "hardswish"):

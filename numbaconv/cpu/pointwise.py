@@ -75,12 +75,10 @@ def layer(p):
 def _layer(p, threads, _generation):
     choices = P_CHOICES[vector_bytes()]
     big, split = pixel_blocks(p.k, choices)
-    small = min(choices)
-    starts = list(range(0, min(split, p.k), big))
-    k0 = starts[-1] + big if starts else 0
-    while k0 < p.k:
+    starts, k0 = [], 0
+    while k0 < p.k:  # (the driver's rule: the larger block before split, then the smaller)
         starts.append(k0)
-        k0 += small if k0 >= split else big
+        k0 += big if k0 < split else min(choices)
     starts.append(k0)
     starts = np.array(starts, dtype=np.int64)
     v_ = block_width(p.dtype)
