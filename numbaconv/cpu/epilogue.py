@@ -194,7 +194,8 @@ def _runs_at(typingctx, address, y, r, base, count, stride, length, act, has_res
 @jit
 def _runs_literal(y, r, base, count, stride, length, act, has_res):
     """:func:`_runs` for an activation code ``act`` known at compile time (an integer literal:
-    only its loop compiles; :func:`_runs_address`)."""
+    only its loop compiles): what kernels call through :func:`_runs_address`, and what
+    :func:`_runs` dispatches to."""
     if count <= 0 or length <= 0 or (act == 0 and not has_res):
         return
     end = base + (count - 1) * stride + length
@@ -225,22 +226,16 @@ def _runs(y, r, base, count, stride, length, act, has_res):
     from ``base`` and in the array's own float type, so that it vectorises.  (One call per
     run cost more than the run on NHWC blocks: 16-channel runs, one per pixel, took tiled's
     MobileNetV2 expansions from 1.2 to 2.7 ms with ReLU6 on Zen 1.)"""
-    if count <= 0 or length <= 0:
-        return
-    end = base + (count - 1) * stride + length
-    ys = y[base:end]
-    rs = r[base:end] if has_res else ys
     if act == 0:
-        if has_res:
-            _loop(ys, rs, count, stride, length, 0, has_res)
+        _runs_literal(y, r, base, count, stride, length, 0, has_res)
     elif act == 1:
-        _loop(ys, rs, count, stride, length, 1, has_res)
+        _runs_literal(y, r, base, count, stride, length, 1, has_res)
     elif act == 2:
-        _loop(ys, rs, count, stride, length, 2, has_res)
+        _runs_literal(y, r, base, count, stride, length, 2, has_res)
     elif act == 3:
-        _loop(ys, rs, count, stride, length, 3, has_res)
+        _runs_literal(y, r, base, count, stride, length, 3, has_res)
     else:
-        _loop(ys, rs, count, stride, length, 4, has_res)
+        _runs_literal(y, r, base, count, stride, length, 4, has_res)
 
 
 #: elements per parallel chunk: 64 KiB of float32, in L2 with its residual
