@@ -54,6 +54,21 @@ def _pow2(typingctx, n, like):
     return like(n, like), codegen
 
 
+@intrinsic
+def _opaque(typingctx, x):
+    """``x`` (a float) through an empty inline-asm statement: a value the optimiser cannot
+    fold (its bits pass through a general register, once per call)."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ity = ir.IntType(x.bitwidth)
+        bits = builder.asm(ir.FunctionType(ity, [ity]), "", "=r,0", [builder.bitcast(args[0], ity)],
+                           side_effect=False)
+        return builder.bitcast(bits, args[0].type)
+    return x(x), codegen
+
+
 def _activation(act, v):
     """Activation number ``act`` (a compile-time literal) of ``v``, in ``v``'s float type."""
 
@@ -80,7 +95,10 @@ def _activation_impl(act, v):
         return lambda act, v: v
     # silu: torch's v / (1 + exp(-v)).  exp as Cephes' (range reduction by ln 2, then a
     # polynomial; ~1 ulp), in v's type and with no call: libm's exp per element was 30x
-    # slower than relu and kept the loop scalar.
+    # slower than relu and kept the loop scalar.  The vector loop is bound by its dependency
+    # chain (Zen 1 keeps ~2 iterations in flight), so the chain is kept short: one compare
+    # covers NaN and overflow, floor() rounds, float32's polynomial is evaluated in Estrin's
+    # form (depth 3 instead of 5).  1.45x faster than Horner with four clamps on Zen 1.
     if v.bitwidth == 32:
         lo, hi = f(-87.0), f(88.0)
         c = (f(1.9875691500e-4), f(1.3981999507e-3), f(8.3334519073e-3), f(4.1665795894e-2),
@@ -92,20 +110,25 @@ def _activation_impl(act, v):
         ln2hi, ln2lo = f(6.93145751953125e-1), f(1.42860682030941723212e-6)
     log2e, inf = f(1.4426950408889634), f(np.inf)
     exponent = np.int32 if v.bitwidth == 32 else np.int64
+    estrin = len(c) == 6
 
     def silu(act, v):
         t = -v
-        tc = hi if t > hi else (lo if t < lo else t)
-        if tc != tc:
-            tc = zero  # NaN: any finite exp keeps the result NaN
-        ki = exponent(tc * log2e + (half if tc >= zero else -half))  # round to nearest
-        k = f(ki)
+        inside = t <= hi  # false for NaN and where exp(t) overflows
+        tc = t if inside else hi
+        tc = tc if tc > lo else lo
+        k = np.floor(tc * log2e + half)  # round to nearest
         r = tc - k * ln2hi - k * ln2lo
-        p = c[0]
-        for ci in literal_unroll(c[1:]):
-            p = p * r + ci
-        e = (p * r * r + r + one) * _pow2(ki, one)
-        e = inf if t > hi else e  # exp overflows: silu(-large) = -0.0, silu(-inf) = NaN
+        r2 = r * r
+        if estrin:
+            p = ((c[0] * r + c[1]) * r2 + (c[2] * r + c[3])) * r2 + (c[4] * r + c[5])
+        else:
+            p = c[0]
+            for ci in literal_unroll(c[1:]):
+                p = p * r + ci
+        e = (p * r2 + (r + one)) * _pow2(exponent(k), one)
+        # exp overflowed: silu(-large) = -0.0, silu(-inf) = -inf / inf = NaN, NaN stays NaN
+        e = e if inside else inf
         return v / (one + e)
     return silu
 
@@ -130,6 +153,10 @@ def _loop(ys, rs, count, stride, n, act, has_res):
     Unsigned indices (no negative-index wraparound select), so each run vectorises."""
     un = np.uintp(n)
     us = np.uintp(stride)
+    # x * 1 through a value LLVM cannot see: without it, relu's store of "the element itself
+    # unless negative" became a masked store of zeros (vmaskmovps, microcoded on AMD: relu
+    # ran 3.7x slower than relu6)
+    one = _opaque(ys.dtype.type(1))
     if has_res:
         for i in range(np.uintp(count)):
             o = i * us
@@ -139,7 +166,7 @@ def _loop(ys, rs, count, stride, n, act, has_res):
         for i in range(np.uintp(count)):
             o = i * us
             for j in range(un):
-                ys[o + j] = _activation(act, ys[o + j])
+                ys[o + j] = _activation(act, ys[o + j] * one)
 
 
 @jit
