@@ -99,6 +99,24 @@ class Conv2dPlan:
                 self._entries[key] = entry
         return entry
 
+    def _launcher(self, x):
+        """``(run, out_shape, dtype)``: ``run(x, out, residual)`` computes ``plan(x, out=out,
+        residual=residual)`` for a C-contiguous NumPy ``x`` of ``x``'s dtype and shape into a
+        C-contiguous ``out`` of that shape and dtype, ``residual`` None or C-contiguous like
+        ``out``, neither overlapping another, with no check; or None where calls take the
+        checked path.  For callers that check those conditions themselves, once per call
+        (numbaconv.torch's layers)."""
+        if type(x) is not np.ndarray or unbatched(x) or not x.flags.c_contiguous:
+            return None
+        problem, launch = self._entry(x)
+        if launch is None:
+            return None
+        epi, act = self._epi, self._epi.act
+
+        def run(x, out, residual):
+            launch(x, out, epi if residual is None else Epilogue(act, residual))
+        return run, problem.out_shape, problem.dtype
+
     def out_shape(self, x):
         """The shape of ``plan(x)`` (``x`` validated as a call would)."""
         if unbatched(x):

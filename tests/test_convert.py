@@ -184,3 +184,35 @@ def test_fused_layers_follow_changes_to_their_buffers():
             _assert_close(fused(xc).double(), want(fused, xc))
         fused64 = fused.double()
         _assert_close(fused64(x.double()), want(fused64, x.double()), 1e-12)
+
+
+def test_repeated_calls_follow_their_inputs():
+    """A FusedConv2d's second call like its first skips the checks to the plan's launch: calls
+    that differ from the last one (shape, memory format, residual or not, its strides, an input
+    that requires grad, a 3-D input) must each get their own correct result, in any order;
+    a used layer deep-copies and pickles."""
+    import pickle
+
+    torch.manual_seed(2)
+    fused = nt.FusedConv2d(torch.nn.Conv2d(4, 6, 3, padding=1), None, "silu").eval()
+
+    def want(inp, res=None):
+        y = torch.nn.functional.conv2d(inp.double(), fused.weight.double(), fused.bias.double(), padding=1)
+        return torch.nn.functional.silu(y if res is None else y + res.double())
+
+    x1, x2 = torch.randn(2, 4, 7, 7), torch.randn(1, 4, 5, 9)
+    r1 = torch.randn(2, 6, 7, 7)
+    cl = torch.channels_last
+    calls = [(x1, None), (x1, None), (x1, r1), (x1, r1), (x2, None), (x1, None),
+             (x1.contiguous(memory_format=cl), None), (x1.contiguous(memory_format=cl), r1.contiguous(memory_format=cl)),
+             (x1.contiguous(memory_format=cl), r1), (x1, r1.contiguous(memory_format=cl)),
+             (x1, r1[:, :, :, :]), (x1, r1.transpose(2, 3).contiguous().transpose(2, 3)),
+             (x1.clone().requires_grad_(), None), (x1[0], None), (x1, None), (x1, r1)]
+    with torch.no_grad():
+        for i, (x, r) in enumerate(calls):
+            got = fused(x) if r is None else fused(x, r)
+            _assert_close(got.double(), want(x, r))
+            assert got.is_contiguous(memory_format=cl if x.dim() == 4 and x.is_contiguous(memory_format=cl)
+                                     and not x.is_contiguous() else torch.contiguous_format), i
+        for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            _assert_close(copied(x1, r1).double(), want(x1, r1))
