@@ -23,7 +23,7 @@ from numba import prange
 
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, copy_run, fill_run, gemm, jit, pjit, valid_range
-from ._launch import Task
+from ._launch import Task, type_key
 from .epilogue import NONE, finish_2d
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
@@ -306,13 +306,41 @@ def _finish_args(p, bias, epi, out):
 def run(p, x, w, bias, out, epi=NONE):
     """``w`` is OIHW for NCHW and HWIO for NHWC (see :data:`WEIGHT_LAYOUTS`); ``epi``: the
     epilogue, applied with the bias to each tile of the output as soon as it is computed."""
+    bind(p, w, bias)(x, out, epi)
+
+
+def bind(p, w, bias):
+    """:func:`run` for ``p`` as a function of ``(x, out, epi)``.  The 1x1 paths bind what does
+    not change per call (the bias array, the launch key of the weights): on the tiny layers
+    that take them (squeeze-excitation 1x1 layers on 1x1 images) the per-call Python work was
+    most of the call."""
+    if not (p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding):
+        return lambda x, out, epi: _run_columns(p, x, w, bias, out, epi)
+    has_bias = bias is not None
+    b = bias if has_bias else np.zeros(p.k, dtype=p.dtype)
+    # a task per thread, each a range of pixels: no more tasks than pixels (a 1x1 image is
+    # one serial task, no parallel launch)
+    pixels = p.ho * p.wo if p.layout == "NCHW" else p.n * p.ho * p.wo
+    fixed = (type_key(w), type_key(b))
+    task = _POINTWISE_NHWC if p.layout == "NHWC" else _POINTWISE_NCHW
+    chunk = max(64, CHUNK_BYTES // (p.k * p.dtype.itemsize) // 16 * 16)
+
+    def launch(x, out, epi):
+        tasks = min(numba.get_num_threads(), pixels)
+        ea = epi.kernel_arg(out.reshape(-1))
+        finish = has_bias or epi.active
+        key = (type_key(x), type_key(out), type_key(ea), fixed)
+        if p.layout == "NHWC":
+            task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea)
+        else:
+            task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea, chunk if finish else pixels)
+    return launch
+
+
+def _run_columns(p, x, w, bias, out, epi):
+    """Through column tiles (every geometry but the plain 1x1)."""
     nthreads = numba.get_num_threads()
     fin = _finish_args(p, bias, epi, out)
-    if p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding:
-        if p.layout == "NHWC":
-            return _POINTWISE_NHWC(nthreads, x, w, out, nthreads, p.groups, *fin)
-        chunk = max(64, CHUNK_BYTES // (p.k * p.dtype.itemsize) // 16 * 16) if fin[1] else p.ho * p.wo
-        return _POINTWISE_NCHW(nthreads, x, w, out, nthreads, p.groups, *fin, chunk)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w, p.groups)
     rows = _tile_rows(p, p.ho if p.layout == "NCHW" else p.n * p.ho, nthreads)
     cols = np.empty(nthreads * rows * p.wo * p.c * p.r * p.s, dtype=p.dtype)
