@@ -2,7 +2,7 @@
 
 Each case compiles numbaconv's register-blocked kernels (tiled's micro-kernels and the
 NCHW 1x1 task that inlines them, dot's block, the NHWC depthwise block, Winograd's GEMM
-block and tile transforms) for a named CPU in a subprocess
+block and tile transforms, the fused epilogue's loops) for a named CPU in a subprocess
 (``NUMBA_CPU_NAME`` with ``NUMBA_CPU_FEATURES=""``: LLVM's own feature set and tuning for
 that CPU, as a user on it would get) and reads the hot loop of the machine code: packed
 FMAs on the register class the plan assumes, exactly one plan step (``2P`` FMAs per
@@ -85,6 +85,11 @@ def _check_plan(report, vector_bytes):
         # within its 2P FMAs (both run two per cycle), so the FMAs still bound the loop
         assert stats["stack"] == 0 and 2 + p_ + stats["gpr_stack"] <= 2 * p_, \
             f"{name}: stack traffic in the hot loop: {stats}"
+    assert len(report["epilogue"]) == 8, report["epilogue"]
+    for name, stats in report["epilogue"].items():  # a pass over values in cache: vector loops
+        # no AVX2 masked store (microcoded on AMD: relu's store-back once became one, 3.7x slower)
+        assert stats["maskmov"] == 0, f"{name}: {stats}"
+        assert stats["packed"]["ymm"] + stats["packed"]["zmm"] > 0, f"{name}: not vectorised: {stats}"
     assert report["dot"], "no dot block was reported"
     for name, stats in report["dot"].items():  # KB x PB accumulators along the reduction
         kb, pb = int(name.split("/KB")[1].split("/")[0]), int(name.split("/PB")[1])

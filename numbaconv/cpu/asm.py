@@ -70,14 +70,14 @@ def loop_stats(asm):
 
 def report():
     """Codegen of the tiled micro-kernels (and pointwise's task, which inlines them), the dot
-    block, the NHWC depthwise block and Winograd's stages on the target Numba compiles for
-    (JSON-able)."""
+    block, the NHWC depthwise block, Winograd's stages and the epilogue's loops on the target
+    Numba compiles for (JSON-able)."""
     import numpy as np
 
-    from . import depthwise, dot, pointwise, tiled, winograd
+    from . import depthwise, dot, epilogue, pointwise, tiled, winograd
     from ._vec import target_description, target_vector_bytes
     out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
-           "dot": {}, "depthwise": {}, "winograd": {}, "pointwise": {}}
+           "dot": {}, "depthwise": {}, "winograd": {}, "pointwise": {}, "epilogue": {}}
     for dtype in (np.float32, np.float64):
         out["depthwise"][f"{np.dtype(dtype).name}/block4_s1"] = loop_stats(depthwise.microkernel_asm(dtype))
         out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
@@ -90,6 +90,14 @@ def report():
         for part in ("gemm", "input", "output"):
             out["winograd"][f"{np.dtype(dtype).name}/{part}/P{winograd._P}"] = loop_stats(
                 winograd.microkernel_asm(dtype, part))
+    for dtype in (np.float32, np.float64):  # the fused epilogue's loops, per activation
+        for act, code in epilogue.CODES.items():
+            if code:
+                text = epilogue.loop_asm(code, dtype)
+                out["epilogue"][f"{np.dtype(dtype).name}/{act}"] = {
+                    "maskmov": len(re.findall(r"^\s*vp?maskmov", text, re.M)),
+                    "packed": {reg: len(re.findall(rf"^\s*v\w+p[sd]\s.*%{reg}", text, re.M))
+                               for reg in ("zmm", "ymm", "xmm")}}
     return out
 
 

@@ -258,6 +258,17 @@ def _runs_address(dtype, act):
     return address
 
 
+def loop_asm(act, dtype=np.float32):
+    """Machine code of the runs of activation code ``act`` (:func:`_runs_literal` with its
+    loops) for ``dtype`` on the compile target, compiled afresh (Numba cannot inspect code
+    loaded from its cache): for the codegen tests."""
+    fn = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(_runs_literal.py_func)
+    flat = numba.from_dtype(np.dtype(dtype))[::1]
+    sig = (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean)
+    fn.compile(sig)
+    return fn.inspect_asm(fn.signatures[0])
+
+
 @jit
 def _runs(y, r, base, count, stride, length, act, has_res):
     """The runs of :func:`finish_2d` through one loop nest per activation, each over slices
