@@ -150,3 +150,24 @@ def test_errors_are_conv2d_errors():
         numbaconv.Conv2dPlan(w, padding=-1)
     with pytest.raises(ValueError, match="weight_layout must be"):
         numbaconv.Conv2dPlan(w, weight_layout="XYZW")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_nhwc_pointwise_chunks(groups, monkeypatch):
+    """im2col's NHWC 1x1 path in chunks of pixels, each finished (bias, residual, activation)
+    while cached: chunk boundaries inside each thread's range and a partial last chunk."""
+    from numbaconv.cpu import im2col
+
+    monkeypatch.setattr(im2col, "NHWC_CHUNK_MIN_THREAD_BYTES", 0)
+    monkeypatch.setattr(im2col, "NHWC_CHUNK_BYTES", 1)  # the 64-pixel floor
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        _, wt, b = make_problem(rng, 1, 8, 1, 1, 12, 1, 1, groups=groups, dtype=dtype)
+        plan = numbaconv.Conv2dPlan(to_weight(wt, "HWIO"), b, layout="NHWC", weight_layout="HWIO",
+                                    algorithm="im2col", activation="silu", groups=groups)
+        x = rng.standard_normal((3, 7, 9, 8)).astype(dtype)  # 189 pixels: 95 + 94 a thread
+        res = rng.standard_normal((3, 7, 9, 12)).astype(dtype)
+        want = torch_conv2d(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), wt, b, groups=groups)
+        want = to_act(want, "NHWC") + res
+        want = want / (1 + np.exp(-want))
+        np.testing.assert_allclose(plan(x, residual=res), want, rtol=0, atol=tolerance(dtype, 8 // groups) * 4)

@@ -221,7 +221,7 @@ _POINTWISE_NCHW = Task(_pointwise_nchw_tasks)  # jobs: nthreads
 
 
 @jit
-def _pointwise_nhwc_tasks(lo, hi, x, w_hwio, out, nthreads, groups, bias, finish, epi):
+def _pointwise_nhwc_tasks(lo, hi, x, w_hwio, out, nthreads, groups, bias, finish, epi, chunk):
     c_ = x.shape[3]
     k_ = w_hwio.shape[3]
     cg, kg = c_ // groups, k_ // groups
@@ -235,11 +235,13 @@ def _pointwise_nhwc_tasks(lo, hi, x, w_hwio, out, nthreads, groups, bias, finish
         p1 = min(pixels, p0 + span)
         if p1 > p0:
             previous = blas_threads_local(1)
-            for g in range(groups):
-                gemm(False, False, kg, p1 - p0, cg, wf, g * kg, k_, xf, p0 * c_ + g * cg, c_, 0.0, of, p0 * k_ + g * kg,
-                     k_)
-            if finish:
-                _finish_pixels(of, bias, epi, p0, p1 - p0, k_)
+            for c0 in range(p0, p1, chunk):
+                length = min(chunk, p1 - c0)
+                for g in range(groups):
+                    gemm(False, False, kg, length, cg, wf, g * kg, k_, xf, c0 * c_ + g * cg, c_, 0.0, of,
+                         c0 * k_ + g * kg, k_)
+                if finish:
+                    _finish_pixels(of, bias, epi, c0, length, k_)
             blas_threads_local(previous)
 
 
@@ -272,6 +274,17 @@ def _finish_pixels(of, bias, epi, p0, length, k_):
 #: output bytes an NCHW pointwise chunk writes before it is finished: well inside L2 on every
 #: core (Zen 1, MobileNetV2 / ResNet-50 1x1 layers: 32-128 KiB 5-30 % faster than unchunked)
 CHUNK_BYTES = 128 * 2**10
+
+
+#: NHWC 1x1 layers run one GEMM per thread (OpenBLAS packs the weights again per call: chunks
+#: cost 0-40 % on layers with large weights), except where the weights are small and each
+#: thread's output outgrows the caches many times: there chunks of this many output bytes,
+#: each finished (bias, epilogue) while cached.  Zen 1, batch 8, im2col with ReLU / SiLU:
+#: 16->96 @ 112 17.8 -> 12.0 / 23.7 -> 18.4 ms, 24->144 @ 56 7.3 -> 4.3 / 9.1 -> 6.9 ms;
+#: 112->672 @ 14 3.7 -> 4.3-5.9 ms chunked (so not), batch 1 (2.4 MB a thread) 0-30 % slower
+NHWC_CHUNK_BYTES = 256 * 2**10
+NHWC_CHUNK_MAX_WEIGHT_BYTES = 32 * 2**10
+NHWC_CHUNK_MIN_THREAD_BYTES = 4 * 2**20
 
 
 #: a thread's column tile stays about L2-sized, so its GEMM reads it from cache
@@ -324,6 +337,12 @@ def bind(p, w, bias):
     fixed = (type_key(w), type_key(b))
     task = _POINTWISE_NHWC if p.layout == "NHWC" else _POINTWISE_NCHW
     chunk = max(64, CHUNK_BYTES // (p.k * p.dtype.itemsize) // 16 * 16)
+    # NHWC: one GEMM per thread, unless the weights are small and the thread's output large
+    # (see NHWC_CHUNK_BYTES)
+    row_bytes = p.k * p.dtype.itemsize
+    nhwc_chunk = pixels
+    if p.c * p.k // p.groups * p.dtype.itemsize <= NHWC_CHUNK_MAX_WEIGHT_BYTES:
+        nhwc_chunk = max(64, NHWC_CHUNK_BYTES // row_bytes)
 
     def launch(x, out, epi):
         tasks = min(numba.get_num_threads(), pixels)
@@ -331,7 +350,8 @@ def bind(p, w, bias):
         finish = has_bias or epi.active
         key = (type_key(x), type_key(out), type_key(ea), fixed)
         if p.layout == "NHWC":
-            task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea)
+            chunked = finish and pixels // tasks * row_bytes > NHWC_CHUNK_MIN_THREAD_BYTES
+            task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea, nhwc_chunk if chunked else pixels)
         else:
             task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea, chunk if finish else pixels)
     return launch
