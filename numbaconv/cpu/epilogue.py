@@ -251,11 +251,14 @@ def _runs_address(dtype, act):
     key = (dtype, act)
     address = _RUNS_ADDRESS.get(key)
     if address is None:
-        flat = numba.from_dtype(dtype)[::1]
-        address = task_address(_runs_literal, (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean),
-                               lo_hi=False)
-        _RUNS_ADDRESS[key] = address
+        address = _RUNS_ADDRESS[key] = task_address(_runs_literal, _runs_signature(dtype, act), lo_hi=False)
     return address
+
+
+def _runs_signature(dtype, act):
+    """:func:`_runs_literal`'s argument types for ``dtype`` and activation code ``act``."""
+    flat = numba.from_dtype(np.dtype(dtype))[::1]
+    return (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean)
 
 
 def loop_asm(act, dtype=np.float32):
@@ -263,9 +266,7 @@ def loop_asm(act, dtype=np.float32):
     loops) for ``dtype`` on the compile target, compiled afresh (Numba cannot inspect code
     loaded from its cache): for the codegen tests."""
     fn = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(_runs_literal.py_func)
-    flat = numba.from_dtype(np.dtype(dtype))[::1]
-    sig = (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean)
-    fn.compile(sig)
+    fn.compile(_runs_signature(dtype, act))
     return fn.inspect_asm(fn.signatures[0])
 
 

@@ -336,10 +336,10 @@ def bind(p, w, bias):
     pixels = p.ho * p.wo if p.layout == "NCHW" else p.n * p.ho * p.wo
     fixed = (type_key(w), type_key(b))
     task = _POINTWISE_NHWC if p.layout == "NHWC" else _POINTWISE_NCHW
-    chunk = max(64, CHUNK_BYTES // (p.k * p.dtype.itemsize) // 16 * 16)
+    row_bytes = p.k * p.dtype.itemsize
+    chunk = max(64, CHUNK_BYTES // row_bytes // 16 * 16)
     # NHWC: one GEMM per thread, unless the weights are small and the thread's output large
     # (see NHWC_CHUNK_BYTES)
-    row_bytes = p.k * p.dtype.itemsize
     nhwc_chunk = pixels
     if p.c * p.k // p.groups * p.dtype.itemsize <= NHWC_CHUNK_MAX_WEIGHT_BYTES:
         nhwc_chunk = max(64, NHWC_CHUNK_BYTES // row_bytes)

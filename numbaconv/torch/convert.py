@@ -66,7 +66,7 @@ class _Fast(NamedTuple):
     run: object  # Conv2dPlan._launcher's
     out_array_shape: tuple
     out_dtype: np.dtype
-    nhwc: bool
+    layout: str
 
 
 class FusedConv2d(torch.nn.Module):
@@ -120,7 +120,8 @@ class FusedConv2d(torch.nn.Module):
         fast = self._fast
         buffers = self._buffers
         # (compiling first: Dynamo then prunes the rest instead of tracing these checks)
-        if (not torch.compiler.is_compiling() and fast is not None and type(x) is torch.Tensor and x.shape == fast.shape and x.stride() == fast.stride
+        if (not torch.compiler.is_compiling() and fast is not None and type(x) is torch.Tensor
+                and x.shape == fast.shape and x.stride() == fast.stride
                 and x.dtype is fast.dtype and x.is_cpu and not x.requires_grad
                 and buffers["weight"] is fast.weight and fast.weight._version == fast.weight_version
                 and buffers["bias"] is fast.bias and (fast.bias is None or fast.bias._version == fast.bias_version)
@@ -129,12 +130,9 @@ class FusedConv2d(torch.nn.Module):
                                           and residual.is_cpu and not residual.requires_grad))
                 and ops.eager(x, residual)):
             out = np.empty(fast.out_array_shape, dtype=fast.out_dtype)
-            if fast.nhwc:
-                fast.run(x.permute(0, 2, 3, 1).numpy(), out,
-                         None if residual is None else residual.permute(0, 2, 3, 1).numpy())
-                return torch.from_numpy(out).permute(0, 3, 1, 2)
-            fast.run(x.numpy(), out, None if residual is None else residual.numpy())
-            return torch.from_numpy(out)
+            fast.run(act_to_numpy(x, fast.layout), out,
+                     None if residual is None else act_to_numpy(residual, fast.layout))
+            return act_from_numpy(out, fast.layout)
         return self._forward(x, residual)
 
     def _forward(self, x, residual):
@@ -165,7 +163,7 @@ class FusedConv2d(torch.nn.Module):
             if fast is not None:  # (the next call like this one takes the path in forward)
                 b = buffers["bias"]
                 self._fast = _Fast(x.shape, x.stride(), x.dtype, w, w._version, b, None if b is None else b._version,
-                                   y.shape, y.stride(), *fast, layout == "NHWC")
+                                   y.shape, y.stride(), *fast, layout)
         return y
 
     def _operator_forward(self, x, residual):
