@@ -145,16 +145,15 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
             rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm=algorithm,
                              compiled=compiled, seconds=time.perf_counter() - t0))
     if epilogue and layers:
-        # a fused epilogue's runs compile once per activation (whatever the kernel), and a
-        # plan without an activation hands kernels a no-op one: each once, on the first layer
+        # a fused epilogue's runs compile once per activation and residual or not (whatever
+        # the kernel), and a plan without an activation hands kernels a no-op one: each once
+        from numbaconv.cpu import epilogue as epi
         layer = layers[0]
-        x, w, kw = arrays(layer)
         t0 = time.perf_counter()
         with install_recorder("numba:compile") as rec:
-            for activation in ("relu6", "silu", "hardswish"):
-                numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithms[0],
-                                 activation=activation, **kw)
-            numbaconv.Conv2dPlan(w, layout=layout, weight_layout="OIHW", algorithm=algorithms[0], **kw)(x)
+            for code in sorted(set(epi.CODES.values())):
+                for has_res in (False, True):
+                    epi._runs_address(dtype, code, has_res)
         rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="epilogues",
                          compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
     return rows

@@ -232,7 +232,8 @@ def _runs_at(typingctx, address, y, r, base, count, stride, length, act, has_res
 @jit
 def _runs_literal(y, r, base, count, stride, length, act, has_res):
     """:func:`_runs` for an activation code ``act`` known at compile time (an integer literal:
-    only its loop compiles): what kernels call through :func:`_runs_address`, and what
+    only its loop compiles): what kernels call through :func:`_runs_address` (compiled with
+    ``has_res`` a literal too: only the loop with or without the residual), and what
     :func:`_runs` dispatches to."""
     if count <= 0 or length <= 0 or (act == 0 and not has_res):
         return
@@ -241,24 +242,34 @@ def _runs_literal(y, r, base, count, stride, length, act, has_res):
     _loop(ys, r[base:end] if has_res else ys, count, stride, length, act, has_res)
 
 
+@jit
+def _no_runs(y, r, base, count, stride, length, act, has_res):
+    """The runs of a no-op epilogue (no activation, no residual: a ``Conv2dPlan``'s layers
+    without either): nothing, compiled in no time."""
+
+
 _RUNS_ADDRESS = {}
 
 
-def _runs_address(dtype, act):
-    """Address of :func:`_runs_literal` for ``dtype`` and activation code ``act`` (compiled, or
-    loaded from the cache, once per process): only that activation's loop compiles (all five
-    of :func:`_runs` took 3.3 s on Zen 1, SiLU's ``exp`` the most)."""
-    key = (dtype, act)
+def _runs_address(dtype, act, has_res):
+    """Address of :func:`_runs_literal` for ``dtype``, activation code ``act`` and ``has_res``
+    (compiled, or loaded from the cache, once per process): only that activation's loop,
+    with or without the residual, compiles (all five activations of :func:`_runs` took 3.3 s
+    on Zen 1, SiLU's ``exp`` the most; both residual variants of one ~0.9 s, one ~0.5)."""
+    key = (np.dtype(dtype), act, has_res)
     address = _RUNS_ADDRESS.get(key)
     if address is None:
-        address = _RUNS_ADDRESS[key] = task_address(_runs_literal, _runs_signature(dtype, act), lo_hi=False)
+        fn = _no_runs if act == 0 and not has_res else _runs_literal
+        address = _RUNS_ADDRESS[key] = task_address(fn, _runs_signature(dtype, act, has_res), lo_hi=False)
     return address
 
 
-def _runs_signature(dtype, act):
-    """:func:`_runs_literal`'s argument types for ``dtype`` and activation code ``act``."""
+def _runs_signature(dtype, act, has_res=None):
+    """:func:`_runs_literal`'s argument types for ``dtype``, activation code ``act`` and
+    ``has_res`` (a literal; None: any)."""
     flat = numba.from_dtype(np.dtype(dtype))[::1]
-    return (flat, flat) + (types.int64,) * 4 + (types.literal(act), types.boolean)
+    return (flat, flat) + (types.int64,) * 4 + (types.literal(act),
+                                                 types.boolean if has_res is None else types.literal(has_res))
 
 
 def loop_asm(act, dtype=np.float32):
@@ -355,7 +366,7 @@ class Epilogue(NamedTuple):
             return None
         has_res = self.residual is not None
         r = self.residual.reshape(-1) if has_res else out_flat
-        return r, self.act, has_res, _runs_address(out_flat.dtype, self.act)
+        return r, self.act, has_res, _runs_address(out_flat.dtype, self.act, has_res)
 
     def apply(self, out):
         """As a pass over the whole result (for kernels that do not fuse it)."""
