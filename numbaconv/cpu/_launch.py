@@ -23,6 +23,8 @@ Numba's threading layer, as ``prange`` over the jobs did (same static split, sam
 ~5 us per launch; a pool of Python threads costs ~25).
 """
 
+import contextlib
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -134,13 +136,20 @@ def _keep_threads_started(context):
 
 
 # --- by address: the entry does not link the task ------------------------------------------
+#: around each compile of a task or launch entry: ``compile_guard[0](function, signature)``, a
+#: context manager (``numbaconv.ahead`` sets its claims here: two processes compiling side by
+#: side then never compile one function twice)
+compile_guard = [lambda fn, sig: contextlib.nullcontext()]
+
+
 def task_address(task, argtypes, lo_hi=True):
     """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``
     (``lo_hi=False``: for ``argtypes`` alone)."""
     sig = (types.int64, types.int64, *argtypes) if lo_hi else tuple(argtypes)
     cres = task.overloads.get(sig)
     if cres is None:
-        task.compile(sig)
+        with compile_guard[0](task, sig):  # (a background process may be compiling it: numbaconv.ahead)
+            task.compile(sig)
         cres = task.overloads[sig]
     if cres.signature.return_type != types.none:
         raise TypeError(f"a task returns nothing, {task.__name__} returns {cres.signature.return_type}")
@@ -238,7 +247,12 @@ class Task:
         address = self._by_key.get(key)
         if address is None:
             _launch_threads()  # (what the reload hook does; cheap once started)
-            address = self._by_key[key] = task_address(self.task, tuple(numba.typeof(a) for a in args))
+            argtypes = tuple(numba.typeof(a) for a in args)
+            address = task_address(self.task, argtypes)
+            with compile_guard[0](launch_address, argtypes):  # (its entry compiles, or loads, here)
+                launch_address(address, run_parts_address(), jobs, *args)
+            self._by_key[key] = address
+            return
         launch_address(address, run_parts_address(), jobs, *args)
 
     def __call__(self, jobs, *args):

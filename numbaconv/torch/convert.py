@@ -3,6 +3,7 @@ eval-mode layer it builds (BatchNorm folded, residual add and activation fused, 
 :class:`numbaconv.Conv2dPlan` per memory format, no autograd bookkeeping)."""
 
 import copy
+import functools
 import operator
 from typing import NamedTuple
 
@@ -12,10 +13,11 @@ import torch.fx
 
 import numbaconv as _nc
 
+from .. import ahead
 from . import ops
 from .functional import HOST_DTYPES, resolve
 from .modules import Conv2d, ConvTranspose2d, module_padding
-from .ops import act_from_numpy, act_to_numpy, layout_of
+from .ops import act_from_numpy, act_to_numpy, is_channels_last, layout_of
 
 __all__ = ["convert", "FusedConv2d"]
 
@@ -141,6 +143,8 @@ class FusedConv2d(torch.nn.Module):
         buffers = self._buffers
         w = buffers["weight"]
         if x.device.type != "cpu" or x.dtype is not w.dtype or x.dtype not in HOST_DTYPES:
+            if x.device.type == "meta":
+                return self._meta_forward(x, residual)
             return self._torch_forward(x, residual)
         if not ops.eager(x, residual):
             return self._operator_forward(x, residual)
@@ -184,15 +188,29 @@ class FusedConv2d(torch.nn.Module):
                              self.activation or "")
         return y.squeeze(0) if unbatched else y
 
-    def _torch_forward(self, x, residual):
+    def _meta_forward(self, x, residual):
+        """Shapes only (torch's meta device, :func:`_first_forward`'s pass): the layer recorded
+        as its plan will run it, the result in the input's memory format as numbaconv's is."""
+        x4 = x.unsqueeze(0) if x.dim() == 3 else x
+        if _recording is not None and x4.dim() == 4 and x.dtype is self.weight.dtype and x.dtype in HOST_DTYPES:
+            _recording.append(dict(x_shape=tuple(x4.shape), layout="NHWC" if is_channels_last(x4) else "NCHW",
+                                   dtype=str(x.dtype).rsplit(".", 1)[-1], w_shape=tuple(self.weight.shape),
+                                   bias=self.bias is not None, activation=self.activation,
+                                   residual=residual is not None, geometry=dict(self.geometry)))
+        y = self._torch_forward(x, residual, self.weight.to("meta"), None if self.bias is None else self.bias.to("meta"))
+        return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x4) and y.dim() == 4 else y
+
+    def _torch_forward(self, x, residual, weight=None, bias=None):
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         g = self.geometry
         pad = g["padding"]
         if isinstance(pad, tuple) and pad and isinstance(pad[0], tuple):  # explicit or non-zero modes
             (top, bottom), (left, right) = pad
             mode = "constant" if g["padding_mode"] == "zeros" else g["padding_mode"]
             x, pad = torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode), 0
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        y = torch.nn.functional.conv2d(x, self.weight.to(x.dtype), b, g["stride"], pad, g["dilation"], g["groups"])
+        b = None if bias is None else bias.to(x.dtype)
+        y = torch.nn.functional.conv2d(x, weight.to(x.dtype), b, g["stride"], pad, g["dilation"], g["groups"])
         if residual is not None:
             y = y + residual
         return _TORCH_ACTIVATIONS[self.activation](y)
@@ -219,7 +237,66 @@ def convert(model, *, inplace=False):
     except Exception:  # noqa: BLE001 -- data-dependent control flow and the like: swap only
         return _swap(model)
     _fuse(gm)
-    return _swap(gm)  # the transposed convolutions (decoders, U-Nets): no fusion, numbaconv's module
+    _swap(gm)  # the transposed convolutions (decoders, U-Nets): no fusion, numbaconv's module
+    gm.register_forward_pre_hook(_first_forward, with_kwargs=True)
+    gm.register_forward_hook(_after_first_forward, with_kwargs=True, always_call=True)
+    return gm
+
+
+#: the layers :meth:`FusedConv2d._meta_forward` records (None: not recording)
+_recording = None
+
+
+def _first_forward(model, args, kwargs):
+    """A converted model's first forward: armed for compiling ahead in the background should
+    the cache turn out cold (:mod:`numbaconv.ahead`: the forward then compiles front to back
+    while a second process compiles back to front the layers :func:`_record` finds).  Then
+    the hooks are gone."""
+    if torch.compiler.is_compiling():
+        return None
+    _drop_hook(model._forward_pre_hooks, _first_forward, model._forward_pre_hooks_with_kwargs)
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if ahead.enabled() and tensors and all(t.device.type == "cpu" for t in tensors):
+        ahead.arm(functools.partial(_record, model, args, kwargs))
+    return None
+
+
+def _record(model, args, kwargs):
+    """The layers ``model(*args, **kwargs)`` runs, as its plans will run them (for
+    :func:`numbaconv.ahead._run_layer`): one pass on torch's meta device, shapes only (30-150
+    ms; run only when something compiles).  Up to the first op the meta pass cannot run."""
+    global _recording
+    try:
+        _recording = []
+        meta = torch.utils._pytree.tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a,
+                                            (args, kwargs))
+        state = {name: t.to("meta") for name, t in (*model.named_parameters(), *model.named_buffers())}
+        with torch.no_grad():
+            torch.func.functional_call(model, state, meta[0], meta[1])
+    except Exception:  # noqa: BLE001 -- an op the meta pass cannot run: the layers recorded up to it
+        pass
+    finally:
+        recorded, _recording = _recording, None
+    return recorded
+
+
+def _after_first_forward(model, args, kwargs, output):
+    """After the first forward (also when it raised): every kernel it needed is compiled, so
+    the background process, if any, is stopped."""
+    if torch.compiler.is_compiling() or _recording is not None:  # (the meta pass's own call)
+        return None
+    _drop_hook(model._forward_hooks, _after_first_forward, model._forward_hooks_with_kwargs,
+               model._forward_hooks_always_called)
+    ahead.disarm()
+    return None
+
+
+def _drop_hook(hooks, fn, *extra):
+    for key, hook in list(hooks.items()):
+        if hook is fn:
+            del hooks[key]
+            for d in extra:
+                d.pop(key, None)
 
 
 _SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.ConvTranspose2d: ConvTranspose2d}
