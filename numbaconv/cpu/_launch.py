@@ -257,3 +257,76 @@ class Task:
 
     def __call__(self, jobs, *args):
         self.run(tuple(map(type_key, args)), jobs, *args)
+
+
+# --- callees by address: a kernel that calls a large helper without linking it ------------------
+def _normalised(t):
+    """The type a callee is compiled for when a kernel passes a value of type ``t``: integers
+    as int64, literals as their plain type, the rest as it is."""
+    t = types.unliteral(t)
+    return types.int64 if isinstance(t, types.Integer) else t
+
+
+def _signature_tag(argtys, restype):
+    """A 62-bit fingerprint of a callee's signature: a kernel checks the address it is given
+    was compiled for the types it passes."""
+    import hashlib
+    return int(hashlib.sha1(repr((tuple(argtys), restype)).encode()).hexdigest()[:15], 16)
+
+
+def callee(fn, argtypes, restype=types.none):
+    """``(address, tag)`` of ``fn`` compiled (or loaded from the cache) for ``argtypes`` (as
+    :func:`call_at` passes them: see :func:`_normalised`), returning ``restype``: two entries
+    of the int64 array a kernel calls it through."""
+    argtypes = tuple(_normalised(t) for t in argtypes)
+    cres = fn.overloads.get(argtypes)
+    if cres is None:
+        with compile_guard[0](fn, argtypes):
+            fn.compile(argtypes)
+        cres = fn.overloads[argtypes]
+    if cres.signature.return_type != restype:
+        raise TypeError(f"{fn.__name__} returns {cres.signature.return_type}, expected {restype}")
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _signature_tag(argtypes, restype)
+
+
+@intrinsic
+def call_at(typingctx, fns, slot, like, args):
+    """``fn(*args)`` for the function at ``fns[slot]`` (:func:`callee`; its tag at ``fns[slot +
+    1]``), returning a value of ``like``'s type (``None``: nothing).  Numba's calling
+    convention, through the address: the kernel compiles and emits none of the callee's code
+    (a kernel that calls a large helper directly links it and optimises and emits all of it
+    again: ~1 s of a depthwise or Winograd kernel's compile on Zen 1).  A tag that does not
+    match the types passed here raises ``RuntimeError`` (never a call with the wrong types);
+    a callee that raised (bounds checks only) makes this raise ``IndexError``."""
+    if not (isinstance(fns, types.Array) and isinstance(fns.dtype, types.Integer) and isinstance(args, types.BaseTuple)):
+        return None
+    argtys = tuple(_normalised(t) for t in args.types)
+    restype = types.none if isinstance(like, (types.NoneType, types.Omitted)) else types.unliteral(like)
+    tag = _signature_tag(argtys, restype)
+    sig = restype(fns, slot, like, args)
+
+    def codegen(context, builder, signature, llargs):
+        fnsty = signature.args[0]
+        ary = context.make_array(fnsty)(context, builder, llargs[0])
+        i = context.cast(builder, llargs[1], signature.args[1], types.int64)
+        address = builder.load(builder.gep(ary.data, [i]))
+        given = builder.load(builder.gep(ary.data, [builder.add(i, i.type(1))]))
+        with builder.if_then(builder.icmp_signed("!=", given, given.type(tag)), likely=False):
+            context.call_conv.return_user_exc(builder, RuntimeError,
+                                              ("numbaconv: a kernel's callee was compiled for other types",))
+        vals = [context.cast(builder, builder.extract_value(llargs[3], k), args.types[k], argtys[k])
+                for k in range(len(argtys))]
+        fnty = context.call_conv.get_function_type(restype, argtys)
+        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
+        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
+        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
+        packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(builder, vals))
+        code = builder.call(builder.inttoptr(address, fnty.as_pointer()), [ret, exc] + packed)
+        if numba.core.config.BOUNDSCHECK:
+            ok = builder.or_(builder.icmp_signed("==", code, code.type(0)), builder.icmp_signed("==", code, code.type(-2)))
+            with builder.if_then(builder.not_(ok), likely=False):
+                context.call_conv.return_user_exc(builder, IndexError, ("a numbaconv kernel's callee raised",))
+        if restype == types.none:
+            return context.get_dummy_value()
+        return context.get_returned_value(builder, restype, builder.load(ret))
+    return sig, codegen

@@ -35,7 +35,7 @@ import numpy as np
 
 from ._blocking import block_width, transpose_block
 from ._jit import copy_run, jit, valid_range
-from ._launch import Task, type_key
+from ._launch import Task, call_at, callee, type_key
 from ._vec import dw3x3_block, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
 
@@ -330,10 +330,14 @@ def _plane3x3(xc, wk, b, o, sh, sw, pt, pl, dh, dw):
 
 
 @jit
-def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi):
+def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi, fns):
     """Planes ``[lo, hi)`` (over ``N * K``) through stride-phase planes (see :func:`bind`);
     ``geo``: the integers ``C, H, W, K, Ho, Wo, R, S, sh, sw, pt, pl, dh, m, hq, wq`` (one
-    array: a launch's arguments are typed one by one on every call)."""
+    array: a launch's arguments are typed one by one on every call).  ``fns``: the
+    addresses of :func:`_fill_phases` and :func:`_plane_phases` (3x3) or
+    :func:`_plane_phases_taps` (:func:`_phase_callees`), called through them (linked in,
+    they were 1.5 s of this kernel's 5.4 s compile on a fresh install, Zen 1, and a 3x3
+    layer compiled the other sizes' sweep too)."""
     cx, h_, w_, k_, ho_, wo_, r_, s_, sh, sw, pt, pl, dh, m, hq, wq = geo
     # zeroed once per range: the padding positions are the same for every plane, the rest
     # is overwritten; the slack past the end covers the sweep's last, partly used, block
@@ -345,17 +349,31 @@ def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi):
         k = q % k_
         src = n * cx + k // m
         if src != filled:
-            _fill_phases(xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl)
+            call_at(fns, 0, None, (xf, src * h_ * w_, h_, w_, buf, sh, sw, hq, wq, pt, pl))
             filled = src
         if r_ == 3 and s_ == 3:  # (its wide-plane path shares loads between kernel rows)
-            _plane_phases(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op)
+            call_at(fns, 2, None, (wf, bias, of, q * ho_ * wo_, ho_, wo_, k, sh, dh, wq, offs, buf, op))
         else:
-            _plane_phases_taps(wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op)
+            call_at(fns, 2, None, (wf, bias, of, q * ho_ * wo_, ho_, wo_, k, wq, offs, buf, op))
         if epi is not None:  # (pruned at compile time without an epilogue)
             finish_2d(of, epi, q * ho_ * wo_, 1, 0, ho_ * wo_)
 
 
 _DW_NCHW_PHASES = Task(_dw_nchw_phases_tasks)
+
+
+def _phase_callees(xf, wf, bias, of, offs, taps3):
+    """:func:`_dw_nchw_phases_tasks`' ``fns`` for these arrays (their Numba types) and kernel
+    size (``taps3``: 3x3): the fill's and the sweep's ``(address, tag)`` pairs."""
+    i64 = numba.types.int64
+    flat = numba.from_dtype(xf.dtype)[::1]  # (the task's own buffers)
+    tx, tw, tb, to, tf = (numba.typeof(a) for a in (xf, wf, bias, of, offs))
+    fill = callee(_fill_phases, (tx, i64, i64, i64, flat) + (i64,) * 6)
+    if taps3:
+        sweep = callee(_plane_phases, (tw, tb, to) + (i64,) * 7 + (tf, flat, flat))
+    else:
+        sweep = callee(_plane_phases_taps, (tw, tb, to) + (i64,) * 5 + (tf, flat, flat))
+    return np.array(fill + sweep, dtype=np.int64)
 
 
 @jit
@@ -911,11 +929,17 @@ def bind(p, w, bias, wlayout="OIHW"):
         geo = np.array([p.c, p.h, p.w, p.k, p.ho, p.wo, p.r, p.s, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
                         p.dil_h, m, hq, wq], dtype=np.int64)
 
+        fns = {}  # (type keys of x and out) -> the callees' addresses for those types
+
         def phases(x, out, epi):
             xf, of = x.reshape(-1), out.reshape(-1)
             ea = epi.kernel_arg(of)
             # (weights, bias and geometry keep their types for the layer: only these vary)
-            _DW_NCHW_PHASES.run((type_key(xf), type_key(of), type_key(ea)), p.n * p.k, xf, wf, b, of, offs, geo, ea)
+            key = (type_key(xf), type_key(of))
+            f = fns.get(key)
+            if f is None:
+                f = fns[key] = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3)
+            _DW_NCHW_PHASES.run(key + (type_key(ea),), p.n * p.k, xf, wf, b, of, offs, geo, ea, f)
         return phases
     return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
 

@@ -44,7 +44,7 @@ import numpy as np
 from .. import tuning
 from . import tiled
 from ._jit import jit
-from ._launch import Task, type_key
+from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
 from .epilogue import NONE, after, finish_2d
@@ -172,7 +172,7 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
 
 @jit(inline="always")  # into _tasks: a function level less to compile, link and emit
 def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
-          cb, v_, nchw, nhwc, epi):
+          cb, v_, nchw, nhwc, epi, fns):
     """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
     ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None:
     pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue)
@@ -190,9 +190,9 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
     # transformed inputs, one channel block at a time, multiplied into M
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
-        _in_tiles(m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl)
-        _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo, kb_hi, kbg, cg, kw,
-               v_, 1 if c0 == 0 else 2)
+        call_at(fns, 0, None, (m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
+        call_at(fns, 2, None, (vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo, kb_hi,
+                               kbg, cg, kw, v_, 1 if c0 == 0 else 2))
     # output tiles (bias added in the transform)
     nk = min(kw, kg - kb_lo * v_)
     k0 = g * kg + kb_lo * v_
@@ -202,7 +202,8 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
         # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
         # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
         for t in range(nt):
-            chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw, kw, nk, k0)
+            chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw,
+                                         kw, nk, k0))
         t = 0
         while t < nt:
             tile = tb * tt_ + t
@@ -223,14 +224,13 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
             y0 = (tile // tw) * m
             x0 = (tile % tw) * m
             if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
-                chk += _out_tile(m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
-                                 ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0)
+                chk += call_at(fns, 6, chk, (m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
+                                             ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0))
                 for i in range(m):
                     if epi is not None:  # (pruned at compile time without an epilogue)
                         finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
                 continue
-            # (dst ``k0 - k0``, not ``0``: a literal argument compiled a second _out_tile, 0.35 s cold)
-            chk += _out_tile(m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, k0 - k0, m * kw, kw, nk, k0)
+            chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk, k0))
             for i in range(min(m, ho_ - y0)):
                 for j in range(min(m, wo_ - x0)):
                     o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
@@ -244,7 +244,7 @@ def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_,
 
 
 @jit
-def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi):
+def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
     """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`), each a :func:`_task`.
     ``nchw, nhwc``: ``(True, None)`` or ``(None, True)``: Numba's dead-branch pruning resolves
     ``arg is None`` from the argument's type, so a layer compiles only its layout's output path
@@ -258,15 +258,32 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi):
         kb_lo = (rest % nkr) * kbr
         bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
                        min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
-                       nhwc, epi)
+                       nhwc, epi, fns)
 
 
 #: the convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr`` output-channel
 #: blocks), each a :func:`_task`, in parallel.  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``,
 #: flat; ``uf``: packed transformed weights; ``of``: the output in its layout, flat; ``bad[task]``:
-#: 0, or NaN where the task produced a non-finite value.  ``geo``: the geometry's integers ``hp,
+#: 0, or NaN where the task produced a non-finite value; ``fns``: :func:`_callees`' addresses
+#: of the transforms and GEMMs (called through them: linked in, they were ~1 s of the task's
+#: 4.6 s compile on a fresh install, Zen 1).  ``geo``: the geometry's integers ``hp,
 #: wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb, kbr, V, N``.
 _WINOGRAD = Task(_tasks)
+
+
+def _callees(xf, uf, bias, of, zeros):
+    """:func:`_tasks`' ``fns`` for these arrays (their Numba types): ``(address, tag)`` of
+    :func:`_in_tiles`, :func:`_gemms`, :func:`_out_tile` into the task's buffers and into
+    the output."""
+    i64 = numba.types.int64
+    flat = numba.from_dtype(of.dtype)[::1]  # (the task's own buffers)
+    tx, tu, tb, to, tz = (numba.typeof(a) for a in (xf, uf, bias, of, zeros))
+    item = numba.from_dtype(of.dtype)
+    fns = (callee(_in_tiles, (i64, tx, flat, tz) + (i64,) * 10)
+           + callee(_gemms, (flat, tu, flat, flat, tz) + (i64,) * 11)
+           + callee(_out_tile, (i64, flat, flat, tb) + (i64,) * 8, item)
+           + callee(_out_tile, (i64, flat, to, tb) + (i64,) * 8, item))
+    return np.array(fns, dtype=np.int64)
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -482,6 +499,8 @@ def bind(p, w, bias, m=None, flip=False):
     geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
                     b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
 
+    fns = {}  # (type keys of the input and output) -> the task's callees for those types
+
     def call(x, out, epi):
         if in_place:
             xp = x  # NHWC without padding, whole tiles: already the layout the transforms read
@@ -493,8 +512,11 @@ def bind(p, w, bias, m=None, flip=False):
         ea = epi.kernel_arg(of)
         xf = xp.reshape(-1)
         # (weights, bias and geometry keep their types for the layer: only these vary)
-        _WINOGRAD.run((type_key(xf), type_key(of), type_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo,
-                      *layout, ea)
+        key = (type_key(xf), type_key(of))
+        f = fns.get(key)
+        if f is None:
+            f = fns[key] = _callees(xf, uf, bp, of, zeros)
+        _WINOGRAD.run(key + (type_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
