@@ -185,32 +185,26 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
         _PAD_NHWC.run(key, rows, xf, of, *padded, int(x.shape[1]), int(x.shape[2]), *g, int(ssw))
 
 
-@jit
-def _pack_weights(w, wp, groups, kbg, cb, v_):
+def _pack_weights(w, groups, kbg, cb, v_):
     """OIHW ``w`` -> flat packed ``(G, KBg, C-blocks, R, S, cl, V)``; zero past ``K/G``.
 
-    Serial: weights from 64 KiB on are packed once and cached (see
-    :func:`packed_weights`), smaller ones take microseconds, and a parallel loop cost ~1 s
-    of compile on every fresh install (614 KB pack in 190 us serially, 108 us on 2 threads)."""
+    NumPy (a transposing copy per input-channel block): the compiled loop cost 0.6-0.9 s of
+    a fresh install's first layer (Zen 1) for a copy that weights from 64 KiB on do once
+    (they are cached, see :func:`packed_weights`) and smaller ones in tens of microseconds."""
     k_, cg, r_, s_ = w.shape
     kg = k_ // groups
-    for gk in range(groups * kbg):
-        g = gk // kbg
-        kb = gk % kbg
-        base = gk * r_ * s_ * cg * v_
-        for c0 in range(0, cg, cb):
-            cl = min(cb, cg - c0)
-            boff = base + c0 * r_ * s_ * v_
-            for r in range(r_):
-                for s in range(s_):
-                    for c in range(cl):
-                        idx = boff + ((r * s_ + s) * cl + c) * v_
-                        for v in range(v_):
-                            kk = kb * v_ + v
-                            if kk < kg:
-                                wp[idx + v] = w[g * kg + kk, c0 + c, r, s]
-                            else:
-                                wp[idx + v] = 0
+    w5 = w.reshape(groups, kg, cg, r_, s_)
+    if kbg * v_ != kg:
+        w5 = np.concatenate([w5, np.zeros((groups, kbg * v_ - kg, cg, r_, s_), w.dtype)], axis=1)
+    w6 = w5.reshape(groups, kbg, v_, cg, r_, s_)
+    out = np.empty((groups, kbg, r_ * s_ * cg * v_), w.dtype)
+    for c0 in range(0, cg, cb):
+        cl = min(cb, cg - c0)
+        # block c0's (r, s, c, v) after the blocks before it, within each (group, K block)
+        out[:, :, c0 * r_ * s_ * v_:(c0 + cl) * r_ * s_ * v_] = (
+            w6[:, :, :, c0:c0 + cl].transpose(0, 1, 4, 5, 3, 2).reshape(groups, kbg, -1))
+    return out.reshape(-1)
+
 
 @jit
 def _pack_hwio(lo, hi, w, wp, groups, kbg, cb, v_):
@@ -256,11 +250,10 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
     def build():
         r_, s_ = (w.shape[2], w.shape[3]) if wlayout == "OIHW" else (w.shape[0], w.shape[1])
         cg = w.shape[1] if wlayout == "OIHW" else w.shape[2]
-        wpk = np.empty(groups * kbg * r_ * s_ * cg * v_, dtype=w.dtype)
         if wlayout == "OIHW":
-            _pack_weights(w, wpk, groups, kbg, cb, v_)
-        else:
-            _PACK_HWIO((cg + cb - 1) // cb * r_ * s_, w, wpk, groups, kbg, cb, v_)
+            return _pack_weights(w, groups, kbg, cb, v_)
+        wpk = np.empty(groups * kbg * r_ * s_ * cg * v_, dtype=w.dtype)
+        _PACK_HWIO((cg + cb - 1) // cb * r_ * s_, w, wpk, groups, kbg, cb, v_)
         return wpk
     return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)
 
@@ -392,6 +385,12 @@ def _layer(p, threads, _generation):
                 b["split"])
     jobs = p.n * -(-p.ho // b["rows"]) * p.groups * -(-b["kbg"] // b["kbs"])
     return ("generic", p, b, in_place, padded_shape, pad_args, geometry, jobs)
+
+
+def route(p):
+    """Which of tiled's kernels runs ``p``: ``"generic"`` (the micro-kernels), ``"pointwise"``,
+    ``"dot"``, ``"depthwise"``, ``"streaming"`` or ``"naive"`` (for numbaconv.ahead's families)."""
+    return _layer(p, numba.get_num_threads(), tuning.generation())[0]
 
 
 def bind(p, w, bias):
