@@ -73,6 +73,42 @@ def claim(fn, sig):
                 os.close(os.open(path + ".done", os.O_CREAT | os.O_WRONLY))
 
 
+def _family(layer):
+    """What decides the kernels a layer compiles, roughly: its algorithm (``auto``'s choice,
+    no compile), layout, dtype, kernel size, stride, depthwise or grouped, epilogue."""
+    import numpy as np
+
+    from .auto import choose
+    from .problem import ConvProblem
+    dtype = np.dtype(layer["dtype"])
+    n, c, h, w = layer["x_shape"]
+    shape = (n, h, w, c) if layer["layout"] == "NHWC" else (n, c, h, w)
+    x = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * 4)  # (no memory)
+    try:
+        p = ConvProblem.from_args(x, np.zeros(layer["w_shape"], dtype), layout=layer["layout"], weight_layout="OIHW",
+                                  **layer["geometry"])
+        algorithm = choose(p, prepared=True)
+        if algorithm == "tiled":  # (which of its kernels)
+            from .cpu import tiled
+            algorithm = f"tiled.{tiled.route(p)}"
+        kind = (p.r, p.s, p.stride_h, p.stride_w, p.is_depthwise, p.groups > 1)
+    except Exception:  # noqa: BLE001 -- the forward reports it
+        algorithm, kind = None, layer["w_shape"][2:]
+    return algorithm, layer["layout"], layer["dtype"], kind, layer["activation"], layer["residual"]
+
+
+def _order(layers):
+    """The background process's order: the forward meets the layers' kernel families
+    (:func:`_family`) in the order they first appear and is busy with the first when the
+    process starts, so the process takes the second (compiled while the forward compiles
+    the first), then the others back to front, to meet the forward in the middle."""
+    groups = {}
+    for layer in layers:
+        groups.setdefault(_family(layer), []).append(layer)
+    groups = list(groups.values())
+    return [layer for group in groups[1:2] + groups[2:][::-1] + groups[:1] for layer in group]
+
+
 def _claim_key(fn, sig):
     name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', fn)}"
     return hashlib.sha1(f"{name}{sig}".encode()).hexdigest()[:20]
@@ -163,9 +199,8 @@ def on_cold_compile():
         from numba.core import config
         fd, path = tempfile.mkstemp(prefix="numbaconv-ahead-", suffix=".pkl")
         with os.fdopen(fd, "wb") as f:
-            # back to front (the forward goes front to back), and this process's thread count:
-            # plans choose their kernels by it
-            pickle.dump((layers[::-1], numba.get_num_threads()), f)
+            # (and this process's thread count: plans choose their kernels by it)
+            pickle.dump((_order(layers), numba.get_num_threads()), f)
         claims = tempfile.mkdtemp(prefix="numbaconv-ahead-claims-")
         env = dict(os.environ, NUMBACONV_COMPILE_AHEAD="0", NUMBACONV_AHEAD_DIR=claims,
                    NUMBACONV_AHEAD_PARENT=str(os.getpid()))
