@@ -186,6 +186,7 @@ def on_cold_compile():
     if find is None:
         return
     _state["pending"] = None
+    path = claims = None
     try:
         seen, layers = set(), []
         for layer in find():  # (duplicates dropped)
@@ -219,6 +220,11 @@ def on_cold_compile():
         _state["started"] += 1
     except Exception:  # noqa: BLE001 -- an optimisation: never let it break the forward
         _state["process"] = None
+        if path is not None:  # (what was made before the failure)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if claims is not None:
+            shutil.rmtree(claims, ignore_errors=True)
 
 
 def disarm(wait=False):
