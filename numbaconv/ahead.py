@@ -134,9 +134,13 @@ def _other_alive():
 
 
 def enabled():
-    """Whether background compiles may start: ``NUMBACONV_COMPILE_AHEAD`` is not ``0`` and the
-    process may use more than one core."""
+    """Whether background compiles may start: ``NUMBACONV_COMPILE_AHEAD`` is not ``0``, the
+    process may use more than one core, and ``sys.executable`` is a Python interpreter."""
     if os.environ.get("NUMBACONV_COMPILE_AHEAD", "1") == "0":
+        return False
+    # (an embedded interpreter -- uWSGI, a GUI application -- has its host as sys.executable:
+    # starting that again would start the host)
+    if not os.path.basename(sys.executable or "").lower().startswith(("python", "pypy")):
         return False
     try:
         cores = len(os.sched_getaffinity(0))

@@ -142,3 +142,18 @@ def test_claims_keep_one_compile_per_function(monkeypatch, tmp_path):
     open(str(held) + ".done", "w").close()
     with ahead.claim(g, ("sig",)):  # (done: loads from the cache)
         pass
+
+
+def test_enabled_only_where_it_can_start_python(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    monkeypatch.delenv("NUMBACONV_COMPILE_AHEAD", raising=False)
+    assert ahead.enabled()
+    monkeypatch.setenv("NUMBACONV_COMPILE_AHEAD", "0")
+    assert not ahead.enabled()
+    monkeypatch.delenv("NUMBACONV_COMPILE_AHEAD")
+    monkeypatch.setattr(sys, "executable", "/usr/local/bin/uwsgi")  # (an embedded interpreter's host)
+    assert not ahead.enabled()
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert not ahead.enabled()
