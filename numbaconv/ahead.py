@@ -3,16 +3,16 @@
 Numba compiles under one process-wide lock, so a converted model's first forward on a
 fresh install compiles its kernels one after another on one core (~16 s for ResNet-18 or
 MobileNetV2 on Zen 1) while the other core idles.  ``numbaconv.torch.convert``'s models
-record their layers at their first forward (shapes only, on torch's meta device) and
-:func:`arm` them here.  If a kernel then really compiles (a cache miss: the cache is cold;
-:func:`on_cold_compile`, called by the launch code), one background process starts and runs
-the layers in reverse order on zeros, through the same plans, writing what it compiles to
-the same on-disk cache; the forward pass, front to back, then loads from the cache what the
-background process compiled first (Numba looks there before compiling), and the two meet
-in the middle.  :func:`disarm` at the end of the forward stops the process: whatever the
+:func:`arm` a way to find their layers at their first forward.  If anything then really
+compiles (a cache miss: the cache is cold; :func:`on_cold_compile`, from Numba's compile
+events), the layers are found (one pass on torch's meta device: shapes only) and one
+background process runs them on zeros, through the same plans, writing what it compiles to
+the same on-disk cache, in :func:`_order`'s order; the forward pass, front to back, loads
+from the cache what the background process compiled first (Numba looks there before
+compiling), and the two meet in the middle.  :func:`disarm` at the end of the forward stops the process: whatever the
 forward needed is compiled by then.  With a warm cache nothing starts.
 
-Off with ``NUMBACONV_COMPILE_AHEAD=0``; never with one usable core.  The process is a new
+Off with ``NUMBACONV_COMPILE_AHEAD=0``; see :func:`enabled`.  The process is a new
 interpreter with this one's environment, cache directory, CPU target and Numba thread count
 (plans choose kernels by it), and no torch.
 """

@@ -90,6 +90,27 @@ def run_parts_address():
     return _run_parts_address[0]
 
 
+def call_by_address(context, builder, address, restype, argtys, vals):
+    """Emit a call of the function at ``address`` (an i64), compiled by Numba for ``argtys``
+    returning ``restype``, with ``vals`` (already of ``argtys``), by Numba's calling
+    convention: ``(status, result)`` -- ``status`` as :func:`succeeded` reads it, ``result``
+    the returned value (None for ``types.none``).  Every by-address call here and in
+    ``epilogue`` goes through it."""
+    fnty = context.call_conv.get_function_type(restype, argtys)
+    ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
+    builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
+    exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
+    packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(builder, vals))
+    code = builder.call(builder.inttoptr(address, fnty.as_pointer()), [ret, exc] + packed)
+    result = None if restype == types.none else context.get_returned_value(builder, restype, builder.load(ret))
+    return code, result
+
+
+def succeeded(builder, code):
+    """Numba's status codes: 0 (returned a value) or -2 (returned None) is success."""
+    return builder.or_(builder.icmp_signed("==", code, code.type(0)), builder.icmp_signed("==", code, code.type(-2)))
+
+
 @intrinsic
 def _call_run_parts(typingctx, address, fn, frame, jobs, parts):
     """``_run_parts(fn, frame, jobs, parts)`` through its address (Numba's calling convention;
@@ -97,12 +118,7 @@ def _call_run_parts(typingctx, address, fn, frame, jobs, parts):
     sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        fnty = context.call_conv.get_function_type(types.none, _RUN_PARTS_SIG)
-        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
-        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
-        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
-        packed = list(context.call_conv._get_arg_packer(_RUN_PARTS_SIG).as_arguments(builder, list(args[1:])))
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [ret, exc] + packed)
+        call_by_address(context, builder, args[0], types.none, _RUN_PARTS_SIG, list(args[1:]))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -146,13 +162,19 @@ def task_address(task, argtypes, lo_hi=True):
     """Address of ``task`` compiled (or loaded from the cache) for ``(int64, int64, *argtypes)``
     (``lo_hi=False``: for ``argtypes`` alone)."""
     sig = (types.int64, types.int64, *argtypes) if lo_hi else tuple(argtypes)
-    cres = task.overloads.get(sig)
+    return _address(task, sig, types.none, "a task returns nothing")
+
+
+def _address(fn, sig, restype, expected):
+    """Address of ``fn`` compiled (or loaded from the cache) for ``sig``, which must return
+    ``restype`` (else ``TypeError``: ``expected``, and what it returns)."""
+    cres = fn.overloads.get(sig)
     if cres is None:
-        with compile_guard[0](task, sig):  # (a background process may be compiling it: numbaconv.ahead)
-            task.compile(sig)
-        cres = task.overloads[sig]
-    if cres.signature.return_type != types.none:
-        raise TypeError(f"a task returns nothing, {task.__name__} returns {cres.signature.return_type}")
+        with compile_guard[0](fn, sig):  # (a background process may be compiling it: numbaconv.ahead)
+            fn.compile(sig)
+        cres = fn.overloads[sig]
+    if cres.signature.return_type != restype:
+        raise TypeError(f"{expected}, {fn.__name__} returns {cres.signature.return_type}")
     return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
 
 
@@ -180,17 +202,10 @@ def _bind_address(typingctx, address, args):
             lo, hi, addr = tramp.args
             fp = b.inttoptr(addr, frame.type)
             st = b.load(fp)
-            fnty = context.call_conv.get_function_type(types.none, argtys)
             tup = _borrowed(context, b, args, b.extract_value(st, 1))
             vals = [lo, hi] + [b.extract_value(tup, i) for i in range(len(args))]
-            ret = cgutils.alloca_once(b, fnty.args[0].pointee)
-            b.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
-            exc = cgutils.alloca_once(b, fnty.args[1].pointee)
-            packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(b, vals))
-            code = b.call(b.inttoptr(b.extract_value(st, 0), fnty.as_pointer()), [ret, exc] + packed)
-            # Numba's status codes: 0 (returned a value) or -2 (returned None) is success
-            ok = b.or_(b.icmp_signed("==", code, code.type(0)), b.icmp_signed("==", code, code.type(-2)))
-            with b.if_then(b.not_(ok), likely=False):
+            code, _ = call_by_address(context, b, b.extract_value(st, 0), types.none, argtys, vals)
+            with b.if_then(b.not_(succeeded(b, code)), likely=False):
                 b.store(_I32(1), b.gep(fp, [_I32(0), _I32(2)]))
             b.ret_void()
         failed = builder.gep(frame, [_I32(0), _I32(2)])
@@ -279,14 +294,7 @@ def callee(fn, argtypes, restype=types.none):
     :func:`call_at` passes them: see :func:`_normalised`), returning ``restype``: two entries
     of the int64 array a kernel calls it through."""
     argtypes = tuple(_normalised(t) for t in argtypes)
-    cres = fn.overloads.get(argtypes)
-    if cres is None:
-        with compile_guard[0](fn, argtypes):
-            fn.compile(argtypes)
-        cres = fn.overloads[argtypes]
-    if cres.signature.return_type != restype:
-        raise TypeError(f"{fn.__name__} returns {cres.signature.return_type}, expected {restype}")
-    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _signature_tag(argtypes, restype)
+    return _address(fn, argtypes, restype, f"a callee returns {restype}"), _signature_tag(argtypes, restype)
 
 
 @intrinsic
@@ -316,17 +324,9 @@ def call_at(typingctx, fns, slot, like, args):
                                               ("numbaconv: a kernel's callee was compiled for other types",))
         vals = [context.cast(builder, builder.extract_value(llargs[3], k), args.types[k], argtys[k])
                 for k in range(len(argtys))]
-        fnty = context.call_conv.get_function_type(restype, argtys)
-        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
-        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
-        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
-        packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(builder, vals))
-        code = builder.call(builder.inttoptr(address, fnty.as_pointer()), [ret, exc] + packed)
+        code, result = call_by_address(context, builder, address, restype, argtys, vals)
         if numba.core.config.BOUNDSCHECK:
-            ok = builder.or_(builder.icmp_signed("==", code, code.type(0)), builder.icmp_signed("==", code, code.type(-2)))
-            with builder.if_then(builder.not_(ok), likely=False):
+            with builder.if_then(builder.not_(succeeded(builder, code)), likely=False):
                 context.call_conv.return_user_exc(builder, IndexError, ("a numbaconv kernel's callee raised",))
-        if restype == types.none:
-            return context.get_dummy_value()
-        return context.get_returned_value(builder, restype, builder.load(ret))
+        return context.get_dummy_value() if result is None else result
     return sig, codegen

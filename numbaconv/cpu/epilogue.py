@@ -20,14 +20,14 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import literal_unroll
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from ..problem import ACTIVATION_CODES as CODES
 from ..problem import ACTIVATIONS
 from ._jit import FASTMATH, jit
-from ._launch import Task, task_address
+from ._launch import Task, call_by_address, task_address
 
 __all__ = ["ACTIVATIONS", "CODES", "Epilogue", "NONE", "activate", "after", "apply", "finish", "finish_2d",
            "python_reference"]
@@ -218,13 +218,8 @@ def _runs_at(typingctx, address, y, r, base, count, stride, length, act, has_res
     def codegen(context, builder, signature, args):
         vals = [args[1], args[2]] + [context.cast(builder, args[i], signature.args[i], argtys[i - 1])
                                      for i in range(3, 9)]
-        fnty = context.call_conv.get_function_type(types.none, argtys)
-        ret = cgutils.alloca_once(builder, fnty.args[0].pointee)
-        builder.store(cgutils.get_null_value(fnty.args[0].pointee), ret)
-        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
-        packed = list(context.call_conv._get_arg_packer(argtys).as_arguments(builder, vals))
-        fn = context.cast(builder, args[0], signature.args[0], types.int64)
-        builder.call(builder.inttoptr(fn, fnty.as_pointer()), [ret, exc] + packed)
+        address = context.cast(builder, args[0], signature.args[0], types.int64)
+        call_by_address(context, builder, address, types.none, argtys, vals)
         return context.get_dummy_value()
     return sig, codegen
 

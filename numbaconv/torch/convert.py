@@ -250,13 +250,13 @@ _recording = None
 def _first_forward(model, args, kwargs):
     """A converted model's first forward: armed for compiling ahead in the background should
     the cache turn out cold (:mod:`numbaconv.ahead`: the forward then compiles front to back
-    while a second process compiles back to front the layers :func:`_record` finds).  Then
-    the hooks are gone."""
+    while a second process compiles the layers :func:`_record` finds, from the other end).
+    Then the hooks are gone."""
     if torch.compiler.is_compiling():
         return None
     _drop_hook(model._forward_pre_hooks, _first_forward, model._forward_pre_hooks_with_kwargs)
     tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-    if ahead.enabled() and tensors and all(t.device.type == "cpu" for t in tensors):
+    if tensors and all(t.device.type == "cpu" for t in tensors):  # (arm checks ahead.enabled)
         ahead.arm(functools.partial(_record, model, args, kwargs))
     return None
 
