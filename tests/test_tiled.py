@@ -123,7 +123,9 @@ POINTWISE = [
     (1, 7, 4, 4, 16),     # one whole pixel block (V = 16 float32 on AVX2); K = 6 + 6 + 4
     (2, 5, 3, 7, 13),     # pixel tail only (21 < V or 21 = V + 5), odd K: zero weight rows appended
     (1, 40, 9, 9, 30),    # 81 pixels: whole blocks and a tail; mixed channel blocks
-    (3, 1, 2, 3, 5),      # C = 1, 6 pixels, K = 5: one block (fewer K go to the streaming kernel)
+    (3, 1, 2, 3, 5),      # C = 1, 6 pixels, K = 5: one block
+    (1, 3, 6, 6, 1),      # K = 1 and 2: NCHW 1x1 layers with few output channels run here too,
+    (2, 4, 5, 5, 2),      # not on the streaming kernel (pixels fill the vectors, not channels)
     (1, 33, 5, 7, 7),     # K = 7 = 4 + 3 (or one zero-padded block of 8 on AVX-512)
     (1, 9, 4, 7, 10),     # 28 pixels: a tail of 12 (the full-width block; tails up to V/2 run the half one)
 ]

@@ -160,7 +160,8 @@ def test_band_knob_changes_the_row_bands():
 
 @pytest.mark.parametrize("threshold,in_place", [(0, False), (1 << 40, True)])
 def test_hwio_in_place_knob(threshold, in_place):
-    x, w = arrays((1, 6, 6, 16), (3, 3, 16, 256))  # NHWC, HWIO, K * 4 = 1 KiB
+    # NHWC, HWIO, K * 4 = 1 KiB; a block's 9 * 8 rows of V weights under 16 KiB (V = 32 too)
+    x, w = arrays((1, 6, 6, 8), (3, 3, 8, 256))
     p = problem(x, w, padding=1, layout="NHWC")
     with tuning.override({"tiled.hwio_inplace_bytes": threshold}):
         assert tiled.plan(p)["hwio"] is in_place
@@ -199,7 +200,9 @@ def test_winograd_knobs_reach_its_plan():
 
 
 def test_winograd_threshold_knob_moves_auto():
-    x, w = arrays((1, 8, 20, 20), (8, 8, 3, 3))  # 8 channels: under the default threshold
+    # 8 input channels: under the default threshold; 16 output channels: not the streaming
+    # kernel's (which takes K <= V/4: 8 on AVX-512)
+    x, w = arrays((1, 8, 20, 20), (16, 8, 3, 3))
     p = problem(x, w, padding=1)
     assert tuning.KNOBS["auto.winograd_min_channels"].default > p.cg
     assert auto.choose(p) != "winograd"
