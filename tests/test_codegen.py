@@ -50,13 +50,14 @@ def _report(tmp_path, **env):
 
 
 def _check_plan(report, vector_bytes):
+    U = _vec.UNROLL  # reduction steps per loop iteration of the register blocks
     assert report["vector_bytes"] == vector_bytes, report["target"]
     reg = REGISTER[vector_bytes]
     assert report["tiled"], "no micro-kernel was reported"
     for name, stats in report["tiled"].items():
         p_ = int(name.split("/P")[1].split("/")[0])
         fmas = stats["packed"][reg]
-        assert fmas == 2 * p_, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg} per step)"
+        assert fmas == 2 * p_ * U, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg} per step, {U} steps)"
         others = {r: n for r, n in stats["packed"].items() if r != reg and n}
         assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
         assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
@@ -71,19 +72,19 @@ def _check_plan(report, vector_bytes):
         assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
         if "/gemm/" in name:  # tiled's register block over the transformed tiles
             p_ = int(name.split("/P")[1])
-            assert stats["packed"][reg] == 2 * p_, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg} per step)"
+            assert stats["packed"][reg] == 2 * p_ * U, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg}, {U} steps)"
             assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
         else:  # the tile transforms: channel vectors of the full width (1/2, 2, 4, 8 ... as FMAs)
             assert stats["packed"][reg] > 0, f"{name}: {stats}"
     assert report["pointwise"], "no pointwise task was reported"
     for name, stats in report["pointwise"].items():  # tiled's block inlined into the NCHW 1x1 task
         p_ = int(name.split("/P")[1].split("/")[0])
-        assert stats["packed"][reg] == 2 * p_ and stats["scalar"] == 0, f"{name}: {stats}"
+        assert stats["packed"][reg] == 2 * p_ * U and stats["scalar"] == 0, f"{name}: {stats}"
         # P weight-row addresses + the input column + counters outgrow the 15 general registers
         # on some targets (1-3 integer reloads per step on Haswell and Skylake-SP); no vector
-        # may spill, and the step's loads (2 vectors, P broadcasts, the reloads) must stay
-        # within its 2P FMAs (both run two per cycle), so the FMAs still bound the loop
-        assert stats["stack"] == 0 and 2 + p_ + stats["gpr_stack"] <= 2 * p_, \
+        # may spill, and the steps' loads (2 vectors, P broadcasts each, the reloads) must stay
+        # within their 2P FMAs (both run two per cycle), so the FMAs still bound the loop
+        assert stats["stack"] == 0 and (2 + p_) * U + stats["gpr_stack"] <= 2 * p_ * U, \
             f"{name}: stack traffic in the hot loop: {stats}"
     assert len(report["epilogue"]) == 8, report["epilogue"]
     for name, stats in report["epilogue"].items():  # a pass over values in cache: vector loops

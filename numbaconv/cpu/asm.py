@@ -61,8 +61,10 @@ def loop_stats(asm):
                 break
     lines = [ln for ln in loop.splitlines() if ln.strip() and not ln.strip().startswith((".", "#"))]
     # stack slots: addressed from %rsp, or at negative offsets from %rbp when it is the frame
-    # pointer (LLVM otherwise uses %rbp as a plain register, e.g. "(%rbp,%r10)")
-    slots = [ln for ln in lines if re.search(r"\(%rsp\b|-\d+\(%rbp\)", ln)]
+    # pointer (set from %rsp in the prologue); LLVM otherwise uses %rbp as a plain register,
+    # e.g. "(%rbp,%r10)" or, in an unrolled loop, "-24(%rbp)"
+    frame = re.search(r"^\s*movq\s+%rsp,\s*%rbp\s*$", asm, re.M)
+    slots = [ln for ln in lines if re.search(r"\(%rsp\b|-\d+\(%rbp\)" if frame else r"\(%rsp\b", ln)]
     vector = sum(1 for ln in slots if re.search(r"%[xyz]mm", ln))
     return {"packed": packed, "scalar": scalar, "stack": vector, "gpr_stack": len(slots) - vector,
             "instructions": len(lines)}

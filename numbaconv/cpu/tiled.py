@@ -50,8 +50,8 @@ from .. import tuning
 from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._launch import Task, type_key
-from ._blocking import (_DRIVERS, _UK_SHAPES, P, P_CHOICES, block_width, driver_tag, pixel_block,  # noqa: F401
-                        pixel_blocks, transpose_block, vector_bytes)
+from ._blocking import (_DRIVERS, _UK_SHAPES, P, P_CHOICES, block_width, driver_tag, empty_aligned,  # noqa: F401
+                        pixel_block, pixel_blocks, transpose_block, vector_bytes)
 from ._wcache import WeightCache
 from .epilogue import NONE, after
 
@@ -197,7 +197,7 @@ def _pack_weights(w, groups, kbg, cb, v_):
     if kbg * v_ != kg:
         w5 = np.concatenate([w5, np.zeros((groups, kbg * v_ - kg, cg, r_, s_), w.dtype)], axis=1)
     w6 = w5.reshape(groups, kbg, v_, cg, r_, s_)
-    out = np.empty((groups, kbg, r_ * s_ * cg * v_), w.dtype)
+    out = empty_aligned((groups, kbg, r_ * s_ * cg * v_), w.dtype)
     for c0 in range(0, cg, cb):
         cl = min(cb, cg - c0)
         # block c0's (r, s, c, v) after the blocks before it, within each (group, K block)
@@ -252,7 +252,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
         cg = w.shape[1] if wlayout == "OIHW" else w.shape[2]
         if wlayout == "OIHW":
             return _pack_weights(w, groups, kbg, cb, v_)
-        wpk = np.empty(groups * kbg * r_ * s_ * cg * v_, dtype=w.dtype)
+        wpk = empty_aligned(groups * kbg * r_ * s_ * cg * v_, w.dtype)
         _PACK_HWIO((cg + cb - 1) // cb * r_ * s_, w, wpk, groups, kbg, cb, v_)
         return wpk
     return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)

@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import tuning
 from . import tiled
+from ._blocking import empty_aligned
 from ._jit import jit
 from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
@@ -374,7 +375,7 @@ def transformed_weights(w, wlayout, groups, m, v_, flip=False):
         kg = k_ // groups
         kbg = -(-kg // v_)
         a = m + 2
-        uf = np.empty(groups * a * a * kbg * cg * v_, dtype=w.dtype)
+        uf = empty_aligned(groups * a * a * kbg * cg * v_, w.dtype)  # (vector loads: whole lines)
         _transform_weights(w, uf, np.array(matrices(m)[1], dtype=np.float64), hwio, flip, groups, kg, cg, kbg, v_)
         return uf
     return _CACHE.get((wlayout, groups, m, v_, flip), w, build)
