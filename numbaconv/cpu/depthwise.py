@@ -364,7 +364,20 @@ _DW_NCHW_PHASES = Task(_dw_nchw_phases_tasks)
 
 def _phase_callees(xf, wf, bias, of, offs, taps3):
     """:func:`_dw_nchw_phases_tasks`' ``fns`` for these arrays (their Numba types) and kernel
-    size (``taps3``: 3x3): the fill's and the sweep's ``(address, tag)`` pairs."""
+    size (``taps3``: 3x3): the fill's and the sweep's ``(address, tag)`` pairs; once per
+    combination (``conv2d`` binds on every call)."""
+    key = (tuple(type_key(a) for a in (xf, wf, bias, of, offs)), taps3)
+    fns = _PHASE_CALLEES.get(key)
+    if fns is None:
+        fns = _PHASE_CALLEES[key] = _build_phase_callees(xf, wf, bias, of, offs, taps3)
+    return fns
+
+
+#: type keys of :func:`_phase_callees`' arrays and its kernel-size flag -> the callee table
+_PHASE_CALLEES = {}
+
+
+def _build_phase_callees(xf, wf, bias, of, offs, taps3):
     i64 = numba.types.int64
     flat = numba.from_dtype(xf.dtype)[::1]  # (the task's own buffers)
     tx, tw, tb, to, tf = (numba.typeof(a) for a in (xf, wf, bias, of, offs))
@@ -929,16 +942,12 @@ def bind(p, w, bias, wlayout="OIHW"):
         geo = np.array([p.c, p.h, p.w, p.k, p.ho, p.wo, p.r, p.s, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
                         p.dil_h, m, hq, wq], dtype=np.int64)
 
-        fns = {}  # (type keys of x and out) -> the callees' addresses for those types
-
         def phases(x, out, epi):
             xf, of = x.reshape(-1), out.reshape(-1)
             ea = epi.kernel_arg(of)
             # (weights, bias and geometry keep their types for the layer: only these vary)
             key = (type_key(xf), type_key(of))
-            f = fns.get(key)
-            if f is None:
-                f = fns[key] = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3)
+            f = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3)
             _DW_NCHW_PHASES.run(key + (type_key(ea),), p.n * p.k, xf, wf, b, of, offs, geo, ea, f)
         return phases
     return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
