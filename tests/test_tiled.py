@@ -93,7 +93,9 @@ def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
 def test_dot_path_for_deep_nchw_layers(case, dtype, monkeypatch):
     """The dense cases with enough output channels not to stream (every remainder of its
     5 x 5 blocks, stride, dilation, padding, strided 1x1, batch 2) through
-    :mod:`numbaconv.cpu.dot`, its size thresholds lifted (plain 1x1 layers go to pointwise)."""
+    :mod:`numbaconv.cpu.dot`, its size thresholds lifted (plain 1x1 layers go to pointwise),
+    on every target (AVX-512 ones leave it off by default)."""
+    monkeypatch.setattr(dot, "ENABLED", True)
     monkeypatch.setattr(dot, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(dot, "MAX_PIXELS", 10**6)
     called = []
@@ -104,12 +106,17 @@ def test_dot_path_for_deep_nchw_layers(case, dtype, monkeypatch):
     assert called
 
 
-def test_dot_path_is_taken_for_res5_like_layers():
-    """A 1.2 MB OIHW weight on a 5x5 image goes to :mod:`numbaconv.cpu.dot` unpatched (its
-    choice rules: NCHW, dense, few pixels, large weights); NHWC and big images do not."""
+def test_dot_path_is_taken_for_res5_like_layers(monkeypatch):
+    """A 1.2 MB OIHW weight on a 5x5 image goes to :mod:`numbaconv.cpu.dot` unpatched on AVX2
+    targets (its choice rules: NCHW, dense, few pixels, large weights); NHWC and big images do
+    not; on AVX-512 targets none does (the packed register blocks are faster there)."""
     def applies(n, c, hw, k, layout="NCHW", groups=1):
         return dot.applies(ConvProblem(n=n, c=c, h=hw, w=hw, k=k, r=3, s=3, pad_top=1, pad_bottom=1,
                                        pad_left=1, pad_right=1, groups=groups, layout=layout))
+    assert dot.ENABLED == (tiled.vector_bytes() < 64)
+    if not dot.ENABLED:
+        assert not applies(1, 512, 7, 512)
+        monkeypatch.setattr(dot, "ENABLED", True)
     assert applies(1, 256, 5, 128) and applies(1, 512, 7, 512) and applies(2, 512, 7, 512)
     assert not applies(1, 512, 7, 512, layout="NHWC")
     assert not applies(1, 256, 14, 256)  # 196 pixels: packed weights pay off

@@ -321,6 +321,8 @@ def dot_block(ka, pb, vector_bytes):
                 j = builder.mul(step, i64(w_))
                 wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wrow[a], j), vty), align=align)
                       for a in range(ka)]
+                for a in range(ka):  # each weight row is a stream from memory (see PREFETCH_BYTES)
+                    _prefetch(builder, builder.gep(wa.data, [builder.add(wrow[a], builder.add(j, i64(PREFETCH_BYTES // align)))]))
                 for b in range(pb):
                     cv = builder.load(_vector_ptr(builder, ca.data, builder.add(crow[b], j), vty), align=align)
                     for a in range(ka):

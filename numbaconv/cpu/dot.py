@@ -27,7 +27,7 @@ from ._launch import Task
 from ._vec import dot_block, target_vector_bytes
 from .epilogue import NONE, finish_2d
 
-__all__ = ["applies", "run", "microkernel_asm", "KB", "PB", "MAX_COLS_BYTES"]
+__all__ = ["applies", "run", "microkernel_asm", "ENABLED", "KB", "PB", "MAX_COLS_BYTES"]
 
 #: output channels x pixels per block: 25 vector accumulators on AVX-512 (+ 5 weight rows +
 #: 1 pixel row of 32 registers; 5 x 5 measured 4-6 % faster than 6 x 4 and 8 x 3 on res5,
@@ -44,12 +44,19 @@ MAX_PIXELS = 128
 MIN_WEIGHT_BYTES = 1 << 20
 
 
+#: on AVX2 targets only: with AVX-512 ``tiled``'s packed register blocks run these layers faster
+#: even with the per-call check of the packed copy (res5 NCHW: Intel Xeon 1.6-1.7 ms here,
+#: 0.97 ms through a ``Conv2dPlan``'s packed weights, ~1.4 through ``conv2d``; Zen 4 1.52 ms
+#: here, 1.38 in NHWC); on Zen 1 this kernel was the faster (4.15 against 5.56 ms)
+ENABLED = target_vector_bytes() < 64
+
+
 def applies(p):
     """Deep dense NCHW layer whose packed weights would cost more than they save."""
     pixels = p.n * p.ho * p.wo
     reduction = p.c * p.r * p.s
     item = np.dtype(p.dtype).itemsize
-    return (p.layout == "NCHW" and p.groups == 1 and pixels <= MAX_PIXELS
+    return (ENABLED and p.layout == "NCHW" and p.groups == 1 and pixels <= MAX_PIXELS
             and p.k * reduction * item >= MIN_WEIGHT_BYTES
             and (pixels + PB) * reduction * item <= MAX_COLS_BYTES)
 
