@@ -152,12 +152,32 @@ def _pointwise_check(case, dtype, activation=None, residual=False, bias=True):
     assert_close(got, expected, dtype, c)
 
 
+@pytest.fixture(autouse=True)
+def _pointwise_on_small_images(request, monkeypatch):
+    """The pointwise tests' small images (their blocks' every remainder) run the pointwise
+    kernel on every target: AVX-512 ones send images under ``MIN_PIXELS`` elsewhere."""
+    if "pointwise" in request.node.name:
+        monkeypatch.setattr(pointwise, "MIN_PIXELS", 0)
+
+
+def test_small_nchw_1x1_images_route_by_vector_width():
+    """On AVX-512 targets a 7x7 NCHW 1x1 layer (49 pixels) runs tiled's channel-vector blocks,
+    a 14x14 one the in-place GEMM; on AVX2 both run the GEMM."""
+    def route(hw):
+        x, w = np.zeros((1, 64, hw, hw), np.float32), np.zeros((128, 64, 1, 1), np.float32)
+        return tiled.route(ConvProblem.from_args(x, w, None))
+    assert route(14) == "pointwise"
+    assert route(7) == ("generic" if tiled.vector_bytes() >= 64 else "pointwise")
+    _check((1, 64, 7, 7, 128, 1, 1, {}), "NCHW", np.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c)))
 def test_pointwise_path_for_nchw_1x1(case, dtype, monkeypatch):
     """NCHW 1x1 layers run as a GEMM on the input in place (numbaconv.cpu.pointwise): every
     remainder of its blocks (pixel tails, odd K, K below the smaller block), with and
-    without bias, fused activation and residual."""
+    without bias, fused activation and residual (small images included on every target: AVX-512
+    ones send images under ``MIN_PIXELS`` to the channel-vector blocks by default)."""
     called = []
     real = pointwise.bind
     monkeypatch.setattr(pointwise, "bind", lambda *a: called.append(1) or real(*a))
