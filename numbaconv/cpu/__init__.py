@@ -1,8 +1,8 @@
 """The host (CPU) kernels: one module per algorithm, plus what they share.
 
 * ``_jit``      -- the shared Numba settings (``jit`` / ``pjit``, ``FASTMATH``), small
-  helpers callable from ``@njit`` (``valid_range``, ``prefetchw``, BLAS ``gemm``);
-* ``_vec``      -- explicit-vector register blocks (LLVM vector IR from ``@intrinsic``) and the
+  helpers callable from ``@njit`` (``valid_range``, BLAS ``gemm``);
+* ``_vec``      -- explicit-vector register blocks (LLVM vector IR from ``@intrinsic``, ``prefetchw``) and the
   compile target's vector width; ``asm`` reads their machine code (the codegen tests);
   ``peak`` measures this machine's FMA peak (for ``numbaconv bench``);
 * ``_launch``   -- the one shared parallel loop: a kernel's serial task function over ranges of

@@ -217,31 +217,6 @@ def valid_range(offset, stride, size, out_size):
     return lo, hi
 
 
-# --- output prefetch (tiled's micro-kernels) ----------------------------------------------------------------------
-@intrinsic
-def prefetchw(typingctx, arr, idx):
-    """``prefetchw`` the cache line of ``arr[idx]`` (LLVM ``llvm.prefetch``, write intent).
-
-    A hint only: never faults, even past the array's end.  The micro-kernels issue it for
-    their output block before the reduction, so the write-allocate misses of the stores
-    (measured ~470 cycles per 1x1 block with a cold output) overlap the FMAs.
-    """
-    if not isinstance(arr, types.Array):
-        return None
-    sig = types.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(builder.gep(ary.data, [args[1]]), i8p), i32(1), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 # --- BLAS ?gemm ------------------------------------------------------------------------
 # Numba's helper library exports ``numba_xxgemm`` (it forwards to SciPy's BLAS, the same
 # path ``np.dot`` takes inside ``@njit``).  Naming the symbol -- instead of holding a ctypes

@@ -10,8 +10,8 @@ range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._la
 
 import numpy as np
 
-from ._jit import copy_run, jit, prefetchw, zero_run
-from ._vec import conv_block
+from ._jit import copy_run, jit, zero_run
+from ._vec import conv_block, prefetchw
 from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation

@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-__all__ = ["lanes", "conv_block", "dot_block", "dw3x3_block", "tile_transform", "transpose8", "fma_chains",
+__all__ = ["lanes", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tile_transform", "transpose8", "fma_chains",
            "target_vector_bytes", "target_description"]
 
 
@@ -129,13 +129,32 @@ UNROLL = 4
 PREFETCH_BYTES = 1024
 
 
-def _prefetch(builder, ptr):
-    """``prefetcht0`` the line of ``ptr`` (a hint: never faults, even past an array's end)."""
+def _prefetch(builder, ptr, write=False):
+    """Prefetch the line of ``ptr`` into L1 (``llvm.prefetch``, read or write intent): a hint,
+    never a fault, even past an array's end."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                         "llvm.prefetch.p0i8")
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(int(write)), i32(3), i32(1)])
+
+
+@intrinsic
+def prefetchw(typingctx, arr, idx):
+    """``prefetchw`` the cache line of ``arr[idx]`` (write intent; see :func:`_prefetch`).  The
+    micro-kernels issue it for their output block before the reduction, so the write-allocate
+    misses of the stores (measured ~470 cycles per 1x1 block with a cold output) overlap the
+    FMAs."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        _prefetch(builder, builder.gep(ary.data, [args[1]]), write=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,18 +220,13 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
                                                         undef, splat)
                             for v in range(nv):
                                 builder.store(_fmuladd(builder, xv, wv[v], builder.load(accs[p][v])), accs[p][v])
-                    u_ = UNROLL
-                    if u_ > 1:
-                        whole = builder.sdiv(cn, i64(u_))
-                        with _loop(builder, whole) as cu:
-                            for u in range(u_):
-                                step(builder.add(builder.mul(cu, i64(u_)), i64(u)))
-                        done = builder.mul(whole, i64(u_))
-                        with _loop(builder, builder.sub(cn, done)) as cr:
-                            step(builder.add(done, cr))
-                    else:
-                        with _loop(builder, cn) as c:
-                            step(c)
+                    whole = builder.sdiv(cn, i64(UNROLL))
+                    with _loop(builder, whole) as cu:
+                        for u in range(UNROLL):
+                            step(builder.add(builder.mul(cu, i64(UNROLL)), i64(u)))
+                    done = builder.mul(whole, i64(UNROLL))
+                    with _loop(builder, builder.sub(cn, done)) as cr:  # (the cn % UNROLL steps left)
+                        step(builder.add(done, cr))
             with builder.if_else(builder.icmp_signed("==", mode_, i64(0))) as (to_tmp, to_out):
                 with to_tmp:
                     for p in range(p_):
