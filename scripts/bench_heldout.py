@@ -2,7 +2,7 @@
 
     python scripts/bench_heldout.py [--threads 2] [--algorithm auto]
 
-Grouped (16 and 32 channels per group), 5x5, Inception's 7x1 / 1x7, strided and dilated
+Grouped (4, 8, 16 and 32 channels per group), 5x5, Inception's 7x1 / 1x7, strided and dilated
 3x3, Inception-v3's 35x35x96 3x3 (Winograd's held-out layer), in NCHW and NHWC (torch as channels_last); best of 5 medians each; prints ms,
 GFLOP/s and the speedup over torch (> 1: faster).
 """
@@ -17,6 +17,8 @@ from numbaconv.bench import suite as bench
 
 #: name: (N, C, H, W, K, R, S, stride, padding, groups, dilation)
 CASES = {
+    "grouped_4pg": (1, 128, 56, 56, 128, 3, 3, 1, 1, 32, 1),  # ResNeXt-50 32x4d's first stage
+    "grouped_8pg": (1, 152, 28, 28, 152, 3, 3, 1, 1, 19, 1),  # RegNetX-200MF's (group width 8)
     "grouped_16pg": (1, 256, 28, 28, 256, 3, 3, 1, 1, 16, 1),
     "grouped_32pg": (1, 256, 28, 28, 256, 3, 3, 1, 1, 8, 1),
     "5x5": (1, 64, 28, 28, 96, 5, 5, 1, 2, 1, 1),

@@ -280,6 +280,66 @@ def test_depthwise_is_dispatched(monkeypatch):
     assert called
 
 
+# (n, c, h, w, k, r, s, kwargs): at most V/2 output channels per group -- the narrow blocks
+NARROW = [
+    (1, 32, 6, 9, 32, 3, 3, dict(groups=2, padding=1)),               # 16 per group: one whole register
+    (2, 24, 7, 17, 24, 3, 3, dict(groups=3, padding=1)),              # 8 per group; Wo = 17 = 14 + 3
+    (1, 10, 9, 8, 9, 3, 3, dict(stride=2, padding=((1, 0), (2, 1)), dilation=(1, 2))),  # dense K = 9
+    (1, 12, 5, 30, 5, 1, 3, dict(padding=(0, 1))),                   # K = 5, Wo = 30 = 14 + 14 + 2
+    (1, 64, 4, 4, 16, 1, 1, {}),                                      # NHWC 1x1 in place
+]
+
+
+@pytest.fixture
+def narrow_target(monkeypatch):
+    """The narrow blocks on every host: AVX-512 targets have them; elsewhere the generated
+    8-lane float32 ones stand in for a run (their speed is not measured there)."""
+    from numbaconv.cpu import _blocking
+    vb = tiled.vector_bytes()
+    if vb not in _blocking.NARROW_P_CHOICES:
+        monkeypatch.setattr(_blocking, "NARROW_P_CHOICES", {vb: (7, 14)})
+        monkeypatch.setattr(tiled, "NARROW_P_CHOICES", _blocking.NARROW_P_CHOICES)
+    tiled._plan.cache_clear()
+    yield vb in (64,)
+    tiled._plan.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", NARROW, ids=lambda c: "x".join(map(str, c[:7])))
+def test_narrow_blocks(case, layout, dtype, narrow_target):
+    """Layers with at most V/2 output channels per group run one register of channels per
+    pixel (every remainder: partial channel block, pixel blocks of 14 and 7 and past the row,
+    stride, dilation, asymmetric padding, NHWC in place)."""
+    if dtype == np.float64 and not narrow_target:
+        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX-512 hosts)")
+    n, c, h, w, k, r, s, kw = case
+    groups = kw.get("groups", 1)
+    x = np.zeros((n, c, h, w), dtype) if layout == "NCHW" else np.zeros((n, h, w, c), dtype)
+    p = ConvProblem.from_args(x, np.zeros((k, c // groups, r, s), dtype) if layout == "NCHW"
+                              else np.zeros((r, s, c // groups, k), dtype), None, layout=layout, **kw)
+    narrow = 2 * (k // groups) <= tiled.block_width(dtype)  # (float64's 16 per group fill two registers)
+    if pointwise.applies(p):  # (an NCHW 1x1 layer with enough pixels: the in-place GEMM on AVX2)
+        assert tiled.route(p) == "pointwise"
+    else:
+        assert tiled.route(p) == "generic" and tiled.plan(p)["nv"] == (1 if narrow else 2)
+        assert tiled.plan(p)["V"] == tiled.block_width(dtype) // (2 if narrow else 1)
+    _check(case, layout, dtype)
+
+
+def test_streaming_only_for_short_reductions(narrow_target):
+    """Where the narrow blocks exist, few output channels stream only when each output reduces
+    over fewer than STREAM_MAX_REDUCTION products (RGB inputs); deeper ones run the blocks."""
+    def route(c, k, r, groups=1):
+        x, w = np.zeros((1, c, 8, 8), np.float32), np.zeros((k, c // groups, r, r), np.float32)
+        return tiled.route(ConvProblem.from_args(x, w, None, padding=r // 2, groups=groups))
+    assert route(3, 3, 3) == "streaming"            # 27 products: the seed notebook's layer
+    assert route(3, 4, 3) == "streaming"
+    assert route(8, 2, 3) == "generic"              # 72 products
+    assert route(96, 96, 3, groups=12) == "generic"  # 8 per group, 72 products
+    assert route(64, 96, 3, groups=32) == "streaming"  # depth multiplier 3: 2 x 9 = 18 products
+
+
 def test_generated_microkernels_are_up_to_date():
     import pathlib
     path = pathlib.Path(tiled.__file__).with_name("_ukernels.py")

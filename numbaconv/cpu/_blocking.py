@@ -10,8 +10,8 @@ import numpy as np
 from ._jit import jit
 from ._vec import target_vector_bytes, transpose8
 
-__all__ = ["P", "P_CHOICES", "block_width", "driver_tag", "empty_aligned", "pixel_block", "pixel_blocks",
-           "transpose_block", "vector_bytes"]
+__all__ = ["NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag", "empty_aligned", "kernel_suffix",
+           "narrow_blocks", "pixel_block", "pixel_blocks", "transpose_block", "vector_bytes"]
 
 #: bytes the arrays that the register blocks load and store as vectors start on: a cache line
 #: (NumPy's own allocations are 16-byte aligned; a 64-byte vector that straddles two lines is
@@ -31,6 +31,16 @@ def empty_aligned(shape, dtype):
 #: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
 P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
 P = 6  # the default
+#: the narrow blocks' pixel choices per vector width: ``V/2`` output channels in one register
+#: per pixel (P accumulators + a weight vector + a broadcast), for layers with at most ``V/2``
+#: output channels per group (grouped convolutions with 9-16 per group, ResNeXt / RegNet, and
+#: dense layers with 9-16 output channels), which the two-register block would run half
+#: empty (and, from 32 products per output, the few-channel layers the streaming kernel took:
+#: see ``tiled.STREAM_MAX_REDUCTION``).  AVX-512 only so far, where it was measured (Intel
+#: Xeon, 2 threads, float32, 3x3, NCHW / NHWC: 16 per group at 28x28 0.74 -> 0.52 ms / 0.69 ->
+#: 0.41, dense 64 -> 16 at 56x56 0.56 -> 0.32 / 0.52 -> 0.28); AVX2's 8-lane variant is not
+#: measured yet (its 16 registers would hold 14 accumulators and two operands, at the edge)
+NARROW_P_CHOICES = {64: (7, 14)}
 
 
 def _width(vb, item):
@@ -39,12 +49,19 @@ def _width(vb, item):
 
 #: one parallel driver per (V, pixel-block choices): the pixel block is a runtime argument
 #: of the driver, so a new layer compiles nothing a layer of the same dtype compiled before
-_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in P_CHOICES.items() for item in (4, 8)}))
-_UK_SHAPES = tuple(sorted({(p_, v_) for v_, ps in _DRIVERS for p_ in ps}))
+#: (V, pixel-block choices, vectors per pixel): two registers per pixel, or one (the narrow blocks)
+_DRIVERS = tuple(sorted({(_width(vb, item), ps, 2) for vb, ps in P_CHOICES.items() for item in (4, 8)}
+                        | {(_width(vb, item) // 2, ps, 1) for vb, ps in NARROW_P_CHOICES.items() for item in (4, 8)}))
+_UK_SHAPES = tuple(sorted({(p_, v_, nv) for v_, ps, nv in _DRIVERS for p_ in ps}))
 
 
 def driver_tag(ps):
     return f"p{min(ps)}{max(ps)}"
+
+
+def kernel_suffix(v_, nv):
+    """``V`` in the generated names (``ukP_V``, ``tasks_V_TAG``), ``Vx1`` for a narrow block."""
+    return f"{v_}" if nv == 2 else f"{v_}x{nv}"
 
 
 def vector_bytes():
@@ -56,6 +73,12 @@ def vector_bytes():
 def block_width(dtype):
     """``V``: output channels per micro-kernel (two SIMD registers' worth, at least 8)."""
     return _width(vector_bytes(), np.dtype(dtype).itemsize)
+
+
+def narrow_blocks(dtype, kg):
+    """Whether ``kg`` output channels per group run on the narrow blocks (one register per
+    pixel, :data:`NARROW_P_CHOICES`) on the compile target."""
+    return vector_bytes() in NARROW_P_CHOICES and 2 * kg <= block_width(dtype)
 
 
 def pixel_block(wo):

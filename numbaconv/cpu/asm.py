@@ -85,7 +85,10 @@ def report():
         out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
         for p_ in tiled.P_CHOICES[target_vector_bytes()]:
             stats = loop_stats(tiled.microkernel_asm(dtype, p_))
-            out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype)}"] = stats
+            out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype)}/NV2"] = stats
+        for p_ in tiled.NARROW_P_CHOICES.get(target_vector_bytes(), ()):  # (one register per pixel)
+            stats = loop_stats(tiled.microkernel_asm(dtype, p_, 1))
+            out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype) // 2}/NV1"] = stats
         if dtype == np.float32:  # (the same register block as tiled's, inlined into its task)
             p_ = max(tiled.P_CHOICES[target_vector_bytes()])
             out["pointwise"][f"float32/P{p_}/V{tiled.block_width(dtype)}"] = loop_stats(pointwise.microkernel_asm(dtype))

@@ -16,7 +16,10 @@ Data layout (built inside :func:`run`, counted in its time):
 Register blocking: the micro-kernel ``ukP_V`` (generated, in :mod:`numbaconv.cpu._ukernels`)
 keeps ``P`` output pixels x ``V`` output channels in registers -- ``V = 2`` vectors of the
 target's width: 16 float32 / 8 float64 on AVX2 (P = 4-6: 2P ymm accumulators, like
-oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 6-8, zmm).  For every input channel and
+oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 6-8, zmm); on AVX-512, layers with at most
+``V/2`` output channels per group (ResNeXt's and RegNet's groups, 9-16-channel layers) run
+*narrow* blocks of one register per pixel instead (``V/2`` channels, P = 7 or 14), which
+the two-register block would run half empty.  For every input channel and
 tap it loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2P FMAs per
 ``2 + P`` loads.  Cache blocking: input channels in blocks of ``cb`` so the packed
 weights of one block (``R*S*cb*V`` values) stay in L2 while a band of output rows is
@@ -33,7 +36,8 @@ target's (:func:`vector_bytes`).  ``tests/test_codegen.py`` reads the hot loop's
 code for Zen 3, Zen 4, Skylake-SP, Sapphire Rapids and the host.
 
 Depthwise convolutions (``groups == C``) go to :mod:`numbaconv.cpu.depthwise`; few-channel,
-memory-bound problems (``K/G`` much smaller than ``V``) to the streaming kernels there too;
+memory-bound problems (``K/G`` much smaller than ``V`` and, where narrow blocks exist, a short
+reduction: RGB inputs) to the streaming kernels there too;
 deep NCHW layers with few output pixels and large weights (ResNet's res5) to
 :mod:`numbaconv.cpu.dot`, which reads the OIHW weights in place instead of packing them.
 
@@ -50,36 +54,46 @@ from .. import tuning
 from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._launch import Task, type_key
-from ._blocking import (_DRIVERS, _UK_SHAPES, P, P_CHOICES, block_width, driver_tag, empty_aligned,  # noqa: F401
-                        pixel_block, pixel_blocks, transpose_block, vector_bytes)
+from ._blocking import (_DRIVERS, _UK_SHAPES, NARROW_P_CHOICES, P, P_CHOICES, block_width,  # noqa: F401
+                        driver_tag, empty_aligned, kernel_suffix, narrow_blocks, pixel_block, pixel_blocks,
+                        transpose_block, vector_bytes)
 from ._wcache import WeightCache
 from .epilogue import NONE, after
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
 
-def microkernel(dtype, p_=P):
+def _blocks(dtype, nv):
+    """``(V, pixel-block choices)`` of ``dtype``'s blocks of ``nv`` registers per pixel."""
+    if nv == 2:
+        return block_width(dtype), P_CHOICES[vector_bytes()]
+    return block_width(dtype) // 2, NARROW_P_CHOICES[vector_bytes()]
+
+
+def microkernel(dtype, p_=P, nv=2):
     from . import _ukernels
-    return getattr(_ukernels, f"uk{p_}_{block_width(dtype)}")
+    return getattr(_ukernels, f"uk{p_}_{kernel_suffix(_blocks(dtype, nv)[0], nv)}")
 
 
 _TASKS = {}
 
 
-def _driver(dtype):
-    """The task function of ``dtype``'s micro-kernels (:class:`numbaconv.cpu._launch.Task`)."""
-    name = f"tasks_{block_width(dtype)}_{driver_tag(P_CHOICES[vector_bytes()])}"
+def _driver(dtype, nv=2):
+    """The task function of ``dtype``'s micro-kernels of ``nv`` registers per pixel
+    (:class:`numbaconv.cpu._launch.Task`)."""
+    v_, ps = _blocks(dtype, nv)
+    name = f"tasks_{kernel_suffix(v_, nv)}_{driver_tag(ps)}"
     if name not in _TASKS:
         from . import _ukernels
         _TASKS[name] = Task(getattr(_ukernels, name))
     return _TASKS[name]
 
 
-def microkernel_asm(dtype=np.float32, p_=P):
-    """Machine code of the ``p_``-pixel micro-kernel for ``dtype`` on the compile target.
-    Compiled afresh (no cache: Numba cannot inspect code loaded from its cache).
-    """
-    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_).py_func)
+def microkernel_asm(dtype=np.float32, p_=P, nv=2):
+    """Machine code of the ``p_``-pixel micro-kernel (``nv`` registers per pixel) for ``dtype``
+    on the compile target.  Compiled afresh (no cache: Numba cannot inspect code loaded from
+    its cache)."""
+    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_, nv).py_func)
     t = numba.from_dtype(np.dtype(dtype))
     a = t[::1]
     i = numba.intp
@@ -267,7 +281,8 @@ def clear_cache():
 
 # --- planning --------------------------------------------------------------------------------
 def plan(p):
-    """Blocking for problem ``p``: dict(P, V, cb, rows, kbg, hp, wp, hwio) (a fresh copy)."""
+    """Blocking for problem ``p``: dict(P, split, V, nv, cb, rows, kbg, kbs, hp, wp, hwio) (a fresh
+    copy; ``nv``: registers of ``V`` output channels per pixel, 2 or 1 -- the narrow blocks)."""
     return dict(_plan(p, numba.get_num_threads(), tuning.generation()))
 
 
@@ -275,9 +290,11 @@ def plan(p):
 def _plan(p, threads, _generation):
     """:func:`plan`, once per problem, thread count and set of tuning knobs (``conv2d`` binds
     on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
-    v_ = block_width(p.dtype)
+    # one register of output channels per pixel where two would run half empty (<= V/2 per group)
+    nv = 1 if narrow_blocks(p.dtype, p.kg) else 2
+    v_, choices = _blocks(p.dtype, nv)
     forced = tuning.value("tiled.pixel_block")  # 0: by the output width
-    p_, split = (forced, p.wo) if forced in P_CHOICES[vector_bytes()] else pixel_blocks(p.wo)
+    p_, split = (forced, p.wo) if forced in choices else pixel_blocks(p.wo, choices)
     item = p.dtype.itemsize
     # Input-channel block: the packed weights of one block (R*S*cb*V) within ~128 KiB (L2;
     # the budget is a tuning knob, numbaconv.tuning).
@@ -298,7 +315,7 @@ def _plan(p, threads, _generation):
         row_bytes //= 2
     hp = p.h + p.pad_top + p.pad_bottom
     # where the row's last pixel block ends (past wo): blocks of p_ up to split, then the smaller
-    after, size = (0, p_) if split >= p.wo else (split, min(P_CHOICES[vector_bytes()]))
+    after, size = (0, p_) if split >= p.wo else (split, min(choices))
     covered = after + -(-(p.wo - after) // size) * size
     wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
@@ -306,7 +323,7 @@ def _plan(p, threads, _generation):
     hwio = (p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
             and (p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES
                  or p.r * p.s * p.cg * p.k * item < _CACHE.min_bytes))
-    return dict(P=p_, split=split, V=v_, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
+    return dict(P=p_, split=split, V=v_, nv=nv, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
 def generic(p):
@@ -322,8 +339,22 @@ def _oversized(p):
 
 
 def uses_streaming(p):
-    """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)."""
-    return 4 * p.kg <= block_width(p.dtype)
+    """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)
+    -- and, where the narrow blocks run such layers (AVX-512), too short a reduction per
+    output for them (under :data:`STREAM_MAX_REDUCTION` products: RGB inputs)."""
+    if 4 * p.kg > block_width(p.dtype):
+        return False
+    return not narrow_blocks(p.dtype, p.kg) or p.cg * p.r * p.s < STREAM_MAX_REDUCTION
+
+
+#: products per output (C/G x R x S) from which layers with few output channels per group run
+#: on the narrow register blocks rather than the streaming kernel, where narrow blocks exist.
+#: Intel Xeon, 2 threads, float32, ms (streaming -> narrow blocks, NCHW / NHWC): 3x3 with 12
+#: groups of 8 at 56x56 2.42 -> 0.68 / 4.34 -> 0.65, 32 groups of 4 1.69 -> 1.04 / 3.12 ->
+#: 1.02, 64 -> 8 channels 1.56 -> 0.37 / 2.88 -> 0.33, 8 -> 8 at batch 8 1.82 -> 0.60 / 3.28 ->
+#: 0.50; but RGB inputs stream faster: the seed notebook's 3 -> 3 (27 products) 9.5 vs 33.9
+#: / 11.4 vs 29.6, 3 -> 4 at 224x224 0.26 vs 0.45 / 0.42 vs 0.40
+STREAM_MAX_REDUCTION = 32
 
 
 #: largest one-block footprint (R * S * C/G rows of V weights) that NHWC reads from HWIO weights
@@ -437,7 +468,7 @@ def bind(p, w, bias):
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
-    driver = _driver(p.dtype)
+    driver = _driver(p.dtype, b["nv"])
     dtype = p.dtype
 
     def call(x, out, epi):
@@ -494,8 +525,8 @@ def _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, vw):
 _DRIVER = '''
 
 @_ukjit
-def tasks_{V}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw, dh,
-             dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
+def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
     [kb_lo, kb_hi) (of {V}) of group g, image n, in blocks of ``p_`` pixels up to pixel
     ``split`` of a row, then of {PMIN} (of {PS}: runtime choices, so every layer shares this
@@ -651,7 +682,7 @@ def _on_block_size(ps, indent, call):
     return "\n".join(lines)
 
 
-def _gen_pointwise(v_, ps):
+def _gen_pointwise(v_, ps, nv):
     calls = _on_block_size(ps, " " * 20, lambda p_: [
         f"_rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,",
         "           cl, of, ob, hw, bias, k0, mode)"])
@@ -660,18 +691,21 @@ def _gen_pointwise(v_, ps):
                                               PMAX=max(ps), CALLS=calls)
 
 
-def _gen_driver(v_, ps):
+def _gen_driver(v_, ps, nv):
+    sfx = kernel_suffix(v_, nv)
     calls = _on_block_size(ps, " " * 24, lambda p_: [
-        f"uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
+        f"uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
         "         os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
-    return _DRIVER.format(V=v_, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps), CALLS=calls)
+    return _DRIVER.format(V=v_, SUFFIX=sfx, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps),
+                          CALLS=calls)
 
 
-def _gen_ukernel(p_, v_):
-    L = ["", "", f"_block{p_}_{v_} = conv_block({p_}, 2, {v_ // 2})", "", "", "@_ukjit",
-         f"def uk{p_}_{v_}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
+def _gen_ukernel(p_, v_, nv):
+    sfx = kernel_suffix(v_, nv)
+    L = ["", "", f"_block{p_}_{sfx} = conv_block({p_}, {nv}, {v_ // nv})", "", "", "@_ukjit",
+         f"def uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
          "           first, zero, tmp, ws_c, ws_t):",
-         f'    """{p_} pixels x {v_} channels: of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
+         f'    """{p_} pixels x {v_} channels ({nv} registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
     L.append("    if os_k == 1:")
     L.append("        for p in range(np_):")
     L.append("            prefetchw(of, ob + p * os_p)")
@@ -687,7 +721,7 @@ def _gen_ukernel(p_, v_):
     L.append("    mode = 0")
     L.append(f"    if os_k == 1 and nk == {v_} and np_ == {p_}:")
     L.append(f"        mode = 1 if first else 2")
-    L.append(f"    _block{p_}_{v_}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
+    L.append(f"    _block{p_}_{sfx}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
     L.append("                  mode)")
     L.append("    if mode == 0:")
     L.append(f"        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, {v_})")
@@ -696,9 +730,9 @@ def _gen_ukernel(p_, v_):
 
 def generate_source():
     """The text of :mod:`numbaconv.cpu._ukernels`."""
-    return (_HEADER + "".join(_gen_ukernel(p_, v_) for p_, v_ in _UK_SHAPES)
-            + "".join(_gen_driver(v_, ps) for v_, ps in _DRIVERS)
-            + "".join(_gen_pointwise(v_, ps) for v_, ps in _DRIVERS))
+    return (_HEADER + "".join(_gen_ukernel(*shape) for shape in _UK_SHAPES)
+            + "".join(_gen_driver(*d) for d in _DRIVERS)
+            + "".join(_gen_pointwise(*d) for d in _DRIVERS if d[2] == 2))  # (NCHW 1x1: two registers per pixel)
 
 
 if __name__ == "__main__":
