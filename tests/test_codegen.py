@@ -55,11 +55,15 @@ def _check_plan(report, vector_bytes):
     assert report["vector_bytes"] == vector_bytes, report["target"]
     reg = REGISTER[vector_bytes]
     assert report["tiled"], "no micro-kernel was reported"
-    if vector_bytes == 64:  # the narrow blocks (one register of channels per pixel) exist there
+    if vector_bytes == 64:  # the narrow and packed-group blocks (one register per pixel) exist there
         assert any(name.endswith("/NV1") for name in report["tiled"]), report["tiled"]
+        assert {name[-2:] for name in report["tiled"] if "/M" in name} == {"M2", "M4"}, report["tiled"]
     for name, stats in report["tiled"].items():
         p_ = int(name.split("/P")[1].split("/")[0])
-        nv = int(name.split("/NV")[1])  # registers per pixel
+        nv = int(name.split("/NV")[1].split("/")[0])  # registers per pixel
+        # every step's broadcast a load (the packed groups' m-tuples too: vbroadcastsd /
+        # vbroadcastf32x4), never a shuffle on the FMA units' port
+        assert stats["shuffles"] == 0, f"{name}: {stats}"
         fmas = stats["packed"][reg]
         assert fmas == nv * p_ * U, f"{name}: {stats} (plan: {nv * p_} FMAs on {reg} per step, {U} steps)"
         others = {r: n for r, n in stats["packed"].items() if r != reg and n}

@@ -7,10 +7,12 @@ added into the output), stride, dilation, groups, depthwise with multiplier 1 an
 asymmetric padding -- in both layouts and both dtypes.
 """
 
+import numba
 import numpy as np
 import pytest
 
 import numbaconv
+from numbaconv import tuning
 from numbaconv.cpu import depthwise, dot, pointwise, tiled
 from numbaconv.problem import ConvProblem
 from numbaconv.cpu.epilogue import python_reference
@@ -299,6 +301,8 @@ def narrow_target(monkeypatch):
     if vb not in _blocking.NARROW_P_CHOICES:
         monkeypatch.setattr(_blocking, "NARROW_P_CHOICES", {vb: (7, 14)})
         monkeypatch.setattr(tiled, "NARROW_P_CHOICES", _blocking.NARROW_P_CHOICES)
+        monkeypatch.setattr(_blocking, "GROUP_PACK_P_CHOICES", {vb: (7, 10)})
+        monkeypatch.setattr(tiled, "GROUP_PACK_P_CHOICES", _blocking.GROUP_PACK_P_CHOICES)
     tiled._plan.cache_clear()
     yield vb in (64,)
     tiled._plan.cache_clear()
@@ -325,6 +329,38 @@ def test_narrow_blocks(case, layout, dtype, narrow_target):
         assert tiled.route(p) == "generic" and tiled.plan(p)["nv"] == (1 if narrow else 2)
         assert tiled.plan(p)["V"] == tiled.block_width(dtype) // (2 if narrow else 1)
     _check(case, layout, dtype)
+
+
+# (n, c, h, w, groups, kwargs): as many input as output channels per group, 4 or 8 -- sets of
+# 16 / (C/G) groups share one register (float32); an odd set count and float64 stay narrow
+GROUP_SETS = [
+    (1, 32, 6, 9, 8, dict(padding=1)),                                # 4 per group: 2 sets of 4 groups
+    (2, 64, 7, 17, 8, dict(padding=1)),                               # 8 per group: 4 sets of 2; Wo = 17 = 10 + 7
+    (1, 32, 9, 8, 4, dict(stride=2, padding=((1, 0), (2, 1)), dilation=(1, 2))),
+    (1, 48, 5, 23, 6, dict(padding=(0, 1))),                          # Wo = 23: blocks of 10 and 7, past the row
+    (1, 24, 6, 6, 3, dict(padding=1)),                                # 3 groups of 8: not in pairs -> narrow
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", GROUP_SETS, ids=lambda c: "x".join(map(str, c[:5])))
+def test_packed_group_blocks(case, layout, dtype, narrow_target):
+    """Grouped 3x3 layers with 4 or 8 channels per group run m groups per register: the
+    interleaved input copy, the packed weights, the blocks' tuple broadcasts and their stores
+    back in channel order (whole blocks in NHWC, transposed ones in NCHW), bias, every
+    pixel-block remainder, stride, dilation, asymmetric padding."""
+    if dtype == np.float64 and not narrow_target:
+        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX-512 hosts)")
+    n, c, h, w, groups, kw = case
+    cg = c // groups
+    x = np.zeros((n, c, h, w), dtype) if layout == "NCHW" else np.zeros((n, h, w, c), dtype)
+    wt = np.zeros((c, cg, 3, 3), dtype) if layout == "NCHW" else np.zeros((3, 3, cg, c), dtype)
+    p = ConvProblem.from_args(x, wt, None, layout=layout, groups=groups, **kw)
+    layer = tiled._layer(p, numba.get_num_threads(), tuning.generation())
+    m = 16 // cg if dtype == np.float32 and groups % (16 // cg) == 0 else 1
+    assert layer[0] == "generic" and layer[2]["m"] == m and layer[1].groups == groups // m
+    _check((n, c, h, w, c, 3, 3, dict(groups=groups, **kw)), layout, dtype)
 
 
 def test_streaming_only_for_short_reductions(narrow_target):

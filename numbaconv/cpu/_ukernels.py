@@ -178,6 +178,54 @@ def uk7_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, 
         _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
+_block7_16x1m2 = conv_block(7, 1, 16, m=2)
+
+
+@_ukjit
+def uk7_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
+    mode = 0
+    if os_k == 1 and nk == 16 and np_ == 7:
+        mode = 1 if first else 2
+    _block7_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+
+
+_block7_16x1m4 = conv_block(7, 1, 16, m=4)
+
+
+@_ukjit
+def uk7_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
+    mode = 0
+    if os_k == 1 and nk == 16 and np_ == 7:
+        mode = 1 if first else 2
+    _block7_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+
+
 _block7_16 = conv_block(7, 2, 8)
 
 
@@ -272,6 +320,54 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
                   mode)
     if mode == 0:
         _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 32)
+
+
+_block10_16x1m2 = conv_block(10, 1, 16, m=2)
+
+
+@_ukjit
+def uk10_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
+    mode = 0
+    if os_k == 1 and nk == 16 and np_ == 10:
+        mode = 1 if first else 2
+    _block10_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+
+
+_block10_16x1m4 = conv_block(10, 1, 16, m=4)
+
+
+@_ukjit
+def uk10_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
+    if os_k == 1:
+        for p in range(np_):
+            prefetchw(of, ob + p * os_p)
+            prefetchw(of, ob + p * os_p + 15)
+    else:
+        for v in range(nk):
+            prefetchw(of, ob + v * os_k)
+            prefetchw(of, ob + v * os_k + np_ - 1)
+    mode = 0
+    if os_k == 1 and nk == 16 and np_ == 10:
+        mode = 1 if first else 2
+    _block10_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
 
 
 _block14_8x1 = conv_block(14, 1, 8)
@@ -609,6 +705,156 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(16, kg - kb * 16)
+                kb0 = g * kg + kb * 16
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+@_ukjit
+def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 10): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(10 * 16, dtype=of.dtype)
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(16, kg - kb * 16)
+                        kb0 = g * kg + kb * 16
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * (cg // 2) + (c0 // 2) * r_ * s_) * 16
+                            ws_c = 16
+                            ws_t = (cl // 2) * 16
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 10:
+                            uk10_16x1m2(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_16x1m2(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            for kb in range(kb_lo, kb_hi):
+                nk = min(16, kg - kb * 16)
+                kb0 = g * kg + kb * 16
+                if nchw:
+                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+                else:
+                    for i in range(i0, i1):
+                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+
+
+@_ukjit
+def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 10): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = np.empty(10 * 16, dtype=of.dtype)
+    if nchw:
+        os_p = 1
+        os_k = ho_ * wo_
+    else:
+        os_p = k_
+        os_k = 1
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(16, kg - kb * 16)
+                        kb0 = g * kg + kb * 16
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * (cg // 4) + (c0 // 4) * r_ * s_) * 16
+                            ws_c = 16
+                            ws_t = (cl // 4) * 16
+                        if nchw:
+                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 10:
+                            uk10_16x1m4(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_16x1m4(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)

@@ -158,7 +158,7 @@ def prefetchw(typingctx, arr, idx):
 
 
 @functools.lru_cache(maxsize=None)
-def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
+def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
     """An intrinsic ``block(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin,
     of, ob, os_p, bias, kb0, mode)`` computing, for ``p < p_`` output pixels and
     ``j < nv*w_`` output channels::
@@ -175,6 +175,14 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
     lanes follow the dtype, :func:`lanes` of ``vector_bytes`` (one block for both dtypes).
     ``row_bias``: mode 1 adds ``bias[kb0 + p]`` to every lane of row ``p`` instead (the
     blocks of :mod:`numbaconv.cpu.pointwise`, whose rows are output channels).
+
+    ``m > 1`` (one register, ``nv == 1``): ``m`` groups of ``w_/m`` output channels share the
+    register (grouped convolutions with few channels per group).  Step ``c`` reads the
+    ``m``-tuple ``xf[xb + ... + c*m + p*xs_p + i]`` (channel ``c`` of each group, interleaved
+    in the input) and broadcasts it as a whole (``vbroadcastsd`` / ``vbroadcastf32x4``: a load,
+    no shuffle), so lane ``j`` of the weights and accumulators is output channel ``j // m`` of
+    group ``j % m``; the stores put the lanes back in channel order (group-major), one lane
+    permutation per pixel.  ``cin`` counts tuple elements (``m`` per step).
     """
     @intrinsic
     def block(typingctx, xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
@@ -187,6 +195,8 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
         sig = types.void(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                          mode)
         wl = w_ or lanes(vector_bytes, xf.dtype.bitwidth // 8)
+        if m > 1 and (nv != 1 or wl % m or row_bias):
+            return None
 
         def codegen(context, builder, signature, args):
             argtys = signature.args
@@ -202,6 +212,15 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(p_)]
             undef = ir.Constant(vty, ir.Undefined)
             splat = ir.Constant(ir.VectorType(ir.IntType(32), wl), [ir.Constant(ir.IntType(32), 0)] * wl)
+            i32 = ir.IntType(32)
+            tuple_ty = ir.VectorType(fty, m)
+            tile = ir.Constant(ir.VectorType(i32, wl), [i32(j % m) for j in range(wl)])  # (the tuple, repeated)
+            kg = wl // m  # lane k*m + i holds channel i*kg + k: back to channel order on the way out
+            unmix = ir.Constant(ir.VectorType(i32, wl), [i32((n % kg) * m + n // kg) for n in range(wl)])
+
+            def result(p, v):
+                acc = builder.load(accs[p][v])
+                return acc if m == 1 else builder.shuffle_vector(acc, undef, unmix)
             xofs = [builder.mul(xsp, i64(p)) for p in range(p_)]
             with cgutils.for_range(builder, rr) as lr:
                 with cgutils.for_range(builder, ss) as ls:
@@ -209,30 +228,35 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
                     wo = builder.add(wb_, builder.mul(builder.add(builder.mul(lr.index, ss), ls.index), wst))
                     def step(c):
                         wc = builder.add(wo, builder.mul(c, wsc))
-                        xc = builder.add(xo, c)
+                        xc = builder.add(xo, c if m == 1 else builder.mul(c, i64(m)))
                         for line in range(max(1, nv * wl * align // 64)):  # (one per 64-byte line of the step)
                             _prefetch(builder, builder.gep(wa.data, [builder.add(wc, i64((PREFETCH_BYTES + 64 * line) // align))]))
                         wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wc, i64(v * wl)), vty),
                                            align=align) for v in range(nv)]
                         for p in range(p_):
-                            xs = builder.load(builder.gep(xa.data, [builder.add(xc, xofs[p])]), align=align)
-                            xv = builder.shuffle_vector(builder.insert_element(undef, xs, ir.Constant(ir.IntType(32), 0)),
-                                                        undef, splat)
+                            xp_ = builder.gep(xa.data, [builder.add(xc, xofs[p])])
+                            if m == 1:
+                                xs = builder.load(xp_, align=align)
+                                xv = builder.shuffle_vector(builder.insert_element(undef, xs, i32(0)), undef, splat)
+                            else:
+                                xt = builder.load(builder.bitcast(xp_, tuple_ty.as_pointer()), align=align)
+                                xv = builder.shuffle_vector(xt, ir.Constant(tuple_ty, ir.Undefined), tile)
                             for v in range(nv):
                                 builder.store(_fmuladd(builder, xv, wv[v], builder.load(accs[p][v])), accs[p][v])
-                    whole = builder.sdiv(cn, i64(UNROLL))
+                    steps = cn if m == 1 else builder.sdiv(cn, i64(m))
+                    whole = builder.sdiv(steps, i64(UNROLL))
                     with _loop(builder, whole) as cu:
                         for u in range(UNROLL):
                             step(builder.add(builder.mul(cu, i64(UNROLL)), i64(u)))
                     done = builder.mul(whole, i64(UNROLL))
-                    with _loop(builder, builder.sub(cn, done)) as cr:  # (the cn % UNROLL steps left)
+                    with _loop(builder, builder.sub(steps, done)) as cr:  # (the steps % UNROLL left)
                         step(builder.add(done, cr))
             with builder.if_else(builder.icmp_signed("==", mode_, i64(0))) as (to_tmp, to_out):
                 with to_tmp:
                     for p in range(p_):
                         for v in range(nv):
                             dst = _vector_ptr(builder, ta.data, i64((p * nv + v) * wl), vty)
-                            builder.store(builder.load(accs[p][v]), dst, align=align)
+                            builder.store(result(p, v), dst, align=align)
                 with to_out:
                     with_bias = builder.icmp_signed("==", mode_, i64(1))
                     for p in range(p_):
@@ -248,13 +272,45 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False):
                             else:
                                 bsrc = _vector_ptr(builder, ba.data, builder.add(kb0_, i64(v * wl)), vty)
                                 addend = builder.load(builder.select(with_bias, bsrc, dst), align=align)
-                            builder.store(builder.fadd(builder.load(accs[p][v]), addend), dst, align=align)
+                            builder.store(builder.fadd(result(p, v), addend), dst, align=align)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    block.__name__ = (f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}") + "_rb" * row_bias
+    block.__name__ = ((f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}") + "_rb" * row_bias
+                      + (f"_m{m}" if m > 1 else ""))
     return block
+
+
+@functools.lru_cache(maxsize=None)
+def interleave16(m):
+    """An intrinsic ``shuffle(arr, q)``: the 16 values ``arr[q:q + 16]`` (``m`` groups of ``16/m``
+    channels) from group-major to channel-major order in one register, ``arr[q + c*m + i] =
+    old[q + i*(16/m) + c]`` (the input order of :func:`conv_block`'s ``m``-tuples)."""
+    cg = 16 // m
+    mask = [(j % m) * cg + j // m for j in range(16)]  # new position c*m + i takes old i*cg + c
+
+    @intrinsic
+    def shuffle(typingctx, arr, q):
+        if not isinstance(arr, types.Array) or not isinstance(arr.dtype, types.Float):
+            return None
+        sig = types.void(arr, q)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), 16)
+            i32 = ir.IntType(32)
+            ptr = _vector_ptr(builder, ary.data, context.cast(builder, args[1], signature.args[1], types.int64), vty)
+            align = signature.args[0].dtype.bitwidth // 8
+            v = builder.load(ptr, align=align)
+            out = builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, 16),
+                                                                                         [i32(k) for k in mask]))
+            builder.store(out, ptr, align=align)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    shuffle.__name__ = f"interleave16_m{m}"
+    return shuffle
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,9 +44,10 @@ def loop_stats(asm):
     """FMAs of the hot loop by kind and register class, and its stack traffic.
 
     ``{"packed": {"zmm": n, "ymm": n, "xmm": n}, "scalar": n, "stack": n, "gpr_stack": n,
-    "instructions": n}``: ``stack`` counts vector spills and reloads (stack slots read or
-    written from vector registers), ``gpr_stack`` integer ones (e.g. a loop-invariant
-    address reloaded when the 15 general registers run out).
+    "shuffles": n, "instructions": n}``: ``stack`` counts vector spills and reloads (stack slots
+    read or written from vector registers), ``gpr_stack`` integer ones (e.g. a loop-invariant
+    address reloaded when the 15 general registers run out); ``shuffles`` lane permutations and
+    inserts (port 5 on Intel, which the second FMA unit shares), broadcasts from memory aside.
     """
     loop = hot_loop(asm)
     packed = {"zmm": 0, "ymm": 0, "xmm": 0}
@@ -66,8 +67,10 @@ def loop_stats(asm):
     frame = re.search(r"^\s*movq\s+%rsp,\s*%rbp\s*$", asm, re.M)
     slots = [ln for ln in lines if re.search(r"\(%rsp\b|-\d+\(%rbp\)" if frame else r"\(%rsp\b", ln)]
     vector = sum(1 for ln in slots if re.search(r"%[xyz]mm", ln))
+    shuffles = sum(1 for ln in lines if re.match(r"\s*v(?:perm|shuf|unpck|punpck|insert|pshufb|pblend|blend|movsh|movsl)", ln)
+                   or re.match(r"\s*vp?broadcast\w*\s+%", ln))  # (a broadcast from a register: a shuffle)
     return {"packed": packed, "scalar": scalar, "stack": vector, "gpr_stack": len(slots) - vector,
-            "instructions": len(lines)}
+            "shuffles": shuffles, "instructions": len(lines)}
 
 
 def report():
@@ -77,6 +80,7 @@ def report():
     import numpy as np
 
     from . import depthwise, dot, epilogue, pointwise, tiled, winograd
+    from ._blocking import GROUP_PACKS
     from ._vec import target_description, target_vector_bytes
     out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
            "dot": {}, "depthwise": {}, "winograd": {}, "pointwise": {}, "epilogue": {}}
@@ -89,6 +93,11 @@ def report():
         for p_ in tiled.NARROW_P_CHOICES.get(target_vector_bytes(), ()):  # (one register per pixel)
             stats = loop_stats(tiled.microkernel_asm(dtype, p_, 1))
             out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype) // 2}/NV1"] = stats
+        if dtype == np.float32:  # (one register shared by m groups: float32 only)
+            for p_ in tiled.GROUP_PACK_P_CHOICES.get(target_vector_bytes(), ()):
+                for m in GROUP_PACKS:
+                    stats = loop_stats(tiled.microkernel_asm(dtype, p_, 1, m))
+                    out["tiled"][f"float32/P{p_}/V{tiled.block_width(dtype) // 2}/NV1/M{m}"] = stats
         if dtype == np.float32:  # (the same register block as tiled's, inlined into its task)
             p_ = max(tiled.P_CHOICES[target_vector_bytes()])
             out["pointwise"][f"float32/P{p_}/V{tiled.block_width(dtype)}"] = loop_stats(pointwise.microkernel_asm(dtype))

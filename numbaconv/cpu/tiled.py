@@ -53,47 +53,51 @@ import numpy as np
 from .. import tuning
 from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
+from ._vec import interleave16
 from ._launch import Task, type_key
-from ._blocking import (_DRIVERS, _UK_SHAPES, NARROW_P_CHOICES, P, P_CHOICES, block_width,  # noqa: F401
-                        driver_tag, empty_aligned, kernel_suffix, narrow_blocks, pixel_block, pixel_blocks,
-                        transpose_block, vector_bytes)
+from ._blocking import (_DRIVERS, _UK_SHAPES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P, P_CHOICES,  # noqa: F401
+                        block_width, driver_tag, empty_aligned, group_pack, kernel_suffix, narrow_blocks,
+                        pixel_block, pixel_blocks, transpose_block, vector_bytes)
 from ._wcache import WeightCache
 from .epilogue import NONE, after
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
 
-def _blocks(dtype, nv):
-    """``(V, pixel-block choices)`` of ``dtype``'s blocks of ``nv`` registers per pixel."""
+def _blocks(dtype, nv, m=1):
+    """``(V, pixel-block choices)`` of ``dtype``'s blocks of ``nv`` registers per pixel, shared
+    by ``m`` groups."""
     if nv == 2:
         return block_width(dtype), P_CHOICES[vector_bytes()]
+    if m > 1:  # (16 lanes: m groups of 16/m channels)
+        return 16, GROUP_PACK_P_CHOICES[vector_bytes()]
     return block_width(dtype) // 2, NARROW_P_CHOICES[vector_bytes()]
 
 
-def microkernel(dtype, p_=P, nv=2):
+def microkernel(dtype, p_=P, nv=2, m=1):
     from . import _ukernels
-    return getattr(_ukernels, f"uk{p_}_{kernel_suffix(_blocks(dtype, nv)[0], nv)}")
+    return getattr(_ukernels, f"uk{p_}_{kernel_suffix(_blocks(dtype, nv, m)[0], nv, m)}")
 
 
 _TASKS = {}
 
 
-def _driver(dtype, nv=2):
-    """The task function of ``dtype``'s micro-kernels of ``nv`` registers per pixel
-    (:class:`numbaconv.cpu._launch.Task`)."""
-    v_, ps = _blocks(dtype, nv)
-    name = f"tasks_{kernel_suffix(v_, nv)}_{driver_tag(ps)}"
+def _driver(dtype, nv=2, m=1):
+    """The task function of ``dtype``'s micro-kernels of ``nv`` registers per pixel shared by
+    ``m`` groups (:class:`numbaconv.cpu._launch.Task`)."""
+    v_, ps = _blocks(dtype, nv, m)
+    name = f"tasks_{kernel_suffix(v_, nv, m)}_{driver_tag(ps)}"
     if name not in _TASKS:
         from . import _ukernels
         _TASKS[name] = Task(getattr(_ukernels, name))
     return _TASKS[name]
 
 
-def microkernel_asm(dtype=np.float32, p_=P, nv=2):
-    """Machine code of the ``p_``-pixel micro-kernel (``nv`` registers per pixel) for ``dtype``
-    on the compile target.  Compiled afresh (no cache: Numba cannot inspect code loaded from
-    its cache)."""
-    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_, nv).py_func)
+def microkernel_asm(dtype=np.float32, p_=P, nv=2, m=1):
+    """Machine code of the ``p_``-pixel micro-kernel (``nv`` registers per pixel, shared by ``m``
+    groups) for ``dtype`` on the compile target.  Compiled afresh (no cache: Numba cannot
+    inspect code loaded from its cache)."""
+    uk = numba.njit(cache=False, nogil=True, fastmath={"contract"})(microkernel(dtype, p_, nv, m).py_func)
     t = numba.from_dtype(np.dtype(dtype))
     a = t[::1]
     i = numba.intp
@@ -252,16 +256,54 @@ def _pack_hwio(lo, hi, w, wp, groups, kbg, cb, v_):
 _PACK_HWIO = Task(_pack_hwio)
 
 
+def _pack_group_sets(w, wlayout, groups, m):
+    """The weights of ``groups`` sets of ``m`` groups (``kg`` output channels each, ``16 = m * kg``)
+    -> flat packed ``(groups, R, S, cg, kg, m)``: lane ``k*m + i`` of a set's register is output
+    channel ``k`` of its group ``i``, the order of the packed-group blocks' accumulators."""
+    oihw = w if wlayout == "OIHW" else w.transpose(3, 2, 0, 1)
+    k_, cg, r_, s_ = oihw.shape
+    w6 = oihw.reshape(groups, m, k_ // (groups * m), cg, r_, s_).transpose(0, 4, 5, 3, 2, 1)
+    out = empty_aligned(w6.shape, w.dtype)
+    out[...] = w6
+    return out.reshape(-1)
+
+
+_SETS2, _SETS4 = interleave16(2), interleave16(4)
+
+
+@jit
+def _interleave_sets2(lo, hi, of, c_):
+    """Pixels ``[lo, hi)`` of the flat padded NHWC copy ``of`` (``c_`` channels each, a multiple
+    of 16): each set of 2 groups' 8 channels from group-major to channel-major order, so a
+    packed-group block's step reads channel ``c`` of its groups as one tuple (one register
+    permutation per set)."""
+    for q in range(lo * c_, hi * c_, 16):
+        _SETS2(of, q)
+
+
+@jit
+def _interleave_sets4(lo, hi, of, c_):
+    """:func:`_interleave_sets2` for sets of 4 groups of 4 channels."""
+    for q in range(lo * c_, hi * c_, 16):
+        _SETS4(of, q)
+
+
+_INTERLEAVE = {2: Task(_interleave_sets2), 4: Task(_interleave_sets4)}
+
+
 # --- packed-weight cache -------------------------------------------------------------------
 #: packed copies of weights from 64 KiB on, reused while the weights are bit-for-bit unchanged
 _CACHE = WeightCache(min_bytes=64 << 10, max_bytes=256 << 20)
 _cache_stats = _CACHE.stats
 
 
-def packed_weights(w, wlayout, groups, kbg, cb, v_):
-    """Packed weights for ``w`` (C-contiguous, ``wlayout`` "OIHW" or "HWIO"); large ones
-    cached (:class:`numbaconv.cpu._wcache.WeightCache`)."""
+def packed_weights(w, wlayout, groups, kbg, cb, v_, m=1):
+    """Packed weights for ``w`` (C-contiguous, ``wlayout`` "OIHW" or "HWIO"; ``m > 1``: for the
+    blocks shared by ``m`` groups, ``groups`` sets of them); large ones cached
+    (:class:`numbaconv.cpu._wcache.WeightCache`)."""
     def build():
+        if m > 1:
+            return _pack_group_sets(w, wlayout, groups, m)
         r_, s_ = (w.shape[2], w.shape[3]) if wlayout == "OIHW" else (w.shape[0], w.shape[1])
         cg = w.shape[1] if wlayout == "OIHW" else w.shape[2]
         if wlayout == "OIHW":
@@ -269,7 +311,7 @@ def packed_weights(w, wlayout, groups, kbg, cb, v_):
         wpk = empty_aligned(groups * kbg * r_ * s_ * cg * v_, w.dtype)
         _PACK_HWIO((cg + cb - 1) // cb * r_ * s_, w, wpk, groups, kbg, cb, v_)
         return wpk
-    return _CACHE.get((wlayout, groups, kbg, cb, v_), w, build)
+    return _CACHE.get((wlayout, groups, kbg, cb, v_, m), w, build)
 
 
 def clear_cache():
@@ -280,19 +322,20 @@ def clear_cache():
 
 
 # --- planning --------------------------------------------------------------------------------
-def plan(p):
-    """Blocking for problem ``p``: dict(P, split, V, nv, cb, rows, kbg, kbs, hp, wp, hwio) (a fresh
-    copy; ``nv``: registers of ``V`` output channels per pixel, 2 or 1 -- the narrow blocks)."""
-    return dict(_plan(p, numba.get_num_threads(), tuning.generation()))
+def plan(p, m=1):
+    """Blocking for problem ``p``: dict(P, split, V, nv, m, cb, rows, kbg, kbs, hp, wp, hwio) (a
+    fresh copy; ``nv``: registers of ``V`` output channels per pixel, 2 or 1 -- the narrow
+    blocks; ``m > 1``: ``p``'s groups are sets of ``m`` groups sharing one register)."""
+    return dict(_plan(p, numba.get_num_threads(), tuning.generation(), m))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(p, threads, _generation):
+def _plan(p, threads, _generation, m=1):
     """:func:`plan`, once per problem, thread count and set of tuning knobs (``conv2d`` binds
     on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
     # one register of output channels per pixel where two would run half empty (<= V/2 per group)
-    nv = 1 if narrow_blocks(p.dtype, p.kg) else 2
-    v_, choices = _blocks(p.dtype, nv)
+    nv = 1 if m > 1 or narrow_blocks(p.dtype, p.kg) else 2
+    v_, choices = _blocks(p.dtype, nv, m)
     forced = tuning.value("tiled.pixel_block")  # 0: by the output width
     p_, split = (forced, p.wo) if forced in choices else pixel_blocks(p.wo, choices)
     item = p.dtype.itemsize
@@ -302,6 +345,8 @@ def _plan(p, threads, _generation):
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)  # balance the blocks
+    if m > 1:
+        cb = p.cg  # (a set's interleaved channels: one block)
     # Output-row bands: enough tasks for the threads, each band's input rows within ~L2.
     kbg = -(-p.kg // v_)
     jobs_per_row = p.n * p.groups * kbg
@@ -320,10 +365,10 @@ def _plan(p, threads, _generation):
     wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
     # block's rows are few, or the weights too small to be cached packed (packed every call)
-    hwio = (p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
+    hwio = (m == 1 and p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
             and (p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES
                  or p.r * p.s * p.cg * p.k * item < _CACHE.min_bytes))
-    return dict(P=p_, split=split, V=v_, nv=nv, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
+    return dict(P=p_, split=split, V=v_, nv=nv, m=m, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
 def generic(p):
@@ -410,8 +455,11 @@ def _layer(p, threads, _generation):
         # strided 1x1: only every stride-th pixel is read -- copy just those, then stride 1
         ssh, ssw = p.stride_h, p.stride_w
         p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
-    b = plan(p)
-    in_place = not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w
+    m = group_pack(p.dtype, p.groups, p.cg, p.kg)
+    if m > 1:  # sets of m groups share one register: the kernels see G/m groups of m * C/G channels
+        p = dataclasses.replace(p, groups=p.groups // m)
+    b = plan(p, m)
+    in_place = m == 1 and not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w
     padded_shape = (p.n, b["hp"], b["wp"], p.c)
     pad_args = (nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
     geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
@@ -464,12 +512,14 @@ def bind(p, w, bias):
     # arrays of a 3x3 128-channel layer ran 25-30 % slower, for as long as they lived, and a
     # Conv2dPlan's private copy drew the same lottery.  The packed copy is contiguous.
     w = np.ascontiguousarray(w)
-    wpk = w.reshape(-1) if b["hwio"] else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_)
+    m = b["m"]
+    wpk = w.reshape(-1) if b["hwio"] else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_, m)
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
         bp[:p.k] = bias
-    driver = _driver(p.dtype, b["nv"])
+    driver = _driver(p.dtype, b["nv"], m)
     dtype = p.dtype
+    pixels = padded_shape[0] * padded_shape[1] * padded_shape[2]
 
     def call(x, out, epi):
         if in_place:
@@ -477,6 +527,9 @@ def bind(p, w, bias):
         else:
             xp = np.empty(padded_shape, dtype=dtype)
             _pad_to_nhwc(x, xp, *pad_args)
+            if m > 1:
+                xpf = xp.reshape(-1)
+                _INTERLEAVE[m].run((type_key(xpf),), pixels, xpf, p.c)
         of = out.reshape(-1)
         ea = epi.kernel_arg(of)
         xf = xp.reshape(-1)
@@ -571,9 +624,9 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                             ws_c = k_
                             ws_t = cg * k_
                         else:
-                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * {V}
+                            wb = ((g * kbg + kb) * r_ * s_ * {CGW} + {C0W} * r_ * s_) * {V}
                             ws_c = {V}
-                            ws_t = cl * {V}
+                            ws_t = {CLW} * {V}
                         if nchw:
                             orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
                         else:
@@ -682,7 +735,7 @@ def _on_block_size(ps, indent, call):
     return "\n".join(lines)
 
 
-def _gen_pointwise(v_, ps, nv):
+def _gen_pointwise(v_, ps, nv, m):
     calls = _on_block_size(ps, " " * 20, lambda p_: [
         f"_rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,",
         "           cl, of, ob, hw, bias, k0, mode)"])
@@ -691,18 +744,22 @@ def _gen_pointwise(v_, ps, nv):
                                               PMAX=max(ps), CALLS=calls)
 
 
-def _gen_driver(v_, ps, nv):
-    sfx = kernel_suffix(v_, nv)
+def _gen_driver(v_, ps, nv, m):
+    sfx = kernel_suffix(v_, nv, m)
     calls = _on_block_size(ps, " " * 24, lambda p_: [
         f"uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
         "         os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
+    # (m > 1: channel counts and offsets in the input count each set's m-tuples; the packed
+    # weights hold one row of V per tuple)
+    w_units = {name: name if m == 1 else f"({name} // {m})" for name in ("cg", "c0", "cl")}
     return _DRIVER.format(V=v_, SUFFIX=sfx, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps),
-                          CALLS=calls)
+                          CALLS=calls, CGW=w_units["cg"], C0W=w_units["c0"], CLW=w_units["cl"])
 
 
-def _gen_ukernel(p_, v_, nv):
-    sfx = kernel_suffix(v_, nv)
-    L = ["", "", f"_block{p_}_{sfx} = conv_block({p_}, {nv}, {v_ // nv})", "", "", "@_ukjit",
+def _gen_ukernel(p_, v_, nv, m):
+    sfx = kernel_suffix(v_, nv, m)
+    L = ["", "", f"_block{p_}_{sfx} = conv_block({p_}, {nv}, {v_ // nv}{f', m={m}' if m > 1 else ''})", "", "",
+         "@_ukjit",
          f"def uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
          "           first, zero, tmp, ws_c, ws_t):",
          f'    """{p_} pixels x {v_} channels ({nv} registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
@@ -732,7 +789,7 @@ def generate_source():
     """The text of :mod:`numbaconv.cpu._ukernels`."""
     return (_HEADER + "".join(_gen_ukernel(*shape) for shape in _UK_SHAPES)
             + "".join(_gen_driver(*d) for d in _DRIVERS)
-            + "".join(_gen_pointwise(*d) for d in _DRIVERS if d[2] == 2))  # (NCHW 1x1: two registers per pixel)
+            + "".join(_gen_pointwise(*d) for d in _DRIVERS if d[2] == 2 and d[3] == 1))  # (NCHW 1x1: 2 per pixel)
 
 
 if __name__ == "__main__":
