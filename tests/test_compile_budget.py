@@ -25,7 +25,13 @@ LAYERS = [
     ("winograd", (1, 64, 20, 64, 3, 1, 1, 1)),      # stride-1 3x3: F(4x4)
     ("winograd", (1, 128, 14, 128, 3, 1, 1, 1)),    # other channels and size
     ("winograd", (1, 512, 7, 512, 3, 1, 1, 1)),     # F(2x2)
-    ("winograd", (1, 64, 12, 64, 3, 1, 1, 4)),      # grouped
+    ("winograd", (1, 64, 12, 64, 3, 1, 1, 2)),      # grouped, 32 per group
+    ("narrow", (1, 64, 12, 64, 3, 1, 1, 4)),        # 16 per group: AVX-512's narrow blocks (AVX2: Winograd)
+    ("narrow", (1, 32, 10, 16, 3, 2, 1, 1)),        # 16 output channels, stride 2
+    ("packed2", (1, 64, 12, 64, 3, 1, 1, 8)),       # 8 per group: pairs of groups per register (AVX2: dense)
+    ("packed2", (1, 96, 9, 96, 3, 2, 1, 12)),
+    ("packed4", (1, 64, 12, 64, 3, 1, 1, 16)),      # 4 per group: sets of 4 (AVX2: the streaming kernel)
+    ("packed4", (1, 128, 10, 128, 3, 1, 1, 32)),
     ("pointwise", (1, 64, 16, 256, 1, 1, 0, 1)),
     ("pointwise", (1, 256, 9, 96, 1, 1, 0, 1)),
     ("depthwise", (1, 32, 30, 32, 3, 1, 1, 32)),
@@ -35,7 +41,7 @@ LAYERS = [
 #: functions the first layer of a family may compile (tiled's driver, its micro-kernels,
 #: padding and packing helpers, Numba's own small overloads; Winograd's driver and its
 #: NCHW transposes on top of tiled's padding); measured, with some room
-FIRST = {"dense": 20, "winograd": 10, "pointwise": 8, "depthwise": 12}
+FIRST = {"dense": 20, "winograd": 10, "pointwise": 8, "depthwise": 12, "narrow": 8, "packed2": 10, "packed4": 12}
 
 CODE = textwrap.dedent("""
     import json, sys

@@ -76,8 +76,8 @@ def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
     with whole output-channel blocks reads the HWIO weights in place)."""
     real_plan = tiled.plan
 
-    def small_blocks(p):
-        b = real_plan(p)
+    def small_blocks(p, m=1):
+        b = real_plan(p, m)
         b["cb"] = 8
         b["rows"] = 2
         b["kbs"] = 2  # two output-channel blocks per work item (the last one partial)

@@ -55,7 +55,7 @@ def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     _block4_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block4_16 = conv_block(4, 2, 8)
@@ -79,7 +79,7 @@ def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block4_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block6_8 = conv_block(6, 2, 4)
@@ -103,7 +103,7 @@ def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bia
     _block6_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block6_16 = conv_block(6, 2, 8)
@@ -127,7 +127,7 @@ def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block6_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_8x1 = conv_block(7, 1, 8)
@@ -151,7 +151,7 @@ def uk7_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, b
     _block7_8x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block7_16x1 = conv_block(7, 1, 16)
@@ -175,7 +175,7 @@ def uk7_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, 
     _block7_16x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16x1m2 = conv_block(7, 1, 16, m=2)
@@ -199,7 +199,7 @@ def uk7_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k
     _block7_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16x1m4 = conv_block(7, 1, 16, m=4)
@@ -223,7 +223,7 @@ def uk7_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k
     _block7_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16 = conv_block(7, 2, 8)
@@ -247,7 +247,7 @@ def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block7_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_32 = conv_block(7, 2, 16)
@@ -271,7 +271,7 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block7_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 32)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(32))
 
 
 _block8_16 = conv_block(8, 2, 8)
@@ -295,7 +295,7 @@ def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block8_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block8_32 = conv_block(8, 2, 16)
@@ -319,7 +319,7 @@ def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bi
     _block8_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 32)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(32))
 
 
 _block10_16x1m2 = conv_block(10, 1, 16, m=2)
@@ -343,7 +343,7 @@ def uk10_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_
     _block10_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block10_16x1m4 = conv_block(10, 1, 16, m=4)
@@ -367,7 +367,7 @@ def uk10_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_
     _block10_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block14_8x1 = conv_block(14, 1, 8)
@@ -391,7 +391,7 @@ def uk14_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, 
     _block14_8x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 8)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block14_16x1 = conv_block(14, 1, 16)
@@ -415,7 +415,7 @@ def uk14_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k,
     _block14_16x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, 16)
+        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
 
 
 @_ukjit

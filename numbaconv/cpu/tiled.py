@@ -19,7 +19,11 @@ target's width: 16 float32 / 8 float64 on AVX2 (P = 4-6: 2P ymm accumulators, li
 oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 6-8, zmm); on AVX-512, layers with at most
 ``V/2`` output channels per group (ResNeXt's and RegNet's groups, 9-16-channel layers) run
 *narrow* blocks of one register per pixel instead (``V/2`` channels, P = 7 or 14), which
-the two-register block would run half empty.  For every input channel and
+the two-register block would run half empty; and float32 grouped layers with 4 or 8 input and
+output channels per group run *packed-group* blocks, one register shared by a set of 4 or 2
+groups (P = 7 or 10): the padded copy interleaves each set's channels, so a reduction step
+broadcasts channel ``c`` of every group in the set as one tuple load
+(:func:`numbaconv.cpu._vec.conv_block`'s ``m``).  For every input channel and
 tap it loads ``V`` weights (2 vector loads) and broadcasts ``P`` input values: 2P FMAs per
 ``2 + P`` loads.  Cache blocking: input channels in blocks of ``cb`` so the packed
 weights of one block (``R*S*cb*V`` values) stay in L2 while a band of output rows is
@@ -781,7 +785,7 @@ def _gen_ukernel(p_, v_, nv, m):
     L.append(f"    _block{p_}_{sfx}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
     L.append("                  mode)")
     L.append("    if mode == 0:")
-    L.append(f"        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, {v_})")
+    L.append(f"        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64({v_}))")
     return "\n".join(L) + "\n"
 
 
