@@ -5,6 +5,8 @@ vectors.  Shared by :mod:`numbaconv.cpu.tiled` and the kernels that reuse its bl
 (pointwise, winograd, depthwise), and by the generator of :mod:`numbaconv.cpu._ukernels`.
 """
 
+import math
+
 import numpy as np
 
 from ._jit import jit
@@ -23,7 +25,7 @@ ALIGN = 64
 def empty_aligned(shape, dtype):
     """``np.empty(shape, dtype)`` whose data starts on an :data:`ALIGN`-byte boundary."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape) if isinstance(shape, tuple) else int(shape)  # (np.prod: 3 us a call)
     raw = np.empty(n * dtype.itemsize + ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
@@ -95,7 +97,7 @@ def group_pack(dtype, groups, cg, kg):
     (:data:`GROUP_PACK_P_CHOICES`), or 1."""
     m = 16 // kg if kg and 16 % kg == 0 else 0
     if (np.dtype(dtype) != np.float32 or vector_bytes() not in GROUP_PACK_P_CHOICES or m not in GROUP_PACKS
-            or cg != kg or groups % m):
+            or cg != kg or groups < m):
         return 1
     return m
 

@@ -758,7 +758,7 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                 while j0 < wo_:
                     pb = p_ if j0 < split else 7
                     for kb in range(kb_lo, kb_hi):
-                        nk = min(16, kg - kb * 16)
+                        nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
                         kb0 = g * kg + kb * 16
                         if hwio:
                             wb = c0 * k_ + kb0
@@ -784,7 +784,7 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                     j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
+                nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
                 kb0 = g * kg + kb * 16
                 if nchw:
                     finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
@@ -833,7 +833,7 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                 while j0 < wo_:
                     pb = p_ if j0 < split else 7
                     for kb in range(kb_lo, kb_hi):
-                        nk = min(16, kg - kb * 16)
+                        nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
                         kb0 = g * kg + kb * 16
                         if hwio:
                             wb = c0 * k_ + kb0
@@ -859,7 +859,7 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                     j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
+                nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
                 kb0 = g * kg + kb * 16
                 if nchw:
                     finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)

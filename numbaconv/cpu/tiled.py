@@ -127,10 +127,10 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
 
 
 @jit
-def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh):
+def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, cs):
     """Padded rows ``[lo, hi)`` (over ``n * Hp``) of ``xp[n, pt + i, pl + j, c] = x[n, c,
-    i*ssh, j]`` (NCHW source ``x`` (N, C, xh, xw), both flat) for ``i < h_, j < w_``; every
-    other entry 0.  The image part of a row through 8 x 8 register transposes.  (One function
+    i*ssh, j]`` (NCHW source ``x`` (N, cs, xh, xw), both flat) for ``i < h_, j < w_, c < cs``;
+    every other entry 0 (``c_ > cs``: a packed-group layer's partial last set).  The image part of a row through 8 x 8 register transposes.  (One function
     per source layout: a layer compiles only the copy it needs.  Flat arguments: a
     ``reshape`` in the kernel compiled Numba's reshape helper, 0.5 s of a fresh install's first
     call on Zen 1.)"""
@@ -142,15 +142,19 @@ def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh):
         n = job // hp
         o = job * wp * c_
         # of[dst + w*C + c] = xf[src + c*H*W + w]: the row's channels become its pixels' vectors
-        transpose_block(xf, of, n * c_ * hw + h * ssh * xw, hw, o + pl * c_, c_, c_, w_)
+        transpose_block(xf, of, n * cs * hw + h * ssh * xw, hw, o + pl * c_, c_, cs, w_)
+        if cs < c_:
+            for j in range(w_):
+                zero_run(of, o + (pl + j) * c_ + cs, c_ - cs)
 
 
 @jit
-def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw):
+def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw, cs):
     """Padded rows ``[lo, hi)`` of ``xp[n, pt + i, pl + j, c] = x[n, i*ssh, j*ssw, c]`` (NHWC
-    source ``x`` (N, xh, xw, C), both flat) for ``i < h_, j < w_``; every other entry 0
-    (``ssh, ssw > 1``: a strided 1x1 layer's subsampling).  (Flat: see :func:`_pad_nchw_to_nhwc`.)"""
-    row = xw * c_
+    source ``x`` (N, xh, xw, cs), both flat) for ``i < h_, j < w_, c < cs``; every other entry 0
+    (``ssh, ssw > 1``: a strided 1x1 layer's subsampling; ``c_ > cs``: see
+    :func:`_pad_nchw_to_nhwc`).  (Flat: see :func:`_pad_nchw_to_nhwc`.)"""
+    row = xw * cs
     for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
         if h < 0:
@@ -160,11 +164,13 @@ def _pad_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, ssw):
         src = (n * xh + h * ssh) * row
         dst = o + pl * c_
         # (copy_run, not slice assignments: see numbaconv.cpu._jit.copy_run)
-        if ssw == 1:  # one contiguous run
+        if ssw == 1 and cs == c_:  # one contiguous run
             move_run(of, dst, xf, src, w_ * c_)
         else:
             for j in range(w_):
-                copy_run(of, dst + j * c_, xf, src + j * ssw * c_, c_)
+                copy_run(of, dst + j * c_, xf, src + j * ssw * cs, cs)
+                if cs < c_:
+                    zero_run(of, dst + j * c_ + cs, c_ - cs)
 
 
 @jit
@@ -191,7 +197,10 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     """``xp[n, pt + i, pl + j, c] = x[n, c, i*ssh, j*ssw]`` (or the NHWC source's) for
     ``i < h_, j < w_``; every other entry 0.  ``ssh, ssw > 1`` subsample (strided 1x1).
     Rows split across threads by :class:`numbaconv.cpu._launch.Task` (a ``prange`` copy loop
-    cost ~1.2 s more compile on a fresh install: Numba's parfor passes)."""
+    cost ~1.2 s more compile on a fresh install: Numba's parfor passes).  ``xp`` may hold more
+    channels than ``x`` (a packed-group 3x3 layer's last, partial set): those are 0 (not in the
+    strided 1x1 copy, which no packed-group layer takes)."""
+    cs = x.shape[1] if nchw else x.shape[3]
     rows = xp.shape[0] * xp.shape[1]
     of = xp.reshape(-1)
     padded = tuple(map(int, xp.shape[1:]))  # Hp, Wp, C
@@ -202,9 +211,9 @@ def _pad_to_nhwc(x, xp, nchw, pt, pl, h_, w_, ssh, ssw):
     xf = x.reshape(-1)
     key = (type_key(xf), type_key(of))
     if nchw:
-        _PAD_NCHW.run(key, rows, xf, of, *padded, int(x.shape[2]), int(x.shape[3]), *g)
+        _PAD_NCHW.run(key, rows, xf, of, *padded, int(x.shape[2]), int(x.shape[3]), *g, int(cs))
     else:
-        _PAD_NHWC.run(key, rows, xf, of, *padded, int(x.shape[1]), int(x.shape[2]), *g, int(ssw))
+        _PAD_NHWC.run(key, rows, xf, of, *padded, int(x.shape[1]), int(x.shape[2]), *g, int(ssw), int(cs))
 
 
 def _pack_weights(w, groups, kbg, cb, v_):
@@ -261,12 +270,15 @@ _PACK_HWIO = Task(_pack_hwio)
 
 
 def _pack_group_sets(w, wlayout, groups, m):
-    """The weights of ``groups`` sets of ``m`` groups (``kg`` output channels each, ``16 = m * kg``)
-    -> flat packed ``(groups, R, S, cg, kg, m)``: lane ``k*m + i`` of a set's register is output
-    channel ``k`` of its group ``i``, the order of the packed-group blocks' accumulators."""
+    """The weights of ``groups`` sets of ``m`` groups (``kg = cg`` output channels each, ``16 = m *
+    kg``; the last set may be partial: zero weights) -> flat packed ``(groups, R, S, cg, kg, m)``:
+    lane ``k*m + i`` of a set's register is output channel ``k`` of its group ``i``, the order
+    of the packed-group blocks' accumulators."""
     oihw = w if wlayout == "OIHW" else w.transpose(3, 2, 0, 1)
     k_, cg, r_, s_ = oihw.shape
-    w6 = oihw.reshape(groups, m, k_ // (groups * m), cg, r_, s_).transpose(0, 4, 5, 3, 2, 1)
+    if k_ < groups * m * cg:
+        oihw = np.concatenate([oihw, np.zeros((groups * m * cg - k_, cg, r_, s_), w.dtype)])
+    w6 = oihw.reshape(groups, m, cg, cg, r_, s_).transpose(0, 4, 5, 3, 2, 1)
     out = empty_aligned(w6.shape, w.dtype)
     out[...] = w6
     return out.reshape(-1)
@@ -296,8 +308,15 @@ _INTERLEAVE = {2: Task(_interleave_sets2), 4: Task(_interleave_sets4)}
 
 
 # --- packed-weight cache -------------------------------------------------------------------
-#: packed copies of weights from 64 KiB on, reused while the weights are bit-for-bit unchanged
-_CACHE = WeightCache(min_bytes=64 << 10, max_bytes=256 << 20)
+#: packed copies of weights from 8 KiB on, reused while the weights are bit-for-bit unchanged
+#: (the check of a 40 KiB array, one serial pass, costs a fraction of repacking it: Intel Xeon,
+#: 2 threads, conv2d of RegNet's 19 groups of 8 at 28x28 301 -> 237 us NHWC, 391 -> 327 NCHW;
+#: dense layers with small weights unchanged within 2 %)
+_CACHE = WeightCache(min_bytes=8 << 10, max_bytes=256 << 20)
+
+#: NHWC weights under this many bytes are read in place whatever their rows' spacing (see
+#: :func:`_plan`: 16 pages at most, too few for the page lottery that larger ones draw)
+HWIO_SMALL_BYTES = 64 << 10
 _cache_stats = _CACHE.stats
 
 
@@ -368,10 +387,10 @@ def _plan(p, threads, _generation, m=1):
     covered = after + -(-(p.wo - after) // size) * size
     wp = max(p.w + p.pad_left + p.pad_right, (covered - 1) * p.stride_w + (p.s - 1) * p.dil_w + 1)
     # NHWC: read the HWIO weights in place (see bind) while rows of K weights are short and a
-    # block's rows are few, or the weights too small to be cached packed (packed every call)
+    # block's rows are few, or the weights are small (HWIO_SMALL_BYTES)
     hwio = (m == 1 and p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
             and (p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES
-                 or p.r * p.s * p.cg * p.k * item < _CACHE.min_bytes))
+                 or p.r * p.s * p.cg * p.k * item < HWIO_SMALL_BYTES))
     return dict(P=p_, split=split, V=v_, nv=nv, m=m, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
 
 
@@ -407,10 +426,9 @@ STREAM_MAX_REDUCTION = 32
 
 
 #: largest one-block footprint (R * S * C/G rows of V weights) that NHWC reads from HWIO weights
-#: in place; larger layers pack (see bind) unless all their weights are under the packed-weight
-#: cache's 64 KiB (16 pages at most: too few for the page lottery, and they would be packed
-#: again on every call): float32 1x1 layers up to 256 input channels per group read in place,
-#: 3x3 ones up to 28
+#: in place; larger layers pack (see bind) unless all their weights are under
+#: :data:`HWIO_SMALL_BYTES`: float32 1x1 layers up to 256 input channels per group read in
+#: place, 3x3 ones up to 28
 HWIO_INPLACE_BLOCK_BYTES = 16 << 10
 
 #: how much larger than input + result the zero-padded copies (tiled's NHWC copy, dot's
@@ -460,13 +478,15 @@ def _layer(p, threads, _generation):
         ssh, ssw = p.stride_h, p.stride_w
         p = dataclasses.replace(p, h=p.ho, w=p.wo, stride_h=1, stride_w=1)
     m = group_pack(p.dtype, p.groups, p.cg, p.kg)
+    k_ = p.k
     if m > 1:  # sets of m groups share one register: the kernels see G/m groups of m * C/G channels
-        p = dataclasses.replace(p, groups=p.groups // m)
+        sets = -(-p.groups // m)  # (a partial last set: zero channels in the copy, its outputs clipped)
+        p = dataclasses.replace(p, groups=sets, c=sets * m * p.cg, k=sets * m * p.kg)
     b = plan(p, m)
     in_place = m == 1 and not nchw and ssh == ssw == 1 and b["hp"] == p.h and b["wp"] == p.w
     padded_shape = (p.n, b["hp"], b["wp"], p.c)
     pad_args = (nchw, p.pad_top, p.pad_left, p.h, p.w, ssh, ssw)
-    geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, p.k, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
+    geometry = (p.n, p.ho, p.wo, b["hp"], b["wp"], p.c, k_, p.groups, p.cg, p.kg, b["kbg"], p.r, p.s, p.stride_h,
                 p.stride_w, p.dil_h, p.dil_w, b["cb"], b["rows"], b["kbs"], nchw, p.dtype.type(0), b["hwio"], b["P"],
                 b["split"])
     jobs = p.n * -(-p.ho // b["rows"]) * p.groups * -(-b["kbg"] // b["kbs"])
@@ -520,7 +540,7 @@ def bind(p, w, bias):
     wpk = w.reshape(-1) if b["hwio"] else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_, m)
     bp = np.zeros(p.k + v_, dtype=p.dtype)
     if bias is not None:
-        bp[:p.k] = bias
+        bp[:bias.shape[0]] = bias  # (p.k may count a partial group set's missing channels)
     driver = _driver(p.dtype, b["nv"], m)
     dtype = p.dtype
     pixels = padded_shape[0] * padded_shape[1] * padded_shape[2]
@@ -621,7 +641,7 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                 while j0 < wo_:
                     pb = p_ if j0 < split else {PMIN}
                     for kb in range(kb_lo, kb_hi):
-                        nk = min({V}, kg - kb * {V})
+                        nk = min({V}, kg - kb * {V}{CLIP})
                         kb0 = g * kg + kb * {V}
                         if hwio:
                             wb = c0 * k_ + kb0
@@ -642,7 +662,7 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                     j0 += pb
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
-                nk = min({V}, kg - kb * {V})
+                nk = min({V}, kg - kb * {V}{CLIP})
                 kb0 = g * kg + kb * {V}
                 if nchw:
                     finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
@@ -757,7 +777,8 @@ def _gen_driver(v_, ps, nv, m):
     # weights hold one row of V per tuple)
     w_units = {name: name if m == 1 else f"({name} // {m})" for name in ("cg", "c0", "cl")}
     return _DRIVER.format(V=v_, SUFFIX=sfx, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps),
-                          CALLS=calls, CGW=w_units["cg"], C0W=w_units["c0"], CLW=w_units["cl"])
+                          CALLS=calls, CGW=w_units["cg"], C0W=w_units["c0"], CLW=w_units["cl"],
+                          CLIP="" if m == 1 else f", k_ - g * kg - kb * {v_}")  # (a partial last set)
 
 
 def _gen_ukernel(p_, v_, nv, m):
