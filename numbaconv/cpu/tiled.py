@@ -575,6 +575,7 @@ range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._la
 
 import numpy as np
 
+from ._blocking import transpose_block
 from ._jit import copy_run, jit, zero_run
 from ._vec import conv_block, prefetchw
 from .epilogue import finish_2d
@@ -618,12 +619,14 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
     tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
-    if nchw:
-        os_p = 1
-        os_k = ho_ * wo_
-    else:
-        os_p = k_
-        os_k = 1
+    # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
+    # block itself as vectors) and transposed into the output planes once they are finished
+    # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
+    # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
+    obuf = np.empty(rows * wo_ * kbs * {V} if nchw else 1, dtype=of.dtype)
+    dst = obuf if nchw else of
+    os_k = 1
+    os_p = {V} if nchw else k_
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -652,7 +655,7 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                             ws_c = {V}
                             ws_t = {CLW} * {V}
                         if nchw:
-                            orow = (n * k_ + kb0) * ho_ * wo_ + i * wo_
+                            orow = ((kb - kb_lo) * rows + i - i0) * wo_ * {V}
                         else:
                             orow = (n * ho_ + i) * wo_ * k_ + kb0
                         xb = xrow + j0 * sw * c_
@@ -660,6 +663,11 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                         np_ = min(pb, wo_ - j0)
 {CALLS}
                     j0 += pb
+        if nchw:
+            for kb in range(kb_lo, kb_hi):
+                nk = min({V}, kg - kb * {V}{CLIP})
+                transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * {V}, {V},
+                                (n * k_ + g * kg + kb * {V}) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
             for kb in range(kb_lo, kb_hi):
                 nk = min({V}, kg - kb * {V}{CLIP})
@@ -771,7 +779,7 @@ def _gen_pointwise(v_, ps, nv, m):
 def _gen_driver(v_, ps, nv, m):
     sfx = kernel_suffix(v_, nv, m)
     calls = _on_block_size(ps, " " * 24, lambda p_: [
-        f"uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
+        f"uk{p_}_{sfx}(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
         "         os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
     # (m > 1: channel counts and offsets in the input count each set's m-tuples; the packed
     # weights hold one row of V per tuple)
