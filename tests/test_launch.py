@@ -221,7 +221,7 @@ def test_package_kernels_run_from_python():
     assert isinstance(tiled._pad_nhwc, Compiled)
     x = np.arange(2 * 3 * 4, dtype=np.float32)  # N=1, H=2, W=3, C=4, padded by one pixel
     of = np.full(4 * 5 * 4, np.nan, np.float32)
-    tiled._pad_nhwc(0, 4, x, of, 4, 5, 4, 2, 3, 1, 1, 2, 3, 1, 1)
+    tiled._pad_nhwc(0, 4, x, of, 4, 5, 4, 2, 3, 1, 1, 2, 3, 1, 1, 4)
     want = np.zeros((4, 5, 4), np.float32)
     want[1:3, 1:4] = x.reshape(2, 3, 4)
     np.testing.assert_array_equal(of.reshape(4, 5, 4), want)
