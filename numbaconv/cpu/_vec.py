@@ -277,8 +277,8 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
 
         return sig, codegen
 
-    block.__name__ = ((f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}") + "_rb" * row_bias
-                      + (f"_m{m}" if m > 1 else ""))
+    name = f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}"
+    block.__name__ = name + "_rb" * row_bias + (f"_m{m}" if m > 1 else "")
     return block
 
 

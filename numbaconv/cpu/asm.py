@@ -67,8 +67,9 @@ def loop_stats(asm):
     frame = re.search(r"^\s*movq\s+%rsp,\s*%rbp\s*$", asm, re.M)
     slots = [ln for ln in lines if re.search(r"\(%rsp\b|-\d+\(%rbp\)" if frame else r"\(%rsp\b", ln)]
     vector = sum(1 for ln in slots if re.search(r"%[xyz]mm", ln))
-    shuffles = sum(1 for ln in lines if re.match(r"\s*v(?:perm|shuf|unpck|punpck|insert|pshufb|pblend|blend|movsh|movsl)", ln)
-                   or re.match(r"\s*vp?broadcast\w*\s+%", ln))  # (a broadcast from a register: a shuffle)
+    shuffle = re.compile(r"\s*v(?:perm|shuf|unpck|punpck|insert|pshufb|pblend|blend|movsh|movsl)"
+                         r"|\s*vp?broadcast\w*\s+%")  # (a broadcast from a register is a shuffle)
+    shuffles = sum(1 for ln in lines if shuffle.match(ln))
     return {"packed": packed, "scalar": scalar, "stack": vector, "gpr_stack": len(slots) - vector,
             "shuffles": shuffles, "instructions": len(lines)}
 

@@ -130,10 +130,10 @@ def _start_row(of, job, hp, wp, c_, pt, pl, h_, w_):
 def _pad_nchw_to_nhwc(lo, hi, xf, of, hp, wp, c_, xh, xw, pt, pl, h_, w_, ssh, cs):
     """Padded rows ``[lo, hi)`` (over ``n * Hp``) of ``xp[n, pt + i, pl + j, c] = x[n, c,
     i*ssh, j]`` (NCHW source ``x`` (N, cs, xh, xw), both flat) for ``i < h_, j < w_, c < cs``;
-    every other entry 0 (``c_ > cs``: a packed-group layer's partial last set).  The image part of a row through 8 x 8 register transposes.  (One function
-    per source layout: a layer compiles only the copy it needs.  Flat arguments: a
-    ``reshape`` in the kernel compiled Numba's reshape helper, 0.5 s of a fresh install's first
-    call on Zen 1.)"""
+    every other entry 0 (``c_ > cs``: a packed-group layer's partial last set).  The image
+    part of a row through 8 x 8 register transposes.  (One function per source layout: a
+    layer compiles only the copy it needs.  Flat arguments: a ``reshape`` in the kernel
+    compiled Numba's reshape helper, 0.5 s of a fresh install's first call on Zen 1.)"""
     hw = xh * xw
     for job in range(lo, hi):
         h = _start_row(of, job, hp, wp, c_, pt, pl, h_, w_)
