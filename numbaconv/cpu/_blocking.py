@@ -12,7 +12,7 @@ import numpy as np
 from ._jit import jit
 from ._vec import target_vector_bytes, transpose8
 
-__all__ = ["GROUP_PACKS", "GROUP_PACK_P_CHOICES", "NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag",
+__all__ = ["GROUP_PACKS", "GROUP_PACK_LANES", "GROUP_PACK_P_CHOICES", "NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag",
            "empty_aligned", "group_pack", "kernel_suffix", "narrow_blocks", "pixel_block", "pixel_blocks",
            "transpose_block", "vector_bytes"]
 
@@ -53,6 +53,8 @@ NARROW_P_CHOICES = {64: (7, 14)}
 #: narrow block: 70), 4 per group 105 (35)
 GROUP_PACK_P_CHOICES = {64: (7, 10)}
 GROUP_PACKS = (2, 4)
+#: a packed-group register's lanes (float32 zmm): m groups of GROUP_PACK_LANES / m channels
+GROUP_PACK_LANES = 16
 
 
 def _width(vb, item):
@@ -61,13 +63,11 @@ def _width(vb, item):
 
 #: one parallel driver per (V, pixel-block choices): the pixel block is a runtime argument
 #: of the driver, so a new layer compiles nothing a layer of the same dtype compiled before
-#: (V, pixel-block choices, vectors per pixel): two registers per pixel, or one (the narrow blocks)
 #: (V, pixel-block choices, vectors per pixel, groups per register): two registers per pixel, or
 #: one (the narrow blocks), or one shared by m groups (float32 only)
 _DRIVERS = tuple(sorted({(_width(vb, item), ps, 2, 1) for vb, ps in P_CHOICES.items() for item in (4, 8)}
                         | {(_width(vb, item) // 2, ps, 1, 1) for vb, ps in NARROW_P_CHOICES.items() for item in (4, 8)}
-                        | {(_width(vb, 4) // 2, ps, 1, m) for vb, ps in GROUP_PACK_P_CHOICES.items()
-                           for m in GROUP_PACKS}))
+                        | {(GROUP_PACK_LANES, ps, 1, m) for ps in GROUP_PACK_P_CHOICES.values() for m in GROUP_PACKS}))
 _UK_SHAPES = tuple(sorted({(p_, v_, nv, m) for v_, ps, nv, m in _DRIVERS for p_ in ps}))
 
 
@@ -95,7 +95,7 @@ def block_width(dtype):
 def group_pack(dtype, groups, cg, kg):
     """``m``: groups of a grouped layer that share one register of the packed-group blocks
     (:data:`GROUP_PACK_P_CHOICES`), or 1."""
-    m = 16 // kg if kg and 16 % kg == 0 else 0
+    m = GROUP_PACK_LANES // kg if kg and GROUP_PACK_LANES % kg == 0 else 0
     if (np.dtype(dtype) != np.float32 or vector_bytes() not in GROUP_PACK_P_CHOICES or m not in GROUP_PACKS
             or cg != kg or groups < m):
         return 1

@@ -20,12 +20,12 @@ _ukjit = jit(fastmath={"contract"})
 
 
 @_ukjit
-def _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, vw):
-    """of[ob + p*os_p + v*os_k] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores
-    a block does not make itself (NCHW's transposed ones, partial blocks), shared by every
-    micro-kernel (one compile, not one per pixel block)."""
+def _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw):
+    """of[ob + p*os_p + v] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores of a
+    partial block, which the block does not make itself, shared by every micro-kernel (one
+    compile, not one per pixel block)."""
     for v in range(nk):
-        o = ob + v * os_k
+        o = ob + v
         if first:
             bv = bias[kb0 + v]
             for p in range(np_):
@@ -39,384 +39,304 @@ _block4_8 = conv_block(4, 2, 4)
 
 
 @_ukjit
-def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk4_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """4 pixels x 8 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 7)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """4 pixels x 8 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
     mode = 0
-    if os_k == 1 and nk == 8 and np_ == 4:
+    if nk == 8 and np_ == 4:
         mode = 1 if first else 2
     _block4_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block4_16 = conv_block(4, 2, 8)
 
 
 @_ukjit
-def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk4_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """4 pixels x 16 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """4 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 4:
+    if nk == 16 and np_ == 4:
         mode = 1 if first else 2
     _block4_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block6_8 = conv_block(6, 2, 4)
 
 
 @_ukjit
-def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk6_8(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """6 pixels x 8 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 7)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """6 pixels x 8 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
     mode = 0
-    if os_k == 1 and nk == 8 and np_ == 6:
+    if nk == 8 and np_ == 6:
         mode = 1 if first else 2
     _block6_8(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block6_16 = conv_block(6, 2, 8)
 
 
 @_ukjit
-def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk6_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """6 pixels x 16 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """6 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 6:
+    if nk == 16 and np_ == 6:
         mode = 1 if first else 2
     _block6_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_8x1 = conv_block(7, 1, 8)
 
 
 @_ukjit
-def uk7_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 8 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 7)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 8 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
     mode = 0
-    if os_k == 1 and nk == 8 and np_ == 7:
+    if nk == 8 and np_ == 7:
         mode = 1 if first else 2
     _block7_8x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block7_16x1 = conv_block(7, 1, 16)
 
 
 @_ukjit
-def uk7_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 7:
+    if nk == 16 and np_ == 7:
         mode = 1 if first else 2
     _block7_16x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16x1m2 = conv_block(7, 1, 16, m=2)
 
 
 @_ukjit
-def uk7_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 7:
+    if nk == 16 and np_ == 7:
         mode = 1 if first else 2
     _block7_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16x1m4 = conv_block(7, 1, 16, m=4)
 
 
 @_ukjit
-def uk7_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 7:
+    if nk == 16 and np_ == 7:
         mode = 1 if first else 2
     _block7_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_16 = conv_block(7, 2, 8)
 
 
 @_ukjit
-def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 16 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 7:
+    if nk == 16 and np_ == 7:
         mode = 1 if first else 2
     _block7_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block7_32 = conv_block(7, 2, 16)
 
 
 @_ukjit
-def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """7 pixels x 32 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 31)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """7 pixels x 32 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 31)
     mode = 0
-    if os_k == 1 and nk == 32 and np_ == 7:
+    if nk == 32 and np_ == 7:
         mode = 1 if first else 2
     _block7_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(32))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(32))
 
 
 _block8_16 = conv_block(8, 2, 8)
 
 
 @_ukjit
-def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """8 pixels x 16 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """8 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 8:
+    if nk == 16 and np_ == 8:
         mode = 1 if first else 2
     _block8_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block8_32 = conv_block(8, 2, 16)
 
 
 @_ukjit
-def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """8 pixels x 32 channels (2 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 31)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """8 pixels x 32 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 31)
     mode = 0
-    if os_k == 1 and nk == 32 and np_ == 8:
+    if nk == 32 and np_ == 8:
         mode = 1 if first else 2
     _block8_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(32))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(32))
 
 
 _block10_16x1m2 = conv_block(10, 1, 16, m=2)
 
 
 @_ukjit
-def uk10_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk10_16x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 10:
+    if nk == 16 and np_ == 10:
         mode = 1 if first else 2
     _block10_16x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block10_16x1m4 = conv_block(10, 1, 16, m=4)
 
 
 @_ukjit
-def uk10_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk10_16x1m4(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """10 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 10:
+    if nk == 16 and np_ == 10:
         mode = 1 if first else 2
     _block10_16x1m4(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 _block14_8x1 = conv_block(14, 1, 8)
 
 
 @_ukjit
-def uk14_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk14_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """14 pixels x 8 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 7)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """14 pixels x 8 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
     mode = 0
-    if os_k == 1 and nk == 8 and np_ == 14:
+    if nk == 8 and np_ == 14:
         mode = 1 if first else 2
     _block14_8x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(8))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
 
 
 _block14_16x1 = conv_block(14, 1, 16)
 
 
 @_ukjit
-def uk14_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,
+def uk14_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
            first, zero, tmp, ws_c, ws_t):
-    """14 pixels x 16 channels (1 registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""
-    if os_k == 1:
-        for p in range(np_):
-            prefetchw(of, ob + p * os_p)
-            prefetchw(of, ob + p * os_p + 15)
-    else:
-        for v in range(nk):
-            prefetchw(of, ob + v * os_k)
-            prefetchw(of, ob + v * os_k + np_ - 1)
+    """14 pixels x 16 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
     mode = 0
-    if os_k == 1 and nk == 16 and np_ == 14:
+    if nk == 16 and np_ == 14:
         mode = 1 if first else 2
     _block14_16x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
-        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64(16))
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
 
 
 @_ukjit
@@ -442,8 +362,7 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 8 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 8 if nchw else k_
+    os_p = 8 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -480,10 +399,10 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
                         np_ = min(pb, wo_ - j0)
                         if pb == 6:
                             uk6_8(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk4_8(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -524,8 +443,7 @@ def tasks_8x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, group
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 8 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 8 if nchw else k_
+    os_p = 8 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -562,10 +480,10 @@ def tasks_8x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, group
                         np_ = min(pb, wo_ - j0)
                         if pb == 14:
                             uk14_8x1(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_8x1(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -606,8 +524,7 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 16 if nchw else k_
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -644,10 +561,10 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                         np_ = min(pb, wo_ - j0)
                         if pb == 6:
                             uk6_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk4_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -688,8 +605,7 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 16 if nchw else k_
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -726,10 +642,10 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                         np_ = min(pb, wo_ - j0)
                         if pb == 8:
                             uk8_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -770,8 +686,7 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 16 if nchw else k_
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -808,10 +723,10 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                         np_ = min(pb, wo_ - j0)
                         if pb == 10:
                             uk10_16x1m2(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16x1m2(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -852,8 +767,7 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 16 if nchw else k_
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -890,10 +804,10 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                         np_ = min(pb, wo_ - j0)
                         if pb == 10:
                             uk10_16x1m4(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16x1m4(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -934,8 +848,7 @@ def tasks_16x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 16 if nchw else k_
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -972,10 +885,10 @@ def tasks_16x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
                         np_ = min(pb, wo_ - j0)
                         if pb == 14:
                             uk14_16x1(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_16x1(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):
@@ -1016,8 +929,7 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * 32 if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = 32 if nchw else k_
+    os_p = 32 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -1054,10 +966,10 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                         np_ = min(pb, wo_ - j0)
                         if pb == 8:
                             uk8_32(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_32(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
             for kb in range(kb_lo, kb_hi):

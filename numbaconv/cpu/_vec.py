@@ -211,8 +211,8 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
             zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * wl)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(p_)]
             undef = ir.Constant(vty, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), wl), [ir.Constant(ir.IntType(32), 0)] * wl)
             i32 = ir.IntType(32)
+            splat = ir.Constant(ir.VectorType(i32, wl), [i32(0)] * wl)
             tuple_ty = ir.VectorType(fty, m)
             tile = ir.Constant(ir.VectorType(i32, wl), [i32(j % m) for j in range(wl)])  # (the tuple, repeated)
             kg = wl // m  # lane k*m + i holds channel i*kg + k: back to channel order on the way out

@@ -59,7 +59,8 @@ from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._vec import interleave16
 from ._launch import Task, type_key
-from ._blocking import (_DRIVERS, _UK_SHAPES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P, P_CHOICES,  # noqa: F401
+from ._blocking import (_DRIVERS, _UK_SHAPES, GROUP_PACK_LANES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P,  # noqa: F401
+                        P_CHOICES,
                         block_width, driver_tag, empty_aligned, group_pack, kernel_suffix, narrow_blocks,
                         pixel_block, pixel_blocks, transpose_block, vector_bytes)
 from ._wcache import WeightCache
@@ -73,8 +74,8 @@ def _blocks(dtype, nv, m=1):
     by ``m`` groups."""
     if nv == 2:
         return block_width(dtype), P_CHOICES[vector_bytes()]
-    if m > 1:  # (16 lanes: m groups of 16/m channels)
-        return 16, GROUP_PACK_P_CHOICES[vector_bytes()]
+    if m > 1:
+        return GROUP_PACK_LANES, GROUP_PACK_P_CHOICES[vector_bytes()]
     return block_width(dtype) // 2, NARROW_P_CHOICES[vector_bytes()]
 
 
@@ -105,7 +106,7 @@ def microkernel_asm(dtype=np.float32, p_=P, nv=2, m=1):
     t = numba.from_dtype(np.dtype(dtype))
     a = t[::1]
     i = numba.intp
-    sig = (a, a, a, i, i, i, i, i, i, i, i, i, i, i, a, i, i, i, numba.boolean, t, a, i, i)
+    sig = (a, a, a, i, i, i, i, i, i, i, i, i, i, a, i, i, i, numba.boolean, t, a, i, i)
     uk.compile(sig)
     return uk.inspect_asm(sig)
 
@@ -284,7 +285,7 @@ def _pack_group_sets(w, wlayout, groups, m):
     return out.reshape(-1)
 
 
-_SETS2, _SETS4 = interleave16(2), interleave16(4)
+_SETS2, _SETS4 = interleave16(2), interleave16(4)  # (GROUP_PACK_LANES values per set)
 
 
 @jit
@@ -585,12 +586,12 @@ _ukjit = jit(fastmath={"contract"})
 
 
 @_ukjit
-def _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, vw):
-    """of[ob + p*os_p + v*os_k] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores
-    a block does not make itself (NCHW's transposed ones, partial blocks), shared by every
-    micro-kernel (one compile, not one per pixel block)."""
+def _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw):
+    """of[ob + p*os_p + v] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores of a
+    partial block, which the block does not make itself, shared by every micro-kernel (one
+    compile, not one per pixel block)."""
     for v in range(nk):
-        o = ob + v * os_k
+        o = ob + v
         if first:
             bv = bias[kb0 + v]
             for p in range(np_):
@@ -625,8 +626,7 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
     obuf = np.empty(rows * wo_ * kbs * {V} if nchw else 1, dtype=of.dtype)
     dst = obuf if nchw else of
-    os_k = 1
-    os_p = {V} if nchw else k_
+    os_p = {V} if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
         n = t // (nrb * inner)
         rest = t % (nrb * inner)
@@ -780,7 +780,7 @@ def _gen_driver(v_, ps, nv, m):
     sfx = kernel_suffix(v_, nv, m)
     calls = _on_block_size(ps, " " * 24, lambda p_: [
         f"uk{p_}_{sfx}(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,",
-        "         os_k, bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
+        "         bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)"])
     # (m > 1: channel counts and offsets in the input count each set's m-tuples; the packed
     # weights hold one row of V per tuple)
     w_units = {name: name if m == 1 else f"({name} // {m})" for name in ("cg", "c0", "cl")}
@@ -793,28 +793,22 @@ def _gen_ukernel(p_, v_, nv, m):
     sfx = kernel_suffix(v_, nv, m)
     L = ["", "", f"_block{p_}_{sfx} = conv_block({p_}, {nv}, {v_ // nv}{f', m={m}' if m > 1 else ''})", "", "",
          "@_ukjit",
-         f"def uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, os_k, bias, kb0, nk, np_,",
+         f"def uk{p_}_{sfx}(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,",
          "           first, zero, tmp, ws_c, ws_t):",
-         f'    """{p_} pixels x {v_} channels ({nv} registers): of[ob + p*os_p + v*os_k] (= bias +|+=) sum x * w."""']
-    L.append("    if os_k == 1:")
-    L.append("        for p in range(np_):")
-    L.append("            prefetchw(of, ob + p * os_p)")
-    L.append(f"            prefetchw(of, ob + p * os_p + {v_ - 1})")
-    L.append("    else:")
-    L.append("        for v in range(nk):")
-    L.append("            prefetchw(of, ob + v * os_k)")
-    L.append("            prefetchw(of, ob + v * os_k + np_ - 1)")
-    # A whole channels-last block is stored by the block itself (vector adds, bias on the
-    # first channel block); otherwise the sums come back in ``tmp`` in (pixel, channel)
-    # order: NCHW's transposed store and partial blocks are plain loops (os_p == 1 in NCHW:
-    # each channel's pixels are contiguous).
+         f'    """{p_} pixels x {v_} channels ({nv} registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""']
+    L.append("    for p in range(np_):")
+    L.append("        prefetchw(of, ob + p * os_p)")
+    L.append(f"        prefetchw(of, ob + p * os_p + {v_ - 1})")
+    # The output rows are channels-last (the caller's NHWC output, or an NCHW task's buffer): a
+    # whole block is stored by the block itself (vector adds, bias on the first channel
+    # block); a partial one comes back in ``tmp`` in (pixel, channel) order for _scatter.
     L.append("    mode = 0")
-    L.append(f"    if os_k == 1 and nk == {v_} and np_ == {p_}:")
+    L.append(f"    if nk == {v_} and np_ == {p_}:")
     L.append(f"        mode = 1 if first else 2")
     L.append(f"    _block{p_}_{sfx}(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,")
     L.append("                  mode)")
     L.append("    if mode == 0:")
-    L.append(f"        _scatter(of, tmp, ob, os_p, os_k, bias, kb0, nk, np_, first, np.int64({v_}))")
+    L.append(f"        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64({v_}))")
     return "\n".join(L) + "\n"
 
 
