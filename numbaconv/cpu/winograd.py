@@ -171,99 +171,95 @@ def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
     return _OUT2(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
 
 
-@jit(inline="always")  # into _tasks: a function level less to compile, link and emit
-def _task(xf, uf, bias, of, zeros, n, tb, g, kb_lo, kb_hi, hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_,
-          cb, v_, nchw, nhwc, epi, fns):
-    """One task: tiles ``[tb*tt_, (tb+1)*tt_)`` of image ``n``, output-channel blocks
-    ``[kb_lo, kb_hi)`` of group ``g``, each output row through the epilogue ``epi`` (None:
-    pruned; see ``epilogue.finish_2d``) once written.  Returns 0, or NaN when a (pre-epilogue)
-    result is not finite.  ``nchw`` / ``nhwc``: the output layout, one of them ``True`` and
-    the other ``None``, so that Numba prunes the other layout's output path before compiling
-    it (a bool would compile both; see :func:`_tasks`)."""
+@jit
+def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
+    """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`).  A task: tiles ``[tb*tt_,
+    (tb+1)*tt_)`` of image ``n``, output-channel blocks ``[kb_lo, kb_hi)`` of group ``g``,
+    each output row through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``)
+    once written; ``bad[task]``: 0, or NaN when a (pre-epilogue) result is not finite.
+    ``nchw, nhwc``: the output layout, ``(True, None)`` or ``(None, True)``: Numba's
+    dead-branch pruning resolves ``arg is None`` from the argument's type, so a layer
+    compiles only its layout's output path (a bool would compile both).  The task's body is
+    written out here, not a function inlined into the loop: Numba's IR inlining took 0.3 s
+    of a fresh install's first Winograd layer (Intel Xeon); its buffers are allocated once
+    per range of tasks."""
+    hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
     a = m + 2
     aa = a * a
     ntiles = th * tw
-    kw = (kb_hi - kb_lo) * v_
-    vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
-    mbuf = np.empty(aa * tt_ * kw, dtype=of.dtype)
-    obuf = np.empty(tt_ * m * m * kw, dtype=of.dtype)
-    tmp = np.empty(_P * v_, dtype=of.dtype)
-    # transformed inputs, one channel block at a time, multiplied into M
-    for c0 in range(0, cg, cb):
-        cl = min(cb, cg - c0)
-        call_at(fns, 0, None, (m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
-        call_at(fns, 2, None, (vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo, kb_hi,
-                               kbg, cg, kw, v_, 1 if c0 == 0 else 2))
-    # output tiles (bias added in the transform)
-    nk = min(kw, kg - kb_lo * v_)
-    k0 = g * kg + kb_lo * v_
-    nt = min(tt_, ntiles - tb * tt_)
-    chk = of.dtype.type(0)
-    if nchw is not None:
-        # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
-        # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
-        for t in range(nt):
-            chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw, tt_ * m * kw,
-                                         kw, nk, k0))
-        t = 0
-        while t < nt:
-            tile = tb * tt_ + t
-            y0 = (tile // tw) * m
-            x0 = (tile % tw) * m
-            run = min(nt - t, tw - tile % tw)
-            npix = min(run * m, wo_ - x0)
-            for i in range(min(m, ho_ - y0)):
-                row = ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0
-                tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw, row, ho_ * wo_, npix, nk)
-                if epi is not None:  # (pruned at compile time without an epilogue)
-                    finish_2d(of, epi, row, nk, ho_ * wo_, npix)
-            t += run
-        return chk
-    if nhwc is not None:  # (see the docstring)
-        for t in range(nt):
-            tile = tb * tt_ + t
-            y0 = (tile // tw) * m
-            x0 = (tile % tw) * m
-            if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
-                chk += call_at(fns, 6, chk, (m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
-                                             ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0))
-                for i in range(m):
-                    if epi is not None:  # (pruned at compile time without an epilogue)
-                        finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
-                continue
-            chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk, k0))
-            for i in range(min(m, ho_ - y0)):
-                for j in range(min(m, wo_ - x0)):
-                    o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
-                    src = (i * m + j) * kw
-                    for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
-                        of[o + k] = obuf[src + k]
-                if epi is not None:  # (pruned at compile time without an epilogue)
-                    finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
-                              nk)
-    return chk
-
-
-@jit
-def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
-    """Tasks ``[lo, hi)`` of the convolution (see :data:`_WINOGRAD`), each a :func:`_task`.
-    ``nchw, nhwc``: ``(True, None)`` or ``(None, True)``: Numba's dead-branch pruning resolves
-    ``arg is None`` from the argument's type, so a layer compiles only its layout's output path
-    (a fresh install's first NCHW Winograd layer on Zen 1: `_tasks` 5.25 -> 4.77 s)."""
-    hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
-    ntb = (th * tw + tt_ - 1) // tt_
+    ntb = (ntiles + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
     per_n = ntb * groups * nkr
-    for t in range(lo, hi):
-        rest = t % per_n
+    vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
+    mbuf = np.empty(aa * tt_ * kbr * v_, dtype=of.dtype)
+    obuf = np.empty(tt_ * m * m * kbr * v_, dtype=of.dtype)
+    tmp = np.empty(_P * v_, dtype=of.dtype)
+    for task in range(lo, hi):
+        n = task // per_n
+        rest = task % per_n
+        tb = rest // (groups * nkr)
+        g = (rest // nkr) % groups
         kb_lo = (rest % nkr) * kbr
-        bad[t] = _task(xf, uf, bias, of, zeros, t // per_n, rest // (groups * nkr), (rest // nkr) % groups, kb_lo,
-                       min(kbg, kb_lo + kbr), hp, wp, c_, ho_, wo_, k_, cg, kg, kbg, m, th, tw, tt_, cb, v_, nchw,
-                       nhwc, epi, fns)
+        kb_hi = min(kbg, kb_lo + kbr)
+        kw = (kb_hi - kb_lo) * v_
+        # transformed inputs, one channel block at a time, multiplied into M
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            call_at(fns, 0, None, (m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
+            call_at(fns, 2, None, (vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo,
+                                   kb_hi, kbg, cg, kw, v_, 1 if c0 == 0 else 2))
+        # output tiles (bias added in the transform)
+        nk = min(kw, kg - kb_lo * v_)
+        k0 = g * kg + kb_lo * v_
+        nt = min(tt_, ntiles - tb * tt_)
+        chk = of.dtype.type(0)
+        if nchw is not None:
+            # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
+            # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
+            for t in range(nt):
+                chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw,
+                                             tt_ * m * kw, kw, nk, k0))
+            t = 0
+            while t < nt:
+                tile = tb * tt_ + t
+                y0 = (tile // tw) * m
+                x0 = (tile % tw) * m
+                run = min(nt - t, tw - tile % tw)
+                npix = min(run * m, wo_ - x0)
+                for i in range(min(m, ho_ - y0)):
+                    row = ((n * k_ + k0) * ho_ + y0 + i) * wo_ + x0
+                    tiled.transpose_block(obuf, of, ((i * tt_ + t) * m) * kw, kw, row, ho_ * wo_, npix, nk)
+                    if epi is not None:  # (pruned at compile time without an epilogue)
+                        finish_2d(of, epi, row, nk, ho_ * wo_, npix)
+                t += run
+        if nhwc is not None:
+            for t in range(nt):
+                tile = tb * tt_ + t
+                y0 = (tile // tw) * m
+                x0 = (tile % tw) * m
+                if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
+                    chk += call_at(fns, 6, chk, (m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
+                                                 ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0))
+                    for i in range(m):
+                        if epi is not None:  # (pruned at compile time without an epilogue)
+                            finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
+                    continue
+                chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk,
+                                             k0))
+                for i in range(min(m, ho_ - y0)):
+                    for j in range(min(m, wo_ - x0)):
+                        o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
+                        src = (i * m + j) * kw
+                        for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
+                            of[o + k] = obuf[src + k]
+                    if epi is not None:  # (pruned at compile time without an epilogue)
+                        finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
+                                  nk)
+        bad[task] = chk
 
 
 #: the convolution: its tasks = (image, block of ``T`` tiles, group, run of ``kbr`` output-channel
-#: blocks), each a :func:`_task`, in parallel.  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``,
+#: blocks), each run by :func:`_tasks`, in parallel.  ``xf``: zero-padded NHWC input ``(N, hp, wp, C)``,
 #: flat; ``uf``: packed transformed weights; ``of``: the output in its layout, flat; ``bad[task]``:
 #: 0, or NaN where the task produced a non-finite value; ``fns``: :func:`_callees`' addresses
 #: of the transforms and GEMMs (called through them: linked in, they were ~1 s of the task's
@@ -313,13 +309,17 @@ def _transform_blocks(job_lo, job_hi, wf, uf, gm, w0, gs, so, sc, sr, ss, kg, cg
     group) of the 3x3 kernels is ``wf[w0 + g*gs + o*so + c*sc + r*sr + s*ss]``: strides the
     caller derives from the layout and, for the grad-input kernels, the flip (negative
     ``sr``, ``ss``), so one flat gather serves all four (4-D indexing with layout branches
-    compiled 2.1 s on a fresh install, Zen 1).  ``g`` and ``G g`` are kept in float64 in
-    arrays allocated here (LLVM then knows they overlap nothing and vectorises the loops
-    over ``v``: scratch passed in ran the transform 1.5-2x slower)."""
+    compiled 2.1 s on a fresh install, Zen 1).  ``U[i, j] = sum over r, s of G[i, r] G[j, s]
+    g[r, s]`` in one pass over ``v`` (9 FMAs per value, the products in float64): the
+    two-stage ``(G g) G^T`` took four loops over ``v`` that LLVM vectorised one by one,
+    1.0 s of a fresh install's first Winograd layer for the same speed (Intel Xeon).
+    ``g`` and the products are kept in float64 in arrays allocated here (LLVM then knows
+    they overlap nothing and vectorises the loops over ``v``: scratch passed in ran the
+    transform 1.5-2x slower)."""
     a = gm.size // 3
     xs = kbg * cg * v_  # distance between the alpha^2 positions
-    gws = np.empty(9 * v_, dtype=np.float64)  # g[r, s, v] at (3r + s) V + v
-    ts = np.empty(3 * a * v_, dtype=np.float64)  # (G g)[i, s, v] at (3i + s) V + v
+    gws = np.empty(9 * v_, dtype=np.float64)  # g[r, s, v] at (3r + s) V + v, zero past nk
+    coef = np.empty(9, dtype=np.float64)  # G[i, r] G[j, s] at 3r + s
     for job in range(job_lo, job_hi):
         g = job // kbg
         kb = job % kbg
@@ -328,28 +328,18 @@ def _transform_blocks(job_lo, job_hi, wf, uf, gm, w0, gs, so, sc, sr, ss, kg, cg
             src = w0 + g * gs + kb * v_ * so + c * sc
             for rs in range(9):
                 tap = src + (rs // 3) * sr + (rs % 3) * ss
-                for v in range(nk):
-                    gws[rs * v_ + v] = wf[tap + v * so]
-            for i in range(a):
-                g0 = gm[3 * i]
-                g1 = gm[3 * i + 1]
-                g2 = gm[3 * i + 2]
-                for s in range(3):
-                    for v in range(nk):
-                        ts[(3 * i + s) * v_ + v] = (g0 * gws[s * v_ + v] + g1 * gws[(3 + s) * v_ + v]
-                                                    + g2 * gws[(6 + s) * v_ + v])
+                for v in range(v_):
+                    gws[rs * v_ + v] = wf[tap + v * so] if v < nk else 0.0
             base = ((g * a * a * kbg + kb) * cg + c) * v_
-            for i in range(a):
-                ti = 3 * i * v_
-                for j in range(a):
-                    o = base + (i * a + j) * xs
-                    g0 = gm[3 * j]
-                    g1 = gm[3 * j + 1]
-                    g2 = gm[3 * j + 2]
-                    for v in range(nk):
-                        uf[o + v] = g0 * ts[ti + v] + g1 * ts[ti + v_ + v] + g2 * ts[ti + 2 * v_ + v]
-                    for v in range(nk, v_):
-                        uf[o + v] = 0
+            for ij in range(a * a):
+                for rs in range(9):
+                    coef[rs] = gm[3 * (ij // a) + rs // 3] * gm[3 * (ij % a) + rs % 3]
+                o = base + ij * xs
+                for v in range(v_):
+                    acc = 0.0
+                    for rs in range(9):
+                        acc += coef[rs] * gws[rs * v_ + v]
+                    uf[o + v] = acc
 
 
 _TRANSFORM = Task(_transform_blocks)
