@@ -159,6 +159,31 @@ def test_nonfinite_weights_meet_the_zero_padding(algorithm, layout, bad, groups)
     np.testing.assert_allclose(got[fin], expected[fin], rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 1000, 300_000])  # (the BLAS dot below 1 MiB, the parallel scan above)
+def test_the_nonfinite_scan_behind_the_padding_products(dtype, size):
+    """The front door's scan for Inf / NaN (which decides whether 7's NaNs are restored):
+    exact for every position and sign, for strided views, and not fooled by finite values
+    whose squares overflow (the small-array path's dot product then overflows to Inf)."""
+    from numbaconv.padding import any_nonfinite
+    rng = np.random.default_rng(size)
+    a = rng.standard_normal(size).astype(dtype)
+    assert not any_nonfinite(a)
+    for bad in (np.inf, -np.inf, np.nan):
+        for i in {0, size // 2, size - 1}:
+            b = a.copy()
+            b[i] = bad
+            assert any_nonfinite(b)
+    huge = np.full(size, np.finfo(dtype).max, dtype)
+    huge[::2] *= -1
+    assert not any_nonfinite(huge)
+    grid = np.repeat(a[:, None], 3, axis=1)
+    grid[-1, 0] = np.nan  # (outside the view)
+    assert not any_nonfinite(grid[:, 1])
+    grid[-1, 1] = np.nan
+    assert any_nonfinite(grid[:, 1])
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("c, groups", [(1, 1), (2, 2), (8, 1)])
 def test_nonfinite_grad_output_over_the_padding_reaches_grad_weight(layout, c, groups):
