@@ -21,7 +21,6 @@ from numba.core import cgutils
 from numba.core import types
 from numba.core.registry import CPUDispatcher
 from numba.core.extending import intrinsic
-from numba.np.linalg import ensure_blas
 
 FASTMATH = {"contract", "reassoc", "arcp"}
 
@@ -223,7 +222,9 @@ def valid_range(offset, stride, size, out_size):
 # pointer -- keeps the kernels cacheable.  Pointers travel as integer addresses (same
 # calling convention on x86-64 and aarch64).  Column-major, with explicit leading
 # dimensions, so strided sub-matrices of the output can be written or accumulated into.
-ensure_blas()
+# SciPy's BLAS module is imported by the helper on the first ?gemm call (as for a cached
+# ``np.dot`` kernel), not here: importing it took 0.17 s of every ``import numbaconv``
+# (SciPy's array-API layer loads numpy.f2py), though tiled and winograd never call BLAS.
 _xxgemm = types.ExternalFunction(
     "numba_xxgemm",
     types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
@@ -237,11 +238,12 @@ def _openblas_local_threads_address():
     numba's ``?gemm``) uses, or 0 where that library or symbol is not there."""
     import ctypes
     import glob
-    import os
+    import importlib.util
 
-    import scipy
-
-    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    spec = importlib.util.find_spec("scipy")  # (where it is installed; importing it costs 0.1 s)
+    if spec is None or not spec.submodule_search_locations:
+        return 0
+    libs = os.path.join(os.path.dirname(list(spec.submodule_search_locations)[0]), "scipy.libs")
     for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
         try:
             return ctypes.cast(ctypes.CDLL(path).openblas_set_num_threads_local, ctypes.c_void_p).value
