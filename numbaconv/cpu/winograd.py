@@ -138,17 +138,30 @@ _OUT4 = tile_transform(_floats(matrices(4)[0]), _VB, True)
 
 
 @jit
-def _in_tiles(m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, c0, cl):
-    """Input transform of the block's ``tt_`` tiles, channels ``[c0, c0 + cl)`` of the padded
-    NHWC input (``c0`` includes the group's offset), into ``vbuf[xi, t, c]``."""
-    a = m + 2
+def _in_tiles4(xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, c0, cl):
+    """Input transform of the block's ``tt_`` 6 x 6 tiles (F(4x4)), channels ``[c0, c0 + cl)``
+    of the padded NHWC input (``c0`` includes the group's offset), into ``vbuf[xi, t, c]``.
+    (One function per tile size, called through its address: a layer compiles only its
+    own transform, half of a function that branched on ``m``.)"""
     for t in range(tt_):
-        tile = min(tb * tt_ + t, ntiles - 1)  # past the last tile: a copy of it (results unused)
-        s0 = ((n * hp + (tile // tw) * m) * wp + (tile % tw) * m) * c_ + c0
-        if m == 4:
-            _IN4(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
-        else:
-            _IN2(xf, vbuf, zeros, s0, wp * c_, c_, t * cl, a * tt_ * cl, tt_ * cl, cl, 0)
+        _IN4(xf, vbuf, zeros, _tile_start(4, n, tb, tt_, t, ntiles, tw, hp, wp, c_, c0), wp * c_, c_, t * cl,
+             6 * tt_ * cl, tt_ * cl, cl, 0)
+
+
+@jit
+def _in_tiles2(xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, c0, cl):
+    """:func:`_in_tiles4` for the 4 x 4 tiles of F(2x2)."""
+    for t in range(tt_):
+        _IN2(xf, vbuf, zeros, _tile_start(2, n, tb, tt_, t, ntiles, tw, hp, wp, c_, c0), wp * c_, c_, t * cl,
+             4 * tt_ * cl, tt_ * cl, cl, 0)
+
+
+@jit(inline="always")
+def _tile_start(m, n, tb, tt_, t, ntiles, tw, hp, wp, c_, c0):
+    """Where the block's tile ``t`` starts in the flat padded input; past the last tile, the
+    last tile again (its results unused)."""
+    tile = min(tb * tt_ + t, ntiles - 1)
+    return ((n * hp + (tile // tw) * m) * wp + (tile % tw) * m) * c_ + c0
 
 
 @jit
@@ -164,10 +177,14 @@ def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, 
 
 
 @jit
-def _out_tile(m, mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
-    """Output transform of one tile (bias added); 0, or NaN when a result is not finite."""
-    if m == 4:
-        return _OUT4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
+def _out_tile4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
+    """Output transform of one F(4x4) tile (bias added); 0, or NaN when a result is not finite."""
+    return _OUT4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
+
+
+@jit
+def _out_tile2(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
+    """:func:`_out_tile4` for F(2x2)."""
     return _OUT2(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
 
 
@@ -205,7 +222,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
         # transformed inputs, one channel block at a time, multiplied into M
         for c0 in range(0, cg, cb):
             cl = min(cb, cg - c0)
-            call_at(fns, 0, None, (m, xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
+            call_at(fns, 0, None, (xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
             call_at(fns, 2, None, (vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo,
                                    kb_hi, kbg, cg, kw, v_, 1 if c0 == 0 else 2))
         # output tiles (bias added in the transform)
@@ -217,7 +234,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
             # obuf[i, t, j, k]: row i of the block's tiles side by side (pixel q = t*m + j),
             # then each run of tiles on one tile row goes out as NCHW rows, 8 x 8 transposes
             for t in range(nt):
-                chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw,
+                chk += call_at(fns, 4, chk, (mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, t * m * kw,
                                              tt_ * m * kw, kw, nk, k0))
             t = 0
             while t < nt:
@@ -238,13 +255,13 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
                 y0 = (tile // tw) * m
                 x0 = (tile % tw) * m
                 if y0 + m <= ho_ and x0 + m <= wo_:  # a whole tile: straight into the output
-                    chk += call_at(fns, 6, chk, (m, mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
+                    chk += call_at(fns, 6, chk, (mbuf, of, bias, t * kw, a * tt_ * kw, tt_ * kw,
                                                  ((n * ho_ + y0) * wo_ + x0) * k_ + k0, wo_ * k_, k_, nk, k0))
                     for i in range(m):
                         if epi is not None:  # (pruned at compile time without an epilogue)
                             finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, m, k_, nk)
                     continue
-                chk += call_at(fns, 4, chk, (m, mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk,
+                chk += call_at(fns, 4, chk, (mbuf, obuf, bias, t * kw, a * tt_ * kw, tt_ * kw, 0, m * kw, kw, nk,
                                              k0))
                 for i in range(min(m, ho_ - y0)):
                     for j in range(min(m, wo_ - x0)):
@@ -268,31 +285,33 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
 _WINOGRAD = Task(_tasks)
 
 
-def _callees(xf, uf, bias, of, zeros):
-    """:func:`_tasks`' ``fns`` for these arrays (their Numba types): ``(address, tag)`` of
-    :func:`_in_tiles`, :func:`_gemms`, :func:`_out_tile` into the task's buffers and into
-    the output; once per combination of types (``conv2d`` binds on every call: building
-    them took 0.3 ms of a 0.8 ms res2 layer on Intel Xeon)."""
-    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros))
+def _callees(xf, uf, bias, of, zeros, m, nchw):
+    """:func:`_tasks`' ``fns`` for these arrays (their Numba types), tile size ``m`` and output
+    layout: ``(address, tag)`` of :func:`_in_tiles4` (or 2), :func:`_gemms`, :func:`_out_tile4`
+    (or 2) into the task's buffers and, for NHWC, into the output (NCHW never calls it: its
+    slot stays empty, and a call would fail the tag check).  Once per combination (``conv2d``
+    binds on every call: building them took 0.3 ms of a 0.8 ms res2 layer on Intel Xeon)."""
+    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros)) + (m, nchw)
     fns = _CALLEES.get(key)
     if fns is None:
-        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros)
+        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros, m, nchw)
     return fns
 
 
-#: type keys of :func:`_callees`' arrays -> their callee table
+#: type keys of :func:`_callees`' arrays, tile size and layout -> their callee table
 _CALLEES = {}
 
 
-def _build_callees(xf, uf, bias, of, zeros):
+def _build_callees(xf, uf, bias, of, zeros, m, nchw):
     i64 = numba.types.int64
     flat = numba.from_dtype(of.dtype)[::1]  # (the task's own buffers)
     tx, tu, tb, to, tz = (numba.typeof(a) for a in (xf, uf, bias, of, zeros))
     item = numba.from_dtype(of.dtype)
-    fns = (callee(_in_tiles, (i64, tx, flat, tz) + (i64,) * 10)
+    in_tiles, out_tile = (_in_tiles4, _out_tile4) if m == 4 else (_in_tiles2, _out_tile2)
+    fns = (callee(in_tiles, (tx, flat, tz) + (i64,) * 10)
            + callee(_gemms, (flat, tu, flat, flat, tz) + (i64,) * 11)
-           + callee(_out_tile, (i64, flat, flat, tb) + (i64,) * 8, item)
-           + callee(_out_tile, (i64, flat, to, tb) + (i64,) * 8, item))
+           + callee(out_tile, (flat, flat, tb) + (i64,) * 8, item)
+           + ((0, 0) if nchw else callee(out_tile, (flat, to, tb) + (i64,) * 8, item)))
     return np.array(fns, dtype=np.int64)
 
 
@@ -302,74 +321,46 @@ _CACHE = WeightCache(min_bytes=0)
 _cache_stats = _CACHE.stats
 
 
-@jit
-def _transform_blocks(job_lo, job_hi, wf, uf, gm, w0, gs, so, sc, sr, ss, kg, cg, kbg, v_):
-    """Jobs ``[job_lo, job_hi)`` of :func:`_transform_weights` (job: group ``g`` x output-channel
-    block ``kb``).  Tap ``(r, s)`` of input channel ``c`` and output channel ``o`` (within the
-    group) of the 3x3 kernels is ``wf[w0 + g*gs + o*so + c*sc + r*sr + s*ss]``: strides the
-    caller derives from the layout and, for the grad-input kernels, the flip (negative
-    ``sr``, ``ss``), so one flat gather serves all four (4-D indexing with layout branches
-    compiled 2.1 s on a fresh install, Zen 1).  ``U[i, j] = sum over r, s of G[i, r] G[j, s]
-    g[r, s]`` in one pass over ``v`` (9 FMAs per value, the products in float64): the
-    two-stage ``(G g) G^T`` took four loops over ``v`` that LLVM vectorised one by one,
-    1.0 s of a fresh install's first Winograd layer for the same speed (Intel Xeon).
-    ``g`` and the products are kept in float64 in arrays allocated here (LLVM then knows
-    they overlap nothing and vectorises the loops over ``v``: scratch passed in ran the
-    transform 1.5-2x slower)."""
-    a = gm.size // 3
-    xs = kbg * cg * v_  # distance between the alpha^2 positions
-    gws = np.empty(9 * v_, dtype=np.float64)  # g[r, s, v] at (3r + s) V + v, zero past nk
-    coef = np.empty(9, dtype=np.float64)  # G[i, r] G[j, s] at 3r + s
-    for job in range(job_lo, job_hi):
-        g = job // kbg
-        kb = job % kbg
-        nk = min(v_, kg - kb * v_)
-        for c in range(cg):
-            src = w0 + g * gs + kb * v_ * so + c * sc
-            for rs in range(9):
-                tap = src + (rs // 3) * sr + (rs % 3) * ss
-                for v in range(v_):
-                    gws[rs * v_ + v] = wf[tap + v * so] if v < nk else 0.0
-            base = ((g * a * a * kbg + kb) * cg + c) * v_
-            for ij in range(a * a):
-                for rs in range(9):
-                    coef[rs] = gm[3 * (ij // a) + rs // 3] * gm[3 * (ij % a) + rs % 3]
-                o = base + ij * xs
-                for v in range(v_):
-                    acc = 0.0
-                    for rs in range(9):
-                        acc += coef[rs] * gws[rs * v_ + v]
-                    uf[o + v] = acc
-
-
-_TRANSFORM = Task(_transform_blocks)
-
-
 def _transform_weights(w, uf, gm, hwio, flip, groups, kg, cg, kbg, v_):
     """``uf`` (packed ``(G, alpha^2, K/G/V, C/G, V)``) = ``G g G^T`` of every 3x3 kernel ``g``
-    of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``: the (group,
-    output-channel block) jobs in parallel (:class:`numbaconv.cpu._launch.Task`).
-    ``flip``: the kernels of the grad-input convolution instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]`` (channels swapped, taps reversed;
-    ``kg``, ``cg`` are that convolution's)."""
-    st = [x // w.itemsize for x in w.strides]
-    if not hwio and not flip:  # w[g*kg + o, c, r, s]
-        w0, gs, so, sc, sr, ss = 0, kg * st[0], st[0], st[1], st[2], st[3]
-    elif not hwio:  # w[g*cg + c, o, 2 - r, 2 - s]
-        w0, gs, so, sc, sr, ss = 2 * (st[2] + st[3]), cg * st[0], st[1], st[0], -st[2], -st[3]
-    elif not flip:  # w[r, s, c, g*kg + o]
-        w0, gs, so, sc, sr, ss = 0, kg * st[3], st[3], st[2], st[0], st[1]
-    else:  # w[2 - r, 2 - s, o, g*cg + c]
-        w0, gs, so, sc, sr, ss = 2 * (st[0] + st[1]), cg * st[3], st[2], st[3], -st[0], -st[1]
-    jobs = groups * kbg
-    _TRANSFORM(jobs, w.reshape(-1), uf, gm.reshape(-1), w0, gs, so, sc, sr, ss, kg, cg, kbg, v_)
+    of ``w`` (OIHW, or HWIO when ``hwio``), in float64, zero past ``K/G``.  ``flip``: the
+    kernels of the grad-input convolution instead, ``g[r, s] = w[g*Cg + c, k, 2-r, 2-s]``
+    (channels swapped, taps reversed; ``kg``, ``cg`` are that convolution's).
+
+    NumPy: ``U[i, j] = sum over r, s of G[i, r] G[j, s] g[r, s]`` is one matrix product
+    ``(alpha^2 x 9) . (9 x kernels)`` per run of output-channel blocks, with the taps
+    gathered (and cast to float64) in the packed order so that its result is ``uf``'s rows
+    (BLAS, threaded).  As fast as the compiled transform it replaced (512 x 512 channels
+    19-26 ms vs 21-34 on Intel Xeon, 2 threads), and nothing to compile: that was 0.6 s of
+    a fresh install's first Winograd layer."""
+    a2 = gm.shape[0] ** 2
+    gk = np.einsum("ir,js->ijrs", gm, gm).reshape(a2, 9)
+    o = w.transpose(3, 2, 0, 1) if hwio else w  # (K, C/G, 3, 3) of the layer
+    if flip:  # the grad-input convolution's (G, kg, cg, 3, 3)
+        o = o.reshape(groups, cg, kg, 3, 3)[..., ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+    g4 = o.reshape(groups, kg, cg, 9)  # (a copy where the view cannot be one)
+    u4 = uf.reshape(groups, a2, kbg, cg * v_)
+    per = max(1, (1 << 21) // (a2 * cg * v_ * 8))  # channel blocks per product: ~2 MiB of result
+    taps = np.empty((9, per, cg, v_))  # taps[rs, b, c, v] = g[(kb0 + b) V + v, c, rs]
+    for g in range(groups):
+        for kb0 in range(0, kbg, per):
+            kb1 = min(kbg, kb0 + per)
+            lo, hi = kb0 * v_, min(kg, kb1 * v_)
+            t = taps[:, :kb1 - kb0]
+            full = (hi - lo) // v_
+            t[:, :full] = g4[g, lo:lo + full * v_].reshape(full, v_, cg, 9).transpose(3, 0, 2, 1)
+            if full < kb1 - kb0:  # the last block's channels past K/G are zero
+                t[:, full] = 0
+                t[:, full, :, :hi - lo - full * v_] = g4[g, lo + full * v_:hi].transpose(2, 1, 0)
+            with np.errstate(all="ignore"):  # (non-finite weights: the layer reruns on tiled)
+                u4[g, :, kb0:kb1] = (gk @ t.reshape(9, -1)).reshape(a2, kb1 - kb0, cg * v_)
 
 
 def transformed_weights(w, wlayout, groups, m, v_, flip=False):
     """``U = G g G^T`` of the 3x3 weights ``w`` (OIHW or HWIO), computed in float64 and
     rounded once, packed ``(G, alpha^2, K/G/V, C/G, V)`` (zero past ``K/G``); cached (a
-    training step's new weights cost one pass: 6-19 ms for 512 x 512 channels on Zen 4).
-    ``flip``: of the grad-input convolution's kernels (see :func:`_transform_weights`),
-    read from ``w`` in place (no flipped copy)."""
+    training step's new weights cost one pass: 19-26 ms for 512 x 512 channels on Intel
+    Xeon).  ``flip``: of the grad-input convolution's kernels (see :func:`_transform_weights`)."""
     def build():
         hwio = wlayout == "HWIO"
         k_, cg = (w.shape[3], w.shape[2]) if hwio else (w.shape[0], w.shape[1])
@@ -520,7 +511,7 @@ def bind(p, w, bias, m=None, flip=False):
         xf = xp.reshape(-1)
         # (weights, bias and geometry keep their types for the layer: only these vary)
         key = (type_key(xf), type_key(of))
-        f = _callees(xf, uf, bp, of, zeros)
+        f = _callees(xf, uf, bp, of, zeros, b["m"], nchw)
         _WINOGRAD.run(key + (type_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
@@ -547,14 +538,14 @@ def _run_live(p, x, w, bias, out, m, flip):
 def microkernel_asm(dtype=np.float32, part="gemm"):
     """Machine code of a Winograd stage on the compile target, for the codegen tests:
     ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles), ``"input"``
-    (:func:`_in_tiles`) or ``"output"`` (:func:`_out_tile`).  Compiled afresh (no cache)."""
+    (:func:`_in_tiles4`) or ``"output"`` (:func:`_out_tile4`).  Compiled afresh (no cache)."""
     from ._jit import FASTMATH
-    fn = {"gemm": _gemms, "input": _in_tiles, "output": _out_tile}[part]
+    fn = {"gemm": _gemms, "input": _in_tiles4, "output": _out_tile4}[part]
     t = numba.from_dtype(np.dtype(dtype))
     a, i = t[::1], numba.int64
     sig = {"gemm": (a, a, a, a, a) + (i,) * 11,
-           "input": (i, a, a, a) + (i,) * 10,
-           "output": (i, a, a, a) + (i,) * 8}[part]
+           "input": (a, a, a) + (i,) * 10,
+           "output": (a, a, a) + (i,) * 8}[part]
     jitted = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(fn.py_func)
     jitted.compile(sig)
     return jitted.inspect_asm(sig)
