@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from ._blocking import block_width, transpose_block
-from ._jit import copy_run, jit, valid_range
+from ._jit import jit, move_run, valid_range, zero_run
 from ._launch import Task, call_at, callee, type_key
 from ._vec import dw3x3_block, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
@@ -421,7 +421,7 @@ def _dw_nchw_blocks_tasks(lo, hi, xf, wf, bias, of, geo, epi):
         # the 8 x 8 blocks), then each row into the padded copy
         transpose_block(xf, xbuf, (n * k_ + c0) * hw, hw, 0, cb, nc, hw)
         for h in range(h_):
-            copy_run(buf, ((h + pt) * wp + pl) * cb, xbuf, h * w_ * cb, w_ * cb)
+            move_run(buf, ((h + pt) * wp + pl) * cb, xbuf, h * w_ * cb, w_ * cb)
         for i in range(ho_):
             b0 = i * sh * wp * cb
             j = 0
@@ -539,9 +539,8 @@ def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
             for u in range(u_lo, u_hi):
                 src = np.uintp(base + (u * sh + a - pt) * w_ + v_lo * sw + b - pl)
                 dst = np.uintp(pb + u * wq)
-                if sw == 1:
-                    for j in range(nv):
-                        buf[dst + j] = xf[src + j]
+                if sw == 1:  # (a memmove: no loop to vectorise and compile)
+                    move_run(buf, pb + u * wq, xf, base + (u * sh + a - pt) * w_ + v_lo - pl, v_hi - v_lo)
                 else:
                     us = np.uintp(sw)
                     for j in range(nv):
@@ -774,14 +773,11 @@ def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
         hi = top + r
         for c in range(ncol):
             wi = c0 + c
-            d = np.uintp((r * ncol + c) * k_)
-            if 0 <= hi < h_ and 0 <= wi < w_:
-                src = np.uintp(((n * h_ + hi) * w_ + wi) * k_)
-                for q in range(np.uintp(k_)):
-                    buf[d + q] = xf[src + q]
+            d = (r * ncol + c) * k_
+            if 0 <= hi < h_ and 0 <= wi < w_:  # (a memmove, a memset: no loops to vectorise and compile)
+                move_run(buf, d, xf, ((n * h_ + hi) * w_ + wi) * k_, k_)
             else:
-                for q in range(np.uintp(k_)):
-                    buf[d + q] = 0
+                zero_run(buf, d, k_)
 
 
 @jit
