@@ -20,6 +20,7 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.core import types
 from numba.core.registry import CPUDispatcher
+from numba.np.arrayobj import _empty_nd_impl
 from numba.core.extending import intrinsic
 
 FASTMATH = {"contract", "reassoc", "arcp"}
@@ -140,6 +141,22 @@ def _run_pointer(context, builder, aryty, ary, start, n):
 
 def _flat_array(t):
     return isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C"
+
+
+@intrinsic
+def scratch(typingctx, n, like):
+    """``np.empty(n, like.dtype)`` (a new C-contiguous 1-D array, uninitialised) allocated in
+    the caller's own code: ``np.empty`` in a kernel compiles Numba's overload of it as a
+    separate function (0.1 s of a fresh install's first call), this compiles nothing.  A
+    negative or overflowing ``n`` raises as NumPy's does."""
+    if not (isinstance(n, types.Integer) and isinstance(like, types.Array)):
+        return None
+    retty = types.Array(like.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        size = context.cast(builder, args[0], signature.args[0], types.intp)
+        return _empty_nd_impl(context, builder, retty, [size])._getvalue()
+    return retty(n, like), codegen
 
 
 @intrinsic

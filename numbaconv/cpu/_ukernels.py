@@ -11,7 +11,7 @@ range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._la
 import numpy as np
 
 from ._blocking import transpose_block
-from ._jit import copy_run, jit, zero_run
+from ._jit import copy_run, jit, scratch, zero_run
 from ._vec import conv_block, prefetchw
 from .epilogue import finish_2d
 
@@ -355,12 +355,12 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(6 * 8, dtype=of.dtype)
+    tmp = scratch(6 * 8, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 8 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 8 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 8 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -436,12 +436,12 @@ def tasks_8x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, group
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(14 * 8, dtype=of.dtype)
+    tmp = scratch(14 * 8, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 8 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 8 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 8 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -517,12 +517,12 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(6 * 16, dtype=of.dtype)
+    tmp = scratch(6 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -598,12 +598,12 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(8 * 16, dtype=of.dtype)
+    tmp = scratch(8 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -679,12 +679,12 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(10 * 16, dtype=of.dtype)
+    tmp = scratch(10 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -760,12 +760,12 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(10 * 16, dtype=of.dtype)
+    tmp = scratch(10 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -841,12 +841,12 @@ def tasks_16x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(14 * 16, dtype=of.dtype)
+    tmp = scratch(14 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 16 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -922,12 +922,12 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty(8 * 32, dtype=of.dtype)
+    tmp = scratch(8 * 32, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * 32 if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * 32 if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = 32 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -1006,8 +1006,8 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
     partial, reads a zero-padded copy of its columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
-    tmp = np.empty(6 * 8, dtype=of.dtype)
-    panel = np.empty(c_ * 8, dtype=of.dtype)
+    tmp = scratch(6 * 8, of)
+    panel = scratch(c_ * 8, of)
     for t in range(lo, hi):
         n = t // (nqc * nkc)
         rest = t % (nqc * nkc)
@@ -1084,8 +1084,8 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     partial, reads a zero-padded copy of its columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
-    tmp = np.empty(6 * 16, dtype=of.dtype)
-    panel = np.empty(c_ * 16, dtype=of.dtype)
+    tmp = scratch(6 * 16, of)
+    panel = scratch(c_ * 16, of)
     for t in range(lo, hi):
         n = t // (nqc * nkc)
         rest = t % (nqc * nkc)
@@ -1162,8 +1162,8 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     partial, reads a zero-padded copy of its columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
-    tmp = np.empty(8 * 16, dtype=of.dtype)
-    panel = np.empty(c_ * 16, dtype=of.dtype)
+    tmp = scratch(8 * 16, of)
+    panel = scratch(c_ * 16, of)
     for t in range(lo, hi):
         n = t // (nqc * nkc)
         rest = t % (nqc * nkc)
@@ -1240,8 +1240,8 @@ def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     partial, reads a zero-padded copy of its columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
-    tmp = np.empty(8 * 32, dtype=of.dtype)
-    panel = np.empty(c_ * 32, dtype=of.dtype)
+    tmp = scratch(8 * 32, of)
+    panel = scratch(c_ * 32, of)
     for t in range(lo, hi):
         n = t // (nqc * nkc)
         rest = t % (nqc * nkc)

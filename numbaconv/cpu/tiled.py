@@ -577,7 +577,7 @@ range of the convolution's tasks with it (run in parallel by ``numbaconv.cpu._la
 import numpy as np
 
 from ._blocking import transpose_block
-from ._jit import copy_run, jit, zero_run
+from ._jit import copy_run, jit, scratch, zero_run
 from ._vec import conv_block, prefetchw
 from .epilogue import finish_2d
 
@@ -619,12 +619,12 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
+    tmp = scratch({PMAX} * {V}, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
     # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = np.empty(rows * wo_ * kbs * {V} if nchw else 1, dtype=of.dtype)
+    obuf = scratch(rows * wo_ * kbs * {V} if nchw else 1, of)
     dst = obuf if nchw else of
     os_p = {V} if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
     for t in range(lo, hi):
@@ -696,8 +696,8 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
     partial, reads a zero-padded copy of its columns.\"\"\"
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
-    tmp = np.empty({PMAX} * {V}, dtype=of.dtype)
-    panel = np.empty(c_ * {V}, dtype=of.dtype)
+    tmp = scratch({PMAX} * {V}, of)
+    panel = scratch(c_ * {V}, of)
     for t in range(lo, hi):
         n = t // (nqc * nkc)
         rest = t % (nqc * nkc)

@@ -44,7 +44,7 @@ import numpy as np
 from .. import tuning
 from . import tiled
 from ._blocking import empty_aligned
-from ._jit import jit
+from ._jit import jit, scratch
 from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
@@ -207,10 +207,10 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
     ntb = (ntiles + tt_ - 1) // tt_
     nkr = (kbg + kbr - 1) // kbr
     per_n = ntb * groups * nkr
-    vbuf = np.empty(aa * tt_ * min(cb, cg), dtype=of.dtype)
-    mbuf = np.empty(aa * tt_ * kbr * v_, dtype=of.dtype)
-    obuf = np.empty(tt_ * m * m * kbr * v_, dtype=of.dtype)
-    tmp = np.empty(_P * v_, dtype=of.dtype)
+    vbuf = scratch(aa * tt_ * min(cb, cg), of)  # (np.empty: see numbaconv.cpu._jit.scratch)
+    mbuf = scratch(aa * tt_ * kbr * v_, of)
+    obuf = scratch(tt_ * m * m * kbr * v_, of)
+    tmp = scratch(_P * v_, of)
     for task in range(lo, hi):
         n = task // per_n
         rest = task % per_n
