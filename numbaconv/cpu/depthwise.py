@@ -34,9 +34,9 @@ import numba
 import numpy as np
 
 from ._blocking import block_width, transpose_block
-from ._jit import jit, move_run, valid_range, zero_run
+from ._jit import jit, move_run, scratch, valid_range, zero_run
 from ._launch import Task, call_at, callee, type_key
-from ._vec import dw3x3_block, target_vector_bytes
+from ._vec import dw3x3_block, strided_runs, tap_sweep, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
 
 __all__ = ["run", "run_streaming"]
@@ -334,15 +334,17 @@ def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi, fns):
     """Planes ``[lo, hi)`` (over ``N * K``) through stride-phase planes (see :func:`bind`);
     ``geo``: the integers ``C, H, W, K, Ho, Wo, R, S, sh, sw, pt, pl, dh, m, hq, wq`` (one
     array: a launch's arguments are typed one by one on every call).  ``fns``: the
-    addresses of :func:`_fill_phases` and :func:`_plane_phases` (3x3) or
+    addresses of :func:`_fill_phases` (or :func:`_fill_unit`) and :func:`_plane_phases` (3x3) or
     :func:`_plane_phases_taps` (:func:`_phase_callees`), called through them (linked in,
     they were 1.5 s of this kernel's 5.4 s compile on a fresh install, Zen 1, and a 3x3
     layer compiled the other sizes' sweep too)."""
     cx, h_, w_, k_, ho_, wo_, r_, s_, sh, sw, pt, pl, dh, m, hq, wq = geo
     # zeroed once per range: the padding positions are the same for every plane, the rest
     # is overwritten; the slack past the end covers the sweep's last, partly used, block
-    buf = np.zeros(sh * sw * hq * wq + 2 * _LANES, dtype=xf.dtype)
-    op = np.empty(hq * wq + _LANES, dtype=of.dtype)
+    nbuf = sh * sw * hq * wq + 2 * _LANES
+    buf = scratch(nbuf, xf)  # (np.zeros / np.empty: see numbaconv.cpu._jit.scratch)
+    zero_run(buf, 0, nbuf)
+    op = scratch(hq * wq + _LANES, of)
     filled = -1  # input plane (n * C + c) now in buf
     for q in range(lo, hi):
         n = q // k_
@@ -362,26 +364,27 @@ def _dw_nchw_phases_tasks(lo, hi, xf, wf, bias, of, offs, geo, epi, fns):
 _DW_NCHW_PHASES = Task(_dw_nchw_phases_tasks)
 
 
-def _phase_callees(xf, wf, bias, of, offs, taps3):
-    """:func:`_dw_nchw_phases_tasks`' ``fns`` for these arrays (their Numba types) and kernel
-    size (``taps3``: 3x3): the fill's and the sweep's ``(address, tag)`` pairs; once per
-    combination (``conv2d`` binds on every call)."""
-    key = (tuple(type_key(a) for a in (xf, wf, bias, of, offs)), taps3)
+def _phase_callees(xf, wf, bias, of, offs, taps3, unit):
+    """:func:`_dw_nchw_phases_tasks`' ``fns`` for these arrays (their Numba types), kernel
+    size (``taps3``: 3x3) and stride (``unit``: 1 x 1, whose fill is a padded copy): the
+    fill's and the sweep's ``(address, tag)`` pairs; once per combination (``conv2d`` binds
+    on every call)."""
+    key = (tuple(type_key(a) for a in (xf, wf, bias, of, offs)), taps3, unit)
     fns = _PHASE_CALLEES.get(key)
     if fns is None:
-        fns = _PHASE_CALLEES[key] = _build_phase_callees(xf, wf, bias, of, offs, taps3)
+        fns = _PHASE_CALLEES[key] = _build_phase_callees(xf, wf, bias, of, offs, taps3, unit)
     return fns
 
 
-#: type keys of :func:`_phase_callees`' arrays and its kernel-size flag -> the callee table
+#: type keys of :func:`_phase_callees`' arrays, its kernel-size and stride flags -> the callee table
 _PHASE_CALLEES = {}
 
 
-def _build_phase_callees(xf, wf, bias, of, offs, taps3):
+def _build_phase_callees(xf, wf, bias, of, offs, taps3, unit):
     i64 = numba.types.int64
     flat = numba.from_dtype(xf.dtype)[::1]  # (the task's own buffers)
     tx, tw, tb, to, tf = (numba.typeof(a) for a in (xf, wf, bias, of, offs))
-    fill = callee(_fill_phases, (tx, i64, i64, i64, flat) + (i64,) * 6)
+    fill = callee(_fill_unit if unit else _fill_phases, (tx, i64, i64, i64, flat) + (i64,) * 6)
     if taps3:
         sweep = callee(_plane_phases, (tw, tb, to) + (i64,) * 7 + (tf, flat, flat))
     else:
@@ -402,11 +405,12 @@ def _dw_nchw_blocks_tasks(lo, hi, xf, wf, bias, of, geo, epi):
     nkb = (k_ + cb - 1) // cb
     # zeroed once per range: the padding positions are the same for every block (pixel
     # stride cb whatever the block's channel count), the rest is overwritten
-    buf = np.zeros(hp * wp * cb, dtype=xf.dtype)
-    obuf = np.empty(ho_ * wo_ * cb, dtype=of.dtype)
-    xbuf = np.empty(h_ * w_ * cb, dtype=xf.dtype)
-    wt = np.empty(9 * cb, dtype=wf.dtype)
-    bt = np.empty(cb, dtype=bias.dtype)
+    buf = scratch(hp * wp * cb, xf)  # (np.zeros / np.empty: see numbaconv.cpu._jit.scratch)
+    zero_run(buf, 0, hp * wp * cb)
+    obuf = scratch(ho_ * wo_ * cb, of)
+    xbuf = scratch(h_ * w_ * cb, xf)
+    wt = scratch(9 * cb, wf)
+    bt = scratch(cb, bias)
     hw = h_ * w_
     howo = ho_ * wo_
     for t in range(lo, hi):
@@ -503,10 +507,11 @@ def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
     for a in range(sh):
         u_lo, u_hi = valid_range(a - pt, sh, h_, hq)
         if sw == 2:
-            # both column phases in one loop over the even-aligned column pairs (2t, 2t+1):
-            # LLVM deinterleaves them with shuffles (one phase at a time compiles to gathers,
-            # several times slower).  Column c goes to phase (c + pl) % 2 at v = (c + pl) // 2,
-            # so a pair's members land at v = t + pl // 2 and t + (pl + 1) // 2.
+            # both column phases in one loop over the even-aligned column pairs (2t, 2t+1),
+            # deinterleaved with shuffles (one phase at a time compiles to gathers, several
+            # times slower; see numbaconv.cpu._vec.strided_runs).  Column c goes to phase
+            # (c + pl) % 2 at v = (c + pl) // 2, so a pair's members land at v = t + pl // 2
+            # and t + (pl + 1) // 2.
             pe = pl % 2  # the phase of even columns
             ve = pl // 2
             vo = (pl + 1) // 2
@@ -515,49 +520,57 @@ def _fill_phases(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
             do0 = (2 * a + 1 - pe) * hq * wq + vo
             for u in range(u_lo, u_hi):
                 row = base + (u * sh + a - pt) * w_
-                src = np.uintp(row)
-                de = np.uintp(de0 + u * wq)
-                do = np.uintp(do0 + u * wq)
-                for t in range(np.uintp(npair)):
-                    buf[de + t] = xf[src + t * np.uintp(2)]
-                    buf[do + t] = xf[src + t * np.uintp(2) + np.uintp(1)]
-            # columns past the pairs (an odd width's last one; at most a few): each lands in
-            # the plane only while its v < wq
-            for col in range(2 * npair, w_):
-                v = (col + pl) // 2
-                if v < wq:
-                    d = ((2 * a + (col + pl) % 2) * hq) * wq + v
-                    for u in range(u_lo, u_hi):
-                        buf[d + u * wq] = xf[base + (u * sh + a - pt) * w_ + col]
+                _STRIDED(buf, de0 + u * wq, do0 + u * wq, xf, row, 2, npair)
+                # columns past the pairs (an odd width's last one; at most a few): each lands
+                # in the plane only while its v < wq
+                for col in range(2 * npair, w_):
+                    v = (col + pl) // 2
+                    if v < wq:
+                        buf[((2 * a + (col + pl) % 2) * hq + u) * wq + v] = xf[row + col]
             continue
         for b in range(sw):
             v_lo, v_hi = valid_range(b - pl, sw, w_, wq)
             if v_hi <= v_lo:
                 continue
-            nv = np.uintp(v_hi - v_lo)
             pb = (a * sw + b) * hq * wq + v_lo
             for u in range(u_lo, u_hi):
-                src = np.uintp(base + (u * sh + a - pt) * w_ + v_lo * sw + b - pl)
-                dst = np.uintp(pb + u * wq)
+                src = base + (u * sh + a - pt) * w_ + v_lo * sw + b - pl
                 if sw == 1:  # (a memmove: no loop to vectorise and compile)
-                    move_run(buf, pb + u * wq, xf, base + (u * sh + a - pt) * w_ + v_lo - pl, v_hi - v_lo)
+                    move_run(buf, pb + u * wq, xf, src, v_hi - v_lo)
                 else:
-                    us = np.uintp(sw)
-                    for j in range(nv):
-                        buf[dst + j] = xf[src + j * us]
+                    _STRIDED(buf, pb + u * wq, 0, xf, src, sw, v_hi - v_lo)
+
+
+@jit
+def _fill_unit(xf, base, h_, w_, buf, sh, sw, hq, wq, pt, pl):
+    """:func:`_fill_phases` for stride 1 (one phase: the zero-padded plane), a memmove per
+    row: a stride-1 layer compiles this instead of the strided copies (0.5 s on a fresh
+    install)."""
+    u_lo, u_hi = valid_range(-pt, 1, h_, hq)
+    v_lo, v_hi = valid_range(-pl, 1, w_, wq)
+    for u in range(u_lo, u_hi):
+        move_run(buf, u * wq + v_lo, xf, base + (u - pt) * w_ + v_lo - pl, v_hi - v_lo)
 
 
 @jit
 def _copy_out(op, of, base, ho_, wo_, wq):
     """The ``Wo`` real columns of each of the ``Ho`` rows of ``op`` (laid out at the phase
-    width ``wq``) into the output plane ``of[base:base + Ho*Wo]``."""
-    uo = np.uintp(wo_)
-    uq = np.uintp(wq)
-    for i in range(np.uintp(ho_)):
-        dst = np.uintp(base) + i * uo
-        src = i * uq
-        for j in range(uo):
-            of[dst + j] = op[src + j]
+    width ``wq``) into the output plane ``of[base:base + Ho*Wo]`` (a memmove per row: no loop
+    to vectorise and compile)."""
+    for i in range(ho_):
+        move_run(of, base + i * wo_, op, i * wq, wo_)
+
+
+#: the 3x3 phase sweeps (:func:`numbaconv.cpu._vec.tap_sweep`): one output row; two rows of
+#: row stride 1 (row i + 1's kernel rows 0-1 are row i's 1-2: 12 loads for 18 FMAs); two rows
+#: of row stride 2 (row i + 1's kernel row 0 is row i's 2: 15 loads), ``extra`` = the phase width
+_TAPS9 = tuple((t, 0) for t in range(9))
+_STRIDED = strided_runs(target_vector_bytes())  # (_fill_phases' copies)
+_SWEEP_ROW = tap_sweep(_TAPS9, (tuple(range(9)),), target_vector_bytes())
+_SWEEP_PAIR_S1 = tap_sweep(_TAPS9 + ((6, 1), (7, 1), (8, 1)), (tuple(range(9)), tuple(range(3, 12))),
+                           target_vector_bytes())
+_SWEEP_PAIR_S2 = tap_sweep(_TAPS9 + ((3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1)),
+                           (tuple(range(9)), tuple(range(6, 15))), target_vector_bytes())
 
 
 @jit
@@ -572,63 +585,23 @@ def _plane_phases(wf, bias, of, base, ho_, wo_, k, sh, dh, wq, offs, buf, op):
     the scalar border loops and stride-2 loads of :func:`_plane3x3` cost more than the sweep.
     """
     kk = 9 * k
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = (wf[kk], wf[kk + 1], wf[kk + 2], wf[kk + 3], wf[kk + 4],
-                                          wf[kk + 5], wf[kk + 6], wf[kk + 7], wf[kk + 8])
     b = bias[k]
-    o0, o1, o2, o3, o4, o5, o6, o7, o8 = offs[0], offs[1], offs[2], offs[3], offs[4], offs[5], offs[6], offs[7], offs[8]
     if sh <= 2 and dh == 1 and wo_ >= _ROW_PAIRS_MIN_W:
-        # wide planes, row stride 1 or 2: two output rows per sweep, straight into ``out``.
-        # Stride 1: row i + 1's taps of kernel row r are row i's of kernel row r + 1 (12 loads
-        # serve 18 FMAs); stride 2: its kernel row 0 is row i's kernel row 2 (15 loads).  And
-        # no copy-out pass.
-        uq = np.uintp(wq)
-        uo = np.uintp(wo_)
+        # wide planes, row stride 1 or 2: two output rows per sweep, straight into ``out``
+        # (the pair's shared input rows loaded once), and no copy-out pass
         for i in range(0, ho_, 2):
-            dst = np.uintp(base + i * wo_)
-            xs = np.uintp(i * wq)
+            dst = base + i * wo_
             if i + 1 == ho_:  # odd last row
-                for j in range(uo):
-                    q = xs + j
-                    of[dst + j] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
-                                   + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
-                                   + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
-                break
-            if sh == 1:
-                for j in range(uo):
-                    q = xs + j
-                    a0, a1, a2 = buf[q + o0], buf[q + o1], buf[q + o2]  # input row i
-                    c0, c1, c2 = buf[q + o3], buf[q + o4], buf[q + o5]  # i + 1
-                    e0, e1, e2 = buf[q + o6], buf[q + o7], buf[q + o8]  # i + 2
-                    g0, g1, g2 = buf[q + o6 + uq], buf[q + o7 + uq], buf[q + o8 + uq]  # i + 3
-                    of[dst + j] = (b + w0 * a0 + w1 * a1 + w2 * a2 + w3 * c0 + w4 * c1 + w5 * c2
-                                   + w6 * e0 + w7 * e1 + w8 * e2)
-                    of[dst + uo + j] = (b + w0 * c0 + w1 * c1 + w2 * c2 + w3 * e0 + w4 * e1 + w5 * e2
-                                        + w6 * g0 + w7 * g1 + w8 * g2)
+                _SWEEP_ROW(buf, offs, 0, wf, kk, b, of, dst, 0, i * wq, wo_)
+            elif sh == 1:
+                _SWEEP_PAIR_S1(buf, offs, wq, wf, kk, b, of, dst, wo_, i * wq, wo_)
             else:
-                for j in range(uo):
-                    q = xs + j
-                    a0, a1, a2 = buf[q + o0], buf[q + o1], buf[q + o2]  # even phase, row i
-                    c0, c1, c2 = buf[q + o3], buf[q + o4], buf[q + o5]  # odd phase, row i
-                    e0, e1, e2 = buf[q + o6], buf[q + o7], buf[q + o8]  # even phase, row i + 1
-                    f0, f1, f2 = buf[q + o3 + uq], buf[q + o4 + uq], buf[q + o5 + uq]  # odd, i + 1
-                    g0, g1, g2 = buf[q + o6 + uq], buf[q + o7 + uq], buf[q + o8 + uq]  # even, i + 2
-                    of[dst + j] = (b + w0 * a0 + w1 * a1 + w2 * a2 + w3 * c0 + w4 * c1 + w5 * c2
-                                   + w6 * e0 + w7 * e1 + w8 * e2)
-                    of[dst + uo + j] = (b + w0 * e0 + w1 * e1 + w2 * e2 + w3 * f0 + w4 * f1 + w5 * f2
-                                        + w6 * g0 + w7 * g1 + w8 * g2)
+                _SWEEP_PAIR_S2(buf, offs, wq, wf, kk, b, of, dst, wo_, i * wq, wo_)
         return
-    # Narrow planes: one flat sweep over the rows at the phase width, in blocks of _LANES (a
-    # fixed trip count: whole vectors, no scalar remainder loop), then the Wo real columns
-    # of each row are copied out.
-    nb = np.uintp(((ho_ - 1) * wq + wo_ + _LANES - 1) // _LANES)
-    ul = np.uintp(_LANES)
-    for qb in range(nb):
-        q0 = qb * ul
-        for l in range(ul):
-            q = q0 + l
-            op[q] = (b + w0 * buf[q + o0] + w1 * buf[q + o1] + w2 * buf[q + o2]
-                     + w3 * buf[q + o3] + w4 * buf[q + o4] + w5 * buf[q + o5]
-                     + w6 * buf[q + o6] + w7 * buf[q + o7] + w8 * buf[q + o8])
+    # Narrow planes: one flat sweep over the rows at the phase width in whole blocks of
+    # _LANES (the buffers' slack covers the last), then the Wo real columns of each row
+    # are copied out.
+    _SWEEP_ROW(buf, offs, 0, wf, kk, b, op, 0, 0, 0, ((ho_ - 1) * wq + wo_ + _LANES - 1) // _LANES * _LANES)
     _copy_out(op, of, base, ho_, wo_, wq)
 
 
@@ -781,19 +754,21 @@ def _window(xf, buf, n, top, c0, ncol, h_, w_, k_):
 
 
 @jit
-def _dw_nhwc_ring_rows(t0, t1, x, w_rsk, bias, out, sh, sw, pt, pl, epi):
+def _dw_nhwc_ring_rows(t0, t1, x, w_rsk, bias, out, sh, sw, pt, pl, epi, s1, s2):
     """Output rows ``t in [t0, t1)`` (over ``n * Ho``) of a 3x3, dilation-1, multiplier-1 NHWC
     depthwise problem with column stride ``sw`` of 1 or 2 (any row stride), in 4-pixel
     register blocks (:data:`block4_s1` / :data:`block4_s2`; the last block of a row overlaps
     the previous one).  A block whose 3 x ``3 sw + 3`` input window lies inside the image
     reads the input in place; one that meets the zero padding reads a copy of its window
     with the padding filled in (a few blocks per row: no copy of whole rows).  Each finished
-    row then goes through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``)."""
+    row then goes through the epilogue ``epi`` (None: pruned; see ``epilogue.finish_2d``).
+    ``s1, s2``: the column stride, ``(True, None)`` or ``(None, True)``: Numba prunes the other
+    stride's block from the argument's type (a layer compiles one block)."""
     n_, ho_, wo_, k_ = out.shape
     h_, w_ = x.shape[1], x.shape[2]
     ncol = 3 * sw + 3
-    buf = np.empty(3 * ncol * k_, dtype=x.dtype)
     xf = x.ravel()
+    buf = scratch(3 * ncol * k_, xf)  # (np.empty: see numbaconv.cpu._jit.scratch)
     wf = w_rsk.ravel()
     of = out.ravel()
     uk = np.uintp(k_)
@@ -819,9 +794,9 @@ def _dw_nhwc_ring_rows(t0, t1, x, w_rsk, bias, out, sh, sw, pt, pl, epi):
             else:
                 _window(xf, buf, n, top, c0, ncol, h_, w_, k_)
                 src, b0, b1, b2 = buf, np.uintp(0), urow, urow + urow
-            if sw == 1:
+            if s1 is not None:
                 block4_s1(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
-            else:
+            if s2 is not None:
                 block4_s2(src, wf, bias, of, b0, b1, b2, ob, uk, ucs)
             j += 4
         if epi is not None:  # (pruned at compile time without an epilogue)
@@ -834,8 +809,9 @@ _DW_NHWC_RING = Task(_dw_nhwc_ring_rows)
 def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, epi):
     """:func:`_dw_nhwc_ring_rows` over ranges of the ``N * Ho`` output rows, in parallel."""
     # (weights, bias and geometry keep their types for the layer: only these vary)
-    _DW_NHWC_RING.run((type_key(x), type_key(out), type_key(epi)), out.shape[0] * out.shape[1], x, w_rsk, bias,
-                      out, sh, sw, pt, pl, epi)
+    stride = (True, None) if sw == 1 else (None, True)
+    _DW_NHWC_RING.run((type_key(x), type_key(out), type_key(epi), sw), out.shape[0] * out.shape[1], x, w_rsk, bias,
+                      out, sh, sw, pt, pl, epi, *stride)
 
 
 @jit
@@ -943,7 +919,7 @@ def bind(p, w, bias, wlayout="OIHW"):
             ea = epi.kernel_arg(of)
             # (weights, bias and geometry keep their types for the layer: only these vary)
             key = (type_key(xf), type_key(of))
-            f = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3)
+            f = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3, p.stride_h == p.stride_w == 1)
             _DW_NCHW_PHASES.run(key + (type_key(ea),), p.n * p.k, xf, wf, b, of, offs, geo, ea, f)
         return phases
     return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
@@ -1209,3 +1185,17 @@ def microkernel_asm(dtype=np.float32):
     sig = (a, a, a, a, u, u, u, u, u, u)
     blk.compile(sig)
     return blk.inspect_asm(sig)
+
+
+def sweep_asm(dtype=np.float32):
+    """Machine code of the NCHW phase planes' row-pair sweep (:data:`_SWEEP_PAIR_S1`: 2 rows x
+    9 taps per vector of output pixels) for ``dtype`` on the compile target, compiled afresh."""
+    def kernel(buf, offs, extra, wf, kk, b, of, dst, dstride, q0, n):
+        _SWEEP_PAIR_S1(buf, offs, extra, wf, kk, b, of, dst, dstride, q0, n)
+
+    fn = numba.njit(cache=False, nogil=True)(kernel)
+    t = numba.from_dtype(np.dtype(dtype))
+    a, i = t[::1], numba.int64
+    sig = (a, numba.uintp[::1], i, a, i, t, a, i, i, i, i)
+    fn.compile(sig)
+    return fn.inspect_asm(sig)
