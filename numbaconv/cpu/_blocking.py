@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._vec import target_vector_bytes, transpose8
+from ._vec import copy2d, target_vector_bytes, transpose8
 
 __all__ = ["GROUP_PACKS", "GROUP_PACK_LANES", "GROUP_PACK_P_CHOICES", "NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag",
            "empty_aligned", "group_pack", "kernel_suffix", "narrow_blocks", "pixel_block", "pixel_blocks",
@@ -138,15 +138,12 @@ def pixel_blocks(wo, choices=None):
 def transpose_block(src, dst, s0, ss, d0, ds, ni, nj):
     """``dst[d0 + j*ds + i] = src[s0 + i*ss + j]`` for ``i < ni, j < nj`` (flat arrays), in
     8 x 8 blocks transposed in registers (:func:`numbaconv.cpu._vec.transpose8`): an NCHW
-    row's channels into NHWC pixels, or back."""
+    row's channels into NHWC pixels, or back.  The edges (the last ``nj % 8`` columns of the
+    whole blocks' rows, the last ``ni % 8`` rows) as scalar loops (:func:`copy2d`)."""
     i8 = ni - ni % 8
     j8 = nj - nj % 8
     for i0 in range(0, i8, 8):
         for j0 in range(0, j8, 8):
             transpose8(src, dst, s0 + i0 * ss + j0, ss, d0 + j0 * ds + i0, ds)
-        for j in range(j8, nj):
-            for i in range(i0, i0 + 8):
-                dst[d0 + j * ds + i] = src[s0 + i * ss + j]
-    for i in range(i8, ni):
-        for j in range(nj):
-            dst[d0 + j * ds + i] = src[s0 + i * ss + j]
+    copy2d(src, dst, s0 + j8, ss, 1, d0 + j8 * ds, 1, ds, i8, nj - j8)
+    copy2d(src, dst, s0 + i8 * ss, ss, 1, d0 + i8, 1, ds, ni - i8, nj)

@@ -31,7 +31,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
 __all__ = ["lanes", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tap_sweep", "strided_runs",
-           "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
+           "copy2d", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
 
 
 def _target_machine():
@@ -679,6 +679,43 @@ def strided_runs(vector_bytes):
 
     copy.__name__ = f"strided_runs_{vector_bytes}"
     return copy
+
+
+@intrinsic
+def copy2d(typingctx, src, dst, s0, si, sj, d0, di, dj, ni, nj):
+    """``dst[d0 + i*di + j*dj] = src[s0 + i*si + j*sj]`` for ``i < ni, j < nj`` (flat arrays of
+    one dtype, non-negative strides) as plain scalar loops that LLVM is told not to
+    vectorise: the edges of :func:`numbaconv.cpu._blocking.transpose_block` (fewer than 8 rows
+    or columns), which LLVM vectorised -- strided on both sides -- in every kernel that
+    transposes, for a few values per row.  Under ``NUMBA_BOUNDSCHECK=1`` both ranges are
+    checked (``IndexError``)."""
+    from numba.core import config
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
+        return None
+    sig = types.void(src, dst, s0, si, sj, d0, di, dj, ni, nj)
+
+    def codegen(context, builder, signature, args):
+        argtys = signature.args
+        sa, da = (context.make_array(argtys[i])(context, builder, args[i]) for i in (0, 1))
+        i64 = ir.IntType(64)
+        s0_, si_, sj_, d0_, di_, dj_, ni_, nj_ = (context.cast(builder, args[i], argtys[i], types.int64)
+                                                  for i in range(2, 10))
+        if config.BOUNDSCHECK:
+            n = builder.select(builder.and_(builder.icmp_signed(">", ni_, i64(0)), builder.icmp_signed(">", nj_, i64(0))),
+                               i64(1), i64(0))
+
+            def last(base, a, b):
+                return builder.add(base, builder.add(builder.mul(builder.sub(ni_, i64(1)), a),
+                                                     builder.mul(builder.sub(nj_, i64(1)), b)))
+            _check_runs(context, builder, [(sa, s0_), (sa, last(s0_, si_, sj_)), (da, d0_), (da, last(d0_, di_, dj_))], n)
+        with _loop(builder, ni_, vectorize=False) as i:
+            srow = builder.add(s0_, builder.mul(i, si_))
+            drow = builder.add(d0_, builder.mul(i, di_))
+            with _loop(builder, nj_, vectorize=False) as j:
+                v = builder.load(builder.gep(sa.data, [builder.add(srow, builder.mul(j, sj_))]))
+                builder.store(v, builder.gep(da.data, [builder.add(drow, builder.mul(j, dj_))]))
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 def _splat(builder, value, vty):
