@@ -31,7 +31,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
 __all__ = ["lanes", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tap_sweep", "strided_runs",
-           "copy2d", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
+           "copy2d", "scatter_block", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
 
 
 def _target_machine():
@@ -714,6 +714,46 @@ def copy2d(typingctx, src, dst, s0, si, sj, d0, di, dj, ni, nj):
             with _loop(builder, nj_, vectorize=False) as j:
                 v = builder.load(builder.gep(sa.data, [builder.add(srow, builder.mul(j, sj_))]))
                 builder.store(v, builder.gep(da.data, [builder.add(drow, builder.mul(j, dj_))]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def scatter_block(typingctx, of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw):
+    """``of[ob + p*os_p + v] = tmp[p*vw + v] + (bias[kb0 + v] if first else of[ob + p*os_p + v])``
+    for ``p < np_, v < nk``: the stores of a partial register block (``tiled``'s micro-kernels
+    store whole ones themselves) as scalar loops LLVM is told not to vectorise (it vectorised
+    them, strided, in every driver: 0.15-0.2 s of a fresh install's compile for a few
+    values per row).  Under ``NUMBA_BOUNDSCHECK=1`` the ranges are checked (``IndexError``)."""
+    from numba.core import config
+    if not (isinstance(of, types.Array) and isinstance(tmp, types.Array) and isinstance(bias, types.Array)
+            and of.dtype == tmp.dtype == bias.dtype):
+        return None
+    sig = types.void(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw)
+
+    def codegen(context, builder, signature, args):
+        argtys = signature.args
+        oa, ta, ba = (context.make_array(argtys[i])(context, builder, args[i]) for i in (0, 1, 4))
+        i64 = ir.IntType(64)
+        ob_, os_, kb_, nk_, np__, vw_ = (context.cast(builder, args[i], argtys[i], types.int64)
+                                         for i in (2, 3, 5, 6, 7, 9))
+        first_ = context.cast(builder, args[8], argtys[8], types.boolean)
+        if config.BOUNDSCHECK:
+            n = builder.select(builder.and_(builder.icmp_signed(">", nk_, i64(0)), builder.icmp_signed(">", np__, i64(0))),
+                               i64(1), i64(0))
+            lastp = builder.sub(np__, i64(1))
+            lastv = builder.sub(nk_, i64(1))
+            _check_runs(context, builder, [(oa, ob_), (oa, builder.add(ob_, builder.add(builder.mul(lastp, os_), lastv))),
+                                           (ta, builder.add(builder.mul(lastp, vw_), lastv)), (ba, kb_),
+                                           (ba, builder.add(kb_, lastv))], n)
+        with _loop(builder, np__, vectorize=False) as p:
+            orow = builder.add(ob_, builder.mul(p, os_))
+            trow = builder.mul(p, vw_)
+            with _loop(builder, nk_, vectorize=False) as v:
+                optr = builder.gep(oa.data, [builder.add(orow, v)])
+                t = builder.load(builder.gep(ta.data, [builder.add(trow, v)]))
+                b = builder.select(first_, builder.load(builder.gep(ba.data, [builder.add(kb_, v)])), builder.load(optr))
+                builder.store(builder.fadd(t, b), optr)
         return context.get_dummy_value()
     return sig, codegen
 

@@ -578,7 +578,7 @@ import numpy as np
 
 from ._blocking import transpose_block
 from ._jit import copy_run, jit, scratch, zero_run
-from ._vec import conv_block, prefetchw
+from ._vec import conv_block, prefetchw, scatter_block
 from .epilogue import finish_2d
 
 # contract only: FMA in the stores, no reassociation
@@ -589,16 +589,8 @@ _ukjit = jit(fastmath={"contract"})
 def _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw):
     """of[ob + p*os_p + v] (= bias +|+=) tmp[p*vw + v] for p < np_, v < nk: the stores of a
     partial block, which the block does not make itself, shared by every micro-kernel (one
-    compile, not one per pixel block)."""
-    for v in range(nk):
-        o = ob + v
-        if first:
-            bv = bias[kb0 + v]
-            for p in range(np_):
-                of[o + p * os_p] = tmp[p * vw + v] + bv
-        else:
-            for p in range(np_):
-                of[o + p * os_p] += tmp[p * vw + v]
+    compile, not one per pixel block; scalar: see numbaconv.cpu._vec.scatter_block)."""
+    scatter_block(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw)
 '''
 
 _DRIVER = '''
