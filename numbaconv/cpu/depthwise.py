@@ -36,7 +36,7 @@ import numpy as np
 from ._blocking import block_width, transpose_block
 from ._jit import jit, move_run, scratch, valid_range, zero_run
 from ._launch import Task, call_at, callee, type_key
-from ._vec import dw3x3_block, strided_runs, tap_sweep, target_vector_bytes
+from ._vec import channel_taps, dw3x3_block, strided_runs, tap_sweep, target_vector_bytes
 from .epilogue import NONE, after, finish_2d
 
 __all__ = ["run", "run_streaming"]
@@ -566,6 +566,8 @@ def _copy_out(op, of, base, ho_, wo_, wq):
 #: of row stride 2 (row i + 1's kernel row 0 is row i's 2: 15 loads), ``extra`` = the phase width
 _TAPS9 = tuple((t, 0) for t in range(9))
 _STRIDED = strided_runs(target_vector_bytes())  # (_fill_phases' copies)
+#: the NHWC pixel and run loops of _dw_nhwc_tasks: all 9 taps, one tap, the bias alone
+_CH_TAPS9, _CH_TAPS1, _CH_TAPS0 = (channel_taps(t, target_vector_bytes()) for t in (9, 1, 0))
 _SWEEP_ROW = tap_sweep(_TAPS9, (tuple(range(9)),), target_vector_bytes())
 _SWEEP_PAIR_S1 = tap_sweep(_TAPS9 + ((6, 1), (7, 1), (8, 1)), (tuple(range(9)), tuple(range(3, 12))),
                            target_vector_bytes())
@@ -625,62 +627,6 @@ def _plane_phases_taps(wf, bias, of, base, ho_, wo_, k, wq, offs, buf, op):
 
 # --- NHWC depthwise ----------------------------------------------------------------------------
 @jit
-def _row_nhwc(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, wt, pix):
-    """Output row ``out[n, i, :, :]``, vectorised across channels (the cases the ring of
-    :func:`_dw_nhwc_ring_rows` does not take: strided, dilated, few channels, m > 1).
-
-    Multiplier 1, 3x3, stride 1: runs of ``pix`` pixels as one contiguous loop.  Multiplier
-    1, 3x3, interior pixel: one loop over the channels with all 9 taps (18 loads, 9 FMAs, 1
-    store per vector).  Other pixels (borders, other kernels, m > 1): tap by tap into the
-    output pixel, which stays in L1.
-    """
-    h_, w_ = x.shape[1], x.shape[2]
-    r_, s_, k_ = w_rsk.shape
-    wo_ = out.shape[2]
-    c_ = k_ // m
-    xf = x.ravel()
-    wf = w_rsk.ravel()
-    of = out.ravel()
-    uk = np.uintp(k_)
-    rows_ok = np.bool_(True)  # (typed, not literal: one compile of _row_nhwc_pixels)
-    for r in range(r_):
-        hi = i * sh + r * dh - pt
-        if hi < 0 or hi >= h_:
-            rows_ok = False
-    h0 = i * sh - pt
-    j = 0
-    if pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
-        # stride 1: ``pix`` consecutive pixels x all channels are one contiguous run in x
-        # and out, so one long vectorised loop covers them (weights and bias tiled ``pix``
-        # times in ``wt``): no per-pixel loop overhead for few channels.
-        j = max(0, pl)  # first pixel whose taps all read real input
-        run = np.uintp(pix * k_)
-        ds = np.uintp(dw * c_)
-        dr = np.uintp(dh * w_ * c_)
-        while j + pix <= wo_ and j + pix - 1 - pl + 2 * dw < w_:
-            ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
-            xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
-            x1 = xb + ds
-            x2 = x1 + ds
-            x3 = xb + dr
-            x4 = x3 + ds
-            x5 = x4 + ds
-            x6 = x3 + dr
-            x7 = x6 + ds
-            x8 = x7 + ds
-            for q in range(run):
-                of[ob + q] = (wt[9 * run + q] + xf[xb + q] * wt[q] + xf[x1 + q] * wt[run + q]
-                              + xf[x2 + q] * wt[2 * run + q] + xf[x3 + q] * wt[3 * run + q]
-                              + xf[x4 + q] * wt[4 * run + q] + xf[x5 + q] * wt[5 * run + q]
-                              + xf[x6 + q] * wt[6 * run + q] + xf[x7 + q] * wt[7 * run + q]
-                              + xf[x8 + q] * wt[8 * run + q])
-            j += pix
-        # pixels [0, max(0, pl)) and the tail go pixel by pixel below
-        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, np.int64(0), max(0, pl), rows_ok)
-    _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j, wo_, rows_ok)
-
-
-@jit
 def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j1, rows_ok):
     """Pixels ``[j0, j1)`` of output row ``i``, one at a time."""
     h_, w_ = x.shape[1], x.shape[2]
@@ -708,15 +654,11 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
             x6 = x3 + dr
             x7 = x6 + ds
             x8 = x7 + ds
-            for k in range(uk):
-                of[ob + k] = (bias[k] + xf[x0 + k] * wf[k] + xf[x1 + k] * wf[uk + k]
-                              + xf[x2 + k] * wf[2 * uk + k] + xf[x3 + k] * wf[3 * uk + k]
-                              + xf[x4 + k] * wf[4 * uk + k] + xf[x5 + k] * wf[5 * uk + k]
-                              + xf[x6 + k] * wf[6 * uk + k] + xf[x7 + k] * wf[7 * uk + k]
-                              + xf[x8 + k] * wf[8 * uk + k])
+            # of[ob + k] = bias[k] + sum over t of xf[x_t + k] * wf[t uk + k], k < uk
+            _CH_TAPS9(of, ob, xf, (x0, x1, x2, x3, x4, x5, x6, x7, x8),
+                      wf, (0, uk, 2 * uk, 3 * uk, 4 * uk, 5 * uk, 6 * uk, 7 * uk, 8 * uk), bias, 0, True, uk)
             continue
-        for k in range(uk):
-            of[ob + k] = bias[k]
+        _CH_TAPS0(of, ob, xf, (), wf, (), bias, 0, True, uk)  # of[ob + k] = bias[k]
         for r in range(r_):
             hi = h0 + r * dh
             if hi < 0 or hi >= h_:
@@ -727,9 +669,8 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
                     continue
                 xb = np.uintp(((n * h_ + hi) * w_ + wi) * c_)
                 wb = np.uintp((r * s_ + s) * k_)
-                if m == 1:
-                    for k in range(uk):
-                        of[ob + k] += xf[xb + k] * wf[wb + k]
+                if m == 1:  # of[ob + k] += xf[xb + k] * wf[wb + k]
+                    _CH_TAPS1(of, ob, xf, (xb,), wf, (wb,), bias, 0, False, uk)
                 else:
                     for c in range(c_):
                         xc = xf[xb + np.uintp(c)]
@@ -816,17 +757,70 @@ def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, epi):
 
 @jit
 def _dw_nhwc_tasks(lo, hi, x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
-    """Output rows ``[lo, hi)`` (over ``N * Ho``) of :func:`_dw_nhwc`."""
+    """Output rows ``[lo, hi)`` (over ``N * Ho``) of :func:`_dw_nhwc`, each vectorised across
+    channels (the cases the ring of :func:`_dw_nhwc_ring_rows` does not take: strided,
+    dilated, few channels, m > 1).  (The row's body is written out in the loop: a function
+    level less to compile, link and emit.)
+
+    Multiplier 1, 3x3, stride 1: runs of ``pix`` pixels as one contiguous loop.  Multiplier
+    1, 3x3, interior pixel: one loop over the channels with all 9 taps (18 loads, 9 FMAs, 1
+    store per vector).  Other pixels (borders, other kernels, m > 1): tap by tap into the
+    output pixel, which stays in L1.  The loops over channels are explicit vectors
+    (:func:`numbaconv.cpu._vec.channel_taps`).
+    """
+    h_, w_ = x.shape[1], x.shape[2]
+    r_, s_, k_ = w_rsk.shape
+    wo_ = out.shape[2]
+    c_ = k_ // m
+    xf = x.ravel()
+    wf = w_rsk.ravel()
+    of = out.ravel()
+    uk = np.uintp(k_)
     ho_ = out.shape[1]
     for t in range(lo, hi):
-        _row_nhwc(x, w_rsk, bias, out, t // ho_, t % ho_, sh, sw, pt, pl, dh, dw, m, wt, pix)
+        n = t // ho_
+        i = t % ho_
+        rows_ok = np.bool_(True)  # (typed, not literal: one compile of _row_nhwc_pixels)
+        for r in range(r_):
+            hr = i * sh + r * dh - pt
+            if hr < 0 or hr >= h_:
+                rows_ok = False
+        h0 = i * sh - pt
+        j = 0
+        if pix > 1 and m == 1 and r_ == 3 and s_ == 3 and rows_ok and sw == 1:
+            # stride 1: ``pix`` consecutive pixels x all channels are one contiguous run in x
+            # and out, so one long vectorised loop covers them (weights and bias tiled ``pix``
+            # times in ``wt``): no per-pixel loop overhead for few channels.
+            j = max(0, pl)  # first pixel whose taps all read real input
+            run = np.uintp(pix * k_)
+            ds = np.uintp(dw * c_)
+            dr = np.uintp(dh * w_ * c_)
+            while j + pix <= wo_ and j + pix - 1 - pl + 2 * dw < w_:
+                ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
+                xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
+                x1 = xb + ds
+                x2 = x1 + ds
+                x3 = xb + dr
+                x4 = x3 + ds
+                x5 = x4 + ds
+                x6 = x3 + dr
+                x7 = x6 + ds
+                x8 = x7 + ds
+                # of[ob + q] = wt[9 run + q] + sum over t of xf[x_t + q] * wt[t run + q], q < run
+                _CH_TAPS9(of, ob, xf, (xb, x1, x2, x3, x4, x5, x6, x7, x8),
+                          wt, (0, run, 2 * run, 3 * run, 4 * run, 5 * run, 6 * run, 7 * run, 8 * run), wt, 9 * run, True,
+                          run)
+                j += pix
+            # pixels [0, max(0, pl)) and the tail go pixel by pixel below
+            _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, np.int64(0), max(0, pl), rows_ok)
+        _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j, wo_, rows_ok)
 
 
 _DW_NHWC = Task(_dw_nhwc_tasks)
 
 
 def _dw_nhwc(x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix):
-    """:func:`_row_nhwc` over ranges of the ``N * Ho`` output rows, in parallel."""
+    """:func:`_dw_nhwc_tasks` over ranges of the ``N * Ho`` output rows, in parallel."""
     _DW_NHWC(out.shape[0] * out.shape[1], x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, pix)
 
 
