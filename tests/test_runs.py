@@ -1,5 +1,5 @@
 """The copy helpers of ``numbaconv.cpu._jit``: ``move_run`` / ``zero_run`` (one memmove /
-memset for long runs) and ``copy_run`` / ``fill_run`` (element loops for short ones)."""
+memset for long runs) and ``copy_run`` / ``fill_run`` (explicit vectors for short ones)."""
 
 import os
 import subprocess

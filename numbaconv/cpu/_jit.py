@@ -20,8 +20,10 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.core import types
 from numba.core.registry import CPUDispatcher
-from numba.np.arrayobj import _empty_nd_impl
 from numba.core.extending import intrinsic
+from numba.np.arrayobj import _empty_nd_impl
+
+from ._vec import run_copies, target_vector_bytes
 
 FASTMATH = {"contract", "reassoc", "arcp"}
 
@@ -191,24 +193,13 @@ def zero_run(typingctx, dst, d0, n):
     return types.void(dst, d0, n), codegen
 
 
-@jit(inline="always")
-def copy_run(dst, d0, src, s0, n):
-    """``dst[d0:d0 + n] = src[s0:s0 + n]`` on flat arrays, as a zero-based loop over views: it
-    vectorises (indices LLVM cannot prove >= 0 carry Numba's negative-index wraparound
-    select), and unlike a slice assignment it compiles no shape-mismatch message (seconds
-    of string code in a serial function)."""
-    d = dst[d0:d0 + n]
-    s = src[s0:s0 + n]
-    for e in range(n):
-        d[e] = s[e]
-
-
-@jit(inline="always")
-def fill_run(dst, d0, n, value):
-    """``dst[d0:d0 + n] = value`` (see :func:`copy_run`)."""
-    d = dst[d0:d0 + n]
-    for e in range(n):
-        d[e] = value
+#: ``copy_run(dst, d0, src, s0, n)``: ``dst[d0:d0 + n] = src[s0:s0 + n]``; ``fill_run(dst, d0, n,
+#: value)``: ``dst[d0:d0 + n] = value`` -- on flat C-contiguous float arrays, in explicit vectors
+#: of the target's width (:func:`numbaconv.cpu._vec.run_copies`): unlike a slice assignment
+#: they compile no shape-mismatch message (seconds of string code in a serial function), and
+#: unlike a loop LLVM has nothing to vectorise in each kernel that copies.  Long runs (whole
+#: rows): :func:`move_run` (one memmove).
+copy_run, fill_run = run_copies(target_vector_bytes())
 
 
 @jit(inline="always")

@@ -31,7 +31,7 @@ from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
 __all__ = ["lanes", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tap_sweep", "strided_runs",
-           "channel_taps", "copy2d", "scatter_block", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
+           "channel_taps", "copy2d", "run_copies", "scatter_block", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
 
 
 def _target_machine():
@@ -822,6 +822,81 @@ def channel_taps(taps, vector_bytes):
 
     run.__name__ = f"channel_taps_{taps}_{vector_bytes}"
     return run
+
+
+@functools.lru_cache(maxsize=None)
+def run_copies(vector_bytes):
+    """Intrinsics ``(copy(dst, d0, src, s0, n), fill(dst, d0, n, value))`` on flat C-contiguous
+    arrays: ``dst[d0:d0 + n] = src[s0:s0 + n]`` and ``dst[d0:d0 + n] = value`` in vectors of
+    ``vector_bytes`` (the last ``n % lanes`` in one masked step; nothing for ``n <= 0``): short
+    runs (a pixel's channels, a block's weights) without a library call, and no scalar loop
+    for LLVM to vectorise again in every kernel that copies (numbaconv's copy loops were
+    most of several helpers' compile time).  Under ``NUMBA_BOUNDSCHECK=1`` the ranges are
+    checked (``IndexError``)."""
+    from numba.core import config
+
+    def steps(context, builder, dty, n_, w_, body):
+        """``body(index, load, store)`` over ``[0, n)`` in vectors, then the masked rest."""
+        i64 = ir.IntType(64)
+        fty = context.get_value_type(dty)
+        align = dty.bitwidth // 8
+        vty = ir.VectorType(fty, w_)
+        nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
+        with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
+            body(builder.mul(step, i64(w_)), vty,
+                 lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
+                 lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align))
+        rem = builder.sub(n_, nvec)
+        with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
+            mask = _lane_mask(builder, rem, w_)
+            zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
+            body(nvec, vty,
+                 lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
+                 lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align))
+
+    def flat_float(t):
+        return isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and isinstance(t.dtype, types.Float)
+
+    @intrinsic
+    def copy(typingctx, dst, d0, src, s0, n):
+        if not (flat_float(dst) and flat_float(src) and dst.dtype == src.dtype):
+            return None
+        w_ = max(1, vector_bytes * 8 // dst.dtype.bitwidth)
+
+        def codegen(context, builder, signature, args):
+            argtys = signature.args
+            da, sa = (context.make_array(argtys[i])(context, builder, args[i]) for i in (0, 2))
+            d0_, s0_, n_ = (context.cast(builder, args[i], argtys[i], types.int64) for i in (1, 3, 4))
+            if config.BOUNDSCHECK:
+                _check_runs(context, builder, [(da, d0_), (sa, s0_)], n_)
+
+            def body(k, vty, load, store):
+                store(load(sa.data, builder.add(s0_, k)), da.data, builder.add(d0_, k))
+            steps(context, builder, dst.dtype, n_, w_, body)
+            return context.get_dummy_value()
+        return types.void(dst, d0, src, s0, n), codegen
+
+    @intrinsic
+    def fill(typingctx, dst, d0, n, value):
+        if not flat_float(dst):
+            return None
+        w_ = max(1, vector_bytes * 8 // dst.dtype.bitwidth)
+
+        def codegen(context, builder, signature, args):
+            argtys = signature.args
+            da = context.make_array(argtys[0])(context, builder, args[0])
+            d0_, n_ = (context.cast(builder, args[i], argtys[i], types.int64) for i in (1, 2))
+            v = context.cast(builder, args[3], argtys[3], dst.dtype)
+            if config.BOUNDSCHECK:
+                _check_runs(context, builder, [(da, d0_)], n_)
+
+            def body(k, vty, load, store):
+                store(_splat(builder, v, vty), da.data, builder.add(d0_, k))
+            steps(context, builder, dst.dtype, n_, w_, body)
+            return context.get_dummy_value()
+        return types.void(dst, d0, n, value), codegen
+
+    return copy, fill
 
 
 def _splat(builder, value, vty):
