@@ -171,3 +171,32 @@ def test_nhwc_pointwise_chunks(groups, monkeypatch):
         want = to_act(want, "NHWC") + res
         want = want / (1 + np.exp(-want))
         np.testing.assert_allclose(plan(x, residual=res), want, rtol=0, atol=tolerance(dtype, 8 // groups) * 4)
+
+
+@pytest.mark.parametrize("n", [1, 1000, _wcache.SERIAL_ELEMENTS, _wcache.SERIAL_ELEMENTS + 1, 3 * _wcache.SERIAL_ELEMENTS])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_weight_caches_bit_check(n, dtype):
+    """conv2d's cached weights are reused only for bit-identical weights: the check (libc's
+    memcmp up to SERIAL_ELEMENTS, compiled chunks in parallel beyond) sees a change of one
+    bit anywhere, -0.0 against 0.0 and a NaN's payload included."""
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal(n).astype(dtype)
+    bits = _wcache._as_bits
+    assert not _wcache._bits_differ(bits(a), bits(a.copy()))
+    for i in {0, n // 2, n - 1}:
+        for change in ("ulp", "sign", "nan"):
+            b = a.copy()
+            if change == "ulp":
+                b[i] = np.nextafter(b[i], np.inf)
+            elif change == "sign":
+                a0 = a.copy()
+                a0[i], b[i] = 0.0, -0.0
+                assert _wcache._bits_differ(bits(a0), bits(b)), (i, change)
+                continue
+            else:
+                a0, b = a.copy(), a.copy()
+                a0[i] = np.nan
+                b[i] = -np.nan
+                assert _wcache._bits_differ(bits(a0), bits(b)), (i, change)
+                continue
+            assert _wcache._bits_differ(bits(a), bits(b)), (i, change)
