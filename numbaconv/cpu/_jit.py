@@ -23,7 +23,7 @@ from numba.core.registry import CPUDispatcher
 from numba.core.extending import intrinsic
 from numba.np.arrayobj import _empty_nd_impl
 
-from ._vec import run_copies, target_vector_bytes
+from ._vec import _check_runs, run_copies, target_vector_bytes
 
 FASTMATH = {"contract", "reassoc", "arcp"}
 
@@ -130,11 +130,7 @@ def _run_pointer(context, builder, aryty, ary, start, n):
     start = builder.sext(start, i64) if start.type.width < 64 else start
     n = builder.sext(n, i64) if n.type.width < 64 else n
     if numba.core.config.BOUNDSCHECK:
-        size = builder.extract_value(a.shape, 0)
-        bad = builder.or_(builder.icmp_signed("<", start, i64(0)),
-                          builder.icmp_signed(">", builder.add(start, n), size))
-        with builder.if_then(builder.and_(builder.icmp_signed(">", n, i64(0)), bad), likely=False):
-            context.call_conv.return_user_exc(builder, IndexError, ("copy or fill run out of bounds",))
+        _check_runs(context, builder, [(a, start)], n)
     item = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
     ptr = builder.bitcast(builder.gep(a.data, [start]), ir.IntType(8).as_pointer())
     nbytes = builder.mul(builder.select(builder.icmp_signed(">", n, i64(0)), n, i64(0)), i64(item))

@@ -568,10 +568,9 @@ def tap_sweep(loads, rows, vector_bytes):
             i64 = ir.IntType(64)
             extra_, kk_, dst_, dstride_, q0_, n_ = (context.cast(builder, args[i], argtys[i], types.int64)
                                                     for i in (2, 4, 7, 8, 9, 10))
-            fty = context.get_value_type(buf.dtype)
             bval = context.cast(builder, args[5], argtys[5], buf.dtype)
             align = buf.dtype.bitwidth // 8
-            vty = ir.VectorType(fty, w_)
+            vty = _vector_type(context, buf.dtype, w_)
             offv = [builder.add(builder.load(builder.gep(oa.data, [i64(t)])), builder.mul(extra_, i64(mult)))
                     for t, mult in loads]
             starts = [builder.add(q0_, o) for o in offv]
@@ -590,18 +589,7 @@ def tap_sweep(loads, rows, vector_bytes):
                         acc = _fmuladd(builder, x[taps[t]], wv[t], acc)
                     store(acc, fa.data, builder.add(dsts[r], j))
 
-            nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
-            with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
-                body(builder.mul(step, i64(w_)),
-                     lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
-                     lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align))
-            rem = builder.sub(n_, nvec)
-            with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
-                mask = _lane_mask(builder, rem, w_)
-                zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
-                body(nvec,
-                     lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
-                     lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align))
+            _vector_steps(builder, n_, vty, align, body)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -786,16 +774,14 @@ def channel_taps(taps, vector_bytes):
         def codegen(context, builder, signature, args):
             argtys = signature.args
             oa, xa, wa, ba = (context.make_array(argtys[i])(context, builder, args[i]) for i in (0, 2, 4, 6))
-            i64 = ir.IntType(64)
             ob_, b0_, n_ = (context.cast(builder, args[i], argtys[i], types.int64) for i in (1, 7, 9))
             init_ = context.cast(builder, args[8], argtys[8], types.boolean)
             xs_ = [context.cast(builder, builder.extract_value(args[3], t), argtys[3][t], types.int64) for t in range(taps)]
             ws_ = [context.cast(builder, builder.extract_value(args[5], t), argtys[5][t], types.int64) for t in range(taps)]
             if config.BOUNDSCHECK:
                 _check_runs(context, builder, [(oa, ob_), (ba, b0_)] + [(xa, v) for v in xs_] + [(wa, v) for v in ws_], n_)
-            fty = context.get_value_type(of.dtype)
             align = of.dtype.bitwidth // 8
-            vty = ir.VectorType(fty, w_)
+            vty = _vector_type(context, of.dtype, w_)
 
             def body(k, load, store):
                 o = builder.add(ob_, k)
@@ -805,18 +791,7 @@ def channel_taps(taps, vector_bytes):
                                    acc)
                 store(acc, oa.data, o)
 
-            nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
-            with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
-                body(builder.mul(step, i64(w_)),
-                     lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
-                     lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align))
-            rem = builder.sub(n_, nvec)
-            with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
-                mask = _lane_mask(builder, rem, w_)
-                zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
-                body(nvec,
-                     lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
-                     lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align))
+            _vector_steps(builder, n_, vty, align, body)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -835,25 +810,6 @@ def run_copies(vector_bytes):
     checked (``IndexError``)."""
     from numba.core import config
 
-    def steps(context, builder, dty, n_, w_, body):
-        """``body(index, load, store)`` over ``[0, n)`` in vectors, then the masked rest."""
-        i64 = ir.IntType(64)
-        fty = context.get_value_type(dty)
-        align = dty.bitwidth // 8
-        vty = ir.VectorType(fty, w_)
-        nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
-        with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
-            body(builder.mul(step, i64(w_)), vty,
-                 lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
-                 lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align))
-        rem = builder.sub(n_, nvec)
-        with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
-            mask = _lane_mask(builder, rem, w_)
-            zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
-            body(nvec, vty,
-                 lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
-                 lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align))
-
     def flat_float(t):
         return isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and isinstance(t.dtype, types.Float)
 
@@ -870,9 +826,9 @@ def run_copies(vector_bytes):
             if config.BOUNDSCHECK:
                 _check_runs(context, builder, [(da, d0_), (sa, s0_)], n_)
 
-            def body(k, vty, load, store):
+            def body(k, load, store):
                 store(load(sa.data, builder.add(s0_, k)), da.data, builder.add(d0_, k))
-            steps(context, builder, dst.dtype, n_, w_, body)
+            _vector_steps(builder, n_, _vector_type(context, dst.dtype, w_), dst.dtype.bitwidth // 8, body)
             return context.get_dummy_value()
         return types.void(dst, d0, src, s0, n), codegen
 
@@ -890,13 +846,41 @@ def run_copies(vector_bytes):
             if config.BOUNDSCHECK:
                 _check_runs(context, builder, [(da, d0_)], n_)
 
-            def body(k, vty, load, store):
+            vty = _vector_type(context, dst.dtype, w_)
+
+            def body(k, load, store):
                 store(_splat(builder, v, vty), da.data, builder.add(d0_, k))
-            steps(context, builder, dst.dtype, n_, w_, body)
+            _vector_steps(builder, n_, vty, dst.dtype.bitwidth // 8, body)
             return context.get_dummy_value()
         return types.void(dst, d0, n, value), codegen
 
     return copy, fill
+
+
+def _vector_type(context, dtype, w_):
+    """``<w_ x dtype>`` in LLVM."""
+    return ir.VectorType(context.get_value_type(dtype), w_)
+
+
+def _vector_steps(builder, n, vty, align, body):
+    """``body(index, load, store)`` over ``[0, n)`` (``i64``) in vectors of ``vty``, then one
+    masked step for the last ``n % lanes`` (nothing when none are left): ``load(base, i)``
+    and ``store(value, base, i)`` read and write a vector at element ``i`` of ``base``, the
+    masked ones only the lanes in range (no fault past an array's end)."""
+    i64 = ir.IntType(64)
+    w_ = vty.count
+    nvec = builder.sub(n, builder.srem(n, i64(w_)))
+    with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
+        body(builder.mul(step, i64(w_)),
+             lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
+             lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align))
+    rem = builder.sub(n, nvec)
+    with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
+        mask = _lane_mask(builder, rem, w_)
+        zero_v = _splat_constant(vty, 0.0)
+        body(nvec,
+             lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
+             lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align))
 
 
 def _splat(builder, value, vty):
@@ -916,8 +900,9 @@ def _lane_mask(builder, count, w_):
 
 
 def _check_runs(context, builder, runs, n):
-    """``IndexError`` unless every ``[start, start + n)`` of ``runs`` (``(array, start)``) lies
-    within its array (nothing to check for ``n <= 0``)."""
+    """``IndexError`` unless every ``[start, start + n)`` of ``runs`` (``(array, start)``, ``i64``
+    starts) lies within its array (nothing to check for ``n <= 0``): the bounds check of every
+    run-based helper here and in :mod:`numbaconv.cpu._jit` under ``NUMBA_BOUNDSCHECK=1``."""
     i64 = ir.IntType(64)
     bad = ir.Constant(ir.IntType(1), 0)
     for ary, start in runs:
@@ -925,7 +910,7 @@ def _check_runs(context, builder, runs, n):
         bad = builder.or_(bad, builder.or_(builder.icmp_signed("<", start, i64(0)),
                                            builder.icmp_signed(">", builder.add(start, n), size)))
     with builder.if_then(builder.and_(builder.icmp_signed(">", n, i64(0)), bad), likely=False):
-        context.call_conv.return_user_exc(builder, IndexError, ("depthwise sweep out of bounds",))
+        context.call_conv.return_user_exc(builder, IndexError, ("a numbaconv copy or sweep ran out of bounds",))
 
 
 def _masked_name(op, vty, ptr_type):
@@ -1031,24 +1016,9 @@ def tile_transform(mat, vector_bytes, with_bias):
                 zero = _splat_constant(total.type, 0.0)
                 builder.store(builder.fadd(builder.load(chk), builder.fmul(total, zero)), chk)
 
-            nvec = builder.sub(n_, builder.srem(n_, i64(w_)))
-            with _loop(builder, builder.sdiv(nvec, i64(w_))) as step:
-                tile(builder.mul(step, i64(w_)),
-                     lambda base, i: builder.load(_vector_ptr(builder, base, i, vty), align=align),
-                     lambda v, base, i: builder.store(v, _vector_ptr(builder, base, i, vty), align=align), check)
             # the last n % lanes channels: one masked vector step (a scalar copy of the
             # unrolled transform doubled its code, ~1.3 s of a first call's compile)
-            rem = builder.sub(n_, nvec)
-            with builder.if_then(builder.icmp_signed(">", rem, i64(0))):
-                i32 = ir.IntType(32)
-                lanes_idx = ir.Constant(ir.VectorType(i64, w_), [i64(k) for k in range(w_)])
-                rem_v = builder.insert_element(ir.Constant(ir.VectorType(i64, w_), ir.Undefined), rem, i32(0))
-                rem_v = builder.shuffle_vector(rem_v, rem_v, ir.Constant(ir.VectorType(i32, w_), [i32(0)] * w_))
-                mask = builder.icmp_unsigned("<", lanes_idx, rem_v)
-                zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * w_)
-                tile(nvec, lambda base, i: _masked_load(builder, _vector_ptr(builder, base, i, vty), mask, zero_v, align),
-                     lambda v, base, i: _masked_store(builder, v, _vector_ptr(builder, base, i, vty), mask, align),
-                     check)
+            _vector_steps(builder, n_, vty, align, lambda c, load, store: tile(c, load, store, check))
             v = builder.load(check)
             total = builder.load(scheck)
             for lane in range(w_):
