@@ -773,9 +773,7 @@ def _dw_nhwc_tasks(lo, hi, x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, p
     wo_ = out.shape[2]
     c_ = k_ // m
     xf = x.ravel()
-    wf = w_rsk.ravel()
     of = out.ravel()
-    uk = np.uintp(k_)
     ho_ = out.shape[1]
     for t in range(lo, hi):
         n = t // ho_

@@ -44,7 +44,7 @@ import numpy as np
 from .. import tuning
 from . import tiled
 from ._blocking import empty_aligned
-from ._jit import jit, scratch
+from ._jit import copy_run, jit, scratch
 from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
@@ -265,10 +265,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
                                              k0))
                 for i in range(min(m, ho_ - y0)):
                     for j in range(min(m, wo_ - x0)):
-                        o = ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0
-                        src = (i * m + j) * kw
-                        for k in range(nk):  # (a slice copy would compile Numba's shape-error formatting: +4 s)
-                            of[o + k] = obuf[src + k]
+                        copy_run(of, ((n * ho_ + y0 + i) * wo_ + x0 + j) * k_ + k0, obuf, (i * m + j) * kw, nk)
                     if epi is not None:  # (pruned at compile time without an epilogue)
                         finish_2d(of, epi, ((n * ho_ + y0 + i) * wo_ + x0) * k_ + k0, min(m, wo_ - x0), k_,
                                   nk)
