@@ -19,45 +19,20 @@ VB = target_vector_bytes()
 DTYPES = [np.float32, np.float64]
 LENGTHS = [0, 1, 7, 8, 15, 16, 17, 33]
 
-_STRIDED = strided_runs(VB)
-_TAPS9, _TAPS1, _TAPS0 = (channel_taps(t, VB) for t in (9, 1, 0))
-_SWEEP_PAIR = tap_sweep(tuple((t, 0) for t in range(9)) + ((6, 1), (7, 1), (8, 1)),
-                        (tuple(range(9)), tuple(range(3, 12))), VB)
+def _from_python(intrinsic):
+    """``intrinsic`` callable from Python (an intrinsic exists only inside compiled code)."""
+    @numba.njit(cache=False)
+    def call(*args):
+        intrinsic(*args)
+    return call
 
 
-@numba.njit(cache=False)
-def _strided(dst, de, do, src, s0, stride, n):
-    _STRIDED(dst, de, do, src, s0, stride, n)
-
-
-@numba.njit(cache=False)
-def _copy2d(src, dst, s0, si, sj, d0, di, dj, ni, nj):
-    copy2d(src, dst, s0, si, sj, d0, di, dj, ni, nj)
-
-
-@numba.njit(cache=False)
-def _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw):
-    scatter_block(of, tmp, ob, os_p, bias, kb0, nk, np_, first, vw)
-
-
-@numba.njit(cache=False)
-def _taps9(of, ob, xf, xs, wf, ws, bias, b0, init, n):
-    _TAPS9(of, ob, xf, xs, wf, ws, bias, b0, init, n)
-
-
-@numba.njit(cache=False)
-def _taps1(of, ob, xf, xs, wf, ws, bias, b0, init, n):
-    _TAPS1(of, ob, xf, xs, wf, ws, bias, b0, init, n)
-
-
-@numba.njit(cache=False)
-def _taps0(of, ob, xf, wf, bias, b0, n):
-    _TAPS0(of, ob, xf, (), wf, (), bias, b0, True, n)
-
-
-@numba.njit(cache=False)
-def _sweep_pair(buf, offs, extra, wf, kk, b, of, dst, dstride, q0, n):
-    _SWEEP_PAIR(buf, offs, extra, wf, kk, b, of, dst, dstride, q0, n)
+_strided = _from_python(strided_runs(VB))
+_copy2d = _from_python(copy2d)
+_scatter = _from_python(scatter_block)
+_taps9, _taps1, _taps0 = (_from_python(channel_taps(t, VB)) for t in (9, 1, 0))
+_sweep_pair = _from_python(tap_sweep(tuple((t, 0) for t in range(9)) + ((6, 1), (7, 1), (8, 1)),
+                                     (tuple(range(9)), tuple(range(3, 12))), VB))
 
 
 def _values(rng, n, dtype):
@@ -139,7 +114,7 @@ def test_channel_taps(dtype, n):
     np.testing.assert_allclose(got, expected, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
     # the bias alone
     got = of.copy()
-    _taps0(got, 2, xf, wf, bias, 5, n)
+    _taps0(got, 2, xf, (), wf, (), bias, 5, True, n)
     expected = of.copy()
     expected[2:2 + n] = bias[5:5 + n]
     np.testing.assert_array_equal(got, expected)
