@@ -47,7 +47,7 @@ ALLOWED = {
                         "numbaconv.registry"},
     "numbaconv.dask": {"numbaconv", "numbaconv.problem"},
     "numbaconv.torch": {"numbaconv", "numbaconv.torch", "numbaconv.ahead", "numbaconv.cuda.backward",
-                        "numbaconv.problem"},
+                        "numbaconv.problem", "numbaconv.cpu.pool"},
 }
 
 

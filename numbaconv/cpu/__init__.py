@@ -23,7 +23,8 @@
 * ``_wcache``   -- the cache of prepared weights (tiled's packed, winograd's transformed), and
   the plans' owned weights;
 * ``epilogue``  -- the fused epilogue (activation, residual): the per-element arithmetic the
-  kernels call on the blocks they finish, and the pass after kernels that do not.
+  kernels call on the blocks they finish, and the pass after kernels that do not;
+* ``pool``      -- max pooling for the models ``numbaconv.torch.convert`` converts (not public API).
 
 An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
 (the protocol of :mod:`numbaconv.registry`, which names it); with ``FUSES_EPILOGUE = True``

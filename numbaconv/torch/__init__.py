@@ -28,12 +28,14 @@ working wherever it is moved; the functions raise numbaconv's ``TypeError`` for 
 on the CPU.  Double backward (gradients of gradients) is not supported.
 
 May import: the public ``numbaconv`` API, ``numbaconv.problem`` (argument parsing),
-``numbaconv.cuda.backward`` (on a GPU only) and its own modules.
+``numbaconv.cuda.backward`` (on a GPU only), ``numbaconv.cpu.pool`` (the max pooling of
+converted models: not a public function) and its own modules.
 """
 
 from . import ops
-from .convert import FusedConv2d, convert
+from .convert import FusedConv2d, MaxPool2d, convert
 from .functional import conv2d, conv_transpose2d
 from .modules import Conv2d, ConvTranspose2d
 
-__all__ = ["conv2d", "conv_transpose2d", "convert", "ops", "Conv2d", "ConvTranspose2d", "FusedConv2d"]
+__all__ = ["conv2d", "conv_transpose2d", "convert", "ops", "Conv2d", "ConvTranspose2d", "FusedConv2d",
+           "MaxPool2d"]
