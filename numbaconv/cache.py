@@ -156,6 +156,13 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
                     epi._runs_address(dtype, code, has_res)
         rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="epilogues",
                          compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
+        # and the max pooling convert gives models (one kernel per dtype and layout)
+        from numbaconv.cpu import pool
+        t0 = time.perf_counter()
+        with install_recorder("numba:compile") as rec:
+            pool.max_pool2d(np.zeros((1, 4, 4, 4), dtype), (3, 3), (2, 2), (1, 1), (1, 1), False, layout)
+        rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="max_pool2d",
+                         compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
     return rows
 
 
@@ -167,7 +174,8 @@ def warmup(layers=None, *, model=None, dtypes=("float32",), layouts=("NCHW", "NH
     ``processes`` worker processes (default: one per dtype x layout, at most the CPU count).
     ``model="all"`` also runs every host algorithm.  ``epilogue=True`` also compiles the
     kernels' fused-epilogue variants (what ``activation=`` / ``residual=``, ``Conv2dPlan`` with
-    an activation and ``numbaconv.torch.convert``'s layers run).  Returns one dict per run: ``layer,
+    an activation and ``numbaconv.torch.convert``'s layers run) and the max pooling of
+    converted models.  Returns one dict per run: ``layer,
     dtype, layout, algorithm, compiled`` (functions compiled: 0 when the cache was warm),
     ``seconds``; prints a summary when ``verbose``.
     """

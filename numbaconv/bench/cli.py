@@ -79,7 +79,8 @@ def _parser():
     w.add_argument("--algorithms", type=_csv, default=["auto"], metavar="A,B", help="default: auto")
     w.add_argument("--processes", type=int, default=None, help="worker processes (default: one per dtype x layout)")
     w.add_argument("--epilogue", action="store_true",
-                   help="also the fused-epilogue variants (activation=, residual=, numbaconv.torch.convert)")
+                   help="also the fused-epilogue variants (activation=, residual=, numbaconv.torch.convert) "
+                        "and the max pooling of converted models")
 
     t = sub.add_parser(
         "tune", help="measure this machine's block sizes and auto's choices; store them as wisdom",
