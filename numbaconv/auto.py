@@ -136,11 +136,28 @@ def choose_measured(p, run_with):
     return best
 
 
+#: (problem, prepared, winograd, tuning generation, usable) -> :func:`choose`'s answer: the rules
+#: cost ~10 us of Python per ``conv2d`` call (a fifth of a small layer's front door)
+_CHOICES = {}
+
+
 def choose(p, prepared=False):
     """Name of the algorithm ``auto`` runs for problem ``p`` (a host algorithm): the one
     ``numbaconv tune`` measured fastest for exactly this geometry on this CPU (for a
     :class:`numbaconv.Conv2dPlan`'s prepared weights: ``prepared``), if any
-    (:mod:`numbaconv.tuning`), else the heuristic's."""
+    (:mod:`numbaconv.tuning`), else the heuristic's.  Remembered per problem while the
+    switches and knobs it reads stay as they are."""
+    key = (p, prepared, winograd, tuning.generation(), usable)
+    name = _CHOICES.get(key)
+    if name is None:
+        name = _choose(p, prepared)
+        if len(_CHOICES) >= 4096:
+            _CHOICES.clear()
+        _CHOICES[key] = name
+    return name
+
+
+def _choose(p, prepared):
     tuned = tuning.choice(p, prepared)
     if tuned is not None and tuned in candidates(p):
         return tuned

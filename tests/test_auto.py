@@ -68,7 +68,8 @@ def test_winograd_choices_and_switch(monkeypatch):
     assert auto.choose(prob(1, 64, 56, 64, 3, 2, 1)) == "tiled"
     assert auto.choose(prob(1, 512, 4, 512, 3, 1, 1)) == "tiled"
     assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1, dtype=np.float64)) == "winograd"
-    monkeypatch.setattr(auto, "winograd", False)
+    assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "winograd"
+    monkeypatch.setattr(auto, "winograd", False)  # (choose remembers answers: not past the switch)
     assert auto.choose(prob(1, 64, 56, 64, 3, 1, 1)) == "tiled"
     assert "winograd" not in auto.candidates(prob(1, 64, 56, 64, 3, 1, 1))
 
