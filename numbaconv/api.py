@@ -14,7 +14,7 @@ import numpy as np
 
 from . import auto
 from .layout import to_layout
-from .cpu import epilogue
+from .cpu import _wcache, epilogue
 from .padding import gather_compacted, pad_input, padding_products
 from .problem import ConvProblem, call_unbatched, check_activation, check_residual, is_device_array, unbatched
 from .registry import REGISTRY, algorithms, usable
@@ -91,6 +91,7 @@ def convolve(problem, x, weight, bias, algorithm="auto", out=None, with_padding_
     if out.size == 0:
         return out
     epi = epilogue.Epilogue.of(activation, residual, in_place)
+    _wcache.begin_call()  # (padding_products may then skip its scan of weights verified in this call)
 
     x = np.ascontiguousarray(x)
     if bias is not None:

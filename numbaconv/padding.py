@@ -11,6 +11,7 @@ import numpy as np
 
 from .cpu._jit import copy_run, fill_run, jit
 from .cpu._launch import Task
+from .cpu._wcache import verified_finite
 
 __all__ = ["pad_input", "source_index", "gather", "gather_compacted", "source_indices"]
 
@@ -200,6 +201,8 @@ def padding_products(p, weight, out):
     non-finite, so a finite output leaves only the taps that never meet the image to check.
     """
     if not p.has_padding or p.padding_mode != "zeros" or out.size == 0:
+        return
+    if verified_finite(weight):  # (a weight cache compared these very weights with a finite copy)
         return
     if weight.size <= out.size:
         if not any_nonfinite(weight):  # before tap_reads: O(Ho * R + Wo * S) bytes

@@ -29,10 +29,10 @@ ALLOWED = {
     "numbaconv.cache": {"numbaconv", "numbaconv.registry"},
     "numbaconv.ahead": {"numbaconv", "numbaconv.cpu._launch", "numbaconv.cpu.tiled", "numbaconv.auto",
                         "numbaconv.problem"},
-    "numbaconv.padding": {"numbaconv.cpu._jit", "numbaconv.cpu._launch"},
+    "numbaconv.padding": {"numbaconv.cpu._jit", "numbaconv.cpu._launch", "numbaconv.cpu._wcache"},
     "numbaconv.plan": {"numbaconv.api", "numbaconv.auto", "numbaconv.layout", "numbaconv.problem",
                        "numbaconv.registry", "numbaconv.cpu._wcache", "numbaconv.cpu.epilogue"},
-    "numbaconv.api": {"numbaconv.cpu.epilogue", "numbaconv.auto", "numbaconv.layout", "numbaconv.padding",
+    "numbaconv.api": {"numbaconv.cpu.epilogue", "numbaconv.cpu._wcache", "numbaconv.auto", "numbaconv.layout", "numbaconv.padding",
                       "numbaconv.problem", "numbaconv.registry"},
     "numbaconv.cpu._jit": {"numbaconv.cpu._vec"},  # (its copy helpers are explicit-vector intrinsics)
     "numbaconv.cpu._vec": set(),
