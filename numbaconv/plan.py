@@ -27,6 +27,12 @@ __all__ = ["Conv2dPlan"]
 _PROBE = 1 << 20
 
 
+#: ``ndarray.flags.num`` bits (NumPy's NPY_ARRAY_C_CONTIGUOUS, | NPY_ARRAY_WRITEABLE): one
+#: integer test instead of a flags object per property on every call
+_C_CONTIGUOUS = 0x1
+_WRITEABLE_C = 0x1 | 0x400
+
+
 class Conv2dPlan:
     """``plan(x, *, residual=None, out=None)`` equals ``conv2d(x, weight, bias, <arguments>,
     residual=residual, out=out)`` for any batch and image size (see SPEC.md).
@@ -125,13 +131,13 @@ class Conv2dPlan:
 
     def __call__(self, x, *, residual=None, out=None):
         entry = self._entries.get((type(x), x.dtype, x.shape)) if type(x) is np.ndarray else None
-        if entry is not None and entry[1] is not None and residual is None and x.flags.c_contiguous:
+        if entry is not None and entry[1] is not None and residual is None and x.flags.num & _C_CONTIGUOUS:
             # the common inference call: the key above holds x's checks
             problem, launch = entry
             if out is None:
                 out = np.empty(problem.out_shape, dtype=problem.dtype)
             elif not (type(out) is np.ndarray and out.dtype == problem.dtype and out.shape == problem.out_shape
-                      and out.flags.c_contiguous and out.flags.writeable and not np.may_share_memory(out, x)):
+                      and out.flags.num & _WRITEABLE_C == _WRITEABLE_C and not np.may_share_memory(out, x)):
                 problem.check_out(out, ("x", x))  # raises the contract's error
             launch(x, out, self._epi)
             return out

@@ -37,7 +37,7 @@ from ._blocking import block_width, transpose_block
 from ._jit import jit, move_run, scratch, valid_range, zero_run
 from ._launch import Task, call_at, callee, type_key
 from ._vec import channel_taps, dw3x3_block, strided_runs, tap_sweep, target_vector_bytes
-from .epilogue import NONE, after, finish_2d
+from .epilogue import NONE, after, arg_key, finish_2d
 
 __all__ = ["run", "run_streaming"]
 
@@ -751,7 +751,7 @@ def _dw_nhwc_ring(x, w_rsk, bias, out, sh, sw, pt, pl, epi):
     """:func:`_dw_nhwc_ring_rows` over ranges of the ``N * Ho`` output rows, in parallel."""
     # (weights, bias and geometry keep their types for the layer: only these vary)
     stride = (True, None) if sw == 1 else (None, True)
-    _DW_NHWC_RING.run((type_key(x), type_key(out), type_key(epi), sw), out.shape[0] * out.shape[1], x, w_rsk, bias,
+    _DW_NHWC_RING.run((type_key(x), type_key(out), arg_key(epi), sw), out.shape[0] * out.shape[1], x, w_rsk, bias,
                       out, sh, sw, pt, pl, epi, *stride)
 
 
@@ -886,12 +886,12 @@ def bind(p, w, bias, wlayout="OIHW"):
         # blocks (a 7x7 or 14x14 plane's rows are too short for vectors along them; see
         # BLOCKS_MAX_PIXELS)
         wf = w_krs.reshape(-1)
+        jobs = p.n * -(-p.k // int(geo[-1]))
 
         def blocks(x, out, epi):
             xf, of = x.reshape(-1), out.reshape(-1)
             ea = epi.kernel_arg(of)
-            _DW_NCHW_BLOCKS.run((type_key(xf), type_key(of), type_key(ea)), p.n * -(-p.k // int(geo[-1])), xf, wf,
-                                b, of, geo, ea)
+            _DW_NCHW_BLOCKS.run((type_key(xf), type_key(of), arg_key(ea)), jobs, xf, wf, b, of, geo, ea)
         return blocks
     if p.wo <= _PHASES_MAX_W:
         # phase planes reach every tap of every output pixel (see _plane_phases)
@@ -906,13 +906,15 @@ def bind(p, w, bias, wlayout="OIHW"):
         geo = np.array([p.c, p.h, p.w, p.k, p.ho, p.wo, p.r, p.s, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
                         p.dil_h, m, hq, wq], dtype=np.int64)
 
+        jobs = p.n * p.k
+
         def phases(x, out, epi):
             xf, of = x.reshape(-1), out.reshape(-1)
             ea = epi.kernel_arg(of)
             # (weights, bias and geometry keep their types for the layer: only these vary)
             key = (type_key(xf), type_key(of))
             f = _phase_callees(xf, wf, b, of, offs, p.r == 3 and p.s == 3, p.stride_h == p.stride_w == 1)
-            _DW_NCHW_PHASES.run(key + (type_key(ea),), p.n * p.k, xf, wf, b, of, offs, geo, ea, f)
+            _DW_NCHW_PHASES.run(key + (arg_key(ea),), jobs, xf, wf, b, of, offs, geo, ea, f)
         return phases
     return after(lambda x, out: _dw_nchw(x, w_krs, b, out, *geometry))
 

@@ -24,7 +24,7 @@ from numba import prange
 from ..problem import check_array, check_padded_extent, check_result_size, int_pair
 from ._jit import blas_threads_local, copy_run, fill_run, gemm, jit, pjit, valid_range
 from ._launch import Task, type_key
-from .epilogue import NONE, finish_2d
+from .epilogue import NONE, arg_key, finish_2d
 
 __all__ = ["im2col", "col2im", "run", "set_workspace_bytes", "workspace_bytes"]
 
@@ -344,12 +344,15 @@ def bind(p, w, bias):
     if p.c * p.k // p.groups * p.dtype.itemsize <= NHWC_CHUNK_MAX_WEIGHT_BYTES:
         nhwc_chunk = max(64, NHWC_CHUNK_BYTES // row_bytes)
 
+    nhwc = p.layout == "NHWC"
+
     def launch(x, out, epi):
-        tasks = min(numba.get_num_threads(), pixels)
+        # (a 1x1 image is one task whatever the thread count: get_num_threads costs 0.7 us)
+        tasks = 1 if pixels == 1 else min(numba.get_num_threads(), pixels)
         ea = epi.kernel_arg(out.reshape(-1))
         finish = has_bias or epi.active
-        key = (type_key(x), type_key(out), type_key(ea), fixed)
-        if p.layout == "NHWC":
+        key = (type_key(x), type_key(out), arg_key(ea), fixed)
+        if nhwc:
             chunked = finish and pixels // tasks * row_bytes > NHWC_CHUNK_MIN_THREAD_BYTES
             task.run(key, tasks, x, w, out, tasks, p.groups, b, finish, ea, nhwc_chunk if chunked else pixels)
         else:

@@ -32,7 +32,7 @@ from .. import tuning
 from ._blocking import P_CHOICES, block_width, driver_tag, pixel_blocks, vector_bytes
 from ._launch import Task, type_key
 from ._wcache import WeightCache
-from .epilogue import NONE
+from .epilogue import NONE, arg_key
 
 __all__ = ["MIN_PIXELS", "applies", "bind", "run", "layer", "clear_cache", "microkernel_asm"]
 
@@ -143,7 +143,7 @@ def bind(p, w, bias):
         of = out.reshape(-1)
         ea = epi.kernel_arg(of)
         xf = x.reshape(-1)
-        task.run((type_key(xf), type_key(of), type_key(ea)), jobs, wf, xf, of, bp, *args, ea)
+        task.run((type_key(xf), type_key(of), arg_key(ea)), jobs, wf, xf, of, bp, *args, ea)
     return call
 
 

@@ -64,7 +64,7 @@ from ._blocking import (_DRIVERS, _UK_SHAPES, GROUP_PACK_LANES, GROUP_PACK_P_CHO
                         block_width, driver_tag, empty_aligned, group_pack, kernel_suffix, narrow_blocks,
                         pixel_block, pixel_blocks, transpose_block, vector_bytes)
 from ._wcache import WeightCache
-from .epilogue import NONE, after
+from .epilogue import NONE, after, arg_key
 
 __all__ = ["run", "plan", "packed_weights", "clear_cache", "WEIGHT_LAYOUTS", "microkernel", "microkernel_asm", "generate_source", "P",
            "transpose_block"]
@@ -559,7 +559,7 @@ def bind(p, w, bias):
         ea = epi.kernel_arg(of)
         xf = xp.reshape(-1)
         # (the weights, bias and geometry keep their types for the layer: only these vary)
-        driver.run((type_key(xf), type_key(of), type_key(ea)), jobs, xf, wpk, bp, of, *geometry, ea)
+        driver.run((type_key(xf), type_key(of), arg_key(ea)), jobs, xf, wpk, bp, of, *geometry, ea)
     return call
 
 

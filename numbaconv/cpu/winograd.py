@@ -48,7 +48,7 @@ from ._jit import copy_run, jit, scratch
 from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
 from ._wcache import WeightCache
-from .epilogue import NONE, after, finish_2d
+from .epilogue import NONE, after, arg_key, finish_2d
 
 __all__ = ["run", "applies", "profitable", "plan", "matrices", "transformed_weights", "flipped_weights",
            "microkernel_asm", "clear_cache", "tile_size", "POINTS", "WEIGHT_LAYOUTS", "reference"]
@@ -509,7 +509,7 @@ def bind(p, w, bias, m=None, flip=False):
         # (weights, bias and geometry keep their types for the layer: only these vary)
         key = (type_key(xf), type_key(of))
         f = _callees(xf, uf, bp, of, zeros, b["m"], nchw)
-        _WINOGRAD.run(key + (type_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
+        _WINOGRAD.run(key + (arg_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
             # tiles, so the direct kernel computes the layer with torch's propagation instead
