@@ -26,6 +26,8 @@ CASES = [
     (10, 9, 3, 3, 0, 1, True),
     (13, 5, (5, 1), (3, 1), (2, 0), 1, False),
     (4, 40, 3, 2, 1, 1, False),  # rows longer than two vectors
+    (2, 1, (1, 2), 1, (0, 1), (1, 2), False),  # windows of padding only (dilation): -inf
+    (1, 3, (2, 1), 1, (1, 0), (2, 1), False),
 ]
 
 

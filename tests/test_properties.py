@@ -321,6 +321,42 @@ def test_im2col_col2im_match_torch(n, c, hw, rs, stride, dilation, padding, dtyp
     assert_matches(got, folded, bound, dtype, "col2im")
 
 
+# --- max pooling of converted models ------------------------------------------------------------
+@budget(300)
+@given(n=st.integers(0, 3), c=st.integers(1, 8), hw=pairs(1, 24), k=pairs(1, 5), stride=pairs(1, 4),
+       dilation=pairs(1, 3), ceil_mode=st.booleans(), channels_last=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), nonfinite=st.booleans(), data=st.data())
+def test_converted_max_pool_matches_torch(n, c, hw, k, stride, dilation, ceil_mode, channels_last, dtype,
+                                          nonfinite, data):
+    """``numbaconv.torch.MaxPool2d`` (what ``convert`` gives eval models) equals torch's
+    ``max_pool2d`` exactly, NaN and infinities included, or raises torch's error (padding
+    up to half the kernel, as torch allows, and now and then more)."""
+    import numbaconv.torch as nt
+    over = data.draw(st.sampled_from([False, False, False, True]))  # (now and then more than torch allows)
+    pad = tuple(data.draw(st.integers(0, 3 if over else q // 2)) for q in k)
+    x = torch.from_numpy(data.draw(values((n, c, *hw), dtype, nonfinite)))
+    if nonfinite and x.numel():  # (a NaN or Inf in a fifth of the windows, not one in the image)
+        mask = torch.from_numpy(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).random(x.shape) < 0.05)
+        x[mask] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    kw = dict(kernel_size=k, stride=stride, padding=pad, dilation=dilation, ceil_mode=ceil_mode)
+    expected, error = _torch(lambda: F.max_pool2d(x, **kw))
+    note(f"x {tuple(x.shape)} {kw} torch: {error!r}")
+    with torch.no_grad():
+        if error is not None:
+            with pytest.raises(type(error)):
+                nt.MaxPool2d(**kw)(x)
+            return
+        got = nt.MaxPool2d(**kw)(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    fin = ~torch.isnan(expected)
+    assert torch.equal(got[fin], expected[fin])
+    assert torch.equal(torch.isnan(x), torch.isnan(before)) and torch.equal(x[~torch.isnan(x)], before[~torch.isnan(before)])
+
+
 # --- extreme geometry, bounds-checked ----------------------------------------------------------------
 def test_extreme_geometry_under_boundscheck():
     """``tests/extreme_geometry.py`` in a subprocess with ``NUMBA_BOUNDSCHECK=1``: an

@@ -4,9 +4,9 @@ Why: torch's eager ``max_pool2d`` on an NCHW CPU tensor took 2.8-3.2 ms for ResN
 (1x64x112x112, 3x3 stride 2) on Intel Xeon, 2 threads -- 15 % of a converted ResNet-18's
 forward, 20x onnxruntime's MaxPool (0.10 ms) and 12x torch's own channels-last kernel.
 
-Semantics are torch's: windows over the input padded with ``-inf`` (a window always holds
-at least one input element; torch rejects padding over half the kernel), output sizes with
-``ceil_mode`` as torch computes them, and a window with a NaN gives NaN.  Ties between
+Semantics are torch's: windows over the input padded with ``-inf`` (a dilated window can
+hold padding only: ``-inf``), output sizes with ``ceil_mode`` as torch computes them, and a
+window with a NaN gives NaN.  Ties between
 ``0.0`` and ``-0.0`` may keep the other zero than torch's scan order would (they compare
 equal).
 
@@ -86,6 +86,8 @@ def _max_nchw(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
                     a = xf[np.uintp(src + t)]
                     m = row[np.uintp(pw + t)]
                     row[np.uintp(pw + t)] = a if (a > m or a != a) else m
+        if first:  # every row of the window is padding (dilation): -inf, as torch
+            fill_run(row, pw, inner, -np.inf)
         dst = job * wo_
         if sw <= 2:
             # tap s of output column j reads row[j * sw + s * dw]: for stride 2 the row's even
@@ -145,6 +147,8 @@ def _max_nhwc(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
                             a = xf[np.uintp(src + t)]
                             m = of[np.uintp(dst + t)]
                             of[np.uintp(dst + t)] = a if (a > m or a != a) else m
+            if first:  # the whole window is padding (dilation): -inf, as torch
+                fill_run(of, dst, c_, -np.inf)
 
 
 _NCHW = Task(_max_nchw)
