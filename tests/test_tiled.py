@@ -35,6 +35,9 @@ DENSE = [
     (1, 9, 6, 9, 64, 3, 3, dict(padding=1)),                          # NHWC: K a multiple of V, HWIO in place
     (2, 12, 7, 8, 64, 3, 3, dict(groups=2, stride=2, padding=1)),     # ... grouped, 32 per group
     (1, 9, 5, 6, 256, 3, 3, dict(padding=1)),                         # NHWC: K * itemsize >= 1 KiB, packed
+    (2, 12, 9, 5, 20, 7, 1, dict(padding=((3, 2), (0, 0)))),          # R x 1 on short rows: flattened
+    (1, 10, 11, 6, 38, 3, 1, dict(padding=((2, 1), (0, 0)), dilation=(2, 1), groups=2)),
+    (1, 8, 6, 17, 16, 5, 1, {}),                                      # ... no padding (not flattened: 17)
 ]
 DEPTHWISE = [
     (2, 6, 9, 11, 6, 3, 3, dict(groups=6, padding=1)),
@@ -257,6 +260,22 @@ def _row_end(wo, p_, split, small=None):
     while j0 < wo:
         j0 += p_ if j0 < split else small
     return j0
+
+
+def test_flat_rows_only_where_rows_waste_blocks():
+    """R x 1 kernels at stride 1 without column padding run as one flattened row where the
+    rows' block cover wastes more than the flat one (DENSE above checks their results)."""
+    def flat(**kw):
+        return tiled.flat_rows(ConvProblem(**{**dict(n=1, c=8, h=17, w=17, k=8, r=7, s=1, pad_top=3, pad_bottom=3),
+                                              **kw}))
+    big = max(tiled.P_CHOICES[tiled.vector_bytes()])
+    assert flat(w=big + 1) and flat(w=5) and flat(dil_h=2, pad_top=6, pad_bottom=6, w=5)
+    assert not flat(w=4 * big)  # whole blocks per row: nothing to gain
+    assert not flat(s=3, r=1, pad_top=0, pad_bottom=0, pad_left=1, pad_right=1, w=5, h=5)  # 1 x R: rows differ
+    assert not flat(pad_left=1, pad_right=1, w=5)
+    assert not flat(stride_h=2, w=5) and not flat(stride_w=2, w=5)
+    assert not flat(h=7, r=7, pad_top=0, pad_bottom=0, w=5)  # one output row
+    assert flat(h=9, w=5, pad_top=3, pad_bottom=2)  # DENSE's first R x 1 case takes the flat path
 
 
 @pytest.mark.parametrize("wo", range(1, 70))
