@@ -20,6 +20,7 @@ version.  ``NUMBACONV_WISDOM=0`` (or :func:`disable`) ignores it.
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +77,14 @@ def target_key():
     """``(triple, cpu name, features)`` of the target Numba compiles for."""
     from .cpu._vec import target_description
     return tuple(str(part) for part in target_description())
+
+
+@functools.lru_cache(maxsize=None)
+def intel_avx512():
+    """Whether Numba compiles for an AVX-512 core other than AMD's (LLVM's CPU name not
+    ``znver*``): where ``auto``'s defaults measured differently (see :mod:`numbaconv.auto`)."""
+    from .cpu._vec import target_vector_bytes
+    return target_vector_bytes() >= 64 and not target_key()[1].startswith("znver")
 
 
 def _version():

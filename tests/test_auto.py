@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numbaconv
-from numbaconv import auto
+from numbaconv import auto, tuning
 from numbaconv.problem import ConvProblem
 from reference import assert_close, torch_conv2d
 
@@ -41,6 +41,8 @@ SUITE = {
 @pytest.mark.parametrize("name", sorted(SUITE))
 def test_choice_on_public_suite(name, layout):
     args, nchw, nhwc = SUITE[name]
+    if nhwc == "im2col" and tuning.intel_avx512():  # (tiled's 1x1 beat BLAS there: auto._nhwc_gemm_in_tiled)
+        nhwc = "tiled"
     assert auto.choose(prob(*args, layout=layout)) == (nchw if layout == "NCHW" else nhwc)
 
 
@@ -93,9 +95,25 @@ def test_thin_1x1_gemms_go_to_tiled():
     assert auto.choose(prob(1, 960, 7, 320, 1, layout="NHWC")) == "tiled"
     assert auto.choose(prob(1, 2048, 7, 512, 1, layout="NHWC")) == "tiled"
     assert auto.choose(prob(2, 2048, 7, 512, 1, layout="NHWC")) == "tiled"  # 98 pixels
-    assert auto.choose(prob(8, 2048, 7, 512, 1, layout="NHWC")) == "im2col"  # 392 pixels
-    assert auto.choose(prob(1, 576, 14, 96, 1, layout="NHWC")) == "im2col"  # 196 pixels
+    wide = "tiled" if tuning.intel_avx512() else "im2col"  # (every NHWC 1x1 there: auto._nhwc_gemm_in_tiled)
+    assert auto.choose(prob(8, 2048, 7, 512, 1, layout="NHWC")) == wide  # 392 pixels
+    assert auto.choose(prob(1, 576, 14, 96, 1, layout="NHWC")) == wide  # 196 pixels
     assert auto.choose(prob(1, 1024, 14, 256, 1, stride=2, layout="NHWC")) == "tiled"  # strided: 7x7 out
+
+
+def test_nhwc_1x1_rule_follows_the_target():
+    """On Intel AVX-512 targets every NHWC 1x1 layer runs tiled's register blocks; compiled for
+    AVX2 (Zen 3) or Zen 4 the wide ones stay with BLAS (a fresh process per target)."""
+    import subprocess
+    import sys
+    code = ("from numbaconv import auto, tuning; from numbaconv.problem import ConvProblem\n"
+            "p = ConvProblem(n=1, c=64, h=56, w=56, k=256, r=1, s=1, layout='NHWC', weight_layout='HWIO')\n"
+            "print(tuning.intel_avx512(), auto.choose(p))")
+    for cpu, features, expected in (("znver3", "", "False im2col"), ("znver4", "", "False im2col"),
+                                    ("sapphirerapids", "", "True tiled")):
+        env = dict(__import__("os").environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split(), (cpu, out.stdout)
 
 
 def test_nchw_1x1_gemms_go_to_tiled_unless_the_images_are_tiny():
