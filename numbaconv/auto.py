@@ -206,8 +206,10 @@ def _nhwc_gemm_in_tiled(p):
     2 threads, ``Conv2dPlan`` with ReLU, summed over the layers: ResNet-50's stride-1 1x1
     layers batch 1 6.5 -> 5.3 ms, batch 8 49.9 -> 42.6; MobileNetV2's 2.0 -> 1.7; ResNet-50's
     stride-2 ones 1.11 -> 0.73 ms on the 512 -> 1024 one).  Elsewhere BLAS as measured on Zen
-    (the table above; ``numbaconv tune`` measures it per machine)."""
-    return p.layout == "NHWC" and tuning.intel_avx512()
+    (the table above; ``numbaconv tune`` measures it per machine).  Grouped 1x1 layers keep
+    BLAS: ShuffleNet-like 32 and 16 channels per group ran 8-10 % slower in ``tiled`` (80 and
+    more per group 7-20 % faster)."""
+    return p.layout == "NHWC" and p.groups == 1 and tuning.intel_avx512()
 
 
 def _winograd_applies(p):
