@@ -321,7 +321,8 @@ def test_convert_handles_conv_transpose(training):
 
 
 class _Block(torch.nn.Module):
-    """ResNet's basic block and a MobileNet-style tail: BN folding, residual and activations."""
+    """ResNet's basic block and a MobileNet-style tail: BN folding, residual and activations;
+    a max pool (convert's own module in eval mode)."""
 
     def __init__(self):
         super().__init__()
@@ -329,11 +330,12 @@ class _Block(torch.nn.Module):
         self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
         self.dw = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
         self.pw = torch.nn.Conv2d(8, 4, 1)
+        self.pool = torch.nn.MaxPool2d(2, ceil_mode=True)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
         y = torch.relu(self.bn2(self.conv2(y)) + x)
-        return self.pw(torch.nn.functional.hardswish(self.dw(y)))
+        return self.pool(self.pw(torch.nn.functional.hardswish(self.dw(y))))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -348,6 +350,7 @@ def test_converted_model_compiles_and_exports(channels_last):
         model(torch.randn(4, 8, 6, 6))
     model.eval()
     fast = nct.convert(model)
+    assert sum(type(m) is nct.MaxPool2d for m in fast.modules()) == 1
     x = torch.randn(2, 8, 6, 6)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
