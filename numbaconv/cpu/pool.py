@@ -18,7 +18,7 @@ output row; every window position is a run of channels (vectors).
 
 import numpy as np
 
-from ._jit import copy_run, fill_run, jit, scratch
+from ._jit import fill_run, jit, scratch
 from ._launch import Task
 from ._vec import strided_runs, target_vector_bytes
 
@@ -56,6 +56,16 @@ def max_pool2d_python(x, kernel, stride, padding, dilation, ceil_mode):
     return out
 
 
+@jit(inline="always")  # (into the two kernels: one function less to compile)
+def _max_run(dst, d0, src, s0, n):
+    """``dst[d0 + t] = max(dst[d0 + t], src[s0 + t])`` for ``t < n``, a NaN on either side kept
+    (torch's rule; a unit-stride loop LLVM vectorises)."""
+    for t in range(n):
+        a = src[np.uintp(s0 + t)]
+        m = dst[np.uintp(d0 + t)]
+        dst[np.uintp(d0 + t)] = a if (a > m or a != a) else m
+
+
 @jit
 def _max_nchw(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
     """Jobs ``[lo, hi)`` over (image x channel, output row)."""
@@ -72,22 +82,12 @@ def _max_nchw(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
     for job in range(lo, hi):
         plane = job // ho_
         i = job % ho_
-        first = True
+        # the window's rows, each max-ed in from -inf (a window of padding rows only: -inf, as torch)
+        fill_run(row, pw, inner, -np.inf)
         for r in range(kh):
             hr = i * sh - ph + r * dh
-            if hr < 0 or hr >= h_:
-                continue
-            src = (plane * h_ + hr) * w_
-            if first:
-                copy_run(row, pw, xf, src, inner)
-                first = False
-            else:
-                for t in range(inner):
-                    a = xf[np.uintp(src + t)]
-                    m = row[np.uintp(pw + t)]
-                    row[np.uintp(pw + t)] = a if (a > m or a != a) else m
-        if first:  # every row of the window is padding (dilation): -inf, as torch
-            fill_run(row, pw, inner, -np.inf)
+            if 0 <= hr < h_:
+                _max_run(row, pw, xf, (plane * h_ + hr) * w_, inner)
         dst = job * wo_
         if sw <= 2:
             # tap s of output column j reads row[j * sw + s * dw]: for stride 2 the row's even
@@ -97,16 +97,10 @@ def _max_nchw(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
             if sw == 2:
                 _PHASES(phases, 0, half, row, 0, 2, half)
                 buf = phases
+            fill_run(of, dst, wo_, -np.inf)
             for s in range(kw):
                 off = s * dw
-                base = (off % sw) * half + off // sw
-                if s == 0:
-                    copy_run(of, dst, buf, base, wo_)
-                else:
-                    for j in range(wo_):
-                        a = buf[np.uintp(base + j)]
-                        m = of[np.uintp(dst + j)]
-                        of[np.uintp(dst + j)] = a if (a > m or a != a) else m
+                _max_run(of, dst, buf, (off % sw) * half + off // sw, wo_)
         else:
             for j in range(wo_):
                 m = row[np.uintp(j * sw)]
@@ -129,26 +123,15 @@ def _max_nhwc(lo, hi, x, out, kh, kw, sh, sw, ph, pw, dh, dw):
         i = job % ho_
         for j in range(wo_):
             dst = (job * wo_ + j) * c_
-            first = True
+            fill_run(of, dst, c_, -np.inf)  # (a window of padding only stays -inf, as torch)
             for r in range(kh):
                 hr = i * sh - ph + r * dh
                 if hr < 0 or hr >= h_:
                     continue
                 for s in range(kw):
                     wc = j * sw - pw + s * dw
-                    if wc < 0 or wc >= w_:
-                        continue
-                    src = ((n * h_ + hr) * w_ + wc) * c_
-                    if first:
-                        copy_run(of, dst, xf, src, c_)
-                        first = False
-                    else:
-                        for t in range(c_):
-                            a = xf[np.uintp(src + t)]
-                            m = of[np.uintp(dst + t)]
-                            of[np.uintp(dst + t)] = a if (a > m or a != a) else m
-            if first:  # the whole window is padding (dilation): -inf, as torch
-                fill_run(of, dst, c_, -np.inf)
+                    if 0 <= wc < w_:
+                        _max_run(of, dst, xf, ((n * h_ + hr) * w_ + wc) * c_, c_)
 
 
 _NCHW = Task(_max_nchw)
