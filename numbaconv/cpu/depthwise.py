@@ -626,6 +626,15 @@ def _plane_phases_taps(wf, bias, of, base, ho_, wo_, k, wq, offs, buf, op):
 
 
 # --- NHWC depthwise ----------------------------------------------------------------------------
+@jit(inline="always")  # (into its callers: one function less to compile)
+def _grid3(base, ds, dr):
+    """The 9 offsets of a 3x3 grid from ``base``, taps ``ds`` apart in a row and rows ``dr``
+    apart, row by row: the tap order of the 9-tap channel loops' inputs and weights."""
+    r1 = base + dr
+    r2 = r1 + dr
+    return (base, base + ds, base + ds + ds, r1, r1 + ds, r1 + ds + ds, r2, r2 + ds, r2 + ds + ds)
+
+
 @jit
 def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j1, rows_ok):
     """Pixels ``[j0, j1)`` of output row ``i``, one at a time."""
@@ -643,20 +652,9 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
         w0 = j * sw - pl
         if m == 1 and r_ == 3 and s_ == 3 and rows_ok and w0 >= 0 and w0 + 2 * dw < w_:
             xb = np.uintp(((n * h_ + h0) * w_ + w0) * c_)
-            ds = np.uintp(dw * c_)
-            dr = np.uintp(dh * w_ * c_)
-            x0 = xb
-            x1 = xb + ds
-            x2 = xb + ds + ds
-            x3 = xb + dr
-            x4 = x3 + ds
-            x5 = x4 + ds
-            x6 = x3 + dr
-            x7 = x6 + ds
-            x8 = x7 + ds
             # of[ob + k] = bias[k] + sum over t of xf[x_t + k] * wf[t uk + k], k < uk
-            _CH_TAPS9(of, ob, xf, (x0, x1, x2, x3, x4, x5, x6, x7, x8),
-                      wf, (0, uk, 2 * uk, 3 * uk, 4 * uk, 5 * uk, 6 * uk, 7 * uk, 8 * uk), bias, 0, True, uk)
+            _CH_TAPS9(of, ob, xf, _grid3(xb, np.uintp(dw * c_), np.uintp(dh * w_ * c_)),
+                      wf, _grid3(np.uintp(0), uk, uk + uk + uk), bias, 0, True, uk)
             continue
         _CH_TAPS0(of, ob, xf, (), wf, (), bias, 0, True, uk)  # of[ob + k] = bias[k]
         for r in range(r_):
@@ -793,21 +791,12 @@ def _dw_nhwc_tasks(lo, hi, x, w_rsk, bias, out, sh, sw, pt, pl, dh, dw, m, wt, p
             run = np.uintp(pix * k_)
             ds = np.uintp(dw * c_)
             dr = np.uintp(dh * w_ * c_)
+            wtaps = _grid3(np.uintp(0), run, run + run + run)
             while j + pix <= wo_ and j + pix - 1 - pl + 2 * dw < w_:
                 ob = np.uintp(((n * out.shape[1] + i) * wo_ + j) * k_)
                 xb = np.uintp(((n * h_ + h0) * w_ + j - pl) * c_)
-                x1 = xb + ds
-                x2 = x1 + ds
-                x3 = xb + dr
-                x4 = x3 + ds
-                x5 = x4 + ds
-                x6 = x3 + dr
-                x7 = x6 + ds
-                x8 = x7 + ds
                 # of[ob + q] = wt[9 run + q] + sum over t of xf[x_t + q] * wt[t run + q], q < run
-                _CH_TAPS9(of, ob, xf, (xb, x1, x2, x3, x4, x5, x6, x7, x8),
-                          wt, (0, run, 2 * run, 3 * run, 4 * run, 5 * run, 6 * run, 7 * run, 8 * run), wt, 9 * run, True,
-                          run)
+                _CH_TAPS9(of, ob, xf, _grid3(xb, ds, dr), wt, wtaps, wt, 9 * run, True, run)
                 j += pix
             # pixels [0, max(0, pl)) and the tail go pixel by pixel below
             _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, np.int64(0), max(0, pl), rows_ok)
