@@ -120,7 +120,7 @@ def pixel_blocks(wo, choices=None):
     store overhead) per micro-kernel call.  Mixing the two removes most of the padded work
     a single ``P`` leaves on narrow rows (14 = 6 + 4 + 4, not 4 x 4 = 16; 56 = 8 x 6 + 2 x 4,
     not 10 x 6 = 60)."""
-    big, small, (_, a, b) = _cover(wo, choices)
+    _, a, b, big, small = _cover(wo, choices)
     if b == 0 or a == 0:  # one size: the larger when it is all big blocks
         return (big, wo) if b == 0 else (small, wo)
     return big, a * big
@@ -128,12 +128,12 @@ def pixel_blocks(wo, choices=None):
 
 def row_cost(wo, choices=None):
     """The work :func:`pixel_blocks`' cover of a row of ``wo`` pixels costs, in pixels."""
-    return _cover(wo, choices)[2][0][0]
+    return _cover(wo, choices)[0]
 
 
 def _cover(wo, choices):
-    """``(big P, small P, ((cost, -a), a, b))``: ``a`` blocks of the big ``P`` then ``b`` of
-    the small one, the least work for ``wo`` pixels (see :func:`pixel_blocks`)."""
+    """``(work, a, b, big P, small P)``: ``a`` blocks of the big ``P`` then ``b`` of the small
+    one, the least work for ``wo`` pixels (see :func:`pixel_blocks`; ties: more big blocks)."""
     choices = P_CHOICES[vector_bytes()] if choices is None else choices
     big, small = max(choices), min(choices)
     best = None
@@ -142,7 +142,8 @@ def _cover(wo, choices):
         cost = (a * big + b * small + 1.5 * (a + b), -a)
         if best is None or cost < best[0]:
             best = (cost, a, b)
-    return big, small, best
+    (work, _), a, b = best
+    return work, a, b, big, small
 
 
 @jit(inline="always")  # (into its callers: one function less to compile)

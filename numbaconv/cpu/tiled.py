@@ -508,7 +508,7 @@ def flat_rows(p):
     (128 channels; batch 8: 2.2 -> 1.8 ms; Intel Xeon, Conv2dPlan); a 3x1 layer on 28-pixel
     rows (no waste to remove) ran 40 % slower flattened."""
     if not (p.s == 1 and p.r > 1 and p.stride_h == 1 and p.stride_w == 1 and p.pad_left == 0
-            and p.pad_right == 0 and p.ho > 1 and p.wo == p.w):
+            and p.pad_right == 0 and p.ho > 1):
         return False
     pixels = p.ho * p.wo
     return row_cost(p.wo) / p.wo > 1.1 * row_cost(pixels) / pixels
@@ -557,8 +557,10 @@ def bind(p, w, bias):
     # arrays of a 3x3 128-channel layer ran 25-30 % slower, for as long as they lived, and a
     # Conv2dPlan's private copy drew the same lottery.  The packed copy is contiguous.
     w = np.ascontiguousarray(w)
-    if flat:  # (R, 1) taps as (1, R): the same memory
+    flat_shape = None
+    if flat:  # (R, 1) taps as (1, R), the input's rows as one: views of the same memory
         w = w.reshape(w.shape[0], w.shape[1], 1, p.s) if wlayout == "OIHW" else w.reshape(1, p.s, *w.shape[2:])
+        flat_shape = (p.n, p.c, 1, p.w) if p.layout == "NCHW" else (p.n, 1, p.w, p.c)
     m = b["m"]
     wpk = w.reshape(-1) if b["hwio"] else packed_weights(w, wlayout, p.groups, b["kbg"], b["cb"], v_, m)
     bp = np.zeros(p.k + v_, dtype=p.dtype)
@@ -567,10 +569,6 @@ def bind(p, w, bias):
     driver = _driver(p.dtype, b["nv"], m)
     dtype = p.dtype
     pixels = padded_shape[0] * padded_shape[1] * padded_shape[2]
-
-    flat_shape = None
-    if flat:  # the input's rows as one: a view of the same memory
-        flat_shape = (p.n, p.c, 1, p.w) if p.layout == "NCHW" else (p.n, 1, p.w, p.c)
 
     def call(x, out, epi):
         if flat_shape is not None:
