@@ -44,11 +44,15 @@ def verified_finite(w):
     """Whether, since :func:`begin_call`, a cache compared the memory of ``w`` (same address,
     size and dtype) bit for bit with a copy that holds no Inf or NaN."""
     v = getattr(_VERIFIED, "finite", None)
-    return v is not None and v == (w.ctypes.data, w.nbytes, w.dtype.str)
+    return v is not None and v == _memory(w)
 
 
 def _verified(w, finite):
-    _VERIFIED.finite = (w.ctypes.data, w.nbytes, w.dtype.str) if finite else None
+    _VERIFIED.finite = _memory(w) if finite else None
+
+
+def _memory(w):
+    return w.ctypes.data, w.nbytes, w.dtype.str
 
 #: id of an owned array -> (weak reference to it, {(cache, key): prepared result})
 _OWNED = {}

@@ -276,10 +276,10 @@ def convert(model, *, inplace=False):
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 -- data-dependent control flow and the like: swap only
-        return _swap_pools(_swap(model))
+        return _swap(_swap(model), _POOL_SWAPS)
     _fuse(gm)
     _swap(gm)  # the transposed convolutions (decoders, U-Nets): no fusion, numbaconv's module
-    _swap_pools(gm)  # (after tracing: fx traces into modules outside torch.nn)
+    _swap(gm, _POOL_SWAPS)  # (after tracing: fx traces into modules outside torch.nn)
     gm.register_forward_pre_hook(_first_forward, with_kwargs=True)
     gm.register_forward_hook(_after_first_forward, with_kwargs=True, always_call=True)
     return gm
@@ -344,20 +344,18 @@ def _drop_hook(hooks, fn, *extra):
 _SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.ConvTranspose2d: ConvTranspose2d}
 
 
-def _swap(model):
-    """Every plain ``torch.nn.Conv2d`` / ``ConvTranspose2d`` becomes numbaconv's :class:`Conv2d` /
-    :class:`ConvTranspose2d` (same parameters and state: a class change, nothing copied)."""
+#: eval mode only: the pooling module computes no gradients of its own
+_POOL_SWAPS = {torch.nn.MaxPool2d: MaxPool2d}
+
+
+def _swap(model, swaps=_SWAPS):
+    """Every module of a type in ``swaps`` (by default plain ``torch.nn.Conv2d`` /
+    ``ConvTranspose2d``) becomes numbaconv's (:class:`Conv2d` / :class:`ConvTranspose2d`, or
+    :class:`MaxPool2d` with ``_POOL_SWAPS``): same parameters and state, a class change,
+    nothing copied."""
     for module in model.modules():  # (the model itself included)
-        if type(module) in _SWAPS:
-            module.__class__ = _SWAPS[type(module)]
-    return model
-
-
-def _swap_pools(model):
-    """Every plain ``torch.nn.MaxPool2d`` becomes :class:`MaxPool2d` (a class change)."""
-    for module in model.modules():
-        if type(module) is torch.nn.MaxPool2d:
-            module.__class__ = MaxPool2d
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
     return model
 
 
