@@ -132,37 +132,38 @@ def _work(layers, dtype, layout, algorithms, epilogue=False):
         return x, np.zeros(layer["w_shape"], dtype), {k: v for k, v in layer.items() if k not in ("x_shape", "w_shape")}
 
     rows = []
+
+    def timed(layer, algorithm, run):
+        """``run()`` once: a row of what it compiled and how long it took."""
+        t0 = time.perf_counter()
+        with install_recorder("numba:compile") as rec:
+            run()
+        rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm=algorithm,
+                         compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
+
     for layer in layers:
         x, w, kw = arrays(layer)
         for algorithm in algorithms:
-            t0 = time.perf_counter()
-            with install_recorder("numba:compile") as rec:
+            def run(algorithm=algorithm):
                 numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm, **kw)
                 if epilogue:  # one variant of each kernel serves every activation, with or without a residual
                     numbaconv.conv2d(x, w, layout=layout, weight_layout="OIHW", algorithm=algorithm,
                                      activation="relu", **kw)
-            compiled = sum(1 for _, ev in rec.buffer if ev.is_end)
-            rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm=algorithm,
-                             compiled=compiled, seconds=time.perf_counter() - t0))
+            timed(layer, algorithm, run)
     if epilogue and layers:
         # a fused epilogue's runs compile once per activation and residual or not (whatever
         # the kernel), and a plan without an activation hands kernels a no-op one: each once
         from numbaconv.cpu import epilogue as epi
-        layer = layers[0]
-        t0 = time.perf_counter()
-        with install_recorder("numba:compile") as rec:
+        from numbaconv.cpu import pool
+
+        def runs():
             for code in sorted(set(epi.CODES.values())):
                 for has_res in (False, True):
                     epi._runs_address(dtype, code, has_res)
-        rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="epilogues",
-                         compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
+        timed(layers[0], "epilogues", runs)
         # and the max pooling convert gives models (one kernel per dtype and layout)
-        from numbaconv.cpu import pool
-        t0 = time.perf_counter()
-        with install_recorder("numba:compile") as rec:
-            pool.max_pool2d(np.zeros((1, 4, 4, 4), dtype), (3, 3), (2, 2), (1, 1), (1, 1), False, layout)
-        rows.append(dict(layer=layer, dtype=np.dtype(dtype).name, layout=layout, algorithm="max_pool2d",
-                         compiled=sum(1 for _, ev in rec.buffer if ev.is_end), seconds=time.perf_counter() - t0))
+        timed(layers[0], "max_pool2d", lambda: pool.max_pool2d(np.zeros((1, 4, 4, 4), dtype), (3, 3), (2, 2), (1, 1),
+                                                               (1, 1), False, layout))
     return rows
 
 
