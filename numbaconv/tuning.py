@@ -57,6 +57,10 @@ KNOBS = {
     "tiled.band_bytes": Knob(
         512 << 10, (256 << 10, 512 << 10, 1 << 20, 2 << 20),
         "bytes of padded input rows per output-row band (one task's input working set)"),
+    "tiled.task_weight_bytes": Knob(
+        256 << 10, (0, 128 << 10, 256 << 10, 512 << 10),
+        "NHWC: bytes of packed weights (of one input-channel block) of the output-channel blocks one task "
+        "sweeps per input pixel block (0: one block per task)"),
     "tiled.hwio_inplace_bytes": Knob(
         1024, (256, 1024, 4096, 1 << 40),
         "NHWC reads HWIO weights in place (no packed copy) while K * itemsize is below this"),

@@ -91,6 +91,33 @@ def test_tiled_channel_blocks_no_bias(layout, extra_k, monkeypatch):
            bias=False)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, None], ids=["one_block", "two_blocks", "all_blocks"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_nhwc_tasks_over_several_channel_blocks_with_epilogue(blocks, groups):
+    """NHWC tasks sweep ``kbs`` output-channel blocks (``tiled.task_weight_bytes``: the budget
+    of their weights): one, two of three (the last task's pair partial), or all of a group's;
+    the fused residual + ReLU then runs over each task's channels of its pixels (one strided
+    run per pixel, or a single run when the task has every channel) -- against torch."""
+    v_ = tiled.block_width(np.float32)
+    kg = 2 * v_ + 5  # three blocks per group, the last partial
+    n, c, h, w, r = 2, 6 * groups, 7, 9, 3
+    p = ConvProblem(n=n, c=c, h=h, w=w, k=kg * groups, r=r, s=r, pad_top=1, pad_bottom=1, pad_left=1,
+                    pad_right=1, groups=groups, layout="NHWC", dtype=np.dtype(np.float32))
+    block_bytes = r * r * (c // groups) * v_ * 4
+    budget = 1 << 30 if blocks is None else blocks * block_bytes
+    with tuning.override({"tiled.task_weight_bytes": budget}):
+        assert tiled.plan(p)["kbs"] == (blocks or 3)
+        rng = np.random.default_rng(blocks or 0)
+        x, wt, b = make_problem(rng, n, c, h, w, kg * groups, r, r, groups=groups, dtype=np.float32)
+        res = rng.standard_normal((n, kg * groups, h, w)).astype(np.float32)
+        y = torch_conv2d(x, wt, b, padding=1, groups=groups) + res
+        expected = to_act(np.where(y < 0, 0, y), "NHWC")
+        got = numbaconv.conv2d(to_act(x, "NHWC"), np.ascontiguousarray(wt.transpose(2, 3, 1, 0)), b, padding=1,
+                               groups=groups, layout="NHWC", algorithm="tiled", activation="relu",
+                               residual=to_act(res, "NHWC"))
+    assert_close(got, expected, np.float32, (c // groups) * r * r)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in DENSE if c[7].get("groups", 1) == 1 and c[4] > 8
                                   and not (c[5] == c[6] == 1 and not c[7])],

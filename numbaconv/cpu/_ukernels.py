@@ -402,14 +402,17 @@ def tasks_8_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, 
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 8, 8,
                                 (n * k_ + g * kg + kb * 8) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(8, kg - kb * 8)
-                kb0 = g * kg + kb * 8
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 8
+            nk = min(kb_hi * 8, kg) - kb_lo * 8
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -483,14 +486,17 @@ def tasks_8x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, group
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 8, 8,
                                 (n * k_ + g * kg + kb * 8) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(8, kg - kb * 8)
-                kb0 = g * kg + kb * 8
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 8
+            nk = min(kb_hi * 8, kg) - kb_lo * 8
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -564,14 +570,17 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
                                 (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
-                kb0 = g * kg + kb * 16
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -645,14 +654,17 @@ def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
                                 (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
-                kb0 = g * kg + kb * 16
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -726,14 +738,17 @@ def tasks_16x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
                                 (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
-                kb0 = g * kg + kb * 16
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg, k_ - g * kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -807,14 +822,17 @@ def tasks_16x1m4_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, gr
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
                                 (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16, k_ - g * kg - kb * 16)
-                kb0 = g * kg + kb * 16
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg, k_ - g * kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -888,14 +906,17 @@ def tasks_16x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
                                 (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
-                kb0 = g * kg + kb * 16
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 @_ukjit
@@ -969,14 +990,17 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 32, 32,
                                 (n * k_ + g * kg + kb * 32) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min(32, kg - kb * 32)
-                kb0 = g * kg + kb * 32
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 32
+            nk = min(kb_hi * 32, kg) - kb_lo * 32
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 
 
 _rows4_8 = conv_block(4, 2, 4, row_bias=True)

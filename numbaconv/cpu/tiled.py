@@ -373,7 +373,19 @@ def _plan(p, threads, _generation, m=1):
         cb = p.cg  # (a set's interleaved channels: one block)
     # Output-row bands: enough tasks for the threads, each band's input rows within ~L2.
     kbg = -(-p.kg // v_)
-    jobs_per_row = p.n * p.groups * kbg
+    # NHWC: a task sweeps several channel blocks (innermost) per input pixel block, so that its
+    # outputs are whole pixels, not one block's V channels of each (1 KiB+ apart): the fused
+    # epilogue then runs over contiguous memory (NHWC 64->256 1x1 at 56, batch 8, with a
+    # residual and ReLU: 6.1 -> 4.0 ms on Intel Xeon; 3.65 -> 3.13 without an epilogue), while
+    # those blocks' weights (of one input-channel block) stay within the knob's budget in L2;
+    # and only while rows of single-pixel height leave enough tasks for the threads
+    kbs = 1
+    if p.layout == "NHWC":
+        kbs = max(1, min(kbg, tuning.value("tiled.task_weight_bytes") // (p.r * p.s * cb * v_ * item)))
+        while kbs > 1 and p.n * p.groups * -(-kbg // kbs) * p.ho < 4 * threads:
+            kbs = (kbs + 1) // 2
+        kbs = -(-kbg // -(-kbg // kbs))  # (equal parts)
+    jobs_per_row = p.n * p.groups * -(-kbg // kbs)
     rows = p.ho
     while rows > 1 and jobs_per_row * (-(-p.ho // rows)) < 4 * threads:
         rows = (rows + 1) // 2
@@ -392,7 +404,7 @@ def _plan(p, threads, _generation, m=1):
     hwio = (m == 1 and p.layout == "NHWC" and p.kg % v_ == 0 and p.k * item < tuning.value("tiled.hwio_inplace_bytes")
             and (p.r * p.s * p.cg * v_ * item <= HWIO_INPLACE_BLOCK_BYTES
                  or p.r * p.s * p.cg * p.k * item < HWIO_SMALL_BYTES))
-    return dict(P=p_, split=split, V=v_, nv=nv, m=m, cb=cb, rows=rows, kbg=kbg, kbs=1, hp=hp, wp=wp, hwio=hwio)
+    return dict(P=p_, split=split, V=v_, nv=nv, m=m, cb=cb, rows=rows, kbg=kbg, kbs=kbs, hp=hp, wp=wp, hwio=hwio)
 
 
 def generic(p):
@@ -687,14 +699,17 @@ def tasks_{SUFFIX}_{TAG}(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_,
                 transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * {V}, {V},
                                 (n * k_ + g * kg + kb * {V}) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
         if epi is not None:  # (pruned at compile time without an epilogue)
-            for kb in range(kb_lo, kb_hi):
-                nk = min({V}, kg - kb * {V}{CLIP})
-                kb0 = g * kg + kb * {V}
-                if nchw:
-                    finish_2d(of, epi, (n * k_ + kb0) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-                else:
-                    for i in range(i0, i1):
-                        finish_2d(of, epi, (n * ho_ + i) * wo_ * k_ + kb0, wo_, k_, nk)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * {V}
+            nk = min(kb_hi * {V}, kg{CLIPK}) - kb_lo * {V}
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
 '''
 
 
@@ -804,7 +819,8 @@ def _gen_driver(v_, ps, nv, m):
     w_units = {name: name if m == 1 else f"({name} // {m})" for name in ("cg", "c0", "cl")}
     return _DRIVER.format(V=v_, SUFFIX=sfx, TAG=driver_tag(ps), PS=tuple(sorted(ps)), PMAX=max(ps), PMIN=min(ps),
                           CALLS=calls, CGW=w_units["cg"], C0W=w_units["c0"], CLW=w_units["cl"],
-                          CLIP="" if m == 1 else f", k_ - g * kg - kb * {v_}")  # (a partial last set)
+                          CLIP="" if m == 1 else f", k_ - g * kg - kb * {v_}",  # (a partial last set)
+                          CLIPK="" if m == 1 else ", k_ - g * kg")
 
 
 def _gen_ukernel(p_, v_, nv, m):
