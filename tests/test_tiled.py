@@ -412,15 +412,23 @@ def test_packed_group_blocks(case, layout, dtype, narrow_target):
 
 def test_streaming_only_for_short_reductions(narrow_target):
     """Where the narrow blocks exist, few output channels stream only when each output reduces
-    over fewer than STREAM_MAX_REDUCTION products (RGB inputs); deeper ones run the blocks."""
-    def route(c, k, r, groups=1):
+    over fewer than STREAM_MAX_REDUCTION products (RGB inputs), or when there are one or two
+    per group (NHWC: two only under 4x that reduction); others run the blocks."""
+    def route(c, k, r, groups=1, layout="NCHW"):
         x, w = np.zeros((1, c, 8, 8), np.float32), np.zeros((k, c // groups, r, r), np.float32)
-        return tiled.route(ConvProblem.from_args(x, w, None, padding=r // 2, groups=groups))
+        if layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        return tiled.route(ConvProblem.from_args(x, w, None, padding=r // 2, groups=groups, layout=layout,
+                                                 weight_layout="OIHW"))
     assert route(3, 3, 3) == "streaming"            # 27 products: the seed notebook's layer
     assert route(3, 4, 3) == "streaming"
-    assert route(8, 2, 3) == "generic"              # 72 products
+    assert route(8, 4, 3) == "generic"              # 72 products, 4 channels
     assert route(96, 96, 3, groups=12) == "generic"  # 8 per group, 72 products
     assert route(64, 96, 3, groups=32) == "streaming"  # depth multiplier 3: 2 x 9 = 18 products
+    assert route(1, 1, 7) == route(3, 1, 7) == "streaming"  # one output channel: 49, 147 products
+    assert route(1, 1, 9, layout="NHWC") == "streaming"
+    assert route(8, 2, 3) == route(8, 2, 3, layout="NHWC") == "streaming"  # two: 72 products
+    assert route(16, 2, 3) == "streaming" and route(16, 2, 3, layout="NHWC") == "generic"  # 144
 
 
 def test_generated_microkernels_are_up_to_date():

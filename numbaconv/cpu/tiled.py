@@ -422,10 +422,17 @@ def _oversized(p):
 def uses_streaming(p):
     """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)
     -- and, where the narrow blocks run such layers (AVX-512), too short a reduction per
-    output for them (under :data:`STREAM_MAX_REDUCTION` products: RGB inputs)."""
+    output for them (under :data:`STREAM_MAX_REDUCTION` products: RGB inputs), or one or two
+    output channels per group (:data:`STREAM_MAX_KG`), which use 1-2 of a narrow block's
+    16 lanes."""
     if 4 * p.kg > block_width(p.dtype):
         return False
-    return not narrow_blocks(p.dtype, p.kg) or p.cg * p.r * p.s < STREAM_MAX_REDUCTION
+    if not narrow_blocks(p.dtype, p.kg):
+        return True
+    products = p.cg * p.r * p.s
+    if products < STREAM_MAX_REDUCTION or p.kg == 1:
+        return True
+    return p.kg <= STREAM_MAX_KG and (p.layout == "NCHW" or products < 4 * STREAM_MAX_REDUCTION)
 
 
 #: products per output (C/G x R x S) from which layers with few output channels per group run
@@ -436,6 +443,15 @@ def uses_streaming(p):
 #: 0.50; but RGB inputs stream faster: the seed notebook's 3 -> 3 (27 products) 9.5 vs 33.9
 #: / 11.4 vs 29.6, 3 -> 4 at 224x224 0.26 vs 0.45 / 0.42 vs 0.40
 STREAM_MAX_REDUCTION = 32
+
+#: output channels per group that stream whatever the reduction (where narrow blocks exist;
+#: NHWC: under 4 x STREAM_MAX_REDUCTION products).  Intel Xeon, 2 threads, float32, ms
+#: (narrow blocks -> streaming, NCHW / NHWC): one channel 7x7 at 512x512 2.65 -> 0.47 / 2.31
+#: -> 0.55, 9x9 3.79 -> 0.63 / 3.50 -> 0.74, RGB -> 1 7x7 5.80 -> 1.42 / 5.50 -> 1.69; two
+#: channels 1 -> 2 7x7 4.19 -> 0.91 / 2.37 -> 1.09, 8 -> 2 3x3 at 256 0.84 -> 0.36 / 0.77 ->
+#: 0.61, 16 -> 2 3x3 at 128 0.39 -> 0.28 / 0.37 -> 0.48 (NHWC: the blocks); four channels
+#: mostly run faster on the blocks (16 -> 4 3x3 0.41 vs 0.53 / 0.38 vs 0.90)
+STREAM_MAX_KG = 2
 
 
 #: largest one-block footprint (R * S * C/G rows of V weights) that NHWC reads from HWIO weights
