@@ -444,7 +444,13 @@ def test_streaming_kernel(layout, dtype):
     rng = np.random.default_rng(5)
     for n, c, h, w, k, r, s, kw in [(2, 3, 9, 12, 3, 3, 3, {}),
                                     (1, 4, 8, 9, 2, 3, 2, dict(stride=2, padding=((1, 0), (0, 2)), dilation=(2, 1))),
-                                    (1, 4, 6, 7, 4, 3, 3, dict(groups=2, padding=1))]:
+                                    (1, 4, 6, 7, 4, 3, 3, dict(groups=2, padding=1)),
+                                    # one input channel per group, stride 1 along rows: the plane
+                                    # sweep (8- and 1-vector blocks, a tail, padded borders)
+                                    (2, 1, 9, 150, 1, 5, 5, dict(padding=2)),
+                                    (1, 2, 12, 41, 4, 5, 3, dict(groups=2, padding=((2, 1), (1, 1)), dilation=(1, 2),
+                                                                 stride=(2, 1))),
+                                    (1, 1, 7, 70, 2, 4, 4, {})]:
         x, wt, b = make_problem(rng, n, c, h, w, k, r, s, groups=kw.get("groups", 1), dtype=dtype)
         expected = to_act(torch_conv2d(x, wt, b, **kw), layout)
         xa = to_act(x, layout)

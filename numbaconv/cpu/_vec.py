@@ -165,7 +165,7 @@ def prefetchw(typingctx, arr, idx):
 
 
 @functools.lru_cache(maxsize=None)
-def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
+def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1, prefetch=True):
     """An intrinsic ``block(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin,
     of, ob, os_p, bias, kb0, mode)`` computing, for ``p < p_`` output pixels and
     ``j < nv*w_`` output channels::
@@ -182,6 +182,10 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
     lanes follow the dtype, :func:`lanes` of ``vector_bytes`` (one block for both dtypes).
     ``row_bias``: mode 1 adds ``bias[kb0 + p]`` to every lane of row ``p`` instead (the
     blocks of :mod:`numbaconv.cpu.pointwise`, whose rows are output channels).
+
+    ``prefetch``: each step prefetches its vector rows :data:`PREFETCH_BYTES` ahead (streams of
+    weights); off where consecutive steps read the same lines (a plane's taps one element
+    apart: the prefetches took as many load slots as the loads).
 
     ``m > 1`` (one register, ``nv == 1``): ``m`` groups of ``w_/m`` output channels share the
     register (grouped convolutions with few channels per group).  Step ``c`` reads the
@@ -236,7 +240,7 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
                     def step(c):
                         wc = builder.add(wo, builder.mul(c, wsc))
                         xc = builder.add(xo, c if m == 1 else builder.mul(c, i64(m)))
-                        for line in range(max(1, nv * wl * align // 64)):  # (one per 64-byte line of the step)
+                        for line in range(max(1, nv * wl * align // 64) if prefetch else 0):  # (per 64-byte line)
                             _prefetch(builder, builder.gep(wa.data, [builder.add(wc, i64((PREFETCH_BYTES + 64 * line) // align))]))
                         wv = [builder.load(_vector_ptr(builder, wa.data, builder.add(wc, i64(v * wl)), vty),
                                            align=align) for v in range(nv)]
@@ -285,7 +289,7 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1):
         return sig, codegen
 
     name = f"conv_block_{p_}x{nv}x{w_}" if w_ else f"conv_block_{p_}x{nv}_vb{vector_bytes}"
-    block.__name__ = name + "_rb" * row_bias + (f"_m{m}" if m > 1 else "")
+    block.__name__ = name + "_rb" * row_bias + (f"_m{m}" if m > 1 else "") + "_np" * (not prefetch)
     return block
 
 
