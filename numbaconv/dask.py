@@ -136,35 +136,19 @@ def _slice(start, length, step):
     return slice(start, stop if stop >= 0 else None, step)
 
 
-#: the worker's NUMBA_NUM_THREADS when Numba's threads had started with another count
-_WANTED = []
-
-
 def _task_threads():
     """Run this thread's kernels on ``$NUMBA_NUM_THREADS`` threads as the worker's environment
-    has it now.  Numba reads the variable at import and again before every compile, and a
-    ``LocalCluster(env=...)`` (or ``distributed.nanny.environ``) sets it in the worker only
-    after the worker imported numba (spawned workers import the parent's main module first):
-    such workers ran every task on all the machine's cores -- 2 workers with 2 OpenMP threads
-    each on 2 vCPUs, tasks 2.2x slower side by side, a second worker added nothing (Intel
-    Xeon) -- and, once kernels loaded from the cache had started the threads, the next
-    compile raised Numba's "Cannot set NUMBA_NUM_THREADS ... once the threads have been
-    launched".  Before the threads start, the environment is applied; after, the variable is
-    set back to the running count (what Numba checks) and the wanted count kept for
-    ``numba.set_num_threads`` (per calling thread: this worker thread's tasks)."""
+    has it now.  Numba reads the variable once, at import, and a ``LocalCluster(env=...)``
+    (or ``distributed.nanny.environ``) sets it in the worker process only after the worker
+    has imported numba (spawned workers import the parent's main module first): such
+    workers ran every task on all the machine's cores, each of 2 workers on 2 vCPUs with 2
+    OpenMP threads, and a second worker added nothing (AMD EPYC Zen 4 and Intel Xeon: tasks
+    2.2x slower side by side)."""
     value = os.environ.get("NUMBA_NUM_THREADS", "")
-    if not (value.isdigit() and int(value) > 0):
-        return
-    from numba.np.ufunc import parallel
-
-    if not parallel._is_initialized:
-        numba.config.reload_config()
-    elif int(value) != parallel.NUM_THREADS:
-        _WANTED[:] = [int(value)]
-        os.environ["NUMBA_NUM_THREADS"] = str(parallel.NUM_THREADS)
-    n = min(_WANTED[0] if _WANTED else int(value), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
+    if value.isdigit() and int(value) > 0:
+        n = min(int(value), numba.config.NUMBA_NUM_THREADS)
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)  # (per calling thread: this worker thread's tasks)
 
 
 def _run_block(block, params, residual, main, exports, consumer):
