@@ -22,11 +22,9 @@ concatenation tasks cost more than the convolution itself (a 4096^2 image in 102
 :func:`block_bytes`.
 """
 
-import os
 import threading
 
 import dask.array as da
-import numba
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
@@ -136,25 +134,9 @@ def _slice(start, length, step):
     return slice(start, stop if stop >= 0 else None, step)
 
 
-def _task_threads():
-    """Run this thread's kernels on ``$NUMBA_NUM_THREADS`` threads as the worker's environment
-    has it now.  Numba reads the variable once, at import, and a ``LocalCluster(env=...)``
-    (or ``distributed.nanny.environ``) sets it in the worker process only after the worker
-    has imported numba (spawned workers import the parent's main module first): such
-    workers ran every task on all the machine's cores, each of 2 workers on 2 vCPUs with 2
-    OpenMP threads, and a second worker added nothing (AMD EPYC Zen 4 and Intel Xeon: tasks
-    2.2x slower side by side)."""
-    value = os.environ.get("NUMBA_NUM_THREADS", "")
-    if value.isdigit() and int(value) > 0:
-        n = min(int(value), numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != n:
-            numba.set_num_threads(n)  # (per calling thread: this worker thread's tasks)
-
-
 def _run_block(block, params, residual, main, exports, consumer):
     """Assemble the block (its main chunk and the halo slabs its neighbours exported), then
     ``numbaconv.conv2d`` with the zero padding at the image's border left to the kernel."""
-    _task_threads()
     ha, wa = block.axes
     got = {block.main: (main, 0, 0)}
     for (pair, r0, c0), exported in zip(block.halos, exports):

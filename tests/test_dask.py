@@ -216,30 +216,6 @@ def test_on_a_cluster_of_processes(client):
     assert len(client.run(os.getpid)) == 2
 
 
-def _numba_threads():
-    import numba
-    return numba.config.NUMBA_NUM_THREADS, numba.get_num_threads()
-
-
-def _set_env(name, value):
-    os.environ[name] = value
-
-
-def test_tasks_run_on_the_workers_numba_threads(client):
-    """``NUMBA_NUM_THREADS`` set in a worker's environment after it imported numba (what
-    ``LocalCluster(env=...)`` does to spawned workers, which import the parent's main module
-    first) reaches the kernels of its tasks: after a conv2d task, a task in the same worker
-    thread sees 1 thread, not the machine's cores.  (Then 2 workers share CI's 2 cores.)"""
-    configured = client.run(_numba_threads)
-    if max(c for c, _ in configured.values()) < 2:
-        pytest.skip("one core: a worker's threads cannot be fewer than numba's default")
-    client.run(_set_env, "NUMBA_NUM_THREADS", "1")
-    x, w, b, kw = _problem("NCHW", {"padding": 1})
-    ncd.conv2d(da.from_array(x, chunks=(1, -1, 4, 4)), w, b, **kw).compute()
-    for address in configured:
-        assert client.submit(_numba_threads, workers=[address], pure=False).result()[1] == 1
-
-
 def test_worker_killed_mid_computation_loses_nothing(client):
     """SIGKILL one worker process while tasks are running: the nanny restarts it, the
     scheduler recomputes what it held, and the result is complete and correct."""
