@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 
+import dask
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster, wait
@@ -52,8 +53,16 @@ def _run(client, job):
 
 
 def _cluster(workers):
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40, env={"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    # one Numba thread per worker, in the environment the worker process starts with: Numba
+    # reads NUMBA_NUM_THREADS at import, and LocalCluster(env=...) sets it only after a spawned
+    # worker has imported this script (and numba with it) -- those workers ran every task on
+    # both cores (2 workers x 2 OpenMP threads on 2 vCPUs: tasks 2.2x slower side by side) and
+    # a worker's first compile after its threads started raised Numba's "Cannot set
+    # NUMBA_NUM_THREADS to a different value once the threads have been launched"
+    environ = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40)
     return cluster, Client(cluster, set_as_default=False)
 
 
