@@ -69,8 +69,13 @@ def _check_plan(report, vector_bytes):
         others = {r: n for r, n in stats["packed"].items() if r != reg and n}
         assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
         assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
-    assert {name.split("/")[1] for name in report["depthwise"]} == {"block4_s1", "sweep_pair_s1"}, report["depthwise"]
+    assert {name.split("/")[1] for name in report["depthwise"]} == {"block4_s1", "sweep_pair_s1", "plane8"}, \
+        report["depthwise"]
     for name, stats in report["depthwise"].items():
+        if name.endswith("/plane8"):  # the streaming plane block: 8 pixel vectors per tap, U taps per iteration
+            assert stats["packed"][reg] == 8 * U and stats["scalar"] == 0, f"{name}: {stats}"
+            assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
+            continue
         # NHWC block: 4 pixels x 9 taps per channel vector; NCHW sweep: 2 rows x 9 taps per
         # vector of pixels
         fmas = 36 if "/block4" in name else 18

@@ -76,7 +76,7 @@ def loop_stats(asm):
 
 def report():
     """Codegen of the tiled micro-kernels (and pointwise's task, which inlines them), the dot
-    block, the NHWC depthwise block and the NCHW phase planes' row-pair sweep, Winograd's stages and the epilogue's loops on the target
+    block, the NHWC depthwise block, the NCHW phase planes' row-pair sweep, the streaming plane block, Winograd's stages and the epilogue's loops on the target
     Numba compiles for (JSON-able)."""
     import numpy as np
 
@@ -88,6 +88,7 @@ def report():
     for dtype in (np.float32, np.float64):
         out["depthwise"][f"{np.dtype(dtype).name}/block4_s1"] = loop_stats(depthwise.microkernel_asm(dtype))
         out["depthwise"][f"{np.dtype(dtype).name}/sweep_pair_s1"] = loop_stats(depthwise.sweep_asm(dtype))
+        out["depthwise"][f"{np.dtype(dtype).name}/plane8"] = loop_stats(depthwise.plane_asm(dtype))
         out["dot"][f"{np.dtype(dtype).name}/KB{dot.KB}/PB{dot.PB}"] = loop_stats(dot.microkernel_asm(dtype))
         for p_ in tiled.P_CHOICES[target_vector_bytes()]:
             stats = loop_stats(tiled.microkernel_asm(dtype, p_))

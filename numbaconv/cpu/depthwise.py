@@ -1222,6 +1222,20 @@ def microkernel_asm(dtype=np.float32):
     return blk.inspect_asm(sig)
 
 
+def plane_asm(dtype=np.float32):
+    """Machine code of the streaming kernel's plane block (:data:`_PLANE8`: 8 vectors of output
+    pixels, all taps of a kernel row per inner loop) for ``dtype`` on the compile target,
+    compiled afresh."""
+    def kernel(wf, xf, tmp, wb, xb, r_, s_, dw, ws_t, of, ob, bias, k):
+        _PLANE8(wf, xf, tmp, wb, xb, r_, 1, s_, 0, 0, dw, ws_t, s_, of, ob, 0, bias, k, 1)
+
+    fn = numba.njit(cache=False, nogil=True)(kernel)
+    a, i = numba.from_dtype(np.dtype(dtype))[::1], numba.int64
+    sig = (a, a, a, i, i, i, i, i, i, a, i, a, i)
+    fn.compile(sig)
+    return fn.inspect_asm(sig)
+
+
 def sweep_asm(dtype=np.float32):
     """Machine code of the NCHW phase planes' row-pair sweep (:data:`_SWEEP_PAIR_S1`: 2 rows x
     9 taps per vector of output pixels) for ``dtype`` on the compile target, compiled afresh."""
