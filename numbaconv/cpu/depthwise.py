@@ -1026,14 +1026,10 @@ def _stream_nchw_tasks(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
     h_, w_ = x.shape[2], x.shape[3]
     kg = k_ // groups
     k3 = k_ == 3 and groups == 1 and r_ == 3 and s_ == 3 and sw == 1 and dw == 1
-    plane = cg == 1 and sw == 1 and r_ * s_ > 9
     for t in range(lo, hi):
         n = t // ho_
         i = t % ho_
         h0 = i * sh - pt
-        if plane and h0 >= 0 and h0 + (r_ - 1) * dh < h_:
-            _plane_row(x, w, bias, out, n, i, h0, pl, dh, dw, groups)
-            continue
         if k3 and h0 >= 0 and h0 + 2 * dh < h_:
             for cc in range(cg):
                 xc = x[n, cc]
@@ -1066,9 +1062,52 @@ def _stream_nchw_tasks(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
 _STREAM_NCHW = Task(_stream_nchw_tasks)
 
 
+@jit
+def _stream_plane_tasks(lo, hi, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups, fns):
+    """:func:`_stream_nchw_tasks` for one input channel per group at unit column stride: rows
+    whose kernel rows all lie inside the input by :func:`_plane_row`, the others by
+    :func:`_stream_nchw_tasks` through its address ``fns`` (:func:`_plane_callees`).  Its own
+    task, so that only such layers compile the plane blocks (~1 s more for the first
+    few-channel layer of a fresh install when they sat in the common task), and it links
+    none of the common task's code."""
+    ho_ = out.shape[2]
+    h_ = x.shape[2]
+    r_ = w.shape[2]
+    for t in range(lo, hi):
+        h0 = (t % ho_) * sh - pt
+        if h0 >= 0 and h0 + (r_ - 1) * dh < h_:
+            _plane_row(x, w, bias, out, t // ho_, t % ho_, h0, pl, dh, dw, groups)
+        else:
+            call_at(fns, 0, None, (t, t + 1, x, w, bias, out, sh, sw, pt, pl, dh, dw, groups))
+
+
+_STREAM_PLANE = Task(_stream_plane_tasks)
+
+#: type keys of the streaming kernel's arrays -> :func:`_plane_callees`' table
+_PLANE_CALLEES = {}
+
+
+def _plane_callees(x, w, bias, out):
+    """:func:`_stream_plane_tasks`' ``fns``: the address of :func:`_stream_nchw_tasks` for these
+    arrays' types (once per combination)."""
+    key = tuple(type_key(a) for a in (x, w, bias, out))
+    fns = _PLANE_CALLEES.get(key)
+    if fns is None:
+        i64 = numba.types.int64
+        fns = _PLANE_CALLEES[key] = np.array(
+            callee(_stream_nchw_tasks, (i64, i64) + tuple(numba.typeof(a) for a in (x, w, bias, out)) + (i64,) * 7),
+            dtype=np.int64)
+    return fns
+
+
 def _stream_nchw(x, w, bias, out, sh, sw, pt, pl, dh, dw, groups):
-    """:func:`_stream_nchw_tasks` over ranges of the ``N * Ho`` output rows, in parallel."""
-    _STREAM_NCHW(out.shape[0] * out.shape[2], x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)
+    """:func:`_stream_nchw_tasks` over ranges of the ``N * Ho`` output rows, in parallel (one
+    input channel per group at unit column stride, beyond 3 x 3 taps: :func:`_stream_plane_tasks`)."""
+    if w.shape[1] == 1 and sw == 1 and w.shape[2] * w.shape[3] > 9:
+        _STREAM_PLANE(out.shape[0] * out.shape[2], x, w, bias, out, sh, sw, pt, pl, dh, dw, groups,
+                      _plane_callees(x, w, bias, out))
+    else:
+        _STREAM_NCHW(out.shape[0] * out.shape[2], x, w, bias, out, sh, sw, pt, pl, dh, dw, groups)
 
 
 @jit
