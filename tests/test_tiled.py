@@ -118,6 +118,22 @@ def test_nhwc_tasks_over_several_channel_blocks_with_epilogue(blocks, groups):
     assert_close(got, expected, np.float32, (c // groups) * r * r)
 
 
+def test_nhwc_wide_tasks_only_where_they_split_evenly():
+    """On 2 threads: a 1x1 expansion at 56x56 sweeps several output-channel blocks per task (its
+    epilogue over whole pixels); Inception's 17x17 3x3 keeps one block per task, whose row
+    bands split evenly (17 rows in bands of 5, 5, 5, 2 left one thread 18 % more work)."""
+    def problem(c, k, hw, r):
+        return ConvProblem(n=1, c=c, h=hw, w=hw, k=k, r=r, s=r, pad_top=r // 2, pad_bottom=r // 2,
+                           pad_left=r // 2, pad_right=r // 2, layout="NHWC", dtype=np.dtype(np.float32))
+    expansion, inception = problem(64, 256, 56, 1), problem(128, 128, 17, 3)
+    assert tiled._plan(expansion, 2, tuning.generation())["kbs"] > 1
+    b = tiled._plan(inception, 2, tuning.generation())
+    assert tiled._imbalance(inception, b["kbg"], b["kbs"], b["rows"], 2) <= 1.1
+    # (the split it avoided: 4 blocks in pairs, rows in bands of 5, where 32 lanes make 4 blocks)
+    if b["kbg"] == 4:
+        assert tiled._imbalance(inception, 4, 2, 5, 2) == pytest.approx(20 / 17)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in DENSE if c[7].get("groups", 1) == 1 and c[4] > 8
                                   and not (c[5] == c[6] == 1 and not c[7])],
