@@ -980,13 +980,13 @@ _VECTOR_BYTES = target_vector_bytes()
 
 @jit
 def _plane_row(x, w, bias, out, n, i, h0, pl, dh, dw, groups):
-    """Output row ``i`` of image ``n``, every channel, of a stride-1 layer with one input
-    channel per group whose kernel rows all lie inside the input: each output vector is
-    one register chain over all ``R x S`` taps (:data:`_PLANE8`, :data:`_PLANE1`), stored
-    once with its bias; the columns whose taps reach into the zero padding, and a last
-    part narrower than a vector, tap by tap.  (The row sweeps below read and write each
-    output row once per 5 taps: a 5x5 single-channel 2048^2 image took 5.9 ms on one Intel
-    Xeon core, ~3.7 cycles per output.)"""
+    """Output row ``i`` of image ``n``, every channel, of a layer with unit column stride and
+    one input channel per group whose kernel rows (from input row ``h0``) all lie inside the
+    input: each output vector is one register chain over all ``R x S`` taps
+    (:data:`_PLANE8`, :data:`_PLANE1`), stored once with its bias; the columns whose taps
+    reach into the zero padding, and a last part narrower than a vector, tap by tap.  (The
+    row sweeps of :func:`_pass` read and write each output row once per 5 taps: a 5x5
+    single-channel 2048^2 image took 5.9 ms on one Intel Xeon core, ~3.7 cycles per output.)"""
     k_, ho_, wo_ = out.shape[1], out.shape[2], out.shape[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     r_, s_ = w.shape[2], w.shape[3]
