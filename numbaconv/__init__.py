@@ -62,14 +62,16 @@ def __dir__():
 def clear_caches():
     """Free the memory numbaconv keeps between calls.
 
-    That is: ``tiled``'s packed copies of large weights (and its NCHW 1x1 path's padded ones),
+    That is: large weights converted to another layout, ``tiled``'s packed copies of large
+    weights (and its NCHW 1x1 path's padded ones),
     ``winograd``'s transformed weights, the backward's reusable scratch
     buffers (of the calling thread), the memo of accepted ``conv2d`` arguments and
     ``auto``'s measured choices.  Numba's compiled kernels (on disk, ``NUMBA_CACHE_DIR``)
     are not touched.  Modules not yet imported hold nothing and are left unimported.
     """
-    from . import auto, problem
+    from . import api, auto, problem
 
+    api._LAYOUTS.clear()
     problem._ACCEPTED.clear()
     auto.forget_measurements()
     for module, function in (("numbaconv.cpu.tiled", "clear_cache"), ("numbaconv.cpu.winograd", "clear_cache"),

@@ -159,23 +159,24 @@ def test_nonfinite_weights_meet_the_zero_padding(algorithm, layout, bad, groups)
     np.testing.assert_allclose(got[fin], expected[fin], rtol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_cached_weights_changed_in_place_to_nonfinite(layout):
+@pytest.mark.parametrize("layout,wl", [("NCHW", "OIHW"), ("NHWC", "HWIO"), ("NHWC", "OIHW"), ("NCHW", "HWIO")])
+def test_cached_weights_changed_in_place_to_nonfinite(layout, wl):
     """7 with weights big enough for the weight caches (which let the front door skip its
     scan when they compared the call's weights with a finite copy): an Inf written in place
     after finite calls gets torch's NaNs, through the cached algorithms and after them
-    through ``naive`` (no cache: nothing verified in that call may be reused)."""
+    through ``naive`` (no cache: nothing verified in that call may be reused); weights in
+    another layout than the kernels take go through the front door's cache of converted
+    weights, which must see the changes too."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 64, 6, 6))
     w = rng.standard_normal((64, 64, 3, 3))  # 288 KiB in float64: cached
-    wl = "OIHW" if layout == "NCHW" else "HWIO"
     xa, wa = ref.to_act(x, layout), np.ascontiguousarray(ref.to_weight(w, wl))
-    oihw = wa if layout == "NCHW" else wa.transpose(3, 2, 0, 1)  # (a view: writes reach wa)
+    oihw = wa if wl == "OIHW" else wa.transpose(3, 2, 0, 1)  # (a view: writes reach wa)
     for algorithm in ("tiled", "winograd", "tiled", "naive"):
-        for value in (1.0, np.inf, 1.0):
+        for value in (1.0, np.inf, 1.0, 2.0):
             oihw[3, 5, 0, 0] = value  # a corner tap: it meets the padding at the top-left outputs
             expected = ref.torch_conv2d(x, oihw.copy(), padding=1)
-            got = numbaconv.conv2d(xa, wa, padding=1, layout=layout, algorithm=algorithm)
+            got = numbaconv.conv2d(xa, wa, padding=1, layout=layout, weight_layout=wl, algorithm=algorithm)
             got = got if layout == "NCHW" else got.transpose(0, 3, 1, 2)
             np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=f"{algorithm} {value}")
             fin = np.isfinite(expected)
