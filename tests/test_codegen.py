@@ -158,6 +158,36 @@ def test_intel_tuned_code_runs_correctly_on_this_host(tmp_path):
     assert max(out["errors"][:2]) <= 1e-5 and max(out["errors"][2:]) <= 1e-12, out["errors"]
 
 
+def test_plane_blocks_stay_in_their_rows_on_a_128_bit_target(tmp_path):
+    """The streaming kernel's plane blocks step along a row by their own lane count, which
+    ``_vec.lanes`` keeps at 4 or more: on a 16-byte (SSE) target float64's blocks hold 4
+    lanes, not 16 / 8 = 2, and stepping by 2 wrote past the row -- past the output's end on
+    the last one.  Both dtypes, the output followed by sentinels, results against torch."""
+    code = """
+        import json
+        import numpy as np, torch
+        import numbaconv
+        from numbaconv.cpu._vec import target_vector_bytes
+        rng = np.random.default_rng(0)
+        rows = []
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((1, 1, 5, 150)).astype(dtype)
+            w = rng.standard_normal((1, 1, 5, 5)).astype(dtype)
+            buf = np.full(150 + 64, 7.0, dtype)
+            out = buf[:150].reshape(1, 1, 1, 150)  # (one row: the last row is every row's)
+            numbaconv.conv2d(x, w, padding=(0, 2), algorithm="tiled", out=out)
+            exact = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)),
+                                               torch.from_numpy(w.astype(np.float64)), padding=(0, 2)).numpy()
+            rows.append([bool((buf[150:] == 7.0).all()), float(np.max(np.abs(out - exact)))])
+        print(json.dumps({"vector_bytes": target_vector_bytes(), "rows": rows}))
+    """
+    out = json.loads(_run(code, tmp_path, NUMBA_CPU_NAME="nehalem", NUMBA_CPU_FEATURES=""))
+    assert out["vector_bytes"] == 16
+    (kept32, err32), (kept64, err64) = out["rows"]
+    assert kept32 and kept64, out
+    assert err32 <= 1e-4 and err64 <= 1e-12, out
+
+
 def test_target_width_follows_numba_target(tmp_path):
     """The plan's vector width is the compile target's, not the host's CPUID: an AVX2 target
     on an AVX-512 host plans for ymm (it once planned zmm and spilled 23 registers)."""

@@ -36,7 +36,7 @@ import numpy as np
 from ._blocking import block_width, transpose_block
 from ._jit import jit, move_run, scratch, valid_range, zero_run
 from ._launch import Task, call_at, callee, type_key
-from ._vec import channel_taps, conv_block, dw3x3_block, strided_runs, tap_sweep, target_vector_bytes
+from ._vec import channel_taps, conv_block, dw3x3_block, lanes, strided_runs, tap_sweep, target_vector_bytes
 from .epilogue import NONE, after, arg_key, finish_2d
 
 __all__ = ["run", "run_streaming"]
@@ -975,7 +975,8 @@ def _pass3_k3(o0, o1, o2, x0, x1, x2, w, cc, first, bias, w_, pl):
 #: independent FMA chains: with 4, a 5x5 plane was bound by their latency)
 _PLANE8 = conv_block(1, 8, None, vector_bytes=target_vector_bytes(), row_bias=True, prefetch=False)
 _PLANE1 = conv_block(1, 1, None, vector_bytes=target_vector_bytes(), row_bias=True, prefetch=False)
-_VECTOR_BYTES = target_vector_bytes()
+#: the lanes of their vectors, as the blocks choose them (numbaconv.cpu._vec.lanes: at least 4)
+_PLANE_LANES32, _PLANE_LANES64 = (lanes(target_vector_bytes(), item) for item in (4, 8))
 
 
 @jit
@@ -998,7 +999,7 @@ def _plane_row(x, w, bias, out, n, i, h0, pl, dh, dw, groups):
     lo2, hi2 = valid_range(-pl + (s_ - 1) * dw, 1, w_, wo_)
     lo, hi = _border_range(max(lo, lo2), min(hi, hi2), wo_)
     tmp = scratch(1, xf)
-    nl = _VECTOR_BYTES // x.itemsize  # (lanes per vector)
+    nl = _PLANE_LANES32 if x.itemsize == 4 else _PLANE_LANES64
     for k in range(k_):
         g = k // kg
         xb = ((n * c_ + g) * h_ + h0) * w_ - pl  # (input column of output column 0, tap 0)
