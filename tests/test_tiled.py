@@ -15,6 +15,7 @@ import numbaconv
 from numbaconv import tuning
 from numbaconv.cpu import depthwise, dot, pointwise, tiled
 from numbaconv.problem import ConvProblem
+from numbaconv.cpu._blocking import GEMM_P_CHOICES
 from numbaconv.cpu.epilogue import python_reference
 from reference import assert_close, make_problem, to_act, torch_conv2d
 
@@ -272,8 +273,8 @@ def test_pointwise_channel_blocks_cover_k(k):
     starts = pointwise.layer(p)[0]
     sizes = set(np.diff(starts).tolist())
     assert starts[0] == 0 and starts[-1] >= k and starts[-2] < k
-    assert sizes <= set(tiled.P_CHOICES[tiled.vector_bytes()])
-    if k % 2 == 0 and k >= 4 and tiled.P_CHOICES[tiled.vector_bytes()] == (4, 6):
+    assert sizes <= set(GEMM_P_CHOICES[tiled.vector_bytes()])
+    if k % 2 == 0 and k >= 4 and GEMM_P_CHOICES[tiled.vector_bytes()] == (4, 6):
         assert starts[-1] == k
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from ._jit import jit
 from ._vec import copy2d, target_vector_bytes, transpose8
 
-__all__ = ["GROUP_PACKS", "GROUP_PACK_LANES", "GROUP_PACK_P_CHOICES", "NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag",
+__all__ = ["GEMM_P_CHOICES", "GROUP_PACKS", "GROUP_PACK_LANES", "GROUP_PACK_P_CHOICES", "NARROW_P_CHOICES", "P", "P_CHOICES", "block_width", "driver_tag",
            "empty_aligned", "group_pack", "kernel_suffix", "narrow_blocks", "pixel_block", "pixel_blocks",
            "transpose_block", "vector_bytes"]
 
@@ -31,8 +31,17 @@ def empty_aligned(shape, dtype):
     return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
 
 #: output pixels per micro-kernel call that fit the register file: 2P accumulators +
-#: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers
-P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
+#: 2 weight vectors + a broadcast in 16 ymm (AVX2) or 32 zmm (AVX-512) registers.  AVX-512's
+#: 14 x 2 zmm (28 accumulators, as oneDNN's direct kernel) reads each weight vector for twice
+#: as many pixels as 8 x 2 did, and runs its reduction loop without unrolling
+#: (:data:`numbaconv.cpu._vec.UNROLL_MAX_ACCUMULATORS`: four unrolled steps spilled): the
+#: block alone, one core of an Intel Xeon, 5x5 over 32 channels, 152 (P = 7) / 166 (P = 8) ->
+#: 177 GFLOP/s (its FMA peak: 214); 3x3 layers 3-8 %, the 7x7 stem 15 % faster
+P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 14)}
+#: the same blocks where their rows are a GEMM's (pointwise's output channels, Winograd's
+#: tiles): there 14 x 2 ran slower than 8 x 2 (Intel Xeon: ResNet's 64 -> 256 1x1 NCHW 0.51 ->
+#: 0.92 ms, Winograd's res5 1.21 -> 1.45 ms)
+GEMM_P_CHOICES = {16: (4, 6), 32: (4, 6), 64: (7, 8)}
 P = 6  # the default
 #: the narrow blocks' pixel choices per vector width: ``V/2`` output channels in one register
 #: per pixel (P accumulators + a weight vector + a broadcast), for layers with at most ``V/2``
@@ -69,6 +78,8 @@ _DRIVERS = tuple(sorted({(_width(vb, item), ps, 2, 1) for vb, ps in P_CHOICES.it
                         | {(_width(vb, item) // 2, ps, 1, 1) for vb, ps in NARROW_P_CHOICES.items() for item in (4, 8)}
                         | {(GROUP_PACK_LANES, ps, 1, m) for ps in GROUP_PACK_P_CHOICES.values() for m in GROUP_PACKS}))
 _UK_SHAPES = tuple(sorted({(p_, v_, nv, m) for v_, ps, nv, m in _DRIVERS for p_ in ps}))
+#: pointwise's parallel drivers (V, pixel-block choices): its blocks are generated inline
+_POINTWISE_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in GEMM_P_CHOICES.items() for item in (4, 8)}))
 
 
 def driver_tag(ps):

@@ -217,44 +217,6 @@ def uk7_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb
         _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(32))
 
 
-_block8_16 = conv_block(8, 2, 8)
-
-
-@_ukjit
-def uk8_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
-           first, zero, tmp, ws_c, ws_t):
-    """8 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
-    for p in range(np_):
-        prefetchw(of, ob + p * os_p)
-        prefetchw(of, ob + p * os_p + 15)
-    mode = 0
-    if nk == 16 and np_ == 8:
-        mode = 1 if first else 2
-    _block8_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
-                  mode)
-    if mode == 0:
-        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
-
-
-_block8_32 = conv_block(8, 2, 16)
-
-
-@_ukjit
-def uk8_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
-           first, zero, tmp, ws_c, ws_t):
-    """8 pixels x 32 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
-    for p in range(np_):
-        prefetchw(of, ob + p * os_p)
-        prefetchw(of, ob + p * os_p + 31)
-    mode = 0
-    if nk == 32 and np_ == 8:
-        mode = 1 if first else 2
-    _block8_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
-                  mode)
-    if mode == 0:
-        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(32))
-
-
 _block10_16x1m2 = conv_block(10, 1, 16, m=2)
 
 
@@ -329,6 +291,44 @@ def uk14_16x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias,
                   mode)
     if mode == 0:
         _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
+
+
+_block14_16 = conv_block(14, 2, 8)
+
+
+@_ukjit
+def uk14_16(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """14 pixels x 16 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 15)
+    mode = 0
+    if nk == 16 and np_ == 14:
+        mode = 1 if first else 2
+    _block14_16(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(16))
+
+
+_block14_32 = conv_block(14, 2, 16)
+
+
+@_ukjit
+def uk14_32(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """14 pixels x 32 channels (2 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 31)
+    mode = 0
+    if nk == 32 and np_ == 14:
+        mode = 1 if first else 2
+    _block14_32(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(32))
 
 
 @_ukjit
@@ -562,90 +562,6 @@ def tasks_16_p46(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                                      bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk4_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                    j0 += pb
-        if nchw:
-            for kb in range(kb_lo, kb_hi):
-                nk = min(16, kg - kb * 16)
-                transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
-                                (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
-        if epi is not None:  # (pruned at compile time without an epilogue)
-            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
-            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
-            # adjacent), or a single run when the task has every channel
-            k_lo = g * kg + kb_lo * 16
-            nk = min(kb_hi * 16, kg) - kb_lo * 16
-            if nchw:
-                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
-            elif nk == k_:
-                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
-            else:
-                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
-
-
-@_ukjit
-def tasks_16_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
-             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
-    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
-    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
-    ``split`` of a row, then of 7 (of (7, 8): runtime choices, so every layer shares this
-    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
-    part.  (One function with the task loop: each
-    function level costs its own compile, link and emission of everything below it.)
-
-    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
-    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
-    of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
-    nrb = (ho_ + rows - 1) // rows
-    nkr = (kbg + kbs - 1) // kbs
-    inner = groups * nkr
-    tmp = scratch(8 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
-    # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
-    # block itself as vectors) and transposed into the output planes once they are finished
-    # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
-    # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
-    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
-    dst = obuf if nchw else of
-    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
-    for t in range(lo, hi):
-        n = t // (nrb * inner)
-        rest = t % (nrb * inner)
-        gk = rest % inner
-        i0 = (rest // inner) * rows
-        i1 = min(i0 + rows, ho_)
-        g = gk // nkr
-        kb_lo = (gk % nkr) * kbs
-        kb_hi = min(kbg, kb_lo + kbs)
-        for c0 in range(0, cg, cb):
-            cl = min(cb, cg - c0)
-            for i in range(i0, i1):
-                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
-                j0 = 0
-                while j0 < wo_:
-                    pb = p_ if j0 < split else 7
-                    for kb in range(kb_lo, kb_hi):
-                        nk = min(16, kg - kb * 16)
-                        kb0 = g * kg + kb * 16
-                        if hwio:
-                            wb = c0 * k_ + kb0
-                            ws_c = k_
-                            ws_t = cg * k_
-                        else:
-                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
-                            ws_c = 16
-                            ws_t = cl * 16
-                        if nchw:
-                            orow = ((kb - kb_lo) * rows + i - i0) * wo_ * 16
-                        else:
-                            orow = (n * ho_ + i) * wo_ * k_ + kb0
-                        xb = xrow + j0 * sw * c_
-                        ob = orow + j0 * os_p
-                        np_ = min(pb, wo_ - j0)
-                        if pb == 8:
-                            uk8_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
-                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
-                        else:
-                            uk7_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                     j0 += pb
         if nchw:
@@ -920,11 +836,95 @@ def tasks_16x1_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, grou
 
 
 @_ukjit
-def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+def tasks_16_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 16) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 14): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 16); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = scratch(14 * 16, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
+    # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
+    # block itself as vectors) and transposed into the output planes once they are finished
+    # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
+    # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
+    obuf = scratch(rows * wo_ * kbs * 16 if nchw else 1, of)
+    dst = obuf if nchw else of
+    os_p = 16 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                xrow = (n * hp + i * sh) * wp * c_ + g * cg + c0
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(16, kg - kb * 16)
+                        kb0 = g * kg + kb * 16
+                        if hwio:
+                            wb = c0 * k_ + kb0
+                            ws_c = k_
+                            ws_t = cg * k_
+                        else:
+                            wb = ((g * kbg + kb) * r_ * s_ * cg + c0 * r_ * s_) * 16
+                            ws_c = 16
+                            ws_t = cl * 16
+                        if nchw:
+                            orow = ((kb - kb_lo) * rows + i - i0) * wo_ * 16
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 14:
+                            uk14_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_16(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
+        if nchw:
+            for kb in range(kb_lo, kb_hi):
+                nk = min(16, kg - kb * 16)
+                transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 16, 16,
+                                (n * k_ + g * kg + kb * 16) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 16
+            nk = min(kb_hi * 16, kg) - kb_lo * 16
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
+
+
+@_ukjit
+def tasks_32_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
              dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, epi):
     """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
     [kb_lo, kb_hi) (of 32) of group g, image n, in blocks of ``p_`` pixels up to pixel
-    ``split`` of a row, then of 7 (of (7, 8): runtime choices, so every layer shares this
+    ``split`` of a row, then of 7 (of (7, 14): runtime choices, so every layer shares this
     code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
     part.  (One function with the task loop: each
     function level costs its own compile, link and emission of everything below it.)
@@ -935,7 +935,7 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
     nrb = (ho_ + rows - 1) // rows
     nkr = (kbg + kbs - 1) // kbs
     inner = groups * nkr
-    tmp = scratch(8 * 32, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
+    tmp = scratch(14 * 32, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
     # block itself as vectors) and transposed into the output planes once they are finished
     # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
@@ -977,8 +977,8 @@ def tasks_32_p78(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups,
                         xb = xrow + j0 * sw * c_
                         ob = orow + j0 * os_p
                         np_ = min(pb, wo_ - j0)
-                        if pb == 8:
-                            uk8_32(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                        if pb == 14:
+                            uk14_32(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
                                      bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
                         else:
                             uk7_32(xf, wf, dst, xb, wb, ob, cl, r_, s_, dh * wp * c_, dw * c_, sw * c_, os_p,

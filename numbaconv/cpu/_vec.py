@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-__all__ = ["lanes", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tap_sweep", "strided_runs",
+__all__ = ["lanes", "unroll", "conv_block", "prefetchw", "dot_block", "dw3x3_block", "tap_sweep", "strided_runs",
            "channel_taps", "copy2d", "run_copies", "scatter_block", "tile_transform", "transpose8", "fma_chains", "target_vector_bytes", "target_description"]
 
 
@@ -129,6 +129,15 @@ def lanes(vector_bytes, itemsize):
 #: Intel Xeon (AVX-512, 8 x 2 zmm) the block ran 143-160 -> 160-175 GFLOP/s on one core
 #: (peak 214), the 3x3 layers 8-15 % faster; the AVX2 blocks keep every register (no spill)
 UNROLL = 4
+#: ... while the block holds at most this many accumulators: 28 (AVX-512's 14 x 2) unrolled
+#: four times spilled (LLVM's scheduler hoisted later steps' broadcasts into registers the
+#: accumulators needed), one step per iteration keeps all 32 zmm (28 + 2 weights + a broadcast)
+UNROLL_MAX_ACCUMULATORS = 16
+
+
+def unroll(accumulators):
+    """Reduction steps per iteration of a register block with ``accumulators`` registers."""
+    return UNROLL if accumulators <= UNROLL_MAX_ACCUMULATORS else 1
 #: how far ahead of the reduction step :func:`conv_block` prefetches its vector operand (the
 #: weights' stream): a model's deep layers find their weights in memory, not in cache, and the
 #: hardware prefetchers ramp up on each block's short stream again (Intel Xeon, 12 weight sets
@@ -255,11 +264,12 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1, prefetch
                             for v in range(nv):
                                 builder.store(_fmuladd(builder, xv, wv[v], builder.load(accs[p][v])), accs[p][v])
                     steps = cn if m == 1 else builder.sdiv(cn, i64(m))
-                    whole = builder.sdiv(steps, i64(UNROLL))
+                    nu = unroll(p_ * nv)
+                    whole = builder.sdiv(steps, i64(nu))
                     with _loop(builder, whole) as cu:
-                        for u in range(UNROLL):
-                            step(builder.add(builder.mul(cu, i64(UNROLL)), i64(u)))
-                    done = builder.mul(whole, i64(UNROLL))
+                        for u in range(nu):
+                            step(builder.add(builder.mul(cu, i64(nu)), i64(u)))
+                    done = builder.mul(whole, i64(nu))
                     with _loop(builder, builder.sub(steps, done)) as cr:  # (the steps % UNROLL left)
                         step(builder.add(done, cr))
             with builder.if_else(builder.icmp_signed("==", mode_, i64(0))) as (to_tmp, to_out):

@@ -81,7 +81,7 @@ def report():
     import numpy as np
 
     from . import depthwise, dot, epilogue, pointwise, tiled, winograd
-    from ._blocking import GROUP_PACKS
+    from ._blocking import GEMM_P_CHOICES, GROUP_PACKS
     from ._vec import target_description, target_vector_bytes
     out = {"target": list(target_description()), "vector_bytes": target_vector_bytes(), "tiled": {},
            "dot": {}, "depthwise": {}, "winograd": {}, "pointwise": {}, "epilogue": {}}
@@ -102,7 +102,7 @@ def report():
                     stats = loop_stats(tiled.microkernel_asm(dtype, p_, 1, m))
                     out["tiled"][f"float32/P{p_}/V{tiled.block_width(dtype) // 2}/NV1/M{m}"] = stats
         if dtype == np.float32:  # (the same register block as tiled's, inlined into its task)
-            p_ = max(tiled.P_CHOICES[target_vector_bytes()])
+            p_ = max(GEMM_P_CHOICES[target_vector_bytes()])
             out["pointwise"][f"float32/P{p_}/V{tiled.block_width(dtype)}"] = loop_stats(pointwise.microkernel_asm(dtype))
         for part in ("gemm", "input", "output"):
             out["winograd"][f"{np.dtype(dtype).name}/{part}/P{winograd._P}"] = loop_stats(

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from .. import tuning
-from ._blocking import P_CHOICES, block_width, driver_tag, pixel_blocks, vector_bytes
+from ._blocking import GEMM_P_CHOICES, block_width, driver_tag, pixel_blocks, vector_bytes
 from ._launch import Task, type_key
 from ._wcache import WeightCache
 from .epilogue import NONE, arg_key
@@ -66,7 +66,7 @@ def applies(p):
 
 
 def _task(dtype):
-    name = f"pointwise_{block_width(dtype)}_{driver_tag(P_CHOICES[vector_bytes()])}"
+    name = f"pointwise_{block_width(dtype)}_{driver_tag(GEMM_P_CHOICES[vector_bytes()])}"
     if name not in _TASKS:
         from . import _ukernels
         _TASKS[name] = Task(getattr(_ukernels, name))
@@ -82,7 +82,7 @@ def layer(p):
 
 @functools.lru_cache(maxsize=1024)
 def _layer(p, threads, _generation):
-    choices = P_CHOICES[vector_bytes()]
+    choices = GEMM_P_CHOICES[vector_bytes()]
     big, split = pixel_blocks(p.k, choices)
     starts, k0 = [], 0
     while k0 < p.k:  # (the driver's rule: the larger block before split, then the smaller)

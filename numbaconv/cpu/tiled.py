@@ -16,7 +16,7 @@ Data layout (built inside :func:`run`, counted in its time):
 Register blocking: the micro-kernel ``ukP_V`` (generated, in :mod:`numbaconv.cpu._ukernels`)
 keeps ``P`` output pixels x ``V`` output channels in registers -- ``V = 2`` vectors of the
 target's width: 16 float32 / 8 float64 on AVX2 (P = 4-6: 2P ymm accumulators, like
-oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 6-8, zmm); on AVX-512, layers with at most
+oneDNN's avx2 kernel) and 32 / 16 on AVX-512 (P = 7 or 14, zmm: 28 accumulators, as oneDNN); on AVX-512, layers with at most
 ``V/2`` output channels per group (ResNeXt's and RegNet's groups, 9-16-channel layers) run
 *narrow* blocks of one register per pixel instead (``V/2`` channels, P = 7 or 14), which
 the two-register block would run half empty; and float32 grouped layers with 4 or 8 input and
@@ -59,7 +59,7 @@ from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
 from ._vec import interleave16
 from ._launch import Task, type_key
-from ._blocking import (_DRIVERS, _UK_SHAPES, GROUP_PACK_LANES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P,  # noqa: F401
+from ._blocking import (_DRIVERS, _POINTWISE_DRIVERS, _UK_SHAPES, GROUP_PACK_LANES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P,  # noqa: F401
                         P_CHOICES,
                         block_width, driver_tag, empty_aligned, group_pack, kernel_suffix, narrow_blocks,
                         pixel_block, pixel_blocks, row_cost, transpose_block, vector_bytes)
@@ -892,7 +892,7 @@ def generate_source():
     """The text of :mod:`numbaconv.cpu._ukernels`."""
     return (_HEADER + "".join(_gen_ukernel(*shape) for shape in _UK_SHAPES)
             + "".join(_gen_driver(*d) for d in _DRIVERS)
-            + "".join(_gen_pointwise(*d) for d in _DRIVERS if d[2] == 2 and d[3] == 1))  # (NCHW 1x1: 2 per pixel)
+            + "".join(_gen_pointwise(v_, ps, 2, 1) for v_, ps in _POINTWISE_DRIVERS))  # (NCHW 1x1: 2 per pixel)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import tuning
 from . import tiled
-from ._blocking import empty_aligned
+from ._blocking import GEMM_P_CHOICES, empty_aligned
 from ._jit import copy_run, jit, scratch
 from ._launch import Task, call_at, callee, type_key
 from ._vec import conv_block, lanes, target_vector_bytes, tile_transform
@@ -122,8 +122,8 @@ def reference(d, g, m):
 
 # --- kernels -----------------------------------------------------------------------------------
 _VB = target_vector_bytes()
-#: tiles per micro-kernel call: tiled's largest pixel block for this target
-_P = max(tiled.P_CHOICES[_VB])
+#: tiles per micro-kernel call: the largest GEMM block for this target
+_P = max(GEMM_P_CHOICES[_VB])
 _GEMM = conv_block(_P, 2, vector_bytes=_VB)
 
 
