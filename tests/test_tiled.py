@@ -119,6 +119,33 @@ def test_nhwc_tasks_over_several_channel_blocks_with_epilogue(blocks, groups):
     assert_close(got, expected, np.float32, (c // groups) * r * r)
 
 
+@pytest.mark.parametrize("layout, k", [("NCHW", 40), ("NHWC", 40), ("NHWC", 64)],
+                         ids=["nchw", "nhwc_packed", "nhwc_hwio_in_place"])
+@pytest.mark.parametrize("padding, stride, dilation, r", [
+    (((2, 1), (1, 1)), 1, 1, 5),  # rows at the top and bottom lose some taps
+    (((4, 3), (0, 0)), 1, 2, 3),  # dilated: the first image tap by ceil division
+    (((3, 0), (1, 1)), 2, 1, 3),  # strided
+    (((4, 4), (1, 1)), 1, 1, 3),  # whole output rows in the padding: bias alone
+], ids=["asymmetric_5x5", "dilated", "strided", "rows_all_padding"])
+def test_kernel_rows_in_the_padding_are_skipped(layout, k, padding, stride, dilation, r):
+    """The driver runs only the kernel rows that read image rows (the others read zero
+    padding): the weights' and input's offsets and the row count follow the skip -- against
+    torch, in both layouts, on packed weights and on HWIO weights read in place."""
+    n, c, h, w = 2, 8, 6, 9
+    (pt, pb), (pl, pr) = padding
+    p = ConvProblem(n=n, c=c, h=h, w=w, k=k, r=r, s=3, stride_h=stride, stride_w=stride, pad_top=pt,
+                    pad_bottom=pb, pad_left=pl, pad_right=pr, dil_h=dilation, dil_w=dilation, layout=layout,
+                    weight_layout="OIHW" if layout == "NCHW" else "HWIO", dtype=np.dtype(np.float32))
+    assert tiled.route(p) == "generic"
+    assert tiled.plan(p)["hwio"] == (k == 64 and tiled.block_width(np.float32) in (16, 32))
+    rng = np.random.default_rng(k + r)
+    x, wt, b = make_problem(rng, n, c, h, w, k, r, 3, dtype=np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    wl = wt if layout == "NCHW" else np.ascontiguousarray(wt.transpose(2, 3, 1, 0))
+    got = numbaconv.conv2d(to_act(x, layout), wl, b, layout=layout, algorithm="tiled", **kw)
+    assert_close(got, to_act(torch_conv2d(x, wt, b, **kw), layout), np.float32, c * r * 3)
+
+
 def test_nhwc_wide_tasks_only_where_they_split_evenly():
     """On 2 threads: a 1x1 expansion at 56x56 sweeps several output-channel blocks per task (its
     epilogue over whole pixels); Inception's 17x17 3x3 keeps one block per task, whose row
