@@ -85,12 +85,15 @@ def _check_plan(report, vector_bytes):
         # per 36 FMAs (of ~94 instructions) is the price; no vector register may spill
         assert stats["stack"] == 0 and stats["gpr_stack"] <= 2, f"{name}: stack traffic in the hot loop: {stats}"
     assert report["winograd"], "no winograd stage was reported"
+    if vector_bytes == 64:  # (8 x 2 zmm, and 14 x 2 where an image has many tiles)
+        assert {n.split("/P")[1] for n in report["winograd"] if "/gemm/" in n} == {"8", "14"}, report["winograd"]
     for name, stats in report["winograd"].items():
         others = {r: n for r, n in stats["packed"].items() if r != reg and n}
         assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"
         if "/gemm/" in name:  # tiled's register block over the transformed tiles
             p_ = int(name.split("/P")[1])
-            assert stats["packed"][reg] == 2 * p_ * U, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg}, {U} steps)"
+            u = _vec.unroll(2 * p_)
+            assert stats["packed"][reg] == 2 * p_ * u, f"{name}: {stats} (plan: {2 * p_} FMAs on {reg}, {u} steps)"
             assert stats["stack"] == stats["gpr_stack"] == 0, f"{name}: stack traffic in the hot loop: {stats}"
         else:  # the tile transforms: channel vectors of the full width (1/2, 2, 4, 8 ... as FMAs)
             assert stats["packed"][reg] > 0, f"{name}: {stats}"

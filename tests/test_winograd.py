@@ -79,6 +79,22 @@ def test_plan_picks_small_tiles_for_small_outputs():
     assert winograd.tile_size(prob(8, 7)) == 4
 
 
+def test_plan_takes_the_wide_gemm_block_only_with_two_blocks_of_tiles():
+    """Images with at least two of tiled's largest blocks of tiles run their GEMMs in those
+    blocks (14 tiles on AVX-512), others in the GEMM blocks (8): res5's 16 tiles would fill
+    28 slots.  The last case of ``CASES`` runs both in test_both_tile_sizes_match_torch."""
+    def prob(n, c, hw, groups=1):
+        return ConvProblem(n=n, c=c, h=hw, w=hw, k=c, r=3, s=3, pad_top=1, pad_bottom=1, pad_left=1,
+                           pad_right=1, groups=groups, dtype=np.dtype(np.float32))
+    wide, narrow = winograd._P_WIDE, winograd._P
+    assert winograd.plan(prob(1, 512, 7))["P"] == narrow
+    assert winograd.plan(prob(1, 256, 14))["P"] == narrow  # (16 tiles of 4x4)
+    assert winograd.plan(prob(1, 256, 28, 8))["P"] == wide
+    assert winograd.plan(prob(2, 64, 14, 4), 2)["P"] == wide and winograd.plan(prob(2, 64, 14, 4), 4)["P"] == narrow
+    b = winograd.plan(prob(8, 128, 28))
+    assert b["T"] % b["P"] == 0
+
+
 def _conv_abs(x, w, padding):
     return torch_conv2d(np.abs(x), np.abs(w), None, padding=padding)
 

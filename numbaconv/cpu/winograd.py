@@ -122,9 +122,16 @@ def reference(d, g, m):
 
 # --- kernels -----------------------------------------------------------------------------------
 _VB = target_vector_bytes()
-#: tiles per micro-kernel call: the largest GEMM block for this target
+#: tiles per micro-kernel call: the largest GEMM block for this target (8 x 2 zmm on AVX-512)
 _P = max(GEMM_P_CHOICES[_VB])
+#: ... or tiled's largest direct block (14 x 2 zmm) where an image has at least two such blocks
+#: of tiles: each transformed weight vector then serves 14 tiles (Intel Xeon, 2 threads, 3
+#: interleaved runs: 28x28 256 channels in 8 groups 0.53-0.58 -> 0.45-0.46 ms, batch 8 at 128
+#: channels 3.7 -> 3.4 NCHW, 3.1 -> 2.7 NHWC); not below (res5's 16 tiles ran 1.2 -> 1.5 ms in
+#: 28 slots)
+_P_WIDE = max(tiled.P_CHOICES[_VB])
 _GEMM = conv_block(_P, 2, vector_bytes=_VB)
+_GEMM_WIDE = conv_block(_P_WIDE, 2, vector_bytes=_VB)
 
 
 def _floats(mat):
@@ -177,6 +184,17 @@ def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, 
 
 
 @jit
+def _gemms_wide(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, kw, v_, mode):
+    """:func:`_gemms` in blocks of :data:`_P_WIDE` tiles (a layer compiles only the one it calls)."""
+    for xi in range(aa):
+        for kb in range(kb_lo, kb_hi):
+            wb = wb0 + (xi * kbg + kb) * cg * v_
+            for t0 in range(0, tt_, _P_WIDE):
+                _GEMM_WIDE(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
+                           (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
+
+
+@jit
 def _out_tile4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0):
     """Output transform of one F(4x4) tile (bias added); 0, or NaN when a result is not finite."""
     return _OUT4(mbuf, target, bias, src, ssa, ssb, dst, di, dj, nk, k0)
@@ -210,7 +228,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
     vbuf = scratch(aa * tt_ * min(cb, cg), of)  # (np.empty: see numbaconv.cpu._jit.scratch)
     mbuf = scratch(aa * tt_ * kbr * v_, of)
     obuf = scratch(tt_ * m * m * kbr * v_, of)
-    tmp = scratch(_P * v_, of)
+    tmp = scratch(_P_WIDE * v_, of)
     for task in range(lo, hi):
         n = task // per_n
         rest = task % per_n
@@ -282,16 +300,16 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
 _WINOGRAD = Task(_tasks)
 
 
-def _callees(xf, uf, bias, of, zeros, m, nchw):
+def _callees(xf, uf, bias, of, zeros, m, nchw, wide=False):
     """:func:`_tasks`' ``fns`` for these arrays (their Numba types), tile size ``m`` and output
     layout: ``(address, tag)`` of :func:`_in_tiles4` (or 2), :func:`_gemms`, :func:`_out_tile4`
     (or 2) into the task's buffers and, for NHWC, into the output (NCHW never calls it: its
     slot stays empty, and a call would fail the tag check).  Once per combination (``conv2d``
     binds on every call: building them took 0.3 ms of a 0.8 ms res2 layer on Intel Xeon)."""
-    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros)) + (m, nchw)
+    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros)) + (m, nchw, wide)
     fns = _CALLEES.get(key)
     if fns is None:
-        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros, m, nchw)
+        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros, m, nchw, wide)
     return fns
 
 
@@ -299,14 +317,14 @@ def _callees(xf, uf, bias, of, zeros, m, nchw):
 _CALLEES = {}
 
 
-def _build_callees(xf, uf, bias, of, zeros, m, nchw):
+def _build_callees(xf, uf, bias, of, zeros, m, nchw, wide):
     i64 = numba.types.int64
     flat = numba.from_dtype(of.dtype)[::1]  # (the task's own buffers)
     tx, tu, tb, to, tz = (numba.typeof(a) for a in (xf, uf, bias, of, zeros))
     item = numba.from_dtype(of.dtype)
     in_tiles, out_tile = (_in_tiles4, _out_tile4) if m == 4 else (_in_tiles2, _out_tile2)
     fns = (callee(in_tiles, (tx, flat, tz) + (i64,) * 10)
-           + callee(_gemms, (flat, tu, flat, flat, tz) + (i64,) * 11)
+           + callee(_gemms_wide if wide else _gemms, (flat, tu, flat, flat, tz) + (i64,) * 11)
            + callee(out_tile, (flat, flat, tb) + (i64,) * 8, item)
            + ((0, 0) if nchw else callee(out_tile, (flat, to, tb) + (i64,) * 8, item)))
     return np.array(fns, dtype=np.int64)
@@ -427,7 +445,7 @@ def tile_size(p):
 
 
 def plan(p, m=None):
-    """Blocking for ``p``: dict(m, V, T tiles per task, cb input channels per block, kbr
+    """Blocking for ``p``: dict(m, V, P tiles per GEMM block, T tiles per task, cb input channels per block, kbr
     output-channel blocks per task, th x tw tiles, hp x wp padded input) (a fresh copy)."""
     return dict(_plan(p, m, numba.get_num_threads(), tuning.generation()))
 
@@ -442,15 +460,16 @@ def _plan(p, m, threads, _generation):
     a = m + 2
     th, tw = -(-p.ho // m), -(-p.wo // m)
     kbg = -(-p.kg // v_)
-    tt_ = min(2 * _P, -(-(th * tw) // _P) * _P)  # no more tile slots than tiles
+    pb = _P_WIDE if th * tw >= 2 * _P_WIDE else _P  # tiles per GEMM block (see _P_WIDE)
+    tt_ = min(2 * pb, -(-(th * tw) // pb) * pb)  # no more tile slots than tiles
     # input channels per block: the block's transformed tiles (alpha^2 x T x cb) within ~512 KiB
     # (half of Zen 4's L2; res5 ran 10 % faster with all 512 channels in one block than in two)
     cb = max(16, tuning.value("winograd.cb_bytes") // (a * a * tt_ * item))
     cb = min(p.cg, cb)
     nblk = -(-p.cg // cb)
     cb = -(-p.cg // nblk)
-    while tt_ > _P and p.n * -(-(th * tw) // tt_) * p.groups * kbg < threads:
-        tt_ -= _P
+    while tt_ > pb and p.n * -(-(th * tw) // tt_) * p.groups * kbg < threads:
+        tt_ -= pb
     # output channels per task: M (alpha^2 x T x kw) within ~512 KiB, and the runs split so
     # the threads finish together: the least rounds x (channel blocks per task + the input
     # transform each run repeats, ~half a block's GEMMs), then the fewest runs.  (res4 ran
@@ -462,7 +481,7 @@ def _plan(p, m, threads, _generation):
     def span(nkr):
         return -(-(other * nkr) // threads) * (-(-kbg // nkr) + 0.5)
     kbr = -(-kbg // min(range(-(-kbg // kbr_max), kbg + 1), key=lambda nkr: (span(nkr), nkr)))
-    return dict(m=m, V=v_, T=tt_, cb=cb, kbr=kbr, kbg=kbg, th=th, tw=tw, hp=th * m + 2, wp=tw * m + 2)
+    return dict(m=m, V=v_, P=pb, T=tt_, cb=cb, kbr=kbr, kbg=kbg, th=th, tw=tw, hp=th * m + 2, wp=tw * m + 2)
 
 
 #: ``run`` takes ``epi=`` and applies it in the output transform's stores (numbaconv.cpu.epilogue)
@@ -508,7 +527,7 @@ def bind(p, w, bias, m=None, flip=False):
         xf = xp.reshape(-1)
         # (weights, bias and geometry keep their types for the layer: only these vary)
         key = (type_key(xf), type_key(of))
-        f = _callees(xf, uf, bp, of, zeros, b["m"], nchw)
+        f = _callees(xf, uf, bp, of, zeros, b["m"], nchw, b["P"] != _P)
         _WINOGRAD.run(key + (arg_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
@@ -534,13 +553,14 @@ def _run_live(p, x, w, bias, out, m, flip):
 
 def microkernel_asm(dtype=np.float32, part="gemm"):
     """Machine code of a Winograd stage on the compile target, for the codegen tests:
-    ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles), ``"input"``
+    ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles; ``"gemm_wide"``:
+    :func:`_gemms_wide`), ``"input"``
     (:func:`_in_tiles4`) or ``"output"`` (:func:`_out_tile4`).  Compiled afresh (no cache)."""
     from ._jit import FASTMATH
-    fn = {"gemm": _gemms, "input": _in_tiles4, "output": _out_tile4}[part]
+    fn = {"gemm": _gemms, "gemm_wide": _gemms_wide, "input": _in_tiles4, "output": _out_tile4}[part]
     t = numba.from_dtype(np.dtype(dtype))
     a, i = t[::1], numba.int64
-    sig = {"gemm": (a, a, a, a, a) + (i,) * 11,
+    sig = {"gemm": (a, a, a, a, a) + (i,) * 11, "gemm_wide": (a, a, a, a, a) + (i,) * 11,
            "input": (a, a, a) + (i,) * 10,
            "output": (a, a, a) + (i,) * 8}[part]
     jitted = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(fn.py_func)
