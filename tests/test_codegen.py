@@ -85,8 +85,6 @@ def _check_plan(report, vector_bytes):
         # per 36 FMAs (of ~94 instructions) is the price; no vector register may spill
         assert stats["stack"] == 0 and stats["gpr_stack"] <= 2, f"{name}: stack traffic in the hot loop: {stats}"
     assert report["winograd"], "no winograd stage was reported"
-    if vector_bytes == 64:  # (8 x 2 zmm, and 14 x 2 where an image has many tiles)
-        assert {n.split("/P")[1] for n in report["winograd"] if "/gemm/" in n} == {"8", "14"}, report["winograd"]
     for name, stats in report["winograd"].items():
         others = {r: n for r, n in stats["packed"].items() if r != reg and n}
         assert not others and not stats["scalar"], f"{name}: FMAs off the plan's {reg}: {stats}"

@@ -107,9 +107,6 @@ def report():
         for part in ("gemm", "input", "output"):
             out["winograd"][f"{np.dtype(dtype).name}/{part}/P{winograd._P}"] = loop_stats(
                 winograd.microkernel_asm(dtype, part))
-        if winograd._P_WIDE != winograd._P:  # (the wider block where an image has many tiles)
-            out["winograd"][f"{np.dtype(dtype).name}/gemm/P{winograd._P_WIDE}"] = loop_stats(
-                winograd.microkernel_asm(dtype, "gemm_wide"))
     for dtype in (np.float32, np.float64):  # the fused epilogue's loops, per activation
         for act, code in epilogue.CODES.items():
             if code:

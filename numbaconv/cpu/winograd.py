@@ -172,26 +172,21 @@ def _tile_start(m, n, tb, tt_, t, ntiles, tw, hp, wp, c_, c0):
 
 
 @jit
-def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, kw, v_, mode):
+def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, kw, v_, mode, pb):
     """``mbuf[xi, t, k] (=|+=) sum over c of vbuf[xi, t, c] * U[xi, c, k]`` for every ``xi``
-    and the task's channel blocks: ``P`` tiles x ``V`` channels per micro-kernel call."""
+    and the task's channel blocks: ``pb`` tiles (:data:`_P` or :data:`_P_WIDE`, a runtime
+    choice: every layer shares this function) x ``V`` channels per micro-kernel call."""
     for xi in range(aa):
         for kb in range(kb_lo, kb_hi):
             wb = wb0 + (xi * kbg + kb) * cg * v_
-            for t0 in range(0, tt_, _P):
-                _GEMM(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
-                      (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
-
-
-@jit
-def _gemms_wide(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, kw, v_, mode):
-    """:func:`_gemms` in blocks of :data:`_P_WIDE` tiles (a layer compiles only the one it calls)."""
-    for xi in range(aa):
-        for kb in range(kb_lo, kb_hi):
-            wb = wb0 + (xi * kbg + kb) * cg * v_
-            for t0 in range(0, tt_, _P_WIDE):
-                _GEMM_WIDE(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
-                           (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
+            if pb == _P_WIDE:
+                for t0 in range(0, tt_, _P_WIDE):
+                    _GEMM_WIDE(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
+                               (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
+            else:
+                for t0 in range(0, tt_, _P):
+                    _GEMM(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
+                          (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
 
 
 @jit
@@ -218,7 +213,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
     written out here, not a function inlined into the loop: Numba's IR inlining took 0.3 s
     of a fresh install's first Winograd layer (Intel Xeon); its buffers are allocated once
     per range of tasks."""
-    hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_ = geo
+    hp, wp, c_, ho_, wo_, k_, groups, cg, kg, kbg, m, th, tw, tt_, cb, kbr, v_, n_, pb = geo
     a = m + 2
     aa = a * a
     ntiles = th * tw
@@ -242,7 +237,7 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
             cl = min(cb, cg - c0)
             call_at(fns, 0, None, (xf, vbuf, zeros, n, tb, tt_, ntiles, tw, hp, wp, c_, g * cg + c0, cl))
             call_at(fns, 2, None, (vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, (g * aa * kbg * cg + c0) * v_, kb_lo,
-                                   kb_hi, kbg, cg, kw, v_, 1 if c0 == 0 else 2))
+                                   kb_hi, kbg, cg, kw, v_, 1 if c0 == 0 else 2, pb))
         # output tiles (bias added in the transform)
         nk = min(kw, kg - kb_lo * v_)
         k0 = g * kg + kb_lo * v_
@@ -296,20 +291,21 @@ def _tasks(lo, hi, xf, uf, bias, of, bad, zeros, geo, nchw, nhwc, epi, fns):
 #: 0, or NaN where the task produced a non-finite value; ``fns``: :func:`_callees`' addresses
 #: of the transforms and GEMMs (called through them: linked in, they were ~1 s of the task's
 #: 4.6 s compile on a fresh install, Zen 1).  ``geo``: the geometry's integers ``hp,
-#: wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb, kbr, V, N``.
+#: wp, C, Ho, Wo, K, groups, C/G, K/G, K/G/V, m, th, tw, T, cb, kbr, V, N, P``
+#: (``P``: tiles per GEMM block, see :func:`_gemms`).
 _WINOGRAD = Task(_tasks)
 
 
-def _callees(xf, uf, bias, of, zeros, m, nchw, wide=False):
+def _callees(xf, uf, bias, of, zeros, m, nchw):
     """:func:`_tasks`' ``fns`` for these arrays (their Numba types), tile size ``m`` and output
     layout: ``(address, tag)`` of :func:`_in_tiles4` (or 2), :func:`_gemms`, :func:`_out_tile4`
     (or 2) into the task's buffers and, for NHWC, into the output (NCHW never calls it: its
     slot stays empty, and a call would fail the tag check).  Once per combination (``conv2d``
     binds on every call: building them took 0.3 ms of a 0.8 ms res2 layer on Intel Xeon)."""
-    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros)) + (m, nchw, wide)
+    key = tuple(type_key(a) for a in (xf, uf, bias, of, zeros)) + (m, nchw)
     fns = _CALLEES.get(key)
     if fns is None:
-        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros, m, nchw, wide)
+        fns = _CALLEES[key] = _build_callees(xf, uf, bias, of, zeros, m, nchw)
     return fns
 
 
@@ -317,14 +313,14 @@ def _callees(xf, uf, bias, of, zeros, m, nchw, wide=False):
 _CALLEES = {}
 
 
-def _build_callees(xf, uf, bias, of, zeros, m, nchw, wide):
+def _build_callees(xf, uf, bias, of, zeros, m, nchw):
     i64 = numba.types.int64
     flat = numba.from_dtype(of.dtype)[::1]  # (the task's own buffers)
     tx, tu, tb, to, tz = (numba.typeof(a) for a in (xf, uf, bias, of, zeros))
     item = numba.from_dtype(of.dtype)
     in_tiles, out_tile = (_in_tiles4, _out_tile4) if m == 4 else (_in_tiles2, _out_tile2)
     fns = (callee(in_tiles, (tx, flat, tz) + (i64,) * 10)
-           + callee(_gemms_wide if wide else _gemms, (flat, tu, flat, flat, tz) + (i64,) * 11)
+           + callee(_gemms, (flat, tu, flat, flat, tz) + (i64,) * 12)
            + callee(out_tile, (flat, flat, tb) + (i64,) * 8, item)
            + ((0, 0) if nchw else callee(out_tile, (flat, to, tb) + (i64,) * 8, item)))
     return np.array(fns, dtype=np.int64)
@@ -513,7 +509,7 @@ def bind(p, w, bias, m=None, flip=False):
     zeros = np.zeros(b["V"], dtype=p.dtype)
     ntasks = p.n * -(-(b["th"] * b["tw"]) // b["T"]) * p.groups * -(-b["kbg"] // b["kbr"])
     geo = np.array([b["hp"], b["wp"], p.c, p.ho, p.wo, p.k, p.groups, p.cg, p.kg, b["kbg"], b["m"], b["th"], b["tw"],
-                    b["T"], b["cb"], b["kbr"], b["V"], p.n], dtype=np.int64)
+                    b["T"], b["cb"], b["kbr"], b["V"], p.n, b["P"]], dtype=np.int64)
 
     def call(x, out, epi):
         if in_place:
@@ -527,7 +523,7 @@ def bind(p, w, bias, m=None, flip=False):
         xf = xp.reshape(-1)
         # (weights, bias and geometry keep their types for the layer: only these vary)
         key = (type_key(xf), type_key(of))
-        f = _callees(xf, uf, bp, of, zeros, b["m"], nchw, b["P"] != _P)
+        f = _callees(xf, uf, bp, of, zeros, b["m"], nchw)
         _WINOGRAD.run(key + (arg_key(ea), nchw), ntasks, xf, uf, bp, of, bad, zeros, geo, *layout, ea, f)
         if not np.isfinite(bad).all():
             # a non-finite input or weight (or an overflow): the transforms smear it over whole
@@ -553,14 +549,15 @@ def _run_live(p, x, w, bias, out, m, flip):
 
 def microkernel_asm(dtype=np.float32, part="gemm"):
     """Machine code of a Winograd stage on the compile target, for the codegen tests:
-    ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles; ``"gemm_wide"``:
-    :func:`_gemms_wide`), ``"input"``
+    ``"gemm"`` (:func:`_gemms`: the register block over the transformed tiles; the loop with
+    most FMAs is the 8-tile block's, unrolled: its 14-tile one is tiled's, checked there),
+    ``"input"``
     (:func:`_in_tiles4`) or ``"output"`` (:func:`_out_tile4`).  Compiled afresh (no cache)."""
     from ._jit import FASTMATH
-    fn = {"gemm": _gemms, "gemm_wide": _gemms_wide, "input": _in_tiles4, "output": _out_tile4}[part]
+    fn = {"gemm": _gemms, "input": _in_tiles4, "output": _out_tile4}[part]
     t = numba.from_dtype(np.dtype(dtype))
     a, i = t[::1], numba.int64
-    sig = {"gemm": (a, a, a, a, a) + (i,) * 11, "gemm_wide": (a, a, a, a, a) + (i,) * 11,
+    sig = {"gemm": (a, a, a, a, a) + (i,) * 12,
            "input": (a, a, a) + (i,) * 10,
            "output": (a, a, a) + (i,) * 8}[part]
     jitted = numba.njit(cache=False, nogil=True, fastmath=FASTMATH)(fn.py_func)
