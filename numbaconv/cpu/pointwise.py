@@ -34,7 +34,7 @@ from ._launch import Task, type_key
 from ._wcache import WeightCache
 from .epilogue import NONE, arg_key
 
-__all__ = ["MIN_PIXELS", "applies", "bind", "run", "layer", "clear_cache", "microkernel_asm"]
+__all__ = ["MAX_CHANNELS", "MIN_PIXELS", "applies", "bind", "run", "layer", "clear_cache", "microkernel_asm"]
 
 #: weights with appended zero rows (odd K): prepared once per weights, checked bit for bit
 _CACHE = WeightCache(min_bytes=64 << 10, max_bytes=64 << 20)
@@ -58,11 +58,23 @@ _TASKS = {}
 MIN_PIXELS = 64 if vector_bytes() >= 64 else 0
 
 
+#: on AVX-512 targets, float32 layers with at least this many input *and* output channels run
+#: ``tiled``'s 14-pixel channel-vector blocks instead: every 32-pixel block here streams all
+#: the weights (256 KiB+) again, which the packed blocks read once per band of rows (Intel
+#: Xeon, 2 threads, Conv2dPlan, batch 1 / 8: 1024 -> 512 at 14x14 1.06 -> 0.77 / 8.0 -> 5.8 ms,
+#: 256 -> 1024 at 14x14 0.46 -> 0.39 / 3.6 -> 3.0, 512 -> 256 at 28x28 0.89 -> 0.81 / 7.1 ->
+#: 6.7; below, e.g. 512 -> 128 at 28x28 0.42 / 3.5 ms here, 0.46 / 3.9 there).  AVX2's blocks
+#: and float64 are not measured: unchanged
+MAX_CHANNELS = 256 if vector_bytes() >= 64 else 1 << 62
+
+
 def applies(p):
     """An NCHW 1x1 layer that reads its input in place: stride 1, no padding, one group (and,
-    on AVX-512, at least :data:`MIN_PIXELS` pixels)."""
+    on AVX-512, at least :data:`MIN_PIXELS` pixels and, float32, fewer than
+    :data:`MAX_CHANNELS` input or output channels)."""
     return (p.layout == "NCHW" and p.r == 1 and p.s == 1 and not p.has_padding and p.groups == 1
-            and p.stride_h == 1 and p.stride_w == 1 and p.ho * p.wo >= MIN_PIXELS)
+            and p.stride_h == 1 and p.stride_w == 1 and p.ho * p.wo >= MIN_PIXELS
+            and (min(p.c, p.k) < MAX_CHANNELS or p.dtype != np.float32))
 
 
 def _task(dtype):
