@@ -179,7 +179,7 @@ def _gemms(vbuf, uf, tmp, mbuf, zeros, aa, tt_, cl, wb0, kb_lo, kb_hi, kbg, cg, 
     for xi in range(aa):
         for kb in range(kb_lo, kb_hi):
             wb = wb0 + (xi * kbg + kb) * cg * v_
-            if pb == _P_WIDE:
+            if _P_WIDE != _P and pb == _P_WIDE:  # (a constant False where they agree: AVX2)
                 for t0 in range(0, tt_, _P_WIDE):
                     _GEMM_WIDE(vbuf, uf, tmp, (xi * tt_ + t0) * cl, wb, 1, 1, 0, 0, cl, v_, 0, cl, mbuf,
                                (xi * tt_ + t0) * kw + (kb - kb_lo) * v_, kw, zeros, 0, mode)
