@@ -56,6 +56,8 @@ DEPTHWISE = [
     (1, 4, 12, 40, 4, 1, 9, dict(padding=(0, 4))),                    # NCHW phases, 9 taps in a row (wide)
     (1, 4, 40, 40, 4, 9, 1, dict(padding=(4, 0))),                    # ... 9 taps in a column (wide)
     (1, 3, 14, 14, 3, 5, 5, dict(stride=2, padding=2)),               # NCHW phases, 5x5 stride 2 (tap sweep)
+    (2, 12, 9, 16, 12, 5, 5, dict(padding=((6, 2), (2, 2)), dilation=(1, 2))),  # NHWC 5-tap rows: dilated,
+    # (the first output row's kernel rows all in the padding)
 ]
 
 

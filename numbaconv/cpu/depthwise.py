@@ -567,7 +567,7 @@ def _copy_out(op, of, base, ho_, wo_, wq):
 _TAPS9 = tuple((t, 0) for t in range(9))
 _STRIDED = strided_runs(target_vector_bytes())  # (_fill_phases' copies)
 #: the NHWC pixel and run loops of _dw_nhwc_tasks: all 9 taps, one tap, the bias alone
-_CH_TAPS9, _CH_TAPS1, _CH_TAPS0 = (channel_taps(t, target_vector_bytes()) for t in (9, 1, 0))
+_CH_TAPS9, _CH_TAPS5, _CH_TAPS1, _CH_TAPS0 = (channel_taps(t, target_vector_bytes()) for t in (9, 5, 1, 0))
 _SWEEP_ROW = tap_sweep(_TAPS9, (tuple(range(9)),), target_vector_bytes())
 _SWEEP_PAIR_S1 = tap_sweep(_TAPS9 + ((6, 1), (7, 1), (8, 1)), (tuple(range(9)), tuple(range(3, 12))),
                            target_vector_bytes())
@@ -635,6 +635,12 @@ def _grid3(base, ds, dr):
     return (base, base + ds, base + ds + ds, r1, r1 + ds, r1 + ds + ds, r2, r2 + ds, r2 + ds + ds)
 
 
+@jit(inline="always")  # (into its callers: one function less to compile)
+def _row5(base, ds):
+    """The 5 offsets of a kernel row of 5 taps ``ds`` apart from ``base``."""
+    return (base, base + ds, base + ds + ds, base + 3 * ds, base + 4 * ds)
+
+
 @jit
 def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j1, rows_ok):
     """Pixels ``[j0, j1)`` of output row ``i``, one at a time."""
@@ -655,6 +661,22 @@ def _row_nhwc_pixels(x, w_rsk, bias, out, n, i, sh, sw, pt, pl, dh, dw, m, j0, j
             # of[ob + k] = bias[k] + sum over t of xf[x_t + k] * wf[t uk + k], k < uk
             _CH_TAPS9(of, ob, xf, _grid3(xb, np.uintp(dw * c_), np.uintp(dh * w_ * c_)),
                       wf, _grid3(np.uintp(0), uk, uk + uk + uk), bias, 0, True, uk)
+            continue
+        if m == 1 and s_ == 5 and w0 >= 0 and w0 + 4 * dw < w_:
+            # a 5-wide kernel at an interior column: each kernel row's 5 taps in one pass over the
+            # channels, one store of the output pixel per row, not per tap (EfficientNet's 5x5
+            # depthwise layers)
+            init = np.bool_(True)
+            for r in range(r_):
+                hi = h0 + r * dh
+                if hi < 0 or hi >= h_:
+                    continue
+                xb = np.uintp(((n * h_ + hi) * w_ + w0) * c_)
+                _CH_TAPS5(of, ob, xf, _row5(xb, np.uintp(dw * c_)), wf, _row5(np.uintp(r * s_ * k_), uk), bias, 0,
+                          init, uk)
+                init = False
+            if init:  # (every kernel row in the padding)
+                _CH_TAPS0(of, ob, xf, (), wf, (), bias, 0, True, uk)
             continue
         _CH_TAPS0(of, ob, xf, (), wf, (), bias, 0, True, uk)  # of[ob + k] = bias[k]
         for r in range(r_):
