@@ -270,7 +270,7 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1, prefetch
                         for u in range(nu):
                             step(builder.add(builder.mul(cu, i64(nu)), i64(u)))
                     done = builder.mul(whole, i64(nu))
-                    with _loop(builder, builder.sub(steps, done)) as cr:  # (the steps % UNROLL left)
+                    with _loop(builder, builder.sub(steps, done)) as cr:  # (the steps % nu left)
                         step(builder.add(done, cr))
             with builder.if_else(builder.icmp_signed("==", mode_, i64(0))) as (to_tmp, to_out):
                 with to_tmp:
