@@ -90,7 +90,7 @@ def _family(layer):
         algorithm = choose(p, prepared=True)
         if algorithm == "tiled":  # (which of its kernels)
             from .cpu import tiled
-            algorithm = f"tiled.{tiled.route(p)}"
+            algorithm = f"tiled.{tiled.route(p, prepared=True)}"
         kind = (p.r, p.s, p.stride_h, p.stride_w, p.is_depthwise, p.groups > 1)
     except Exception:  # noqa: BLE001 -- the forward reports it
         algorithm, kind = None, layer["w_shape"][2:]

@@ -124,7 +124,7 @@ def bind(problem, weight, bias, algorithm="auto"):
     w = to_layout(weight, problem.weight_layout, algo.weight_layout(problem.layout))
     bias = None if bias is None else np.ascontiguousarray(bias)
     if getattr(algo.impl, "FUSES_EPILOGUE", False) and hasattr(algo.impl, "bind"):
-        return algo.impl.bind(problem, w, bias)
+        return algo.impl.bind(problem, w, bias, prepared=True)
     return lambda x, out, epi: _run(name, problem, x, w, bias, out, epi)
 
 

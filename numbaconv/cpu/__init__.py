@@ -28,7 +28,9 @@
 
 An algorithm module exposes ``run(problem, x, weight, bias, out)`` and ``WEIGHT_LAYOUTS``
 (the protocol of :mod:`numbaconv.registry`, which names it); with ``FUSES_EPILOGUE = True``
-its ``run`` also takes ``epi=`` (an :class:`~numbaconv.cpu.epilogue.Epilogue`).
+its ``run`` also takes ``epi=`` (an :class:`~numbaconv.cpu.epilogue.Epilogue`), and its
+``bind(problem, weight, bias, prepared=False)`` returns the call as a function of ``(x, out,
+epi)`` (``prepared``: for a :class:`~numbaconv.Conv2dPlan`, which keeps what it prepares).
 
 May import: each other, ``numbaconv.problem`` and ``numbaconv.layout`` (plain argument
 types and parsing helpers, no kernels); never the front door (``api``, ``registry``,

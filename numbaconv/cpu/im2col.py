@@ -322,8 +322,8 @@ def run(p, x, w, bias, out, epi=NONE):
     bind(p, w, bias)(x, out, epi)
 
 
-def bind(p, w, bias):
-    """:func:`run` for ``p`` as a function of ``(x, out, epi)``.  The 1x1 paths bind what does
+def bind(p, w, bias, prepared=False):
+    """:func:`run` for ``p`` as a function of ``(x, out, epi)`` (``prepared``: the same either way).  The 1x1 paths bind what does
     not change per call (the bias array, the launch key of the weights): on the tiny layers
     that take them (squeeze-excitation 1x1 layers on 1x1 images) the per-call Python work was
     most of the call."""

@@ -433,10 +433,10 @@ def _imbalance(p, kbg, kbs, rows, threads):
     return max(loads) * parts / max(1, sum(loads))
 
 
-def generic(p):
+def generic(p, prepared=False):
     """Whether :func:`bind` runs ``p`` on the micro-kernel driver (the path :func:`plan` and the
     tuning knobs shape), not on the depthwise, streaming, deep-NCHW or direct-loop kernels."""
-    return not (p.is_depthwise or uses_streaming(p) or _oversized(p) or dot.applies(p) or pointwise.applies(p))
+    return route(p, prepared) == "generic"
 
 
 def _oversized(p):
@@ -506,9 +506,9 @@ def run(p, x, w, bias, out, epi=NONE):
 
 
 @functools.lru_cache(maxsize=1024)
-def _layer(p, threads, _generation):
-    """:func:`bind`'s decisions that depend on the problem alone (and the thread count and
-    tuning knobs), once per problem: ``conv2d`` binds on every call, and on a 1 ms layer
+def _layer(p, threads, _generation, prepared=False):
+    """:func:`bind`'s decisions that depend on the problem alone (and the thread count, tuning
+    knobs and whether the weights are prepared once), once per problem: ``conv2d`` binds on every call, and on a 1 ms layer
     these decisions cost ~5 % of it.  ``(kind, ...)``; for the micro-kernel path
     ``("generic", p, plan, in_place, padded_shape, pad_args, geometry, jobs)`` with ``p``
     rewritten for a strided 1x1 layer.  (Tests that patch the planners or thresholds clear
@@ -524,7 +524,10 @@ def _layer(p, threads, _generation):
         return ("streaming",)
     if _oversized(p):
         return ("naive",)
-    if dot.applies(p):
+    if dot.applies(p) and not prepared:
+        # (a plan packs its weights once: then the packed blocks are faster here too -- res5
+        # NCHW, Zen 3, Conv2dPlan: 1.18x onnxruntime's time packed, 1.38x through dot; batch 8
+        # 1.20x / 1.36x; ResNet-50's 1x1 1024 -> 2048 stride 2 1.04x / 1.47x)
         return ("dot",)
     nchw = p.layout == "NCHW"
     flat = flat_rows(p)
@@ -568,18 +571,20 @@ def flat_rows(p):
     return row_cost(p.wo) / p.wo > 1.1 * row_cost(pixels) / pixels
 
 
-def route(p):
-    """Which of tiled's kernels runs ``p``: ``"generic"`` (the micro-kernels), ``"pointwise"``,
-    ``"dot"``, ``"depthwise"``, ``"streaming"`` or ``"naive"`` (for numbaconv.ahead's families)."""
-    return _layer(p, numba.get_num_threads(), tuning.generation())[0]
+def route(p, prepared=False):
+    """Which of tiled's kernels runs ``p`` (``prepared``: for a plan's weights, see :func:`bind`):
+    ``"generic"`` (the micro-kernels), ``"pointwise"``, ``"dot"``, ``"depthwise"``,
+    ``"streaming"`` or ``"naive"`` (for numbaconv.ahead's families)."""
+    return _layer(p, numba.get_num_threads(), tuning.generation(), prepared)[0]
 
 
-def bind(p, w, bias):
+def bind(p, w, bias, prepared=False):
     """:func:`run`'s decisions and prepared weights for problem ``p``, as a function of
     ``(x, out, epi)`` (a :class:`numbaconv.Conv2dPlan` keeps it per input shape: a call is
-    then the allocation of the padded copy and the two kernel calls)."""
+    then the allocation of the padded copy and the two kernel calls; ``prepared``: the plan's
+    binding, which keeps what it prepares, so no kernel needs to avoid preparing weights)."""
     wlayout = _WEIGHT_LAYOUT[p.layout]
-    layer = _layer(p, numba.get_num_threads(), tuning.generation())
+    layer = _layer(p, numba.get_num_threads(), tuning.generation(), prepared)
     kind = layer[0]
     if kind == "depthwise":
         return depthwise.bind(p, w, bias, wlayout)

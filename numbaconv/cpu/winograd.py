@@ -492,11 +492,12 @@ def run(p, x, w, bias, out, m=None, flip=False, epi=NONE):
     bind(p, w, bias, m, flip)(x, out, epi)
 
 
-def bind(p, w, bias, m=None, flip=False):
-    """:func:`run`'s plan and transformed weights for ``p``, as a function of ``(x, out, epi)``."""
+def bind(p, w, bias, m=None, flip=False, prepared=False):
+    """:func:`run`'s plan and transformed weights for ``p``, as a function of ``(x, out, epi)``
+    (``prepared``: a plan's binding, see ``tiled.bind``)."""
     wlayout = dict(WEIGHT_LAYOUTS)[p.layout]
     if not applies(p):
-        return tiled.bind(p, flipped_weights(w, wlayout, p.groups) if flip else w, bias)
+        return tiled.bind(p, flipped_weights(w, wlayout, p.groups) if flip else w, bias, prepared=prepared)
     if max(p.pad_top, p.pad_bottom, p.pad_left, p.pad_right) > 2:
         return after(lambda x, out: _run_live(p, x, w, bias, out, m, flip))
     b = plan(p, m)
