@@ -252,17 +252,14 @@ def _pointwise_on_small_images(request, monkeypatch):
         monkeypatch.setattr(pointwise, "MIN_PIXELS", 0)
 
 
-def test_nchw_1x1_layers_with_many_channels_route_to_the_packed_blocks_on_avx512():
-    """On AVX-512 targets float32 NCHW 1x1 layers with 256+ input and output channels run
-    tiled's packed channel-vector blocks (the GEMM streamed their weights once per 32
-    pixels); narrower ones, float64 and AVX2 targets the in-place GEMM -- and both agree with
-    torch."""
+def test_nchw_1x1_layers_with_many_channels_route_to_the_packed_blocks():
+    """float32 NCHW 1x1 layers with 256+ input and output channels run tiled's packed
+    channel-vector blocks (the GEMM streamed their weights once per pixel block); narrower
+    ones and float64 the in-place GEMM -- and both agree with torch."""
     def route(c, k, dtype=np.float32):
         x, w = np.zeros((1, c, 14, 14), dtype), np.zeros((k, c, 1, 1), dtype)
         return tiled.route(ConvProblem.from_args(x, w, None))
-    wide = tiled.vector_bytes() >= 64
-    assert route(256, 256) == ("generic" if wide else "pointwise")
-    assert route(1024, 512) == ("generic" if wide else "pointwise")
+    assert route(256, 256) == route(1024, 512) == "generic"
     assert route(512, 128) == route(128, 512) == route(256, 255) == "pointwise"
     assert route(512, 512, np.float64) == "pointwise"
     _check((2, 256, 14, 14, 264, 1, 1, {}), "NCHW", np.float32)

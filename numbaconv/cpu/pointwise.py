@@ -58,14 +58,18 @@ _TASKS = {}
 MIN_PIXELS = 64 if vector_bytes() >= 64 else 0
 
 
-#: on AVX-512 targets, float32 layers with at least this many input *and* output channels run
-#: ``tiled``'s 14-pixel channel-vector blocks instead: every 32-pixel block here streams all
-#: the weights (256 KiB+) again, which the packed blocks read once per band of rows (Intel
-#: Xeon, 2 threads, Conv2dPlan, batch 1 / 8: 1024 -> 512 at 14x14 1.06 -> 0.77 / 8.0 -> 5.8 ms,
-#: 256 -> 1024 at 14x14 0.46 -> 0.39 / 3.6 -> 3.0, 512 -> 256 at 28x28 0.89 -> 0.81 / 7.1 ->
-#: 6.7; below, e.g. 512 -> 128 at 28x28 0.42 / 3.5 ms here, 0.46 / 3.9 there).  AVX2's blocks
-#: and float64 are not measured: unchanged
-MAX_CHANNELS = 256 if vector_bytes() >= 64 else 1 << 62
+#: float32 layers with at least this many input *and* output channels run ``tiled``'s
+#: channel-vector blocks instead: every pixel block here streams all the weights (256 KiB+)
+#: again, which the packed blocks read once per band of rows.  2 threads, Conv2dPlan: Intel
+#: Xeon (AVX-512, 14-pixel blocks), batch 1 / 8: 1024 -> 512 at 14x14 1.06 -> 0.77 / 8.0 ->
+#: 5.8 ms, 256 -> 1024 at 14x14 0.46 -> 0.39 / 3.6 -> 3.0, 512 -> 256 at 28x28 0.89 -> 0.81 /
+#: 7.1 -> 6.7; below, e.g. 512 -> 128 at 28x28 0.42 / 3.5 ms here, 0.46 / 3.9 there.  Zen 3
+#: (AVX2), batch 1, as multiples of onnxruntime's time in the same process (the shared host's
+#: speed drifted 2x): 1024 -> 512 at 14x14 1.47-1.61 -> 1.07, 512 -> 256 at 28x28 1.22-1.43 ->
+#: 0.89-1.04, 256 -> 1024 at 14x14 1.30-1.33 -> 0.98-1.22, 2048 -> 512 at 7x7 1.65 -> 1.17;
+#: (through ``conv2d``, packed copy checked per call: 1.64 -> 1.35, 1.26 -> 1.12, 1.46 ->
+#: 1.25); below, 128 -> 512 at 28x28 1.16 here, 1.44 there.  float64 is not measured: unchanged
+MAX_CHANNELS = 256
 
 
 def applies(p):
