@@ -413,17 +413,20 @@ NARROW = [
 
 @pytest.fixture
 def narrow_target(monkeypatch):
-    """The narrow blocks on every host: AVX-512 targets have them; elsewhere the generated
-    8-lane float32 ones stand in for a run (their speed is not measured there)."""
+    """The narrow and packed-group blocks on every host: AVX-512 targets have both, AVX2 ones
+    the narrow blocks; elsewhere the generated float32 ones stand in for a run (their speed is
+    not measured there).  True where the host's own narrow blocks run (float64's too)."""
     from numbaconv.cpu import _blocking
     vb = tiled.vector_bytes()
-    if vb not in _blocking.NARROW_P_CHOICES:
+    native = vb in _blocking.NARROW_P_CHOICES
+    if not native:
         monkeypatch.setattr(_blocking, "NARROW_P_CHOICES", {vb: (7, 14)})
         monkeypatch.setattr(tiled, "NARROW_P_CHOICES", _blocking.NARROW_P_CHOICES)
+    if vb not in _blocking.GROUP_PACK_P_CHOICES:
         monkeypatch.setattr(_blocking, "GROUP_PACK_P_CHOICES", {vb: (7, 10)})
         monkeypatch.setattr(tiled, "GROUP_PACK_P_CHOICES", _blocking.GROUP_PACK_P_CHOICES)
     tiled._plan.cache_clear()
-    yield vb in (64,)
+    yield native
     tiled._plan.cache_clear()
 
 
@@ -435,19 +438,36 @@ def test_narrow_blocks(case, layout, dtype, narrow_target):
     pixel (every remainder: partial channel block, pixel blocks of 14 and 7 and past the row,
     stride, dilation, asymmetric padding, NHWC in place)."""
     if dtype == np.float64 and not narrow_target:
-        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX-512 hosts)")
+        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX2 and AVX-512 hosts)")
     n, c, h, w, k, r, s, kw = case
     groups = kw.get("groups", 1)
     x = np.zeros((n, c, h, w), dtype) if layout == "NCHW" else np.zeros((n, h, w, c), dtype)
     p = ConvProblem.from_args(x, np.zeros((k, c // groups, r, s), dtype) if layout == "NCHW"
                               else np.zeros((r, s, c // groups, k), dtype), None, layout=layout, **kw)
-    narrow = 2 * (k // groups) <= tiled.block_width(dtype)  # (float64's 16 per group fill two registers)
+    # (float64's 16 per group fill two registers; on AVX2 dense layers with more than V/4
+    # output channels keep the two-register block: test_narrow_rule)
+    narrow = 2 * (k // groups) <= tiled.block_width(dtype) and (
+        groups > 1 or 4 * (k // groups) <= tiled.block_width(dtype) or tiled.vector_bytes() >= 64)
     if pointwise.applies(p):  # (an NCHW 1x1 layer with enough pixels: the in-place GEMM on AVX2)
         assert tiled.route(p) == "pointwise"
     else:
         assert tiled.route(p) == "generic" and tiled.plan(p)["nv"] == (1 if narrow else 2)
         assert tiled.plan(p)["V"] == tiled.block_width(dtype) // (2 if narrow else 1)
     _check(case, layout, dtype)
+
+
+def test_narrow_rule():
+    """Which layers take the narrow blocks: at most V/2 output channels per group, on targets
+    that have them; on AVX2 not dense layers with more than V/4 (slower there than the
+    half-empty two-register block)."""
+    from numbaconv.cpu._blocking import narrow_blocks
+    v = tiled.block_width(np.float32)
+    vb = tiled.vector_bytes()
+    if vb not in tiled.NARROW_P_CHOICES:
+        assert not narrow_blocks(np.float32, 1)
+        return
+    assert narrow_blocks(np.float32, v // 2, groups=2) and not narrow_blocks(np.float32, v // 2 + 1, groups=2)
+    assert narrow_blocks(np.float32, v // 4) and narrow_blocks(np.float32, v // 4 + 1) == (vb >= 64)
 
 
 # (n, c, h, w, groups, kwargs): as many input as output channels per group, 4 or 8 -- sets of
@@ -471,7 +491,7 @@ def test_packed_group_blocks(case, layout, dtype, narrow_target):
     back in channel order (whole blocks in NHWC, transposed ones in NCHW), bias, every
     pixel-block remainder, stride, dilation, asymmetric padding."""
     if dtype == np.float64 and not narrow_target:
-        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX-512 hosts)")
+        pytest.skip("this host's stand-in narrow blocks are float32 only (float64's run on AVX2 and AVX-512 hosts)")
     n, c, h, w, groups, kw = case
     cg = c // groups
     x = np.zeros((n, c, h, w), dtype) if layout == "NCHW" else np.zeros((n, h, w, c), dtype)

@@ -48,11 +48,15 @@ P = 6  # the default
 #: output channels per group (grouped convolutions with 9-16 per group, ResNeXt / RegNet, and
 #: dense layers with 9-16 output channels), which the two-register block would run half
 #: empty (and, from 32 products per output, the few-channel layers the streaming kernel took:
-#: see ``tiled.STREAM_MAX_REDUCTION``).  AVX-512 only so far, where it was measured (Intel
-#: Xeon, 2 threads, float32, 3x3, NCHW / NHWC: 16 per group at 28x28 0.74 -> 0.52 ms / 0.69 ->
-#: 0.41, dense 64 -> 16 at 56x56 0.56 -> 0.32 / 0.52 -> 0.28); AVX2's 8-lane variant is not
-#: measured yet (its 16 registers would hold 14 accumulators and two operands, at the edge)
-NARROW_P_CHOICES = {64: (7, 14)}
+#: see ``tiled.STREAM_MAX_REDUCTION``).  Intel Xeon, 2 threads, float32, 3x3, NCHW / NHWC: 16
+#: per group at 28x28 0.74 -> 0.52 ms / 0.69 -> 0.41, dense 64 -> 16 at 56x56 0.56 -> 0.32 /
+#: 0.52 -> 0.28.  AVX2 (8 lanes; 10 pixels at most: 12 accumulators, unrolled, spilled 14
+#: registers of its 16), Zen 3, 2 threads, auto, two interleaved runs, NCHW / NHWC: RegNet's 8
+#: per group (152 channels at 28x28) 0.68-0.71 -> 0.54-0.59 / 0.67 -> 0.43, 8 per group stride
+#: 2 0.58 -> 0.42-0.48 / 0.49-0.56 -> 0.38-0.40, ResNeXt's 4 per group (128 at 56x56, which
+#: streamed) 3.6-3.8 -> 2.2-2.5 / 4.2 -> 2.0-2.3, 64 -> 4 at 56x56 (streamed) 1.71-1.75 ->
+#: 0.50-0.54 / 1.86 -> 0.50-0.56, 8 -> 4 at 112x112 0.52-0.56 -> 0.43-0.45 / 0.62 -> 0.44
+NARROW_P_CHOICES = {32: (7, 10), 64: (7, 14)}
 #: packed-group blocks (float32): ``m`` groups of ``16/m`` output channels share one register,
 #: for grouped layers with as many input as output channels per group (4 or 8: ResNeXt's and
 #: RegNet's), whose narrow block would hold one group in a quarter or half of its lanes.  Each
@@ -113,10 +117,15 @@ def group_pack(dtype, groups, cg, kg):
     return m
 
 
-def narrow_blocks(dtype, kg):
-    """Whether ``kg`` output channels per group run on the narrow blocks (one register per
-    pixel, :data:`NARROW_P_CHOICES`) on the compile target."""
-    return vector_bytes() in NARROW_P_CHOICES and 2 * kg <= block_width(dtype)
+def narrow_blocks(dtype, kg, groups=1):
+    """Whether ``kg`` output channels per group (of ``groups``) run on the narrow blocks (one
+    register per pixel, :data:`NARROW_P_CHOICES`) on the compile target.  On AVX2 not dense
+    layers with more than ``V/4`` output channels: 64 -> 8 at 56x56 ran 15-20 % slower
+    narrow than in the half-empty two-register block (Zen 3; 8 per group and <= 4 output
+    channels were faster narrow, see NARROW_P_CHOICES)."""
+    if vector_bytes() not in NARROW_P_CHOICES or 2 * kg > block_width(dtype):
+        return False
+    return vector_bytes() >= 64 or groups > 1 or 4 * kg <= block_width(dtype)
 
 
 def pixel_block(wo):

@@ -358,7 +358,7 @@ def _plan(p, threads, _generation, m=1):
     """:func:`plan`, once per problem, thread count and set of tuning knobs (``conv2d`` binds
     on every call: on a small layer the planning arithmetic cost as much as the kernel)."""
     # one register of output channels per pixel where two would run half empty (<= V/2 per group)
-    nv = 1 if m > 1 or narrow_blocks(p.dtype, p.kg) else 2
+    nv = 1 if m > 1 or narrow_blocks(p.dtype, p.kg, p.groups) else 2
     v_, choices = _blocks(p.dtype, nv, m)
     forced = tuning.value("tiled.pixel_block")  # 0: by the output width
     p_, split = (forced, p.wo) if forced in choices else pixel_blocks(p.wo, choices)
@@ -447,13 +447,13 @@ def _oversized(p):
 
 def uses_streaming(p):
     """Too few output channels per group to fill the micro-kernel's ``V`` lanes (< 1/4 used)
-    -- and, where the narrow blocks run such layers (AVX-512), too short a reduction per
+    -- and, where the narrow blocks run such layers (AVX-512, AVX2), too short a reduction per
     output for them (under :data:`STREAM_MAX_REDUCTION` products: RGB inputs), or one or two
     output channels per group (:data:`STREAM_MAX_KG`), which use 1-2 of a narrow block's
     16 lanes."""
     if 4 * p.kg > block_width(p.dtype):
         return False
-    if not narrow_blocks(p.dtype, p.kg):
+    if not narrow_blocks(p.dtype, p.kg, p.groups):
         return True
     products = p.cg * p.r * p.s
     if products < STREAM_MAX_REDUCTION or p.kg == 1:
