@@ -30,9 +30,9 @@ LAYERS = [
     ("winograd", (1, 64, 12, 64, 3, 1, 1, 2)),      # grouped, 32 per group
     ("narrow", (1, 64, 12, 64, 3, 1, 1, 4)),        # 16 per group: AVX-512's narrow blocks (AVX2: Winograd)
     ("narrow", (1, 32, 10, 16, 3, 2, 1, 1)),        # 16 output channels, stride 2
-    ("packed2", (1, 64, 12, 64, 3, 1, 1, 8)),       # 8 per group: pairs of groups per register (AVX2: dense)
+    ("packed2", (1, 64, 12, 64, 3, 1, 1, 8)),       # 8 per group: pairs of groups per register (AVX2: the narrow block)
     ("packed2", (1, 96, 9, 96, 3, 2, 1, 12)),
-    ("packed4", (1, 64, 12, 64, 3, 1, 1, 16)),      # 4 per group: sets of 4 (AVX2: the streaming kernel)
+    ("packed4", (1, 64, 12, 64, 3, 1, 1, 16)),      # 4 per group: sets of 4 (AVX2: sets of 2)
     ("packed4", (1, 128, 10, 128, 3, 1, 1, 32)),
     ("pointwise", (1, 64, 16, 256, 1, 1, 0, 1)),
     ("pointwise", (1, 256, 9, 96, 1, 1, 0, 1)),

@@ -13,7 +13,7 @@ import pytest
 
 import numbaconv
 from numbaconv import tuning
-from numbaconv.cpu import depthwise, dot, pointwise, tiled
+from numbaconv.cpu import _blocking, depthwise, dot, pointwise, tiled
 from numbaconv.problem import ConvProblem
 from numbaconv.cpu._blocking import GEMM_P_CHOICES
 from numbaconv.cpu.epilogue import python_reference
@@ -422,9 +422,12 @@ def narrow_target(monkeypatch):
     if not native:
         monkeypatch.setattr(_blocking, "NARROW_P_CHOICES", {vb: (7, 14)})
         monkeypatch.setattr(tiled, "NARROW_P_CHOICES", _blocking.NARROW_P_CHOICES)
-    if vb not in _blocking.GROUP_PACK_P_CHOICES:
+    if vb not in _blocking.GROUP_PACK_P_CHOICES:  # (AVX-512's 16-lane sets stand in)
         monkeypatch.setattr(_blocking, "GROUP_PACK_P_CHOICES", {vb: (7, 10)})
         monkeypatch.setattr(tiled, "GROUP_PACK_P_CHOICES", _blocking.GROUP_PACK_P_CHOICES)
+        monkeypatch.setattr(_blocking, "GROUP_PACK_LANES", {vb: 16})
+        monkeypatch.setattr(tiled, "GROUP_PACK_LANES", _blocking.GROUP_PACK_LANES)
+        monkeypatch.setattr(_blocking, "GROUP_PACKS", {vb: (2, 4)})
     tiled._plan.cache_clear()
     yield native
     tiled._plan.cache_clear()
@@ -498,7 +501,8 @@ def test_packed_group_blocks(case, layout, dtype, narrow_target):
     wt = np.zeros((c, cg, 3, 3), dtype) if layout == "NCHW" else np.zeros((3, 3, cg, c), dtype)
     p = ConvProblem.from_args(x, wt, None, layout=layout, groups=groups, **kw)
     layer = tiled._layer(p, numba.get_num_threads(), tuning.generation())
-    m = 16 // cg if dtype == np.float32 else 1
+    lanes = _blocking.GROUP_PACK_LANES.get(tiled.vector_bytes(), 16)
+    m = lanes // cg if dtype == np.float32 and lanes // cg in _blocking.GROUP_PACKS.get(tiled.vector_bytes(), (2, 4)) else 1
     assert layer[0] == "generic" and layer[2]["m"] == m and layer[1].groups == -(-groups // m)
     _check((n, c, h, w, c, 3, 3, dict(groups=groups, **kw)), layout, dtype)
 

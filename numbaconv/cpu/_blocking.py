@@ -57,17 +57,22 @@ P = 6  # the default
 #: streamed) 3.6-3.8 -> 2.2-2.5 / 4.2 -> 2.0-2.3, 64 -> 4 at 56x56 (streamed) 1.71-1.75 ->
 #: 0.50-0.54 / 1.86 -> 0.50-0.56, 8 -> 4 at 112x112 0.52-0.56 -> 0.43-0.45 / 0.62 -> 0.44
 NARROW_P_CHOICES = {32: (7, 10), 64: (7, 14)}
-#: packed-group blocks (float32): ``m`` groups of ``16/m`` output channels share one register,
+#: packed-group blocks (float32): ``m`` groups of ``lanes/m`` output channels share one register,
 #: for grouped layers with as many input as output channels per group (4 or 8: ResNeXt's and
 #: RegNet's), whose narrow block would hold one group in a quarter or half of its lanes.  Each
 #: step broadcasts an ``m``-tuple of inputs (channel ``c`` of the ``m`` groups, interleaved in
 #: the padded copy) as a load; P up to 10 keeps the broadcasts and accumulators in registers
 #: (14 spilled).  Intel Xeon, one core, block alone, 3x3: 8 per group 127 useful GFLOP/s (the
-#: narrow block: 70), 4 per group 105 (35)
-GROUP_PACK_P_CHOICES = {64: (7, 10)}
-GROUP_PACKS = (2, 4)
-#: a packed-group register's lanes (float32 zmm): m groups of GROUP_PACK_LANES / m channels
-GROUP_PACK_LANES = 16
+#: narrow block: 70), 4 per group 105 (35).  AVX2: 2 groups of 4 per ymm (8 per group fill the
+#: narrow block), P 7 / 10 without spills; Zen 3, 2 threads, auto, two interleaved runs, NCHW /
+#: NHWC ms (narrow block -> packed): ResNeXt's 4 per group at 56x56 1.39-2.26 -> 1.05-1.15 /
+#: 1.62-2.01 -> 1.10, 256 channels at 28x28 1.17-1.60 -> 0.63-0.75 / 0.92-0.94 -> 0.52-0.65,
+#: stride 2 0.79-0.90 -> 0.51-0.58 / 0.68 -> 0.47-0.49
+GROUP_PACK_P_CHOICES = {32: (7, 10), 64: (7, 10)}
+#: groups per register, per vector width (AVX2: 2 groups of 4; 4 groups of 2 stream)
+GROUP_PACKS = {32: (2,), 64: (2, 4)}
+#: a packed-group register's lanes (float32): m groups of GROUP_PACK_LANES / m channels
+GROUP_PACK_LANES = {32: 8, 64: 16}
 
 
 def _width(vb, item):
@@ -80,7 +85,8 @@ def _width(vb, item):
 #: one (the narrow blocks), or one shared by m groups (float32 only)
 _DRIVERS = tuple(sorted({(_width(vb, item), ps, 2, 1) for vb, ps in P_CHOICES.items() for item in (4, 8)}
                         | {(_width(vb, item) // 2, ps, 1, 1) for vb, ps in NARROW_P_CHOICES.items() for item in (4, 8)}
-                        | {(GROUP_PACK_LANES, ps, 1, m) for ps in GROUP_PACK_P_CHOICES.values() for m in GROUP_PACKS}))
+                        | {(GROUP_PACK_LANES[vb], ps, 1, m) for vb, ps in GROUP_PACK_P_CHOICES.items()
+                           for m in GROUP_PACKS[vb]}))
 _UK_SHAPES = tuple(sorted({(p_, v_, nv, m) for v_, ps, nv, m in _DRIVERS for p_ in ps}))
 #: pointwise's parallel drivers (V, pixel-block choices): its blocks are generated inline
 _POINTWISE_DRIVERS = tuple(sorted({(_width(vb, item), ps) for vb, ps in GEMM_P_CHOICES.items() for item in (4, 8)}))
@@ -110,8 +116,10 @@ def block_width(dtype):
 def group_pack(dtype, groups, cg, kg):
     """``m``: groups of a grouped layer that share one register of the packed-group blocks
     (:data:`GROUP_PACK_P_CHOICES`), or 1."""
-    m = GROUP_PACK_LANES // kg if kg and GROUP_PACK_LANES % kg == 0 else 0
-    if (np.dtype(dtype) != np.float32 or vector_bytes() not in GROUP_PACK_P_CHOICES or m not in GROUP_PACKS
+    vb = vector_bytes()
+    lanes = GROUP_PACK_LANES.get(vb, 0)
+    m = lanes // kg if kg and lanes and lanes % kg == 0 else 0
+    if (np.dtype(dtype) != np.float32 or vb not in GROUP_PACK_P_CHOICES or m not in GROUP_PACKS.get(vb, ())
             or cg != kg or groups < m):
         return 1
     return m

@@ -141,6 +141,25 @@ def uk7_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, k
         _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
 
 
+_block7_8x1m2 = conv_block(7, 1, 8, m=2)
+
+
+@_ukjit
+def uk7_8x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """7 pixels x 8 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
+    mode = 0
+    if nk == 8 and np_ == 7:
+        mode = 1 if first else 2
+    _block7_8x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
+
+
 _block7_16x1 = conv_block(7, 1, 16)
 
 
@@ -269,6 +288,25 @@ def uk10_8x1(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, 
     if nk == 8 and np_ == 10:
         mode = 1 if first else 2
     _block10_8x1(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
+                  mode)
+    if mode == 0:
+        _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
+
+
+_block10_8x1m2 = conv_block(10, 1, 8, m=2)
+
+
+@_ukjit
+def uk10_8x1m2(xf, wf, of, xb, wb, ob, cin, r_, s_, xs_r, xs_s, xs_p, os_p, bias, kb0, nk, np_,
+           first, zero, tmp, ws_c, ws_t):
+    """10 pixels x 8 channels (1 registers): of[ob + p*os_p + v] (= bias +|+=) sum x * w."""
+    for p in range(np_):
+        prefetchw(of, ob + p * os_p)
+        prefetchw(of, ob + p * os_p + 7)
+    mode = 0
+    if nk == 8 and np_ == 10:
+        mode = 1 if first else 2
+    _block10_8x1m2(xf, wf, tmp, xb, wb, r_, s_, xs_r, xs_s, xs_p, ws_c, ws_t, cin, of, ob, os_p, bias, kb0,
                   mode)
     if mode == 0:
         _scatter(of, tmp, ob, os_p, bias, kb0, nk, np_, first, np.int64(8))
@@ -656,6 +694,98 @@ def tasks_8x1_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, group
             # adjacent), or a single run when the task has every channel
             k_lo = g * kg + kb_lo * 8
             nk = min(kb_hi * 8, kg) - kb_lo * 8
+            if nchw:
+                finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
+            elif nk == k_:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_, 1, 0, (i1 - i0) * wo_ * k_)
+            else:
+                finish_2d(of, epi, (n * ho_ + i0) * wo_ * k_ + k_lo, (i1 - i0) * wo_, k_, nk)
+
+
+@_ukjit
+def tasks_8x1m2_p710(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups, cg, kg, kbg, r_, s_, sh, sw,
+             dh, dw, cb, rows, kbs, nchw, zero, hwio, p_, split, pt, ih, epi):
+    """Tasks ``[lo, hi)`` of the convolution.  A task: output rows [i0, i1) x channel blocks
+    [kb_lo, kb_hi) (of 8) of group g, image n, in blocks of ``p_`` pixels up to pixel
+    ``split`` of a row, then of 7 (of (7, 10): runtime choices, so every layer shares this
+    code), then the epilogue ``epi`` (None, or see finish_2d) on that finished, still cached,
+    part.  (One function with the task loop: each
+    function level costs its own compile, link and emission of everything below it.)
+
+    The channel-block loop is innermost: one input pixel block (in L1) serves every block.
+    ``hwio``: ``wf`` is the caller's (R, S, C/G, K) weights, read in place (K/G a multiple
+    of 8); otherwise the packed blocks of :func:`numbaconv.cpu.tiled.packed_weights`.
+    The input's own rows are the padded copy's ``[pt, pt + ih)``: kernel rows that read only
+    padding rows are skipped."""
+    nrb = (ho_ + rows - 1) // rows
+    nkr = (kbg + kbs - 1) // kbs
+    inner = groups * nkr
+    tmp = scratch(10 * 8, of)  # (np.empty: see numbaconv.cpu._jit.scratch)
+    # NCHW: a task's rows are computed channels-last into ``obuf`` (whole blocks stored by the
+    # block itself as vectors) and transposed into the output planes once they are finished
+    # (8 x 8 register transposes: the blocks' per-pixel results scattered to the planes one
+    # value at a time cost the 7x7 RGB stem ~0.3 ms on Intel Xeon)
+    obuf = scratch(rows * wo_ * kbs * 8 if nchw else 1, of)
+    dst = obuf if nchw else of
+    os_p = 8 if nchw else k_  # (pixels apart in the rows the blocks write; channels adjacent)
+    for t in range(lo, hi):
+        n = t // (nrb * inner)
+        rest = t % (nrb * inner)
+        gk = rest % inner
+        i0 = (rest // inner) * rows
+        i1 = min(i0 + rows, ho_)
+        g = gk // nkr
+        kb_lo = (gk % nkr) * kbs
+        kb_hi = min(kbg, kb_lo + kbs)
+        for c0 in range(0, cg, cb):
+            cl = min(cb, cg - c0)
+            for i in range(i0, i1):
+                # kernel rows [r_lo, r_hi) read the image; the others only zero padding: skipped
+                # (as oneDNN does: 4-5 % of the work of 5x5 at 28x28 and 3x3 at 14x14, 3-4 % of
+                # their time on Intel Xeon; res5's 7x7 4 %, dilated 3x3 at 28x28 4 %)
+                top = i * sh - pt
+                r_lo = 0 if top >= 0 else min(r_, (dh - 1 - top) // dh)
+                r_hi = max(r_lo, min(r_, (ih - top + dh - 1) // dh))
+                xrow = (n * hp + i * sh + r_lo * dh) * wp * c_ + g * cg + c0
+                j0 = 0
+                while j0 < wo_:
+                    pb = p_ if j0 < split else 7
+                    for kb in range(kb_lo, kb_hi):
+                        nk = min(8, kg - kb * 8, k_ - g * kg - kb * 8)
+                        kb0 = g * kg + kb * 8
+                        if hwio:
+                            ws_c = k_
+                            ws_t = cg * k_
+                            wb = c0 * k_ + kb0 + r_lo * s_ * ws_t
+                        else:
+                            ws_c = 8
+                            ws_t = (cl // 2) * 8
+                            wb = ((g * kbg + kb) * r_ * s_ * (cg // 2) + (c0 // 2) * r_ * s_) * 8 + r_lo * s_ * ws_t
+                        if nchw:
+                            orow = ((kb - kb_lo) * rows + i - i0) * wo_ * 8
+                        else:
+                            orow = (n * ho_ + i) * wo_ * k_ + kb0
+                        xb = xrow + j0 * sw * c_
+                        ob = orow + j0 * os_p
+                        np_ = min(pb, wo_ - j0)
+                        if pb == 10:
+                            uk10_8x1m2(xf, wf, dst, xb, wb, ob, cl, r_hi - r_lo, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                        else:
+                            uk7_8x1m2(xf, wf, dst, xb, wb, ob, cl, r_hi - r_lo, s_, dh * wp * c_, dw * c_, sw * c_, os_p,
+                                     bias, kb0, nk, np_, c0 == 0, zero, tmp, ws_c, ws_t)
+                    j0 += pb
+        if nchw:
+            for kb in range(kb_lo, kb_hi):
+                nk = min(8, kg - kb * 8, k_ - g * kg - kb * 8)
+                transpose_block(obuf, of, (kb - kb_lo) * rows * wo_ * 8, 8,
+                                (n * k_ + g * kg + kb * 8) * ho_ * wo_ + i0 * wo_, ho_ * wo_, (i1 - i0) * wo_, nk)
+        if epi is not None:  # (pruned at compile time without an epilogue)
+            # the task's channels [k_lo, k_hi) of rows [i0, i1): in NCHW one run per channel
+            # (its rows adjacent in the plane), in NHWC one per pixel (the rows' pixels
+            # adjacent), or a single run when the task has every channel
+            k_lo = g * kg + kb_lo * 8
+            nk = min(kb_hi * 8, kg, k_ - g * kg) - kb_lo * 8
             if nchw:
                 finish_2d(of, epi, (n * k_ + k_lo) * ho_ * wo_ + i0 * wo_, nk, ho_ * wo_, (i1 - i0) * wo_)
             elif nk == k_:

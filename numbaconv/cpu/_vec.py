@@ -304,12 +304,13 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1, prefetch
 
 
 @functools.lru_cache(maxsize=None)
-def interleave16(m):
-    """An intrinsic ``shuffle(arr, q)``: the 16 values ``arr[q:q + 16]`` (``m`` groups of ``16/m``
-    channels) from group-major to channel-major order in one register, ``arr[q + c*m + i] =
-    old[q + i*(16/m) + c]`` (the input order of :func:`conv_block`'s ``m``-tuples)."""
-    cg = 16 // m
-    mask = [(j % m) * cg + j // m for j in range(16)]  # new position c*m + i takes old i*cg + c
+def interleave16(m, lanes=16):
+    """An intrinsic ``shuffle(arr, q)``: the ``lanes`` values ``arr[q:q + lanes]`` (``m`` groups of
+    ``lanes/m`` channels) from group-major to channel-major order in one register,
+    ``arr[q + c*m + i] = old[q + i*(lanes/m) + c]`` (the input order of :func:`conv_block`'s
+    ``m``-tuples)."""
+    cg = lanes // m
+    mask = [(j % m) * cg + j // m for j in range(lanes)]  # new position c*m + i takes old i*cg + c
 
     @intrinsic
     def shuffle(typingctx, arr, q):
@@ -319,18 +320,18 @@ def interleave16(m):
 
         def codegen(context, builder, signature, args):
             ary = context.make_array(signature.args[0])(context, builder, args[0])
-            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), 16)
+            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), lanes)
             i32 = ir.IntType(32)
             ptr = _vector_ptr(builder, ary.data, context.cast(builder, args[1], signature.args[1], types.int64), vty)
             align = signature.args[0].dtype.bitwidth // 8
             v = builder.load(ptr, align=align)
-            out = builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, 16),
+            out = builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes),
                                                                                          [i32(k) for k in mask]))
             builder.store(out, ptr, align=align)
             return context.get_dummy_value()
         return sig, codegen
 
-    shuffle.__name__ = f"interleave16_m{m}"
+    shuffle.__name__ = f"interleave{lanes}_m{m}"
     return shuffle
 
 

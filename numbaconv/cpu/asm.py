@@ -98,7 +98,7 @@ def report():
             out["tiled"][f"{np.dtype(dtype).name}/P{p_}/V{tiled.block_width(dtype) // 2}/NV1"] = stats
         if dtype == np.float32:  # (one register shared by m groups: float32 only)
             for p_ in tiled.GROUP_PACK_P_CHOICES.get(target_vector_bytes(), ()):
-                for m in GROUP_PACKS:
+                for m in GROUP_PACKS[target_vector_bytes()]:
                     stats = loop_stats(tiled.microkernel_asm(dtype, p_, 1, m))
                     out["tiled"][f"float32/P{p_}/V{tiled.block_width(dtype) // 2}/NV1/M{m}"] = stats
         if dtype == np.float32:  # (the same register block as tiled's, inlined into its task)

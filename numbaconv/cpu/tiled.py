@@ -75,7 +75,7 @@ def _blocks(dtype, nv, m=1):
     if nv == 2:
         return block_width(dtype), P_CHOICES[vector_bytes()]
     if m > 1:
-        return GROUP_PACK_LANES, GROUP_PACK_P_CHOICES[vector_bytes()]
+        return GROUP_PACK_LANES[vector_bytes()], GROUP_PACK_P_CHOICES[vector_bytes()]
     return block_width(dtype) // 2, NARROW_P_CHOICES[vector_bytes()]
 
 
@@ -285,7 +285,9 @@ def _pack_group_sets(w, wlayout, groups, m):
     return out.reshape(-1)
 
 
-_SETS2, _SETS4 = interleave16(2), interleave16(4)  # (GROUP_PACK_LANES values per set)
+#: a packed-group set's lanes on the compile target (16 where it has none: the tests' stand-in)
+_LANES = GROUP_PACK_LANES.get(vector_bytes(), 16)
+_SETS2, _SETS4 = interleave16(2, _LANES), interleave16(4, _LANES)
 
 
 @jit
@@ -294,14 +296,14 @@ def _interleave_sets2(lo, hi, of, c_):
     of 16): each set of 2 groups' 8 channels from group-major to channel-major order, so a
     packed-group block's step reads channel ``c`` of its groups as one tuple (one register
     permutation per set)."""
-    for q in range(lo * c_, hi * c_, 16):
+    for q in range(lo * c_, hi * c_, _LANES):
         _SETS2(of, q)
 
 
 @jit
 def _interleave_sets4(lo, hi, of, c_):
     """:func:`_interleave_sets2` for sets of 4 groups of 4 channels."""
-    for q in range(lo * c_, hi * c_, 16):
+    for q in range(lo * c_, hi * c_, _LANES):
         _SETS4(of, q)
 
 
