@@ -416,7 +416,6 @@ def narrow_target(monkeypatch):
     """The narrow and packed-group blocks on every host: AVX-512 targets have both, AVX2 ones
     the narrow blocks; elsewhere the generated float32 ones stand in for a run (their speed is
     not measured there).  True where the host's own narrow blocks run (float64's too)."""
-    from numbaconv.cpu import _blocking
     vb = tiled.vector_bytes()
     native = vb in _blocking.NARROW_P_CHOICES
     if not native:
@@ -474,7 +473,7 @@ def test_narrow_rule():
 
 
 # (n, c, h, w, groups, kwargs): as many input as output channels per group, 4 or 8 -- sets of
-# 16 / (C/G) groups share one register (float32; the last set may be partial); float64 stays narrow
+# lanes / (C/G) groups share one register (16 lanes on AVX-512, 8 on AVX2: 8 per group stay narrow) (float32; the last set may be partial); float64 stays narrow
 GROUP_SETS = [
     (1, 32, 6, 9, 8, dict(padding=1)),                                # 4 per group: 2 sets of 4 groups
     (2, 64, 7, 17, 8, dict(padding=1)),                               # 8 per group: 4 sets of 2; Wo = 17 = 10 + 7
@@ -501,8 +500,10 @@ def test_packed_group_blocks(case, layout, dtype, narrow_target):
     wt = np.zeros((c, cg, 3, 3), dtype) if layout == "NCHW" else np.zeros((3, 3, cg, c), dtype)
     p = ConvProblem.from_args(x, wt, None, layout=layout, groups=groups, **kw)
     layer = tiled._layer(p, numba.get_num_threads(), tuning.generation())
-    lanes = _blocking.GROUP_PACK_LANES.get(tiled.vector_bytes(), 16)
-    m = lanes // cg if dtype == np.float32 and lanes // cg in _blocking.GROUP_PACKS.get(tiled.vector_bytes(), (2, 4)) else 1
+    vb = tiled.vector_bytes()  # (the fixture gives every host packed groups: AVX-512's as stand-ins)
+    m = _blocking.GROUP_PACK_LANES[vb] // cg
+    if dtype != np.float32 or m not in _blocking.GROUP_PACKS[vb]:
+        m = 1
     assert layer[0] == "generic" and layer[2]["m"] == m and layer[1].groups == -(-groups // m)
     _check((n, c, h, w, c, 3, 3, dict(groups=groups, **kw)), layout, dtype)
 

@@ -304,7 +304,7 @@ def conv_block(p_, nv, w_=None, vector_bytes=None, row_bias=False, m=1, prefetch
 
 
 @functools.lru_cache(maxsize=None)
-def interleave16(m, lanes=16):
+def interleave(m, lanes):
     """An intrinsic ``shuffle(arr, q)``: the ``lanes`` values ``arr[q:q + lanes]`` (``m`` groups of
     ``lanes/m`` channels) from group-major to channel-major order in one register,
     ``arr[q + c*m + i] = old[q + i*(lanes/m) + c]`` (the input order of :func:`conv_block`'s

@@ -323,10 +323,10 @@ def run(p, x, w, bias, out, epi=NONE):
 
 
 def bind(p, w, bias, prepared=False):
-    """:func:`run` for ``p`` as a function of ``(x, out, epi)`` (``prepared``: the same either way).  The 1x1 paths bind what does
-    not change per call (the bias array, the launch key of the weights): on the tiny layers
-    that take them (squeeze-excitation 1x1 layers on 1x1 images) the per-call Python work was
-    most of the call."""
+    """:func:`run` for ``p`` as a function of ``(x, out, epi)`` (``prepared``: the same either
+    way).  The 1x1 paths bind what does not change per call (the bias array, the launch key of
+    the weights): on the tiny layers that take them (squeeze-excitation 1x1 layers on 1x1
+    images) the per-call Python work was most of the call."""
     if not (p.r == p.s == 1 and p.stride_h == p.stride_w == 1 and not p.has_padding):
         return lambda x, out, epi: _run_columns(p, x, w, bias, out, epi)
     has_bias = bias is not None

@@ -57,7 +57,7 @@ import numpy as np
 from .. import tuning
 from . import depthwise, dot, naive, pointwise
 from ._jit import copy_run, fill_run, jit, move_run, zero_run
-from ._vec import interleave16
+from ._vec import interleave
 from ._launch import Task, type_key
 from ._blocking import (_DRIVERS, _POINTWISE_DRIVERS, _UK_SHAPES, GROUP_PACK_LANES, GROUP_PACK_P_CHOICES, NARROW_P_CHOICES, P,  # noqa: F401
                         P_CHOICES,
@@ -285,24 +285,25 @@ def _pack_group_sets(w, wlayout, groups, m):
     return out.reshape(-1)
 
 
-#: a packed-group set's lanes on the compile target (16 where it has none: the tests' stand-in)
+#: a packed-group set's lanes on the compile target (16 on targets without packed groups: the
+#: width of the AVX-512 sets that tests/test_tiled.py runs there as stand-ins)
 _LANES = GROUP_PACK_LANES.get(vector_bytes(), 16)
-_SETS2, _SETS4 = interleave16(2, _LANES), interleave16(4, _LANES)
+_SETS2, _SETS4 = interleave(2, _LANES), interleave(4, _LANES)
 
 
 @jit
 def _interleave_sets2(lo, hi, of, c_):
     """Pixels ``[lo, hi)`` of the flat padded NHWC copy ``of`` (``c_`` channels each, a multiple
-    of 16): each set of 2 groups' 8 channels from group-major to channel-major order, so a
-    packed-group block's step reads channel ``c`` of its groups as one tuple (one register
-    permutation per set)."""
+    of :data:`_LANES`): each set of 2 groups' ``_LANES / 2`` channels from group-major to
+    channel-major order, so a packed-group block's step reads channel ``c`` of its groups as one
+    tuple (one register permutation per set)."""
     for q in range(lo * c_, hi * c_, _LANES):
         _SETS2(of, q)
 
 
 @jit
 def _interleave_sets4(lo, hi, of, c_):
-    """:func:`_interleave_sets2` for sets of 4 groups of 4 channels."""
+    """:func:`_interleave_sets2` for sets of 4 groups of ``_LANES / 4`` channels."""
     for q in range(lo * c_, hi * c_, _LANES):
         _SETS4(of, q)
 
@@ -435,10 +436,10 @@ def _imbalance(p, kbg, kbs, rows, threads):
     return max(loads) * parts / max(1, sum(loads))
 
 
-def generic(p, prepared=False):
+def generic(p):
     """Whether :func:`bind` runs ``p`` on the micro-kernel driver (the path :func:`plan` and the
     tuning knobs shape), not on the depthwise, streaming, deep-NCHW or direct-loop kernels."""
-    return route(p, prepared) == "generic"
+    return route(p) == "generic"
 
 
 def _oversized(p):
@@ -510,8 +511,8 @@ def run(p, x, w, bias, out, epi=NONE):
 @functools.lru_cache(maxsize=1024)
 def _layer(p, threads, _generation, prepared=False):
     """:func:`bind`'s decisions that depend on the problem alone (and the thread count, tuning
-    knobs and whether the weights are prepared once), once per problem: ``conv2d`` binds on every call, and on a 1 ms layer
-    these decisions cost ~5 % of it.  ``(kind, ...)``; for the micro-kernel path
+    knobs and whether the weights are prepared once), once per problem: ``conv2d`` binds on
+    every call, and on a 1 ms layer these decisions cost ~5 % of it.  ``(kind, ...)``; for the micro-kernel path
     ``("generic", p, plan, in_place, padded_shape, pad_args, geometry, jobs)`` with ``p``
     rewritten for a strided 1x1 layer.  (Tests that patch the planners or thresholds clear
     it: tests/conftest.py.)"""
