@@ -216,3 +216,129 @@ def test_repeated_calls_follow_their_inputs():
                                      and not x.is_contiguous() else torch.contiguous_format), i
         for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
             _assert_close(copied(x1, r1).double(), want(x1, r1))
+
+
+def _chains(model):
+    return [m for m in model.modules() if isinstance(m, nt.ConvChain)]
+
+
+def test_conv_chains_run_their_program_and_follow_changes(monkeypatch):
+    """Consecutive fused layers become ConvChains: after a first call through the layers, a call
+    with inputs like it runs the chain's program (no layer called as a module), reusing its
+    buffers -- earlier results stay intact -- and any change falls back to the layers: another
+    batch or memory format, an input that needs grad, a weight changed in place or replaced, a
+    hook on a layer or a global one.  Each call equals torch (float64)."""
+    import pickle
+
+    torch.manual_seed(3)
+    whole = _small_net().double().eval()
+    net = whole[:-2].eval()  # (without the reflect-padded layers: those run conv2d's path, no launch)
+    converted = nt.convert(net)
+    chains = _chains(converted)
+    assert [len(c.layers) for c in chains] == [7] and chains[0].outputs == (6,)
+    calls = []
+    forward = nt.FusedConv2d.forward
+    monkeypatch.setattr(nt.FusedConv2d, "forward", lambda self, *a: calls.append(self) or forward(self, *a))
+
+    def check(x, through_layers):
+        calls.clear()
+        with torch.no_grad():
+            got, want = converted(x), net(x)
+        _assert_close(got, want, 1e-12)
+        assert bool(calls) == through_layers
+        return got, want
+
+    x1, x2 = torch.randn(2, 3, 9, 10, dtype=torch.float64), torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    check(x1, True)
+    y1, want1 = check(x1, False)
+    y1b, _ = check(x1 + 1, False)
+    _assert_close(y1, want1, 1e-12)  # not overwritten by the next call's program
+    check(x2, True)
+    check(x2, False)
+    check(x1, False)  # (a program per input signature)
+    xc = x1.contiguous(memory_format=torch.channels_last)
+    check(xc, True)
+    check(xc, False)
+    with torch.no_grad():
+        _assert_close(converted(x1.clone().requires_grad_()), net(x1), 1e-12)
+    fused = chains[0].layers[0]
+    fused.weight.mul_(0.5)  # in place: the version changes, the plan is remade
+    net_w = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][0].weight
+    with torch.no_grad():
+        net_w.mul_(0.5)
+    check(x1, True)
+    check(x1, False)
+    seen = []
+    handle = chains[-1].layers[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    check(x1, True)
+    check(x1, True)
+    assert len(seen) == 2
+    handle.remove()
+    check(x1, False)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        check(x1, True)
+    finally:
+        handle.remove()
+    for copied in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        with torch.no_grad():
+            _assert_close(copied(x1), net(x1), 1e-12)
+            _assert_close(copied(x1), net(x1), 1e-12)
+    # a chain with a layer that has no launch (reflect padding) runs its layers, every call
+    converted = nt.convert(whole)
+    for _ in range(3):
+        calls.clear()
+        with torch.no_grad():
+            _assert_close(converted(x1), whole(x1), 1e-12)
+        assert len(calls) == 9
+
+
+def test_conv_chain_program_from_threads():
+    """Two threads calling one converted model at once: one runs the program, the other the
+    layers (the program's buffers are not shared); every result correct."""
+    import concurrent.futures
+
+    torch.manual_seed(4)
+    net = _small_net().eval()
+    converted = nt.convert(net)
+    xs = [torch.randn(2, 3, 12, 12) for _ in range(16)]
+    with torch.no_grad():
+        want = [net(x) for x in xs]
+        converted(xs[0])
+
+        def run(i):
+            with torch.no_grad():
+                return converted(xs[i])
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(run, range(len(xs))))
+    for g, w in zip(got, want):
+        _assert_close(g, w)
+
+
+def test_conv_chain_with_several_outputs():
+    """A chain whose inner results are also used after it (here by torch ops between and after
+    its layers) returns each of them; the program equals the layers, call after call."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.c, self.d = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 4, 3, stride=2)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            b = self.b(a) + a
+            c = self.c(b)
+            return self.d(c) , torch.tanh(a).mean() + b.sum()
+
+    torch.manual_seed(5)
+    net = Net().double().eval()
+    converted = nt.convert(net)
+    chains = _chains(converted)
+    assert [c.outputs for c in chains] == [(0, 1, 3)], [c.outputs for c in chains]
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(3):
+            (y, s), (wy, ws) = converted(x + i), net(x + i)
+            _assert_close(y, wy, 1e-12)
+            _assert_close(s, ws, 1e-12)

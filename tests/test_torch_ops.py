@@ -357,6 +357,7 @@ def test_converted_model_compiles_and_exports(channels_last):
     with torch.no_grad():
         eager = fast(x)
         torch.testing.assert_close(eager, model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast(x), eager, rtol=0, atol=0)  # (its chain's program, made by the first call)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(fast)(x)
         assert explained.graph_break_count == 0, explained.break_reasons

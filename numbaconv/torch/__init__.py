@@ -13,7 +13,9 @@ does).  It offers:
   ``torch.nn`` modules;
 * ``convert`` -- :func:`convert`: a whole model on numbaconv: for inference, BatchNorm folded and the
   following residual add / activation fused into :class:`FusedConv2d` modules, each a
-  :class:`numbaconv.Conv2dPlan` per memory format; for training, the plain module swap.
+  :class:`numbaconv.Conv2dPlan` per memory format, consecutive ones grouped into
+  :class:`ConvChain` modules that run their layers' launches in one step; for training, the
+  plain module swap.
 
 Tensors cross over without copies: a CPU tensor becomes a NumPy view, results come back with
 ``torch.from_numpy``.  A ``torch.channels_last`` tensor is handed over as its NHWC view
@@ -33,9 +35,9 @@ converted models: not a public function) and its own modules.
 """
 
 from . import ops
-from .convert import FusedConv2d, MaxPool2d, convert
+from .convert import ConvChain, FusedConv2d, MaxPool2d, convert
 from .functional import conv2d, conv_transpose2d
 from .modules import Conv2d, ConvTranspose2d
 
-__all__ = ["conv2d", "conv_transpose2d", "convert", "ops", "Conv2d", "ConvTranspose2d", "FusedConv2d",
+__all__ = ["conv2d", "conv_transpose2d", "convert", "ops", "Conv2d", "ConvChain", "ConvTranspose2d", "FusedConv2d",
            "MaxPool2d"]
