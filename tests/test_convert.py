@@ -346,3 +346,38 @@ def test_conv_chain_with_several_outputs():
             (y, s), (wy, ws) = converted(x + i), net(x + i)
             _assert_close(y, wy, 1e-12)
             _assert_close(s, ws, 1e-12)
+
+
+def test_eval_identities_are_dropped_so_residuals_fuse():
+    """Dropout (module and F.dropout traced in eval), Identity and torchvision's stochastic
+    depth (EfficientNet's residual branch) pass their input through in eval mode: convert
+    removes them, so the residual add after them fuses into the convolution; same result."""
+    tv = models.import_torchvision()
+    stochastic_depth = tv.ops.stochastic_depth
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.c = torch.nn.Conv2d(8, 8, 1)
+            self.drop, self.ident = torch.nn.Dropout2d(0.3), torch.nn.Identity()
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            b = stochastic_depth(self.b(a), 0.2, "row", self.training) + a
+            c = self.ident(self.drop(self.c(b)))
+            return torch.nn.functional.dropout(c, 0.5, self.training) + b
+
+    torch.manual_seed(6)
+    net = Net().double().eval()
+    converted = nt.convert(net)
+    calls = [n for n in converted.graph.nodes if n.op in ("call_function", "call_module")]
+    assert all(n.op == "call_module" and isinstance(converted.get_submodule(n.target), nt.ConvChain)
+               for n in calls), converted.code
+    fused = [m for m in converted.modules() if isinstance(m, nt.FusedConv2d)]
+    assert len(fused) == 3
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):
+            _assert_close(converted(x), net(x), 1e-12)
+    assert nt.convert(net.train()).training  # (train mode: the plain module swap, dropout kept)

@@ -449,6 +449,7 @@ def convert(model, *, inplace=False):
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 -- data-dependent control flow and the like: swap only
         return _swap(_swap(model), _POOL_SWAPS)
+    _drop_identities(gm)
     _fuse(gm)
     _chain(gm)
     _swap(gm)  # the transposed convolutions (decoders, U-Nets): no fusion, numbaconv's module
@@ -530,6 +531,47 @@ def _swap(model, swaps=_SWAPS):
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
     return model
+
+
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+
+
+def _is_identity(node, modules):
+    """Whether ``node`` returns its first argument unchanged in the traced (eval) model:
+    ``Identity``, a dropout module in eval mode, or a call traced with ``training=False``
+    (``F.dropout``, torchvision's ``stochastic_depth``: EfficientNet's residual branches)."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) is torch.nn.Identity or (isinstance(m, _DROPOUTS) and not m.training)
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    target = node.target
+    if target is torch.nn.functional.dropout:
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    elif (getattr(target, "__name__", None) == "stochastic_depth"
+          and getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth"):
+        training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    else:
+        return False
+    return training is False
+
+
+def _drop_identities(gm):
+    """Nodes that pass their input through unchanged in eval mode (see :func:`_is_identity`)
+    are removed, so a residual add after one fuses into the convolution before it (torch.fx
+    records ``stochastic_depth(x, p, mode, training=False)`` between EfficientNet's projection
+    and its ``+=``: 9 unfused adds and twice as many chains).  The converted model is for
+    inference: in train mode those layers would no longer drop anything (its BatchNorms are
+    folded already)."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if _is_identity(node, modules):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _fuse(gm):
