@@ -1,6 +1,8 @@
 """Per-layer-kind time of a torchvision model: torch eager's Conv2d modules against the
 FusedConv2d modules of ``numbaconv.torch.convert`` (forward hooks; BatchNorm / activations
-are extra modules in torch's column and fused in numbaconv's).
+are extra modules in torch's column and fused in numbaconv's).  The hooks make each
+ConvChain call its layers as modules (a chain's program runs only without hooks), so these
+are the layers' times through the module path; ``scripts/chain_ab.py`` times the programs.
 
     python scripts/profile_model.py efficientnet_b0 [nchw|cl] [batch]
 """
