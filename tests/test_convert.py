@@ -381,3 +381,32 @@ def test_eval_identities_are_dropped_so_residuals_fuse():
         for _ in range(2):
             _assert_close(converted(x), net(x), 1e-12)
     assert nt.convert(net.train()).training  # (train mode: the plain module swap, dropout kept)
+
+
+def test_conv_chain_program_without_buffers_over_its_budget(monkeypatch):
+    """A program whose buffers would exceed ConvChain.MAX_BUFFER_BYTES keeps none (fresh arrays
+    per call) and still runs the launches, not the layers; results equal torch."""
+    torch.manual_seed(7)
+    net = _small_net()[:-2].double().eval()
+    converted = nt.convert(net)
+    (chain,) = _chains(converted)
+    chain.MAX_BUFFER_BYTES = 0
+    x = torch.randn(2, 3, 10, 9, dtype=torch.float64)
+    calls = []
+    forward = nt.FusedConv2d.forward
+    monkeypatch.setattr(nt.FusedConv2d, "forward", lambda self, *a: calls.append(self) or forward(self, *a))
+    with torch.no_grad():
+        converted(x)
+        calls.clear()
+        for i in range(3):
+            _assert_close(converted(x + i), net(x + i), 1e-12)
+    assert not calls
+    (program,) = chain._programs.values()
+    assert program.kept_bytes == 0
+    del chain.MAX_BUFFER_BYTES  # (the class's budget again: the next program keeps its buffers)
+    chain._programs.clear()
+    with torch.no_grad():
+        converted(x)
+        _assert_close(converted(x), net(x), 1e-12)
+    (program,) = chain._programs.values()
+    assert 0 < program.kept_bytes <= nt.ConvChain.MAX_BUFFER_BYTES

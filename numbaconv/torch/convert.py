@@ -232,14 +232,18 @@ class ConvChain(torch.nn.Module):
     call (each layer's weights and bias unchanged -- same tensors, same versions -- and no
     hooks on it or globally), and the intermediate results in a few buffers the program
     keeps and reuses as soon as the last layer reading one is done (most recently freed
-    first: its lines are still in cache), as onnxruntime's memory planner does.  Only the
-    outputs that leave the chain are fresh arrays.  Anything else -- tracing, other devices
+    first: its lines are still in cache), as onnxruntime's memory planner does, up to
+    :attr:`MAX_BUFFER_BYTES` a program (beyond: fresh arrays per call, as the layers make).
+    Only the outputs that leave the chain are fresh arrays.  Anything else -- tracing, other devices
     or dtypes, inputs that need grad, a changed layer, hooks, a second thread while one runs
     the program -- goes through the layers as modules, as before.
     """
 
     #: programs kept per chain (one per input signature; each holds its buffers)
     MAX_PROGRAMS = 4
+    #: a program whose buffers would hold more than this (large batches or images) keeps none:
+    #: its intermediate results are fresh arrays, freed after the call, as through the layers
+    MAX_BUFFER_BYTES = 256 << 20
 
     def __init__(self, layers, wiring, outputs):
         super().__init__()
@@ -357,6 +361,9 @@ def _program(chain, xs):
         views.append(view)
         for j in [j for j in held if last_use[j] <= k and j != k]:
             free.append(held.pop(j))
+    kept = sum(b.nbytes for b in free) + sum(b.nbytes for b in held.values())
+    if kept > chain.MAX_BUFFER_BYTES:
+        views, kept = [None] * len(fasts), 0
     steps = [(f.run, src, res, view, f.out_array_shape, f.out_dtype)
              for f, (src, res), view in zip(fasts, chain.wiring, views)]
     outputs = [(j, fasts[j].layout) for j in chain.outputs]
@@ -386,6 +393,7 @@ def _program(chain, xs):
         if single:
             return act_from_numpy(values[outputs[0][0]], outputs[0][1])
         return tuple(act_from_numpy(values[j], layout) for j, layout in outputs)
+    program.kept_bytes = kept  # (the buffers it holds between calls)
     return program
 
 
