@@ -283,8 +283,7 @@ class ConvChain(torch.nn.Module):
                 elif ys is not None:
                     return ys
             ys = self._through_layers(xs)
-            if program is None and ops.eager(*xs) and all(
-                    type(x) is torch.Tensor and x.is_cpu and not x.requires_grad for x in xs):
+            if program is None and _plain_cpu(xs):
                 if len(self._programs) >= self.MAX_PROGRAMS:
                     self._programs.clear()
                 self._programs[key] = _program(self, xs) or _no_program
@@ -306,6 +305,15 @@ class ConvChain(torch.nn.Module):
 
 #: what a program returns when a layer's weights or bias changed since it was made
 _STALE = object()
+
+
+def _plain_cpu(xs):
+    """Whether a chain's inputs are plain CPU tensors outside autograd in an eager call: what a
+    program is made for and runs on."""
+    for x in xs:
+        if type(x) is not torch.Tensor or not x.is_cpu or x.requires_grad:
+            return False
+    return ops.eager(*xs)
 
 
 def _no_program(xs):
@@ -372,10 +380,7 @@ def _program(chain, xs):
     hooks = torch.nn.modules.module
 
     def program(xs):
-        for x in xs:
-            if type(x) is not torch.Tensor or not x.is_cpu or x.requires_grad:
-                return None
-        if (not ops.eager(*xs) or hooks._global_forward_hooks or hooks._global_forward_pre_hooks):
+        if not _plain_cpu(xs) or hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
             return None
         for m, buffers, w, wv, b, bv in checks:  # the layers as the program was made
             if m._forward_hooks or m._forward_pre_hooks:
@@ -460,6 +465,9 @@ def convert(model, *, inplace=False):
     _drop_identities(gm)
     _fuse(gm)
     _chain(gm)
+    gm.graph.lint()  # (once, after the three passes: each only edits the graph)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
     _swap(gm)  # the transposed convolutions (decoders, U-Nets): no fusion, numbaconv's module
     _swap(gm, _POOL_SWAPS)  # (after tracing: fx traces into modules outside torch.nn)
     gm.register_forward_pre_hook(_first_forward, with_kwargs=True)
@@ -577,9 +585,6 @@ def _drop_identities(gm):
         if _is_identity(node, modules):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 def _fuse(gm):
@@ -642,9 +647,6 @@ def _fuse(gm):
         last.replace_all_uses_with(fused)
         for n in reversed(chain):
             gm.graph.erase_node(n)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 def _chain(gm):
@@ -688,6 +690,3 @@ def _chain(gm):
             run[k].replace_all_uses_with(result, delete_user_cb=lambda user: user not in index)
         for node in reversed(run):
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
