@@ -276,6 +276,27 @@ def test_small_nchw_1x1_images_route_by_vector_width():
     _check((1, 64, 7, 7, 128, 1, 1, {}), "NCHW", np.float32)
 
 
+def test_pointwise_tasks_on_small_planes_split_by_channels():
+    """A plane of a few pixel blocks (MobileNet's 7x7) gives every task all of its pixel
+    blocks and a share of the output channels, so the cheaper tail block is in every task;
+    larger planes split by pixel blocks first.  Either way the tasks cover each (pixel block,
+    channel block) once and there are enough of them for the threads."""
+    def tasks(c, k, hw):
+        p = ConvProblem.from_args(np.zeros((1, c, hw, hw), np.float32), np.zeros((k, c, 1, 1), np.float32), None)
+        starts, v_, nqb, qbs, nqc, kbs, jobs = pointwise.layer(p)
+        nkb = starts.size - 1
+        cover = sorted((qb, kb) for t in range(jobs)
+                       for qb in range((t // -(-nkb // kbs)) * qbs, min(nqb, (t // -(-nkb // kbs) + 1) * qbs))
+                       for kb in range((t % -(-nkb // kbs)) * kbs, min(nkb, (t % -(-nkb // kbs) + 1) * kbs)))
+        assert cover == [(qb, kb) for qb in range(nqb) for kb in range(nkb)]
+        assert jobs >= min(4 * numba.get_num_threads(), nqb * nkb)
+        return nqb, qbs
+    nqb, qbs = tasks(960, 160, 7)
+    assert nqb <= pointwise.FEW_PIXEL_BLOCKS and qbs == nqb
+    nqb, qbs = tasks(64, 384, 28)
+    assert nqb > pointwise.FEW_PIXEL_BLOCKS and qbs < nqb
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c)))
 def test_pointwise_path_for_nchw_1x1(case, dtype, monkeypatch):
