@@ -226,7 +226,7 @@ POINTWISE = [
     (1, 3, 6, 6, 1),      # K = 1 and 2: NCHW 1x1 layers with few output channels run here too,
     (2, 4, 5, 5, 2),      # not on the streaming kernel (pixels fill the vectors, not channels)
     (1, 33, 5, 7, 7),     # K = 7 = 4 + 3 (or one zero-padded block of 8 on AVX-512)
-    (1, 9, 4, 7, 10),     # 28 pixels: a tail of 12 (the full-width block; tails up to V/2 run the half one)
+    (1, 9, 4, 7, 10),     # 28 pixels: a tail of 12, on the block that ends the plane (read in place)
 ]
 
 
@@ -278,7 +278,7 @@ def test_small_nchw_1x1_images_route_by_vector_width():
 
 def test_pointwise_tasks_on_small_planes_split_by_channels():
     """A plane of a few pixel blocks (MobileNet's 7x7) gives every task all of its pixel
-    blocks and a share of the output channels, so the cheaper tail block is in every task;
+    blocks and a share of the output channels, so the tail block (no copy) is in every task;
     larger planes split by pixel blocks first.  Either way the tasks cover each (pixel block,
     channel block) once and there are enough of them for the threads."""
     def tasks(c, k, hw):

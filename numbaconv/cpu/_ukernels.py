@@ -1440,11 +1440,7 @@ def tasks_32_p714(lo, hi, xf, wf, bias, of, n_, ho_, wo_, hp, wp, c_, k_, groups
 
 _rows4_8 = conv_block(4, 2, 4, row_bias=True)
 
-_rows4_8h = conv_block(4, 1, 4, row_bias=True)
-
 _rows6_8 = conv_block(6, 2, 4, row_bias=True)
-
-_rows6_8h = conv_block(6, 1, 4, row_bias=True)
 
 
 @_ukjit
@@ -1457,10 +1453,9 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
     channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 4 or 6), input
     channels in blocks of ``cb`` (one block's 8 columns stay in L1 for every channel block,
     later ones added into the output); then the epilogue ``epi`` on that finished, still
-    cached, part.  A row's last pixel block, when partial, is computed on the 8 (or, for a
-    tail of up to 4, the 4) pixels that end the plane -- overlapping the block before it,
-    read in place -- and only its own pixels are stored; planes under 8 pixels read a
-    zero-padded copy of their columns."""
+    cached, part.  A row's last pixel block, when partial, is computed on the 8 pixels that
+    end the plane -- overlapping the block before it, read in place -- and only its own
+    pixels are stored; planes under 8 pixels read a zero-padded copy of their columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
     tmp = scratch(6 * 8, of)
@@ -1478,9 +1473,7 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq <= 4 and hw >= 4:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
-                wb -= 4 - nq
-            elif nq < 8 and hw >= 8:
+            if nq < 8 and hw >= 8:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
                 wb -= 8 - nq
             elif nq < 8:
                 for c in range(c_):
@@ -1503,26 +1496,17 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
                     mode = 0
                     if whole:
                         mode = 1 if c0 == 0 else 2
-                    if nq <= 4 and hw >= 4:
-                        if pb == 6:
-                            _rows6_8h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows4_8h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
+                    if pb == 6:
+                        _rows6_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     else:
-                        if pb == 6:
-                            _rows6_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows4_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
+                        _rows4_8(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     if not whole:  # (from tmp; derived here, not kept live across the block's loop)
-                        ts = 4 if nq <= 4 and hw >= 4 else 8
-                        sh = ts - nq if hw >= ts else 0  # (the lane of the block's first pixel)
+                        sh = 8 - nq if hw >= 8 else 0  # (the lane of the block's first pixel)
                         for p in range(np_):
                             o = ob + p * hw
-                            t0 = p * ts + sh
+                            t0 = p * 8 + sh
                             if c0 == 0:
                                 b = bias[k0 + p]
                                 for j in range(nq):
@@ -1539,11 +1523,7 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
 
 _rows4_16 = conv_block(4, 2, 8, row_bias=True)
 
-_rows4_16h = conv_block(4, 1, 8, row_bias=True)
-
 _rows6_16 = conv_block(6, 2, 8, row_bias=True)
-
-_rows6_16h = conv_block(6, 1, 8, row_bias=True)
 
 
 @_ukjit
@@ -1556,10 +1536,9 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 4 or 6), input
     channels in blocks of ``cb`` (one block's 16 columns stay in L1 for every channel block,
     later ones added into the output); then the epilogue ``epi`` on that finished, still
-    cached, part.  A row's last pixel block, when partial, is computed on the 16 (or, for a
-    tail of up to 8, the 8) pixels that end the plane -- overlapping the block before it,
-    read in place -- and only its own pixels are stored; planes under 16 pixels read a
-    zero-padded copy of their columns."""
+    cached, part.  A row's last pixel block, when partial, is computed on the 16 pixels that
+    end the plane -- overlapping the block before it, read in place -- and only its own
+    pixels are stored; planes under 16 pixels read a zero-padded copy of their columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
     tmp = scratch(6 * 16, of)
@@ -1577,9 +1556,7 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq <= 8 and hw >= 8:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
-                wb -= 8 - nq
-            elif nq < 16 and hw >= 16:
+            if nq < 16 and hw >= 16:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
                 wb -= 16 - nq
             elif nq < 16:
                 for c in range(c_):
@@ -1602,26 +1579,17 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
                     mode = 0
                     if whole:
                         mode = 1 if c0 == 0 else 2
-                    if nq <= 8 and hw >= 8:
-                        if pb == 6:
-                            _rows6_16h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows4_16h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
+                    if pb == 6:
+                        _rows6_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     else:
-                        if pb == 6:
-                            _rows6_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows4_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
+                        _rows4_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     if not whole:  # (from tmp; derived here, not kept live across the block's loop)
-                        ts = 8 if nq <= 8 and hw >= 8 else 16
-                        sh = ts - nq if hw >= ts else 0  # (the lane of the block's first pixel)
+                        sh = 16 - nq if hw >= 16 else 0  # (the lane of the block's first pixel)
                         for p in range(np_):
                             o = ob + p * hw
-                            t0 = p * ts + sh
+                            t0 = p * 16 + sh
                             if c0 == 0:
                                 b = bias[k0 + p]
                                 for j in range(nq):
@@ -1638,11 +1606,7 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
 
 _rows7_16 = conv_block(7, 2, 8, row_bias=True)
 
-_rows7_16h = conv_block(7, 1, 8, row_bias=True)
-
 _rows8_16 = conv_block(8, 2, 8, row_bias=True)
-
-_rows8_16h = conv_block(8, 1, 8, row_bias=True)
 
 
 @_ukjit
@@ -1655,10 +1619,9 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 7 or 8), input
     channels in blocks of ``cb`` (one block's 16 columns stay in L1 for every channel block,
     later ones added into the output); then the epilogue ``epi`` on that finished, still
-    cached, part.  A row's last pixel block, when partial, is computed on the 16 (or, for a
-    tail of up to 8, the 8) pixels that end the plane -- overlapping the block before it,
-    read in place -- and only its own pixels are stored; planes under 16 pixels read a
-    zero-padded copy of their columns."""
+    cached, part.  A row's last pixel block, when partial, is computed on the 16 pixels that
+    end the plane -- overlapping the block before it, read in place -- and only its own
+    pixels are stored; planes under 16 pixels read a zero-padded copy of their columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
     tmp = scratch(8 * 16, of)
@@ -1676,9 +1639,7 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq <= 8 and hw >= 8:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
-                wb -= 8 - nq
-            elif nq < 16 and hw >= 16:
+            if nq < 16 and hw >= 16:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
                 wb -= 16 - nq
             elif nq < 16:
                 for c in range(c_):
@@ -1701,26 +1662,17 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
                     mode = 0
                     if whole:
                         mode = 1 if c0 == 0 else 2
-                    if nq <= 8 and hw >= 8:
-                        if pb == 8:
-                            _rows8_16h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows7_16h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
+                    if pb == 8:
+                        _rows8_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     else:
-                        if pb == 8:
-                            _rows8_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows7_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
+                        _rows7_16(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     if not whole:  # (from tmp; derived here, not kept live across the block's loop)
-                        ts = 8 if nq <= 8 and hw >= 8 else 16
-                        sh = ts - nq if hw >= ts else 0  # (the lane of the block's first pixel)
+                        sh = 16 - nq if hw >= 16 else 0  # (the lane of the block's first pixel)
                         for p in range(np_):
                             o = ob + p * hw
-                            t0 = p * ts + sh
+                            t0 = p * 16 + sh
                             if c0 == 0:
                                 b = bias[k0 + p]
                                 for j in range(nq):
@@ -1737,11 +1689,7 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
 
 _rows7_32 = conv_block(7, 2, 16, row_bias=True)
 
-_rows7_32h = conv_block(7, 1, 16, row_bias=True)
-
 _rows8_32 = conv_block(8, 2, 16, row_bias=True)
-
-_rows8_32h = conv_block(8, 1, 16, row_bias=True)
 
 
 @_ukjit
@@ -1754,10 +1702,9 @@ def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
     channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: 7 or 8), input
     channels in blocks of ``cb`` (one block's 32 columns stay in L1 for every channel block,
     later ones added into the output); then the epilogue ``epi`` on that finished, still
-    cached, part.  A row's last pixel block, when partial, is computed on the 32 (or, for a
-    tail of up to 16, the 16) pixels that end the plane -- overlapping the block before it,
-    read in place -- and only its own pixels are stored; planes under 32 pixels read a
-    zero-padded copy of their columns."""
+    cached, part.  A row's last pixel block, when partial, is computed on the 32 pixels that
+    end the plane -- overlapping the block before it, read in place -- and only its own
+    pixels are stored; planes under 32 pixels read a zero-padded copy of their columns."""
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
     tmp = scratch(8 * 32, of)
@@ -1775,9 +1722,7 @@ def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq <= 16 and hw >= 16:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
-                wb -= 16 - nq
-            elif nq < 32 and hw >= 32:
+            if nq < 32 and hw >= 32:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
                 wb -= 32 - nq
             elif nq < 32:
                 for c in range(c_):
@@ -1800,26 +1745,17 @@ def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
                     mode = 0
                     if whole:
                         mode = 1 if c0 == 0 else 2
-                    if nq <= 16 and hw >= 16:
-                        if pb == 8:
-                            _rows8_32h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows7_32h(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                        cl, of, ob, hw, bias, k0, mode)
+                    if pb == 8:
+                        _rows8_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     else:
-                        if pb == 8:
-                            _rows8_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
-                        else:
-                            _rows7_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
-                                       cl, of, ob, hw, bias, k0, mode)
+                        _rows7_32(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,
+                                   cl, of, ob, hw, bias, k0, mode)
                     if not whole:  # (from tmp; derived here, not kept live across the block's loop)
-                        ts = 16 if nq <= 16 and hw >= 16 else 32
-                        sh = ts - nq if hw >= ts else 0  # (the lane of the block's first pixel)
+                        sh = 32 - nq if hw >= 32 else 0  # (the lane of the block's first pixel)
                         for p in range(np_):
                             o = ob + p * hw
-                            t0 = p * ts + sh
+                            t0 = p * 32 + sh
                             if c0 == 0:
                                 b = bias[k0 + p]
                                 for j in range(nq):

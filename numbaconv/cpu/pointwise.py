@@ -117,8 +117,8 @@ def _layer(p, threads, _generation):
     kbs = nkb
     # enough tasks for the threads: fewer pixel blocks per task, then fewer channel blocks --
     # except on planes of a few blocks (7x7), split by channels first: a task then has every
-    # pixel block, and a cheaper tail block (the half one) does not leave the thread without
-    # it waiting (960 -> 160 at 7x7 took as long as at 8x8)
+    # pixel block, and a cheaper tail block (read in place, no copy) does not leave the
+    # thread without it waiting (960 -> 160 at 7x7 took as long as at 8x8)
     few = nqb <= FEW_PIXEL_BLOCKS
     if few:
         qbs = nqb

@@ -783,10 +783,9 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
     channel blocks [kb_lo, kb_hi) (rows ``kstarts[kb]`` up to the next start: {PS}), input
     channels in blocks of ``cb`` (one block's {V} columns stay in L1 for every channel block,
     later ones added into the output); then the epilogue ``epi`` on that finished, still
-    cached, part.  A row's last pixel block, when partial, is computed on the {V} (or, for a
-    tail of up to {H}, the {H}) pixels that end the plane -- overlapping the block before it,
-    read in place -- and only its own pixels are stored; planes under {V} pixels read a
-    zero-padded copy of their columns.\"\"\"
+    cached, part.  A row's last pixel block, when partial, is computed on the {V} pixels that
+    end the plane -- overlapping the block before it, read in place -- and only its own
+    pixels are stored; planes under {V} pixels read a zero-padded copy of their columns.\"\"\"
     nkb = kstarts.size - 1
     nkc = (nkb + kbs - 1) // kbs
     tmp = scratch({PMAX} * {V}, of)
@@ -804,9 +803,7 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq <= {H} and hw >= {H}:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
-                wb -= {H} - nq
-            elif nq < {V} and hw >= {V}:
+            if nq < {V} and hw >= {V}:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
                 wb -= {V} - nq
             elif nq < {V}:
                 for c in range(c_):
@@ -831,11 +828,10 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
                         mode = 1 if c0 == 0 else 2
 {CALLS}
                     if not whole:  # (from tmp; derived here, not kept live across the block's loop)
-                        ts = {H} if nq <= {H} and hw >= {H} else {V}
-                        sh = ts - nq if hw >= ts else 0  # (the lane of the block's first pixel)
+                        sh = {V} - nq if hw >= {V} else 0  # (the lane of the block's first pixel)
                         for p in range(np_):
                             o = ob + p * hw
-                            t0 = p * ts + sh
+                            t0 = p * {V} + sh
                             if c0 == 0:
                                 b = bias[k0 + p]
                                 for j in range(nq):
@@ -868,16 +864,12 @@ def _on_block_size(ps, indent, call):
 
 
 def _gen_pointwise(v_, ps, nv, m):
-    def calls(sfx, indent):
-        return _on_block_size(ps, " " * indent, lambda p_: [
-            f"_rows{p_}_{v_}{sfx}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,",
-            f"           {' ' * len(sfx)}cl, of, ob, hw, bias, k0, mode)"])
-    # (a tail of up to V/2 pixels: one register per row, V/2 lanes)
-    both = f"{' ' * 20}if nq <= {v_ // 2} and hw >= {v_ // 2}:\n{calls('h', 24)}\n{' ' * 20}else:\n{calls('', 24)}"
-    blocks = "".join(f"\n\n_rows{p_}_{v_} = conv_block({p_}, 2, {v_ // 2}, row_bias=True)"
-                     f"\n\n_rows{p_}_{v_}h = conv_block({p_}, 1, {v_ // 2}, row_bias=True)" for p_ in sorted(ps))
-    return blocks + "\n" + _POINTWISE.format(V=v_, H=v_ // 2, TAG=driver_tag(ps), PS=" or ".join(map(str, sorted(ps))),
-                                              PMAX=max(ps), CALLS=both)
+    calls = _on_block_size(ps, " " * 20, lambda p_: [
+        f"_rows{p_}_{v_}(wf, src, tmp, k0 * c_ + c0, wb + c0 * ws_c, 1, 1, 0, 0, c_, ws_c, 0,",
+        "           cl, of, ob, hw, bias, k0, mode)"])
+    blocks = "".join(f"\n\n_rows{p_}_{v_} = conv_block({p_}, 2, {v_ // 2}, row_bias=True)" for p_ in sorted(ps))
+    return blocks + "\n" + _POINTWISE.format(V=v_, TAG=driver_tag(ps), PS=" or ".join(map(str, sorted(ps))),
+                                              PMAX=max(ps), CALLS=calls)
 
 
 def _gen_driver(v_, ps, nv, m):
