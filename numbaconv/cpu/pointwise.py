@@ -14,8 +14,11 @@ into one task function (``pointwise_V_TAG``, generated in :mod:`numbaconv.cpu._u
 Output channels run in blocks of the target's two ``P`` (4 and 6 on AVX2: every even
 ``K`` is a sum of them, :func:`numbaconv.cpu._blocking.pixel_blocks`); an odd ``K`` reads a copy
 of the weights with zero rows appended (cached like tiled's packed weights).  A partial
-last pixel block reads a zero-padded copy of its columns (``C x V`` values per task),
-never past the input.  The block adds each row's bias in its vector store
+last pixel block is computed on the ``V`` pixels that end the plane, read in place (it
+overlaps the block before it; only its own pixels are stored), or, on planes under ``V``
+pixels, on a zero-padded copy of its columns (``C x V`` values per task): never past the
+input.  Planes of a few blocks split their tasks by output channels.  The block adds each
+row's bias in its vector store
 (``conv_block(..., row_bias=True)``); the fused epilogue runs over each task's part of
 the output while it is still cached.
 
