@@ -13,13 +13,11 @@ fuses or reorders convolutions differently prints no onnxruntime column.
 """
 import argparse
 import collections
-import io
 import json
 import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -30,21 +28,12 @@ from numbaconv.bench import models
 def onnxruntime_layers(model, x, calls):
     """Median kernel time (us) of each Conv / FusedConv node, in graph order, or None."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17)
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "ort")
-        sess = ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
+        sess = models._onnxruntime_inference_session(model, x, torch.get_num_threads(),
+                                                     profile_prefix=os.path.join(tmp, "ort"))
         feed = {sess.get_inputs()[0].name: x.numpy()}
         for _ in range(calls + 3):
             sess.run(None, feed)

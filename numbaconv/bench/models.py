@@ -75,7 +75,10 @@ def steady_allocator():
         return False
 
 
-def _onnxruntime_session(model, x, threads):
+def _onnxruntime_inference_session(model, x, threads, profile_prefix=None):
+    """``model`` exported for inputs like ``x`` and loaded by onnxruntime (all graph
+    optimisations, ``threads`` intra-op threads); ``profile_prefix``: profile every node into
+    files starting with it (``scripts/chain_layers.py``)."""
     import onnxruntime as ort
     import torch
 
@@ -87,7 +90,14 @@ def _onnxruntime_session(model, x, threads):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime_session(model, x, threads):
+    session = _onnxruntime_inference_session(model, x, threads)
     name = session.get_inputs()[0].name
     xa = x.contiguous().numpy()
     return lambda: session.run(None, {name: xa})[0]
