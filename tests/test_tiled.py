@@ -285,9 +285,10 @@ def test_pointwise_tasks_on_small_planes_split_by_channels():
         p = ConvProblem.from_args(np.zeros((1, c, hw, hw), np.float32), np.zeros((k, c, 1, 1), np.float32), None)
         starts, v_, nqb, qbs, nqc, kbs, jobs = pointwise.layer(p)
         nkb = starts.size - 1
+        nkc = -(-nkb // kbs)  # (task t: pixel chunk t // nkc, channel chunk t % nkc, as the task function)
         cover = sorted((qb, kb) for t in range(jobs)
-                       for qb in range((t // -(-nkb // kbs)) * qbs, min(nqb, (t // -(-nkb // kbs) + 1) * qbs))
-                       for kb in range((t % -(-nkb // kbs)) * kbs, min(nkb, (t % -(-nkb // kbs) + 1) * kbs)))
+                       for qb in range(t // nkc * qbs, min(nqb, (t // nkc + 1) * qbs))
+                       for kb in range(t % nkc * kbs, min(nkb, (t % nkc + 1) * kbs)))
         assert cover == [(qb, kb) for qb in range(nqb) for kb in range(nkb)]
         assert jobs >= min(4 * numba.get_num_threads(), nqb * nkb)
         return nqb, qbs

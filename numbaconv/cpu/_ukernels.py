@@ -1473,7 +1473,7 @@ def pointwise_8_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nqc
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq < 8 and hw >= 8:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
+            if nq < 8 and hw >= 8:  # (the plane's last 8 pixels in place: no copy of the columns)
                 wb -= 8 - nq
             elif nq < 8:
                 for c in range(c_):
@@ -1556,7 +1556,7 @@ def pointwise_16_p46(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq < 16 and hw >= 16:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
+            if nq < 16 and hw >= 16:  # (the plane's last 16 pixels in place: no copy of the columns)
                 wb -= 16 - nq
             elif nq < 16:
                 for c in range(c_):
@@ -1639,7 +1639,7 @@ def pointwise_16_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq < 16 and hw >= 16:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
+            if nq < 16 and hw >= 16:  # (the plane's last 16 pixels in place: no copy of the columns)
                 wb -= 16 - nq
             elif nq < 16:
                 for c in range(c_):
@@ -1722,7 +1722,7 @@ def pointwise_32_p78(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs, nq
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq < 32 and hw >= 32:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
+            if nq < 32 and hw >= 32:  # (the plane's last 32 pixels in place: no copy of the columns)
                 wb -= 32 - nq
             elif nq < 32:
                 for c in range(c_):

@@ -803,7 +803,7 @@ def pointwise_{V}_{TAG}(lo, hi, wf, xf, of, bias, kstarts, c_, k_, hw, nqb, qbs,
             src = xf
             wb = n * c_ * hw + q0
             ws_c = hw
-            if nq < {V} and hw >= {V}:  # (why: a 7x7 plane's 49th pixel cost a whole block and a copy)
+            if nq < {V} and hw >= {V}:  # (the plane's last {V} pixels in place: no copy of the columns)
                 wb -= {V} - nq
             elif nq < {V}:
                 for c in range(c_):
