@@ -226,15 +226,17 @@ def padding_products_grad_weight(p, dy, dw):
     """Give ``dw`` (in ``p.weight_layout``) torch's NaNs where zero padding met a non-finite
     ``dy`` (in ``p.layout``): torch's grad-weight sums ``dy * x`` over the padding too.
 
-    Free when ``dw`` is finite and every output pixel reads some real input (a non-finite
-    ``dy`` there would have made ``dw`` non-finite); only outputs whose whole window is
-    padding are checked then.
+    Free when ``dy`` is finite (scanned when it is the smaller), or when ``dw`` is finite and
+    every output pixel reads some real input (a non-finite ``dy`` there would have made
+    ``dw`` non-finite); only outputs whose whole window is padding are checked then.
     """
     if not p.has_padding or p.padding_mode != "zeros" or dy.size == 0:
         return
+    if dy.size <= dw.size and not any_nonfinite(dy):  # 0 * finite: nothing to give
+        return
     rows, cols = p.tap_reads
     d = dy if p.layout == "NCHW" else dy.transpose(0, 3, 1, 2)
-    if np.isfinite(dw).all():
+    if not any_nonfinite(dw):
         dead_rows, dead_cols = ~rows.any(axis=1), ~cols.any(axis=1)
         if not (dead_rows.any() or dead_cols.any()):
             return

@@ -46,7 +46,7 @@ from ..cpu._jit import blas_threads_local, gemm, jit, pjit, valid_range
 from ..cpu._launch import Task
 from ..cpu.im2col import _fill_nchw, _fill_nhwc, _fill_row_nchw, _fill_row_nhwc, workspace_bytes
 from ..layout import to_layout
-from ..padding import _MODE_CODE, _index_map, pad_input, padding_products_grad_weight
+from ..padding import _MODE_CODE, _index_map, any_nonfinite, pad_input, padding_products_grad_weight
 from ..problem import ConvProblem, check_array, is_device_array
 from ..registry import algorithms
 from .depthwise import _copy_row, depthwise_backward
@@ -195,10 +195,11 @@ def _backward_nchw(x, w, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl, dh, 
             length = (i1 - i0) * wo_
             if want_dw:
                 _fill_nchw(x, n, i0, i1, cols, sh, sw, pt, pl, dh, dw, r_, s_, wo_)
+                beta = 0.0 if n == 0 and i0 == 0 else 1.0  # (the first chunk writes dW: no zeroed copy)
                 for g in range(groups):
-                    # dW_g (Kg x P) += dY_g (Kg x L) @ cols_g^T (L x P)
+                    # dW_g (Kg x P) (+)= dY_g (Kg x L) @ cols_g^T (L x P)
                     _gemm_par(parts, True, False, patch, kg, length, cols, g * patch * length, length,
-                              dyf, (n * k_ + g * kg) * plane + i0 * wo_, plane, 1.0, dwf, g * kg * patch, patch)
+                              dyf, (n * k_ + g * kg) * plane + i0 * wo_, plane, beta, dwf, g * kg * patch, patch)
             if want_dx:
                 for g in range(groups):
                     # cols_g (P x L) = W_g^T (P x Kg) @ dY_g (Kg x L)
@@ -223,10 +224,11 @@ def _backward_nhwc(x, w_hwio, dy, dx, dwt, cols, rows_per_chunk, sh, sw, pt, pl,
         length = (t1 - t0) * wo_
         if want_dw:
             _fill_nhwc(x, t0, t1, cols, sh, sw, pt, pl, dh, dw, r_, s_, ho_, wo_, groups)
+            beta = 0.0 if t0 == 0 else 1.0  # (the first chunk writes dW: no zeroed copy)
             for g in range(groups):
-                # dW_g (P x Kg) += cols_g^T (P x L) @ dY_g (L x Kg)
+                # dW_g (P x Kg) (+)= cols_g^T (P x L) @ dY_g (L x Kg)
                 _gemm_par(parts, False, True, kg, patch, length, dyf, t0 * wo_ * k_ + g * kg, k_,
-                          cols, g * length * patch, patch, 1.0, dwf, g * kg, k_)
+                          cols, g * length * patch, patch, beta, dwf, g * kg, k_)
         if want_dx:
             for g in range(groups):
                 # cols_g (L x P) = dY_g (L x Kg) @ W_g^T (Kg x P)
@@ -539,12 +541,12 @@ def _grads(p, x, w_k, dy, want_dx, want_dw, exact=False):
     """
     dtype = p.dtype
     dx = np.zeros(p.in_shape, dtype=dtype) if want_dx else np.zeros((1, 1, 1, 1), dtype=dtype)
-    dwt = np.zeros(w_k.shape, dtype=dtype) if want_dw else None
+    dwt = None
     if x is None:
         x = np.zeros((1, 1, 1, 1), dtype=dtype)
     geometry = (p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h, p.dil_w)
     if p.n == 0 or not (want_dx or want_dw):
-        return (dx if want_dx else None), dwt
+        return (dx if want_dx else None), (np.zeros(w_k.shape, dtype=dtype) if want_dw else None)
     if want_dw and _dw_by_tiles(p):
         dwt = _dw_tiles(p, x, dy, w_k.shape)
         want_dw = False
@@ -559,6 +561,10 @@ def _grads(p, x, w_k, dy, want_dx, want_dw, exact=False):
     rows = _rows_per_chunk(p, total)
     cols = _scratch("cols", (rows * p.wo * p.c * p.r * p.s,), dtype)
     kernel = _backward_nchw if p.layout == "NCHW" else _backward_nhwc
+    if want_dw:
+        # the kernel's first chunk writes every entry of dW (a zeroed copy was a memset of up
+        # to 9.4 MB a call: res5); no chunk when the output is empty
+        dwt = np.empty(w_k.shape, dtype=dtype) if p.ho * p.wo > 0 else np.zeros(w_k.shape, dtype=dtype)
     dw_buf = dwt if want_dw else np.zeros((1, 1, 1, 1), dtype=dtype)
     kernel(x, w_k, dy, dx, dw_buf, cols, rows, *geometry, p.groups, want_dx, want_dw, numba.get_num_threads())
     return (dx if want_dx else None), dwt
@@ -683,6 +689,16 @@ def _exact_dw(p, x, w_k, dy):
     return _grads(p, x, w_k, dy, False, True, exact=True)[1]
 
 
+def _dw_nonfinite(dwt, x, dy):
+    """Whether ``dwt`` holds an Inf or a NaN (what :func:`_exact_dw` corrects), scanning the
+    smaller side: with every value of ``x`` and ``dy`` finite no product is ``0 * inf``, so
+    ``dwt`` can only overflow, which the exact paths would not change (res5's 9.4 MB of
+    grad-weight against 200 KB of ``x`` and ``dy``)."""
+    if x.size + dy.size < dwt.size and not (any_nonfinite(x) or any_nonfinite(dy)):
+        return False
+    return any_nonfinite(dwt)
+
+
 def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=False):
     """``(p, dx, dW, db)``; ``db`` is ``None`` unless the path computed it on the way
     (depthwise layers sum ``dY`` while they copy it)."""
@@ -690,8 +706,12 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
     _check_grad_output(grad_output, p)
     dy = np.ascontiguousarray(grad_output)
     wl = _kernel_weight_layout(p.layout)
-    w_k = to_layout(weight, p.weight_layout, wl) if want_dx else np.ascontiguousarray(
-        np.zeros(tuple(dict(zip(p.weight_layout, weight.shape))[a] for a in wl), dtype=p.dtype))
+    # without grad-input only the weights' shape is used: an unwritten placeholder (a zeroed one
+    # was a memset of the whole weight size per call), except for the depthwise kernels
+    w_shape = tuple(dict(zip(p.weight_layout, weight.shape))[a] for a in wl)
+    depthwise = p.cg == 1 and p.groups > 1
+    w_k = (to_layout(weight, p.weight_layout, wl) if want_dx
+           else np.zeros(w_shape, dtype=p.dtype) if depthwise else np.empty(w_shape, dtype=p.dtype))
     xk = None
     padded = p.padding_mode != "zeros" and p.has_padding
     if want_dw:
@@ -713,7 +733,7 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
         dx_gemm, dwt_gemm = _grads(kp, xk, w_k, dy, want_dx, want_dw)
         dx = dx_gemm if dx is None else dx
         dwt = dwt_gemm if dwt is None else dwt
-    if dwt is not None and not np.isfinite(dwt).all():
+    if dwt is not None and _dw_nonfinite(dwt, xk, dy):
         dwt = _exact_dw(kp, xk, w_k, dy)
     if dx is not None and padded:
         dx = _fold_padding(dx, p)
