@@ -233,12 +233,15 @@ def test_separate_gradient_functions(layout):
     assert_close(only_w[1], dw, np.float64, 1)
 
 
-def test_backward_small_workspace_chunks():
-    """A tiny im2col workspace forces many chunks (one output row each)."""
+@pytest.mark.parametrize("shape,kwargs", [((3, 5, 9, 7, 6, 3, 3), {"padding": 1, "stride": (2, 1)}),
+                                          ((2, 4, 7, 6, 6, 3, 3), {"padding": 1, "groups": 2})],
+                         ids=["strided", "groups"])
+def test_backward_small_workspace_chunks(shape, kwargs):
+    """A tiny im2col workspace forces many chunks (one output row each): the first chunk
+    writes each group's grad-weight, every later one (rows, images) adds to it."""
     from numbaconv.cpu.im2col import set_workspace_bytes
 
-    kwargs = {"padding": 1, "stride": (2, 1)}
-    x, wt, b, gy = _setup((3, 5, 9, 7, 6, 3, 3), kwargs, np.float64, seed=7)
+    x, wt, b, gy = _setup(shape, kwargs, np.float64, seed=7)
     ex, ew, eb = torch_grads(x, wt, b, gy, **kwargs)
     previous = set_workspace_bytes(64)
     try:
