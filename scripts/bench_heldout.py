@@ -1,10 +1,12 @@
 """Held-out layer types (the speed issue's item 6), numbaconv vs torch in one process.
 
-    python scripts/bench_heldout.py [--threads 2] [--algorithm auto]
+    python scripts/bench_heldout.py [--threads 2] [--algorithm auto] [--plan]
 
 Grouped (4, 8, 16 and 32 channels per group), 5x5, Inception's 7x1 / 1x7, strided and dilated
 3x3, Inception-v3's 35x35x96 3x3 (Winograd's held-out layer), in NCHW and NHWC (torch as channels_last); best of 5 medians each; prints ms,
-GFLOP/s and the speedup over torch (> 1: faster).
+GFLOP/s and the speedup over torch (> 1: faster).  ``--plan`` also times each layer through a
+``numbaconv.Conv2dPlan`` (weights prepared once, no per-call checks): what a converted model's
+layers run, and how much of ``conv2d``'s time is its front door.
 """
 
 import argparse
@@ -38,6 +40,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=bench.DEFAULT_THREADS)
     ap.add_argument("--algorithm", default="auto")
+    ap.add_argument("--plan", action="store_true", help="also time a Conv2dPlan of each layer")
     args = ap.parse_args()
     import torch
     bench.set_threads(args.threads)
@@ -59,8 +62,14 @@ def main():
                                        rtol=1e-3, atol=1e-2)
             a, b = best_median(ours), best_median(theirs)
             flops = 2 * y.size * (c // groups) * r * s
-            print(f"{name:13s} {layout}  numbaconv {a * 1e3:7.3f} ms ({flops / a * 1e-9:4.0f} GF/s)  "
-                  f"torch {b * 1e3:7.3f} ms  {b / a:5.2f}x torch")
+            line = (f"{name:13s} {layout}  numbaconv {a * 1e3:7.3f} ms ({flops / a * 1e-9:4.0f} GF/s)  "
+                    f"torch {b * 1e3:7.3f} ms  {b / a:5.2f}x torch")
+            if args.plan:
+                plan = numbaconv.Conv2dPlan(wa, layout=layout, algorithm=args.algorithm, **kw)
+                np.testing.assert_array_equal(plan(xa), y)
+                t = best_median(lambda: plan(xa))
+                line += f"  plan {t * 1e3:7.3f} ms  {b / t:5.2f}x torch"
+            print(line)
 
 
 if __name__ == "__main__":
