@@ -3,13 +3,16 @@ numbaconv.conv2d_backward vs torch's convolution backward, float32, same thread 
 
     flock /tmp/numbaconv-bench.lock python scripts/bench_backward.py [--threads 2] [--budget 1.0]
                                                                      [--layouts NCHW NHWC] [--shapes ...]
+                                                                     [--rounds 1]
 
 torch runs ``aten.convolution_backward`` (the kernel ``loss.backward()`` calls for a conv
 layer, asked for all three gradients) on the same arrays: contiguous NCHW tensors, or
 ``channels_last`` views of the NHWC arrays for NHWC.  Each implementation is timed in its
 own block (warm-up call first, then the median of repeats for ``--budget`` seconds), as
-``numbaconv bench`` does for the forward pass.  ratio = numbaconv time / torch time
-(< 1: numbaconv is faster).
+``numbaconv bench`` does for the forward pass; ``--rounds N`` alternates the two blocks N times
+and keeps each one's best (on a host whose speed drifts within minutes, a single block each
+gave the same layer 1.0x in one run and 1.7x in the next).  ratio = numbaconv time / torch
+time (< 1: numbaconv is faster).
 
 ``--stat min`` reports the minimum wall time instead of the median: on a machine shared with
 other jobs, a preempted repeat only ever makes a sample slower, so the minimum is the more
@@ -109,6 +112,9 @@ def main(argv=None):
                         help="wall: median wall time; cpu: minimum process CPU time")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic of the wall-time repeats (--clock wall)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time numbaconv and torch in turn this many times per cell (the budget split "
+                             "between them), each keeping its best round: the machine's drift hits both")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     if args.clock == "cpu":
@@ -128,8 +134,10 @@ def main(argv=None):
         shape = SUITE[name]
         for layout in args.layouts:
             ours, theirs = runners(shape, layout)
-            t_ours, _ = timer(ours, budget_s=args.budget)
-            t_torch, _ = timer(theirs, budget_s=args.budget)
+            t_ours = t_torch = float("inf")
+            for _ in range(max(1, args.rounds)):
+                t_ours = min(t_ours, timer(ours, budget_s=args.budget / max(1, args.rounds))[0])
+                t_torch = min(t_torch, timer(theirs, budget_s=args.budget / max(1, args.rounds))[0])
             ratio = t_ours / t_torch
             ratios.append(ratio)
             print(f"{name:<20} {layout:<6} {t_ours * 1e3:10.3f} {t_torch * 1e3:10.3f} {ratio:7.2f}", flush=True)
