@@ -709,7 +709,7 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
     # without grad-input only the weights' shape is used: an unwritten placeholder (a zeroed one
     # was a memset of the whole weight size per call), except for the depthwise kernels
     w_shape = tuple(dict(zip(p.weight_layout, weight.shape))[a] for a in wl)
-    depthwise = p.cg == 1 and p.groups > 1
+    depthwise = p.is_depthwise  # (one input channel per group: the depthwise kernels below)
     w_k = (to_layout(weight, p.weight_layout, wl) if want_dx
            else np.zeros(w_shape, dtype=p.dtype) if depthwise else np.empty(w_shape, dtype=p.dtype))
     xk = None
@@ -720,7 +720,7 @@ def _backward_all(grad_output, x, weight, geometry, want_dx, want_dw, want_db=Fa
             xk = pad_input(xk, p)
     kp = p.materialised() if padded else p
     dx = db = None
-    if kp.cg == 1 and kp.groups > 1 and kp.n > 0 and (want_dx or want_dw):
+    if depthwise and kp.n > 0 and (want_dx or want_dw):
         dx, dwt, db = depthwise_backward(kp, xk, w_k, dy, want_dx, want_dw, want_db)
     else:
         if want_dx and _dx_as_convolution(kp):
