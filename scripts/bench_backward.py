@@ -117,6 +117,7 @@ def main(argv=None):
                              "between them), each keeping its best round: the machine's drift hits both")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    rounds = max(1, args.rounds)
     if args.clock == "cpu":
         timer, stat = cpu_time, "min CPU"
     elif args.stat == "min":
@@ -135,9 +136,9 @@ def main(argv=None):
         for layout in args.layouts:
             ours, theirs = runners(shape, layout)
             t_ours = t_torch = float("inf")
-            for _ in range(max(1, args.rounds)):
-                t_ours = min(t_ours, timer(ours, budget_s=args.budget / max(1, args.rounds))[0])
-                t_torch = min(t_torch, timer(theirs, budget_s=args.budget / max(1, args.rounds))[0])
+            for _ in range(rounds):
+                t_ours = min(t_ours, timer(ours, budget_s=args.budget / rounds)[0])
+                t_torch = min(t_torch, timer(theirs, budget_s=args.budget / rounds)[0])
             ratio = t_ours / t_torch
             ratios.append(ratio)
             print(f"{name:<20} {layout:<6} {t_ours * 1e3:10.3f} {t_torch * 1e3:10.3f} {ratio:7.2f}", flush=True)
